@@ -1,6 +1,5 @@
 """Dagster resources: where artifacts live, data-quality bounds, and the DuckDB catalog."""
 
-
 from pathlib import Path
 
 import dagster as dg

@@ -1,6 +1,5 @@
 """Data assets: raw interactions, the item catalog and sequence datasets, with GX checks."""
 
-
 from pathlib import Path
 from typing import Literal
 

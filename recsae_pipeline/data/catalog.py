@@ -30,7 +30,8 @@ def build_catalog(paths: ArtifactPaths) -> dict[str, Any]:
         extra_sql = "".join(f', "{c}"' for c in extras)
         select = f"""
             WITH ranked AS (
-                SELECT *, row_number() OVER (PARTITION BY item_id ORDER BY file_row_number) AS dup
+                SELECT *, row_number() OVER (PARTITION BY item_id ORDER BY file_row_number) AS dup,
+                       list_transform(COALESCE(genres, []), lambda g: trim(g)) AS trimmed
                 FROM {raw_items} WHERE item_id IS NOT NULL
             ), counts AS (
                 SELECT item_id, count(*) AS interactions
@@ -38,7 +39,7 @@ def build_catalog(paths: ArtifactPaths) -> dict[str, Any]:
             )
             SELECT r.item_id, COALESCE(nullif(trim(r.title), ''), r.item_id) AS title,
                    CAST(CASE WHEN r.year BETWEEN {MIN_YEAR} AND {MAX_YEAR} THEN r.year END AS SMALLINT) AS year,
-                   list_distinct(list_filter(list_transform(COALESCE(r.genres, []), lambda g: trim(g)), lambda g: g <> '')) AS genres
+                   list_filter(r.trimmed, lambda g, i: g <> '' AND list_position(r.trimmed, g) = i) AS genres  -- dedupe, keep order
                    {extra_sql.replace(', "', ', r."')},
                    COALESCE(c.interactions, 0) AS interactions
             FROM ranked r LEFT JOIN counts c USING (item_id)

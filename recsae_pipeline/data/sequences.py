@@ -168,9 +168,9 @@ def _stats(
     edges = np.unique(
         np.geomspace(max(1.0, lengths["min"]), lengths["max"] + 2, num=13).astype(int)
     )
-    hist = con.execute("SELECT c FROM (SELECT count(*) AS c FROM kept GROUP BY user_id)").fetchnumpy()[
-        "c"
-    ]
+    hist = con.execute(
+        "SELECT c FROM (SELECT count(*) AS c FROM kept GROUP BY user_id)"
+    ).fetchnumpy()["c"]
     counts, _ = np.histogram(hist, bins=edges)
     bins = [
         (int(lo), int(hi) - 1, int(n))

@@ -226,7 +226,9 @@ def _ingest_movielens(
             columns=["item_id", "title", "release_date", "video_release_date", "url", *ML100K_GENRES],
         )  # fmt: skip
         mrel = delimited_relation(con, movies)
-        flags = ", ".join(f"CASE WHEN \"{g}\" = '1' THEN '{g}' END" for g in ML100K_GENRES[1:])
+        flags = ", ".join(
+            f"CASE WHEN \"{g}\" = '1' THEN {_sql_str(g)} END" for g in ML100K_GENRES[1:]
+        )
         catalog = (
             f"SELECT item_id, {_TITLE_WITHOUT_YEAR} AS title, "
             f"COALESCE(TRY_CAST(nullif({_YEAR_FROM_TITLE}, '') AS SMALLINT), "

@@ -1,0 +1,94 @@
+"""The `recsae` command: query the artifacts from a terminal (more subcommands grow with the pipeline)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+from recsae_pipeline.store import ArtifactPaths, default_data_dir
+from recsae_pipeline.warehouse import query
+
+
+def _format_table(columns: list[str], rows: list[tuple], max_width: int = 48) -> str:
+    def cell(value: object) -> str:
+        text = "NULL" if value is None else str(value)
+        return text if len(text) <= max_width else text[: max_width - 1] + "…"
+
+    body = [[cell(v) for v in row] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in body]) for i, c in enumerate(columns)]
+    line = "-+-".join("-" * w for w in widths)
+    out = [" | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)), line]
+    out += [
+        " | ".join(
+            v.rjust(w) if _numeric(v) else v.ljust(w) for v, w in zip(r, widths, strict=True)
+        )
+        for r in body
+    ]
+    return "\n".join(out)
+
+
+def _numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    db = Path(args.db) if args.db else ArtifactPaths(Path(args.data_dir).resolve()).duckdb
+    try:
+        rel = query(db, args.query)
+    except (FileNotFoundError, PermissionError) as err:
+        print(f"recsae sql: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # DuckDB parse/bind errors: show them as the user's mistake
+        print(f"recsae sql: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 2
+    if rel is None:
+        return 0
+    columns = list(rel.columns)
+    rows = rel.limit(args.max_rows + 1).fetchall()
+    truncated = len(rows) > args.max_rows
+    rows = rows[: args.max_rows]
+    if args.format == "csv":
+        writer = csv.writer(sys.stdout)
+        writer.writerow(columns)
+        writer.writerows(rows)
+    elif args.format == "json":
+        print(json.dumps([dict(zip(columns, r, strict=True)) for r in rows], default=str, indent=1))
+    else:
+        print(_format_table(columns, rows))
+        print(
+            f"({len(rows)} row{'s' if len(rows) != 1 else ''}{', more not shown: raise --max-rows' if truncated else ''})"
+        )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recsae", description=__doc__)
+    parser.add_argument(
+        "--data-dir",
+        default=default_data_dir(),
+        help="storage root (default: $RECSAE_DATA_DIR or data/)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    sql = sub.add_parser("sql", help="run a read-only SQL query over the artifacts' DuckDB views")
+    sql.add_argument("query", help='e.g. "SELECT count(*) FROM interactions"')
+    sql.add_argument("--db", help="DuckDB file (default: <data-dir>/recsae.duckdb)")
+    sql.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    sql.add_argument("--max-rows", type=int, default=50)
+    sql.set_defaults(func=cmd_sql)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
