@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dagster as dg
 
-from recsae_pipeline.assets import data
-from recsae_pipeline.resources import DataQuality, StorageRoot
+from recsae_pipeline.assets import data, models
+from recsae_pipeline.resources import DataQuality, StorageRoot, TorchDevice
 
 main_job = dg.define_asset_job(
     "main",
@@ -17,8 +17,11 @@ main_job = dg.define_asset_job(
 )
 
 defs = dg.Definitions(
-    assets=dg.load_assets_from_modules([data]),
-    asset_checks=dg.load_asset_checks_from_modules([data]),
-    resources={"storage": StorageRoot(), "quality": DataQuality()},
+    assets=dg.load_assets_from_modules([data, models]),
+    asset_checks=dg.load_asset_checks_from_modules([data, models]),
+    resources={"storage": StorageRoot(), "quality": DataQuality(), "device": TorchDevice()},
     jobs=[main_job],
+    # Ad-hoc materializations from the UI or `dagster asset materialize` also run in one
+    # process: torch already uses every core, so parallel steps would only oversubscribe them.
+    executor=dg.in_process_executor,
 )

@@ -5,20 +5,21 @@ from __future__ import annotations
 import base64
 import io
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from recsae_pipeline.store import write_bytes  # noqa: E402
 
 
-def new_figure(width: float = 6.0, height: float = 3.5) -> tuple[Figure, plt.Axes]:
-    """A figure not registered with pyplot's global state (safe in long-running processes)."""
+def new_figure(width: float = 6.0, height: float = 3.5, ncols: int = 1) -> tuple[Figure, Any]:
+    """A figure not registered with pyplot's global state (safe in long-running processes);
+    returns one Axes, or an array of `ncols` Axes."""
     fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
-    return fig, fig.add_subplot()
+    return fig, fig.subplots(1, ncols)
 
 
 def save_figure(fig: Figure, path: Path) -> str:

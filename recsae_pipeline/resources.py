@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import dagster as dg
+import torch
 from pydantic import Field
 
 from recsae_pipeline.data.validation import DEFAULT_MIN_TIMESTAMP, QualityBounds
@@ -45,3 +46,36 @@ class DataQuality(dg.ConfigurableResource):
     @property
     def bounds(self) -> QualityBounds:
         return QualityBounds(**self.model_dump())
+
+
+def resolve_device(spec: str) -> torch.device:
+    """`auto` picks CUDA when present, else CPU; `cpu`, `cuda` and `cuda:N` are taken as given."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise dg.Failure(
+            f"device {spec!r} was requested but CUDA is not available here; use `auto` or `cpu`."
+        )
+    if (
+        device.type == "cuda"
+        and device.index is not None
+        and device.index >= torch.cuda.device_count()
+    ):
+        raise dg.Failure(f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s) exist.")
+    return device
+
+
+class TorchDevice(dg.ConfigurableResource):
+    """Where every training and inference path runs: `auto` (CUDA when present), `cpu`, `cuda[:n]`."""
+
+    device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
+    threads: int | None = Field(
+        default=None, description="CPU threads for torch; unset: torch's default."
+    )
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        return resolve_device(self.device)

@@ -1,0 +1,107 @@
+"""Ranking metrics: full ranking with seen items filtered (RecBole) and SLMRec's sampled protocol.
+
+Ranks are 0-based and tie-safe: a target's rank counts every other candidate scoring >= it,
+so a collapsed model with all-equal scores gets the worst rank, never the best (SLMRec's
+double argsort put the positive first among ties).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def target_ranks(scores: Tensor, targets: Tensor) -> Tensor:
+    """0-based rank of each target among all columns of scores [B, C]; NaN counts as a tie."""
+    target_scores = scores.gather(1, targets[:, None])
+    return (~(scores < target_scores)).sum(1) - 1
+
+
+def filter_seen(scores: Tensor, histories: Tensor, targets: Tensor) -> Tensor:
+    """A copy of scores with each user's history items (0-padded [B, H]) at -inf, but the target."""
+    filtered = scores.clone()
+    filtered.scatter_(1, histories, float("-inf"))
+    filtered.scatter_(1, targets[:, None], scores.gather(1, targets[:, None]))
+    return filtered
+
+
+def sampled_ranks(scores: Tensor, targets: Tensor, negatives: Tensor) -> Tensor:
+    """0-based rank of each target among itself and its negatives [B, n] (0 = no candidate)."""
+    target_scores = scores.gather(1, targets[:, None])
+    negative_scores = scores.gather(1, negatives).masked_fill(negatives == 0, float("-inf"))
+    return (~(negative_scores < target_scores)).sum(1)
+
+
+def hit_rate_at_k(ranks: Tensor, k: int) -> float:
+    return (ranks < k).double().mean().item()
+
+
+def ndcg_at_k(ranks: Tensor, k: int) -> float:
+    gains = 1.0 / torch.log2(ranks.double() + 2.0)
+    return torch.where(ranks < k, gains, 0.0).mean().item()
+
+
+def mrr_at_k(ranks: Tensor, k: int | None = None) -> float:
+    """Mean reciprocal rank, truncated to 0 beyond k (untruncated when k is None)."""
+    reciprocal = 1.0 / (ranks.double() + 1.0)
+    if k is not None:
+        reciprocal = torch.where(ranks < k, reciprocal, 0.0)
+    return reciprocal.mean().item()
+
+
+def full_ranking_metrics(ranks: Tensor, ks: tuple[int, ...] = (10, 20)) -> dict[str, float]:
+    """HR, NDCG and MRR at each k, keyed like `ndcg@10`."""
+    metrics = {}
+    for k in ks:
+        metrics |= {
+            f"hr@{k}": hit_rate_at_k(ranks, k),
+            f"ndcg@{k}": ndcg_at_k(ranks, k),
+            f"mrr@{k}": mrr_at_k(ranks, k),
+        }
+    return metrics
+
+
+def sampled_metrics(ranks: Tensor) -> dict[str, float]:
+    """What SLMRec reports: HR@1/5/10, NDCG@5/10 and untruncated MRR over 1 + 999 candidates."""
+    return {
+        "hr@1": hit_rate_at_k(ranks, 1),
+        "hr@5": hit_rate_at_k(ranks, 5),
+        "hr@10": hit_rate_at_k(ranks, 10),
+        "ndcg@5": ndcg_at_k(ranks, 5),
+        "ndcg@10": ndcg_at_k(ranks, 10),
+        "mrr": mrr_at_k(ranks),
+    }
+
+
+def sample_negatives(
+    sequences: list[np.ndarray], num_items: int, n: int = 999, seed: int = 0
+) -> np.ndarray:
+    """[users, n] negatives drawn uniformly without replacement from items outside each full
+    sequence (SLMRec); a user with fewer than n available items gets them all, then zeros."""
+    rng = np.random.default_rng(seed)
+    negatives = np.zeros((len(sequences), min(n, num_items)), dtype=np.int64)
+    for user, sequence in enumerate(sequences):
+        seen = np.unique(sequence)
+        available = num_items - len(seen)
+        picks = rng.choice(available, size=min(n, available), replace=False)
+        # The i-th unseen item is i + 1 + (number of seen items s_j with s_j - 1 - j <= i).
+        offsets = seen - 1 - np.arange(len(seen))
+        negatives[user, : len(picks)] = picks + 1 + np.searchsorted(offsets, picks, side="right")
+    return negatives
+
+
+class PopularityScorer:
+    """Scores every item by how often it occurs in the training parts (items[:-2]) of sequences."""
+
+    def __init__(self, sequences: list[np.ndarray], num_items: int) -> None:
+        train_items = np.concatenate([s[:-2] for s in sequences]) if sequences else np.zeros(0)
+        counts = np.bincount(train_items.astype(np.int64), minlength=num_items + 1)
+        self.counts = torch.from_numpy(counts.astype(np.float32))
+        self.counts[0] = -math.inf
+
+    def predict(self, items: Tensor) -> Tensor:
+        """The same popularity scores [B, num_items + 1] for every sequence in the batch."""
+        return self.counts.to(items.device).expand(len(items), -1)

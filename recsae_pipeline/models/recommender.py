@@ -1,0 +1,223 @@
+"""One sequential recommender: item vectors -> `transformers` backbone -> scores over all items.
+
+Sequences are right-padded with item 0. Under causal attention a real position only sees
+earlier positions, so trailing padding can never change its output, and position ids count
+from the first real item exactly as without padding.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, replace
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import GPT2Config, GPT2Model, LlamaConfig, LlamaModel, PreTrainedModel
+
+Kind = Literal["sasrec", "teacher", "student"]
+BackboneName = Literal["gpt2", "llama"]
+
+_BACKBONES: dict[str, type[PreTrainedModel]] = {"gpt2": GPT2Model, "llama": LlamaModel}
+
+
+@dataclass(frozen=True)
+class RecommenderConfig:
+    """Every knob of a recommender; `num_items` excludes padding, so tables have num_items + 1 rows."""
+
+    num_items: int
+    kind: Kind = "sasrec"
+    max_len: int = 50
+    hidden: int = 64
+    layers: int = 2
+    heads: int = 1
+    ffn_mult: int = 4
+    dropout: float = 0.2
+    d_item: int = 64
+    backbone: BackboneName = "gpt2"
+    pretrained_path: str | None = None
+    """Local `transformers` checkpoint directory for the backbone; its own sizes win over
+    heads/ffn_mult, `hidden` must match, and only its first `layers` layers are kept."""
+
+    def __post_init__(self) -> None:
+        if self.num_items < 1:
+            raise ValueError(f"num_items={self.num_items}; a catalogue needs at least one item")
+        if self.layers < 1 or self.max_len < 1:
+            raise ValueError(f"layers={self.layers}, max_len={self.max_len}; both must be >= 1")
+        if self.kind not in ("sasrec", "teacher", "student"):
+            raise ValueError(f"kind={self.kind!r}; use 'sasrec', 'teacher' or 'student'")
+        if self.backbone not in _BACKBONES:
+            raise ValueError(f"backbone={self.backbone!r}; use one of {sorted(_BACKBONES)}")
+        if self.kind == "sasrec" and self.d_item != self.hidden:
+            raise ValueError(
+                f"sasrec ties its item table to the backbone: d_item={self.d_item} must equal "
+                f"hidden={self.hidden}"
+            )
+        if self.pretrained_path is None and self.hidden % self.heads:
+            raise ValueError(f"hidden={self.hidden} is not divisible by heads={self.heads}")
+
+    @classmethod
+    def sasrec(cls, num_items: int, **overrides) -> RecommenderConfig:
+        """SASRec+ defaults: hidden 64, 2 GPT-2 blocks, 1 head, dropout 0.2, learned positions."""
+        return cls(num_items=num_items, **overrides)
+
+    @classmethod
+    def teacher(cls, num_items: int, d_item: int, **overrides) -> RecommenderConfig:
+        """SLMRec-style teacher: 8 Llama layers, hidden 128, 4 heads, FFN 4x, over frozen items."""
+        defaults = dict(kind="teacher", hidden=128, layers=8, heads=4, backbone="llama")
+        return cls(num_items=num_items, d_item=d_item, **(defaults | overrides))
+
+
+class RecommenderOutput(NamedTuple):
+    user: Tensor
+    """User vectors at every position, [B, T, d_item]; scores = user @ item table^T."""
+    hidden_states: tuple[Tensor, ...] | None
+    """layers + 1 states [B, T, hidden] when requested: 0 = backbone input (GPT-2: with
+    positions), l = output of layer l, but the last entry is after the final norm."""
+
+
+def build_backbone(config: RecommenderConfig) -> PreTrainedModel:
+    """A fresh backbone from the config, or the first `layers` layers of a local checkpoint."""
+    model_cls = _BACKBONES[config.backbone]
+    if config.pretrained_path is not None:
+        backbone = model_cls.from_pretrained(
+            config.pretrained_path,
+            local_files_only=True,
+            use_safetensors=True,
+            dtype=torch.float32,
+            num_hidden_layers=config.layers,
+        )
+        if backbone.config.hidden_size != config.hidden:
+            raise ValueError(
+                f"checkpoint {config.pretrained_path} has hidden size "
+                f"{backbone.config.hidden_size}, config.hidden={config.hidden}; set them equal"
+            )
+        if backbone.config.num_hidden_layers != config.layers:
+            raise ValueError(
+                f"checkpoint {config.pretrained_path} has {backbone.config.num_hidden_layers} "
+                f"layers, fewer than config.layers={config.layers}"
+            )
+        # Items enter as inputs_embeds, so the token table is dead weight (32000 rows for Llama-2).
+        backbone.set_input_embeddings(nn.Embedding(1, config.hidden))
+        backbone.config.vocab_size = 1
+        return backbone
+    common = dict(vocab_size=1, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    if config.backbone == "gpt2":
+        backbone_config = GPT2Config(
+            n_embd=config.hidden,
+            n_layer=config.layers,
+            n_head=config.heads,
+            n_inner=config.ffn_mult * config.hidden,
+            n_positions=config.max_len,
+            activation_function="gelu",
+            resid_pdrop=config.dropout,
+            embd_pdrop=config.dropout,
+            attn_pdrop=config.dropout,
+            **common,
+        )
+    else:
+        backbone_config = LlamaConfig(
+            hidden_size=config.hidden,
+            num_hidden_layers=config.layers,
+            num_attention_heads=config.heads,
+            num_key_value_heads=config.heads,
+            intermediate_size=config.ffn_mult * config.hidden,
+            max_position_embeddings=config.max_len,
+            attention_dropout=config.dropout,
+            **common,
+        )
+    return model_cls(backbone_config)
+
+
+def backbone_from_config(config: RecommenderConfig, backbone_config: dict) -> PreTrainedModel:
+    """A randomly initialised backbone of exactly the architecture `backbone_config` describes."""
+    model_cls = _BACKBONES[config.backbone]
+    return model_cls(model_cls.config_class.from_dict(backbone_config))
+
+
+class Recommender(nn.Module):
+    """sasrec learns its item table end to end; teacher/student read a frozen one (SLMRec)."""
+
+    def __init__(
+        self,
+        config: RecommenderConfig,
+        item_table: Tensor | None = None,
+        backbone: PreTrainedModel | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone = backbone if backbone is not None else build_backbone(config)
+        rows = config.num_items + 1
+        if config.kind == "sasrec":
+            if item_table is not None:
+                raise ValueError("sasrec learns its own item table; pass item_table=None")
+            self.item_emb = nn.Embedding(rows, config.d_item, padding_idx=0)
+            nn.init.normal_(self.item_emb.weight, std=self.backbone.config.initializer_range)
+            with torch.no_grad():
+                self.item_emb.weight[0].zero_()
+            self.item_in: nn.Module = nn.Identity()
+            self.user_head: nn.Module = nn.Identity()
+            # GPT-2 applies embedding dropout itself, after adding positions.
+            self.drop = nn.Identity() if config.backbone == "gpt2" else nn.Dropout(config.dropout)
+        else:
+            if item_table is None or tuple(item_table.shape) != (rows, config.d_item):
+                shape = None if item_table is None else tuple(item_table.shape)
+                raise ValueError(
+                    f"{config.kind} needs the frozen sasrec item table of shape "
+                    f"({rows}, {config.d_item}), got {shape}"
+                )
+            self.register_buffer("item_table", item_table.detach().clone().float())
+            self.item_in = nn.Linear(config.d_item, config.hidden)
+            self.user_head = nn.Linear(config.hidden, config.d_item, bias=False)
+            self.drop = nn.Dropout(config.dropout)
+
+    @property
+    def item_vectors(self) -> Tensor:
+        """The item table [num_items + 1, d_item] used for both input and scoring."""
+        return self.item_emb.weight if self.config.kind == "sasrec" else self.item_table
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The backbone's decoder layers by index, each returning a tensor. `transformers` records
+        hidden_states with its own forward hooks, installed at the first forward: register a
+        replacing hook with prepend=True so that hidden_states[l + 1] shows the replacement."""
+        return self.backbone.h if self.config.backbone == "gpt2" else self.backbone.layers
+
+    def forward(self, items: Tensor, output_hidden_states: bool = False) -> RecommenderOutput:
+        """items [B, T] right-padded with 0 -> user vectors at every position."""
+        if items.shape[1] > 1 and bool(((items[:, :-1] == 0) & (items[:, 1:] > 0)).any()):
+            raise ValueError("items must be right-padded: a 0 is followed by a real item")
+        x = self.drop(self.item_in(F.embedding(items, self.item_vectors, padding_idx=0)))
+        out = self.backbone(inputs_embeds=x, output_hidden_states=output_hidden_states)
+        return RecommenderOutput(self.user_head(out.last_hidden_state), out.hidden_states)
+
+    def scores(self, user: Tensor) -> Tensor:
+        """Scores over all items for user vectors [..., d_item]; padding (column 0) is -inf."""
+        scores = user @ self.item_vectors.T
+        scores[..., 0] = float("-inf")
+        return scores
+
+    def predict(self, items: Tensor) -> Tensor:
+        """Scores [B, num_items + 1] for the next item after each right-padded sequence."""
+        lengths = (items > 0).sum(1)
+        if bool((lengths == 0).any()):
+            raise ValueError("every sequence needs at least one real item to predict from")
+        user = self(items).user
+        return self.scores(user[torch.arange(len(items), device=items.device), lengths - 1])
+
+
+def student_from_teacher(teacher: Recommender, layers: int = 2) -> Recommender:
+    """A student with the teacher's first `layers` layers; every shared weight is copied."""
+    if teacher.config.kind != "teacher":
+        raise ValueError(f"expected a teacher, got kind={teacher.config.kind!r}")
+    if not 1 <= layers <= teacher.config.layers:
+        raise ValueError(f"layers={layers}; pick 1..{teacher.config.layers} (the teacher's depth)")
+    config = replace(teacher.config, kind="student", layers=layers, pretrained_path=None)
+    backbone_config = copy.deepcopy(teacher.backbone.config)
+    backbone_config.num_hidden_layers = layers
+    backbone = type(teacher.backbone)(backbone_config)
+    student = Recommender(config, item_table=teacher.item_vectors, backbone=backbone)
+    teacher_state = teacher.state_dict()
+    student.load_state_dict({k: teacher_state[k] for k in student.state_dict()}, strict=True)
+    return student.to(teacher.item_vectors.device)

@@ -1,0 +1,274 @@
+"""SASRec+ training (full-softmax cross-entropy at every position) and batched evaluation.
+
+Leave-one-out: training reads items[:-2], validation predicts items[-2] from items[:-2],
+test predicts items[-1] from items[:-1]; every input keeps its last max_len items.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import chain
+from typing import Literal, NamedTuple, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from recsae_pipeline.models.metrics import (
+    filter_seen,
+    full_ranking_metrics,
+    sample_negatives,
+    sampled_metrics,
+    sampled_ranks,
+    target_ranks,
+)
+from recsae_pipeline.models.recommender import Recommender
+
+Split = Literal["valid", "test"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and early stopping; one epoch = one pass over every user's training part."""
+
+    max_epochs: int = 200
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    patience: int = 10
+    eval_batch_size: int = 512
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_epochs < 1 or self.batch_size < 1 or self.patience < 1:
+            raise ValueError(f"max_epochs, batch_size and patience must be >= 1, got {self}")
+
+
+class EpochReport(NamedTuple):
+    epoch: int
+    """1-based."""
+    train_loss: float
+    """Mean total loss over the epoch's batches."""
+    loss_terms: dict[str, float]
+    """Mean of every term the loss returned (ce, cosine, ...)."""
+    valid: dict[str, float]
+    """Validation full-ranking metrics after this epoch."""
+    seconds: float
+    """Wall time of this epoch, evaluation included."""
+    eta_seconds: float
+    """Upper bound on the time left: mean epoch time x epochs left before max_epochs."""
+    best_epoch: int
+
+
+class TrainResult(NamedTuple):
+    best_epoch: int
+    best_valid: dict[str, float]
+    """Validation metrics of the kept (best) state."""
+    train_seconds: float
+    epochs_run: int
+    history: list[EpochReport]
+
+
+class Scorer(Protocol):
+    def predict(self, items: Tensor) -> Tensor: ...
+
+
+class CETerms(NamedTuple):
+    total: Tensor
+    """What is minimised: here the cross-entropy itself."""
+    ce: Tensor
+    """Full-softmax next-item cross-entropy, mean over real positions."""
+
+
+class NextItemLoss(nn.Module):
+    """SASRec+: full-softmax cross-entropy over all items at every non-padding position."""
+
+    def forward(self, model: Recommender, items: Tensor, targets: Tensor) -> CETerms:
+        real = targets > 0
+        ce = F.cross_entropy(model.scores(model(items).user[real]), targets[real])
+        return CETerms(ce, ce)
+
+
+def pad_right(sequences: list[np.ndarray], length: int | None = None) -> Tensor:
+    """An int64 [len(sequences), length] tensor, each row its sequence followed by zeros."""
+    length = max((len(s) for s in sequences), default=0) if length is None else length
+    padded = np.zeros((len(sequences), length), dtype=np.int64)
+    for row, sequence in enumerate(sequences):
+        padded[row, : len(sequence)] = sequence
+    return torch.from_numpy(padded)
+
+
+def train_examples(sequences: list[np.ndarray], max_len: int) -> tuple[Tensor, Tensor]:
+    """Inputs and next-item targets [users, max_len] from the last max_len + 1 training items;
+    users with a single training item (length 3) have no pair and are left out."""
+    windows = [s[:-2][-(max_len + 1) :] for s in sequences if len(s) >= 4]
+    return pad_right([w[:-1] for w in windows], max_len), pad_right(
+        [w[1:] for w in windows], max_len
+    )
+
+
+def split_examples(
+    sequences: list[np.ndarray], split: Split, max_len: int
+) -> tuple[list[np.ndarray], np.ndarray, list[np.ndarray]]:
+    """(inputs cut to max_len, targets, full histories) for the validation or test split."""
+    if split not in ("valid", "test"):
+        raise ValueError(f"split={split!r}; use 'valid' or 'test'")
+    end = -2 if split == "valid" else -1
+    histories = [s[:end] for s in sequences]
+    targets = np.array([s[end] for s in sequences], dtype=np.int64)
+    return [h[-max_len:] for h in histories], targets, histories
+
+
+@torch.no_grad()
+def evaluate(
+    scorer: Scorer,
+    sequences: list[np.ndarray],
+    num_items: int,
+    split: Split,
+    device: torch.device,
+    max_len: int | None = None,
+    batch_size: int = 512,
+    sampled: bool = True,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Full-ranking HR/NDCG/MRR@10/20 with seen items filtered, plus SLMRec's sampled metrics
+    (prefixed `sampled_`, negatives seeded by `seed`) unless sampled=False."""
+    if max_len is None:
+        max_len = scorer.config.max_len if isinstance(scorer, Recommender) else 50
+    inputs, targets, histories = split_examples(sequences, split, max_len)
+    negatives = sample_negatives(sequences, num_items, seed=seed) if sampled else None
+    was_training = isinstance(scorer, nn.Module) and scorer.training
+    if isinstance(scorer, nn.Module):
+        scorer.eval()
+    full, sampled_rank_batches = [], []
+    for start in range(0, len(sequences), batch_size):
+        batch = slice(start, start + batch_size)
+        scores = scorer.predict(pad_right(inputs[batch]).to(device)).float()
+        target = torch.from_numpy(targets[batch]).to(device)
+        seen = pad_right(histories[batch]).to(device)
+        full.append(target_ranks(filter_seen(scores, seen, target), target).cpu())
+        if negatives is not None:
+            negative = torch.from_numpy(negatives[batch]).to(device)
+            sampled_rank_batches.append(sampled_ranks(scores, target, negative).cpu())
+    if was_training:
+        scorer.train()
+    metrics = full_ranking_metrics(torch.cat(full))
+    if negatives is not None:
+        metrics |= {
+            f"sampled_{k}": v for k, v in sampled_metrics(torch.cat(sampled_rank_batches)).items()
+        }
+    return metrics
+
+
+def _optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.AdamW:
+    # nanoGPT's split: matrices and embeddings decay, biases and norm gains do not.
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=config.lr)
+
+
+def train_recommender(
+    model: Recommender,
+    sequences: list[np.ndarray],
+    num_items: int,
+    config: TrainConfig,
+    device: torch.device,
+    on_epoch: Callable[[EpochReport], None] | None = None,
+    loss_fn: nn.Module | None = None,
+) -> TrainResult:
+    """Train until validation NDCG@10 stops improving for `patience` epochs; the model ends in
+    its best state. `loss_fn(model, items, targets)` returns a NamedTuple with a `total`."""
+    loss_fn = NextItemLoss() if loss_fn is None else loss_fn
+    model.to(device)
+    loss_fn.to(device)
+    inputs, targets = train_examples(sequences, model.config.max_len)
+    if len(inputs) == 0:
+        raise ValueError(
+            "no user has 2+ training items (sequences of length >= 4); nothing to train"
+        )
+    lengths = (inputs > 0).sum(1)
+    inputs, targets = inputs.to(device), targets.to(device)
+    params = [p for p in chain(model.parameters(), loss_fn.parameters()) if p.requires_grad]
+    optimizer = _optimizer(params, config)
+    warmup = max(config.warmup_steps, 1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / warmup)
+    )
+    shuffle = torch.Generator().manual_seed(config.seed)
+
+    best_metric, best_epoch, best_valid, best_state = -math.inf, 0, {}, None
+    history: list[EpochReport] = []
+    start_time = time.perf_counter()
+    with torch.random.fork_rng(devices=[] if device.type != "cuda" else None):
+        torch.manual_seed(config.seed)
+        for epoch in range(1, config.max_epochs + 1):
+            epoch_start = time.perf_counter()
+            model.train()
+            loss_fn.train()
+            sums: dict[str, Tensor] = {}
+            batches = torch.randperm(len(inputs), generator=shuffle).split(config.batch_size)
+            bar = tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not config.progress)
+            for step, index in enumerate(bar):
+                width = int(lengths[index].max())
+                index = index.to(device)
+                terms = loss_fn(model, inputs[index, :width], targets[index, :width])
+                optimizer.zero_grad(set_to_none=True)
+                terms.total.backward()
+                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+                optimizer.step()
+                schedule.step()
+                for name, value in terms._asdict().items():
+                    sums[name] = sums.get(name, 0.0) + value.detach()
+                if step % 20 == 0:
+                    bar.set_postfix(loss=f"{terms.total.item():.4f}")
+            loss_terms = {name: (value / len(batches)).item() for name, value in sums.items()}
+            if not math.isfinite(loss_terms["total"]):
+                raise FloatingPointError(
+                    f"training loss is {loss_terms['total']} at epoch {epoch}; lower lr={config.lr}"
+                )
+            valid = evaluate(
+                model,
+                sequences,
+                num_items,
+                "valid",
+                device,
+                batch_size=config.eval_batch_size,
+                sampled=False,
+            )
+            if valid["ndcg@10"] > best_metric:
+                best_metric, best_epoch, best_valid = valid["ndcg@10"], epoch, valid
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            now = time.perf_counter()
+            report = EpochReport(
+                epoch=epoch,
+                train_loss=loss_terms.pop("total"),
+                loss_terms=loss_terms,
+                valid=valid,
+                seconds=now - epoch_start,
+                eta_seconds=(now - start_time) / epoch * (config.max_epochs - epoch),
+                best_epoch=best_epoch,
+            )
+            history.append(report)
+            if on_epoch is not None:
+                on_epoch(report)
+            if epoch - best_epoch >= config.patience:
+                break
+    model.load_state_dict(best_state)
+    model.eval()
+    return TrainResult(
+        best_epoch=best_epoch,
+        best_valid=best_valid,
+        train_seconds=time.perf_counter() - start_time,
+        epochs_run=len(history),
+        history=history,
+    )

@@ -1,0 +1,135 @@
+"""SASRec+ training and evaluation: leave-one-out examples, exact evaluation, determinism,
+early stopping that keeps the best state, and a model that actually learns."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from recsae_pipeline.models.metrics import PopularityScorer
+from recsae_pipeline.models.recommender import Recommender, RecommenderConfig
+from recsae_pipeline.models.training import (
+    TrainConfig,
+    evaluate,
+    split_examples,
+    train_examples,
+    train_recommender,
+)
+
+CPU = torch.device("cpu")
+NUM_ITEMS = 30
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def cyclic_sequences(users: int = 48) -> list[np.ndarray]:
+    """Every user walks the catalogue in order, so the next item is always predictable."""
+    rng = np.random.default_rng(0)
+    return [
+        (rng.integers(NUM_ITEMS) + np.arange(rng.integers(4, 14))) % NUM_ITEMS + 1
+        for _ in range(users)
+    ]
+
+
+def tiny_sasrec(seed: int = 0) -> Recommender:
+    torch.manual_seed(seed)
+    return Recommender(RecommenderConfig.sasrec(NUM_ITEMS, hidden=16, d_item=16, max_len=8))
+
+
+def test_train_examples_are_shifted_windows_of_the_training_part():
+    sequences = [np.arange(1, 7), np.array([1, 2, 3]), np.array([5, 6, 7, 8])]
+    inputs, targets = train_examples(sequences, max_len=3)
+    assert inputs.tolist() == [[1, 2, 3], [5, 0, 0]]
+    assert targets.tolist() == [[2, 3, 4], [6, 0, 0]]
+
+
+def test_split_examples_cut_inputs_but_keep_full_histories():
+    sequences = [np.arange(1, 8)]
+    inputs, targets, histories = split_examples(sequences, "valid", max_len=3)
+    assert inputs[0].tolist() == [3, 4, 5] and targets.tolist() == [6]
+    assert histories[0].tolist() == [1, 2, 3, 4, 5]
+    inputs, targets, histories = split_examples(sequences, "test", max_len=3)
+    assert inputs[0].tolist() == [4, 5, 6] and targets.tolist() == [7]
+    assert histories[0].tolist() == [1, 2, 3, 4, 5, 6]
+
+
+def test_evaluate_popularity_exact_values():
+    # Popularity over training parts: item 1 x3, item 2 x1, the rest 0.
+    sequences = [np.array([1, 1, 2, 5, 3]), np.array([1, 4, 2])]
+    metrics = evaluate(PopularityScorer(sequences, 5), sequences, 5, "test", CPU)
+    # User 1: seen 1, 2, 5 filtered; target 3 ties item 4 -> rank 1. User 2: target 2 -> rank 0.
+    assert metrics["hr@10"] == 1.0
+    assert metrics["ndcg@10"] == pytest.approx((1 / math.log2(3) + 1) / 2)
+    assert metrics["mrr@10"] == pytest.approx(0.75)
+    # Sampled: user 1's only unseen item is 4 (a tie, rank 1); user 2 beats 3 and 5 (rank 0).
+    assert metrics["sampled_hr@1"] == 0.5
+    assert metrics["sampled_mrr"] == pytest.approx(0.75)
+
+
+def test_same_seed_gives_identical_weights_and_metrics():
+    sequences = cyclic_sequences()
+    config = TrainConfig(max_epochs=2, batch_size=16, progress=False, seed=7)
+    runs = []
+    for _ in range(2):
+        model = tiny_sasrec()
+        result = train_recommender(model, sequences, NUM_ITEMS, config, CPU)
+        runs.append((model.state_dict(), result))
+    (state_a, result_a), (state_b, result_b) = runs
+    for name in state_a:
+        assert torch.equal(state_a[name], state_b[name]), name
+    assert result_a.best_valid == result_b.best_valid
+    assert [r.train_loss for r in result_a.history] == [r.train_loss for r in result_b.history]
+
+    other = tiny_sasrec()
+    train_recommender(
+        other,
+        sequences,
+        NUM_ITEMS,
+        TrainConfig(max_epochs=2, batch_size=16, progress=False, seed=8),
+        CPU,
+    )
+    assert not torch.equal(other.item_vectors, state_a["item_emb.weight"])
+
+
+def test_early_stopping_keeps_the_best_state_and_reports_every_epoch():
+    sequences = cyclic_sequences()
+    reports = []
+    model = tiny_sasrec()
+    config = TrainConfig(max_epochs=30, batch_size=16, patience=2, lr=3e-2, progress=False)
+    result = train_recommender(model, sequences, NUM_ITEMS, config, CPU, on_epoch=reports.append)
+
+    assert [r.epoch for r in reports] == list(range(1, result.epochs_run + 1))
+    ndcgs = [r.valid["ndcg@10"] for r in reports]
+    assert result.best_epoch == int(np.argmax(ndcgs)) + 1
+    assert result.epochs_run == min(config.max_epochs, result.best_epoch + config.patience)
+    assert all(r.seconds > 0 and r.eta_seconds >= 0 for r in reports)
+    assert reports[-1].loss_terms.keys() == {"ce"}
+    assert result.train_seconds >= sum(r.seconds for r in reports)
+    assert evaluate(model, sequences, NUM_ITEMS, "valid", CPU, sampled=False) == result.best_valid
+
+
+def test_sasrec_and_teacher_learn_a_predictable_sequence():
+    sequences = cyclic_sequences()
+    popularity = evaluate(PopularityScorer(sequences, NUM_ITEMS), sequences, NUM_ITEMS, "test", CPU)
+    sasrec = tiny_sasrec()
+    config = TrainConfig(max_epochs=25, batch_size=16, patience=25, lr=1e-2, progress=False)
+    train_recommender(sasrec, sequences, NUM_ITEMS, config, CPU)
+    metrics = evaluate(sasrec, sequences, NUM_ITEMS, "test", CPU)
+    assert metrics["mrr@10"] > 0.9 > popularity["mrr@10"]
+
+    torch.manual_seed(0)
+    table = sasrec.item_vectors.detach().clone()
+    teacher = Recommender(
+        RecommenderConfig.teacher(NUM_ITEMS, 16, hidden=16, layers=2, heads=2, max_len=8),
+        item_table=table,
+    )
+    train_recommender(teacher, sequences, NUM_ITEMS, config, CPU)
+    assert torch.equal(teacher.item_vectors, table)
+    assert evaluate(teacher, sequences, NUM_ITEMS, "test", CPU)["mrr@10"] > 0.9
