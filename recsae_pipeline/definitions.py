@@ -4,23 +4,35 @@ from __future__ import annotations
 
 import dagster as dg
 
-from recsae_pipeline.assets import data, models
+from recsae_pipeline.assets import activations, data, models
 from recsae_pipeline.resources import DataQuality, StorageRoot, TorchDevice
+
+feature_partitions = activations.activation_partitions
+_partitioned = dg.AssetSelection.assets(activations.activations)
 
 main_job = dg.define_asset_job(
     "main",
-    selection=dg.AssetSelection.all(),
-    description="Materialize every asset, with every asset check, on the configured data.",
+    selection=dg.AssetSelection.all() - _partitioned,
+    description="Data and models: every unpartitioned asset with its checks. "
+    "`recsae materialize` runs this, then `features` for every partition.",
     # One process: steps share imports (torch, GX) instead of paying them per step, and the
     # heavy steps already use every core through torch.
     executor_def=dg.in_process_executor,
 )
 
+features_job = dg.define_asset_job(
+    "features",
+    selection=_partitioned,
+    partitions_def=feature_partitions,
+    description="Per (model, layer) partition: activations (and, later, SAEs and features).",
+    executor_def=dg.in_process_executor,
+)
+
 defs = dg.Definitions(
-    assets=dg.load_assets_from_modules([data, models]),
-    asset_checks=dg.load_asset_checks_from_modules([data, models]),
+    assets=dg.load_assets_from_modules([data, models, activations]),
+    asset_checks=dg.load_asset_checks_from_modules([data, models, activations]),
     resources={"storage": StorageRoot(), "quality": DataQuality(), "device": TorchDevice()},
-    jobs=[main_job],
+    jobs=[main_job, features_job],
     # Ad-hoc materializations from the UI or `dagster asset materialize` also run in one
     # process: torch already uses every core, so parallel steps would only oversubscribe them.
     executor=dg.in_process_executor,

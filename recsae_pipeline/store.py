@@ -85,6 +85,14 @@ class ArtifactPaths:
     def model_dir(self, name: str) -> Path:
         return self.root / "models" / name
 
+    @property
+    def recommender_eval(self) -> Path:
+        return self.root / "models" / "recommender_eval.parquet"
+
+    @property
+    def layer_probe(self) -> Path:
+        return self.root / "models" / "layer_probe.parquet"
+
 
 def _temp_sibling(path: Path, suffix: str = "") -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
@@ -105,7 +113,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         if tmp.is_dir() and path.is_dir():
             old = _temp_sibling(path, ".old")
             path.rename(old)
-            tmp.rename(path)
+            try:
+                tmp.rename(path)
+            except BaseException:
+                old.rename(path)  # put the previous complete artifact back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)

@@ -27,10 +27,19 @@ def view_definitions(paths: ArtifactPaths) -> dict[str, str]:
         "sequences": paths.sequences,
         "item_map": paths.item_map,
         "user_map": paths.user_map,
+        "recommender_eval": paths.recommender_eval,
+        "layer_probe": paths.layer_probe,
     }
     for name, path in candidates.items():
         if path.exists():
             views[name] = f"SELECT * FROM read_parquet({_quote(path)})"
+    shards = paths.root / "activations"
+    if any(shards.glob("model=*/layer=*/part-*.parquet")):
+        # One view over every (model, layer) partition; `model` and `layer` come from the paths.
+        views["activations"] = (
+            f"SELECT * FROM read_parquet({_quote(shards / 'model=*' / 'layer=*' / 'part-*.parquet')}, "
+            "hive_partitioning = true, hive_types = {'model': VARCHAR, 'layer': INTEGER})"
+        )
     if "items" in views and "item_map" in views:
         # Catalog rows with their model index, the join most queries want.
         views["items"] = (

@@ -1,17 +1,16 @@
 """A recommender on disk: a directory of `config.json`, `model.safetensors` and `metrics.json`.
 
-Directories are written beside the target and renamed into place, so a reader never sees a
-half-written model; an existing model is replaced only once the new one is complete.
+Directories are written beside the target and renamed into place (`store.atomic_path`), so a
+reader never sees a half-written model; an existing model is replaced only once the new one
+is complete.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import uuid
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -21,37 +20,13 @@ from recsae_pipeline.models.recommender import (
     RecommenderConfig,
     backbone_from_config,
 )
+from recsae_pipeline.store import atomic_path
 
 FORMAT_VERSION = 1
 
 
-def write_directory_atomically(path: Path, write: Callable[[Path], None]) -> Path:
-    """Run write(tmp) on a fresh sibling directory, then rename it to path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
-    tmp.mkdir()
-    try:
-        write(tmp)
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex}"
-            path.rename(old)
-            try:
-                tmp.rename(path)
-            except BaseException:
-                old.rename(path)
-                raise
-            shutil.rmtree(old)
-        else:
-            tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
-
-
 def save_recommender(
-    model: Recommender, path: str | Path, metrics: dict[str, float] | None = None
+    model: Recommender, path: str | Path, metrics: dict[str, Any] | None = None
 ) -> Path:
     """Save config (with the backbone's exact `transformers` config), weights and metrics."""
     config = {
@@ -61,12 +36,13 @@ def save_recommender(
     }
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
 
-    def write(directory: Path) -> None:
+    path = Path(path)
+    with atomic_path(path) as directory:
+        directory.mkdir()
         (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
         (directory / "metrics.json").write_text(json.dumps(metrics or {}, indent=2, sort_keys=True))
-
-    return write_directory_atomically(Path(path), write)
+    return path
 
 
 def load_recommender(path: str | Path, device: torch.device) -> Recommender:
@@ -88,6 +64,6 @@ def load_recommender(path: str | Path, device: torch.device) -> Recommender:
     return model.to(device).eval()
 
 
-def read_metrics(path: str | Path) -> dict[str, float]:
+def read_metrics(path: str | Path) -> dict[str, Any]:
     """The metrics saved beside a model."""
     return json.loads((Path(path) / "metrics.json").read_text())

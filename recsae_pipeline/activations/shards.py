@@ -1,0 +1,375 @@
+"""Activations at one layer as Parquet shards: a streaming writer and a shuffling reader.
+
+One row per real (non-padding) position of a user's sequence, as the model sees it: the last
+`max_len` items of the full sequence, so a user longer than `max_len` contributes only the
+positions n - max_len .. n - 1 (each computed with that window as context, exactly as the
+model scores the test item). `position` is 0-based in the full sequence; the row's target is
+the next item, labelled by the leave-one-out split of the full sequence.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from torch import Tensor
+
+from recsae_pipeline.activations.hooks import layer_block, read_hidden
+from recsae_pipeline.models.recommender import Recommender
+from recsae_pipeline.models.training import pad_right
+from recsae_pipeline.store import PARQUET_COMPRESSION, atomic_path
+
+SPLITS = ("train", "valid", "test", "none")
+"""Split of a row by its target: leave-one-out of the full sequence; "none" = last item."""
+INT_COLUMNS = ("user_idx", "position", "item_idx", "target_idx")
+SHARD_GLOB = "part-*.parquet"
+
+
+class ShardReport(NamedTuple):
+    rows: int
+    """Rows written: one per real position the model saw (see `expected_rows`)."""
+    shards: int
+    """Parquet files in the partition."""
+    bytes: int
+    """Total size of the shard files on disk."""
+    seconds: float
+    """Wall time of the whole write."""
+    forward_seconds: float
+    """Part of it spent in the model's forward passes and the copy to CPU."""
+    dim: int
+    """Width d of each activation (the model's hidden size)."""
+    n_nonfinite: int
+    """Activation values that are NaN or infinite; 0 for a healthy model."""
+    mean_norm: float
+    """Mean L2 norm of the activation rows."""
+
+
+def partition_dir(root: Path, model: str, layer: int) -> Path:
+    """The hive partition of one model's activations at one layer under the storage root."""
+    if not model or any(c in model for c in "/\\="):
+        raise ValueError(f"model={model!r}; use a plain name such as 'sasrec' or 'teacher'")
+    return Path(root) / "activations" / f"model={model}" / f"layer={layer}"
+
+
+def activation_schema(dim: int) -> pa.Schema:
+    """The shard schema for activations of width `dim` (DESIGN.md, data contracts)."""
+    return pa.schema(
+        [(name, pa.int32()) for name in INT_COLUMNS]
+        + [("split", pa.string()), ("activation", pa.list_(pa.float32(), dim))]
+    )
+
+
+def expected_rows(sequences: Sequence[np.ndarray], max_len: int) -> int:
+    """Rows `write_activations` writes: each user's length, capped at the model's max_len."""
+    return sum(min(len(s), max_len) for s in sequences)
+
+
+class _ShardSink:
+    """Appends tables, writing row groups of `row_group_rows` into shards of `rows_per_shard`;
+    holds at most one row group plus the last appended table in memory."""
+
+    def __init__(
+        self, directory: Path, schema: pa.Schema, rows_per_shard: int, row_group_rows: int
+    ) -> None:
+        self.directory, self.schema = directory, schema
+        self.rows_per_shard, self.row_group_rows = rows_per_shard, row_group_rows
+        self.pending: list[pa.Table] = []
+        self.pending_rows = 0
+        self.writer: pq.ParquetWriter | None = None
+        self.shard_rows = 0
+        self.shards = 0
+
+    def add(self, table: pa.Table) -> None:
+        self.pending.append(table)
+        self.pending_rows += table.num_rows
+        while self.pending_rows >= self._group_rows():
+            self._write_group(self._group_rows())
+
+    def finish(self) -> int:
+        """Flush and close; an empty partition still gets one (empty) shard with the schema."""
+        while self.pending_rows:
+            self._write_group(min(self.pending_rows, self._group_rows()))
+        if self.writer is None and self.shards == 0:
+            self._open()
+        self._close()
+        return self.shards
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def _group_rows(self) -> int:
+        return min(self.row_group_rows, self.rows_per_shard - self.shard_rows)
+
+    def _open(self) -> None:
+        path = self.directory / f"part-{self.shards:05d}.parquet"
+        self.writer = pq.ParquetWriter(path, self.schema, compression=PARQUET_COMPRESSION)
+
+    def _close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+            self.shards += 1
+            self.shard_rows = 0
+
+    def _write_group(self, rows: int) -> None:
+        table = pa.concat_tables(self.pending)
+        rest = table.slice(rows)
+        self.pending = [rest] if rest.num_rows else []
+        self.pending_rows -= rows
+        if self.writer is None:
+            self._open()
+        self.writer.write_table(table.slice(0, rows), row_group_size=rows)
+        self.shard_rows += rows
+        if self.shard_rows == self.rows_per_shard:
+            self._close()
+
+
+def _position_columns(
+    sequences: Sequence[np.ndarray], first_user_idx: int, max_len: int
+) -> dict[str, pa.Array]:
+    """Every column but the activation, for the windows the model sees, user by user."""
+    users, positions, items, targets, splits = [], [], [], [], []
+    for offset, sequence in enumerate(sequences):
+        n = len(sequence)
+        start = max(0, n - max_len)
+        position = np.arange(start, n, dtype=np.int32)
+        target_at = position + 1  # index of the target in the full sequence
+        users.append(np.full(n - start, first_user_idx + offset, dtype=np.int32))
+        positions.append(position)
+        items.append(np.asarray(sequence[start:], dtype=np.int32))
+        targets.append(np.append(np.asarray(sequence, dtype=np.int32), 0)[start + 1 :])
+        splits.append(
+            np.select(
+                [target_at <= n - 3, target_at == n - 2, target_at == n - 1],
+                [0, 1, 2],
+                default=3,
+            ).astype(np.int8)
+        )
+    split_codes = pa.array(np.concatenate(splits))
+    return {
+        "user_idx": pa.array(np.concatenate(users)),
+        "position": pa.array(np.concatenate(positions)),
+        "item_idx": pa.array(np.concatenate(items)),
+        "target_idx": pa.array(np.concatenate(targets)),
+        "split": pc.take(pa.array(SPLITS, pa.string()), split_codes),
+    }
+
+
+def write_activations(
+    model: Recommender,
+    sequences: Sequence[np.ndarray],
+    layer: int,
+    out_dir: Path,
+    device: torch.device,
+    batch_users: int = 256,
+    rows_per_shard: int = 200_000,
+    row_group_rows: int = 65_536,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> ShardReport:
+    """Write block `layer`'s output for every user (sequences[i] is user_idx i + 1) to shards.
+
+    Streams: memory holds one batch of users plus one row group. The model is moved to
+    `device` and run in eval mode (its mode is restored after). The partition is built in a
+    temp sibling and renamed over `out_dir` only when complete, so a crash leaves the
+    previous partition as it was. `on_progress(done_users, total_users)` runs after each batch.
+    """
+    layer_block(model, layer)  # fail on a bad layer before any work
+    if batch_users < 1 or rows_per_shard < 1 or row_group_rows < 1:
+        raise ValueError(
+            f"batch_users={batch_users}, rows_per_shard={rows_per_shard}, "
+            f"row_group_rows={row_group_rows}; all must be >= 1"
+        )
+    started = time.perf_counter()
+    max_len, dim = model.config.max_len, model.config.hidden
+    was_training = model.training
+    model.to(device).eval()
+    forward_seconds, rows, nonfinite, norm_sum = 0.0, 0, 0, 0.0
+    out_dir = Path(out_dir)
+    try:
+        with atomic_path(out_dir) as tmp:
+            tmp.mkdir()
+            sink = _ShardSink(tmp, activation_schema(dim), rows_per_shard, row_group_rows)
+            try:
+                for start in range(0, len(sequences), batch_users):
+                    batch = sequences[start : start + batch_users]
+                    windows = [s[-max_len:] for s in batch]
+                    if sum(len(w) for w in windows):
+                        tick = time.perf_counter()
+                        items = pad_right(windows).to(device)
+                        real = torch.arange(items.shape[1], device=device) < torch.tensor(
+                            [len(w) for w in windows], device=device
+                        ).unsqueeze(1)
+                        acts = read_hidden(model, items, layer)[real].float().cpu()
+                        forward_seconds += time.perf_counter() - tick
+                        nonfinite += int((~torch.isfinite(acts)).sum())
+                        norm_sum += float(torch.linalg.vector_norm(acts, dim=1).double().sum())
+                        rows += len(acts)
+                        columns = _position_columns(batch, start + 1, max_len)
+                        columns["activation"] = pa.FixedSizeListArray.from_arrays(
+                            pa.array(acts.numpy().reshape(-1)), dim
+                        )
+                        sink.add(pa.table(columns, schema=sink.schema))
+                    if on_progress is not None:
+                        on_progress(min(start + batch_users, len(sequences)), len(sequences))
+                shards = sink.finish()
+            except BaseException:
+                sink.abort()
+                raise
+    finally:
+        model.train(was_training)
+    size = sum(p.stat().st_size for p in out_dir.glob(SHARD_GLOB))
+    return ShardReport(
+        rows=rows,
+        shards=shards,
+        bytes=size,
+        seconds=time.perf_counter() - started,
+        forward_seconds=forward_seconds,
+        dim=dim,
+        n_nonfinite=nonfinite,
+        mean_norm=norm_sum / rows if rows else float("nan"),
+    )
+
+
+def _shard_files(partition: Path) -> list[pq.ParquetFile]:
+    files = sorted(Path(partition).glob(SHARD_GLOB))
+    if not files:
+        raise FileNotFoundError(
+            f"{partition} holds no {SHARD_GLOB}; materialize the activations with "
+            "write_activations first"
+        )
+    return [pq.ParquetFile(f) for f in files]
+
+
+def _check_request(columns: Sequence[str], split: str | None) -> list[str]:
+    columns = list(columns)
+    known = (*INT_COLUMNS, "activation")
+    unknown = [c for c in columns if c not in known]
+    if not columns or unknown:
+        raise ValueError(
+            f"columns={columns}; pick from {list(known)} (filter rows by `split=` instead of "
+            "reading the split column)"
+        )
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"split={split!r}; use one of {list(SPLITS)} or None for all rows")
+    return columns
+
+
+def _read_group(
+    shard: pq.ParquetFile, group: int, columns: list[str], split: str | None
+) -> dict[str, np.ndarray]:
+    """One row group's columns as numpy (activation as float32 [rows, d]), split-filtered."""
+    table = shard.read_row_group(group, columns=columns + (["split"] if split else []))
+    if split is not None:
+        table = table.filter(pc.equal(table["split"], split))
+    arrays = {}
+    for name in columns:
+        column = table[name].combine_chunks()
+        if name == "activation":
+            dim = column.type.list_size
+            arrays[name] = column.flatten().to_numpy().reshape(-1, dim)
+        else:
+            arrays[name] = column.to_numpy()
+    return arrays
+
+
+def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+
+def iter_activation_batches(
+    partition_dir: Path,
+    batch_size: int,
+    seed: int = 0,
+    shuffle_buffer_rows: int = 262_144,
+    columns: Sequence[str] = ("activation",),
+    split: str | None = None,
+) -> Iterator[dict[str, Tensor]]:
+    """One shuffled pass over the partition as dicts of tensors keyed by column name.
+
+    activation is float32 [B, d], the other columns int32 [B]. Row groups are visited in a
+    seeded random order and pooled until the buffer holds `shuffle_buffer_rows` rows, which
+    are then permuted (seeded) and yielded; leftovers short of a batch carry into the next
+    buffer. Every row (of `split`, if given) comes exactly once; only the last batch may be
+    smaller. Memory: about twice the buffer plus one row group. Pass seed + epoch for a new
+    order per epoch.
+    """
+    if batch_size < 1 or shuffle_buffer_rows < 1:
+        raise ValueError(f"batch_size={batch_size}, shuffle_buffer_rows={shuffle_buffer_rows}")
+    columns = _check_request(columns, split)
+    shards = _shard_files(partition_dir)
+    groups = [(s, g) for s, shard in enumerate(shards) for g in range(shard.num_row_groups)]
+    rng = np.random.default_rng(seed)
+    buffer: list[dict[str, np.ndarray]] = []
+    buffered = 0
+
+    def drain(final: bool) -> Iterator[dict[str, Tensor]]:
+        nonlocal buffer, buffered
+        pooled = _concat(buffer)
+        order = rng.permutation(buffered)
+        keep = buffered if final else buffered - buffered % batch_size
+        for start in range(0, keep, batch_size):
+            index = order[start : min(start + batch_size, keep)]
+            yield {name: torch.from_numpy(values[index]) for name, values in pooled.items()}
+        leftover = order[keep:]
+        buffer = [{name: values[leftover] for name, values in pooled.items()}]
+        buffered = len(leftover)
+
+    for g in rng.permutation(len(groups)):
+        shard, group = groups[g]
+        part = _read_group(shards[shard], group, columns, split)
+        buffer.append(part)
+        buffered += len(part[columns[0]])
+        if buffered >= shuffle_buffer_rows:
+            yield from drain(final=False)
+    if buffered:
+        yield from drain(final=True)
+
+
+def load_activations(
+    partition_dir: Path,
+    max_bytes: int,
+    columns: Sequence[str] = ("activation",),
+    split: str | None = None,
+) -> dict[str, Tensor]:
+    """The whole partition's columns as tensors (file order), if they fit in `max_bytes`.
+
+    The size checked is the in-memory size of the requested columns over all rows, before the
+    split filter; over budget it raises and the caller should stream with
+    `iter_activation_batches`.
+    """
+    columns = _check_request(columns, split)
+    shards = _shard_files(partition_dir)
+    total_rows = sum(shard.metadata.num_rows for shard in shards)
+    dim = shards[0].schema_arrow.field("activation").type.list_size
+    row_bytes = sum(4 * dim if name == "activation" else 4 for name in columns)
+    needed = total_rows * row_bytes
+    if needed > max_bytes:
+        raise MemoryError(
+            f"{partition_dir}: {total_rows} rows x {row_bytes} bytes of {columns} = {needed} "
+            f"bytes exceeds max_bytes={max_bytes}; stream it with iter_activation_batches or "
+            "raise the budget"
+        )
+    out = {
+        name: np.empty((total_rows, dim), np.float32)
+        if name == "activation"
+        else np.empty(total_rows, np.int32)
+        for name in columns
+    }
+    filled = 0
+    for shard in shards:
+        for group in range(shard.num_row_groups):
+            part = _read_group(shard, group, columns, split)
+            rows = len(part[columns[0]])
+            for name, values in part.items():
+                out[name][filled : filled + rows] = values
+            filled += rows
+    return {name: torch.from_numpy(values[:filled]) for name, values in out.items()}
