@@ -12,7 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from recsae_pipeline.assets import data, models
+from recsae_pipeline import cli
+from recsae_pipeline.activations.shards import expected_rows
+from recsae_pipeline.assets import activations, data, models
 from recsae_pipeline.data.sequences import read_sequences
 from recsae_pipeline.models.artifacts import load_recommender
 from recsae_pipeline.models.training import evaluate
@@ -132,3 +134,24 @@ def test_eval_table_and_probe(run: tuple[dg.ExecuteInProcessResult, Path]) -> No
         "training_student.png",
     ):
         assert (root / "reports" / png).stat().st_size > 1000
+
+
+@pytest.mark.parametrize("key", ["sasrec.layer2", "student.layer1"])
+def test_activation_partition_materializes_and_is_queryable(
+    run: tuple[dg.ExecuteInProcessResult, Path], key: str, capsys: pytest.CaptureFixture
+) -> None:
+    _, root = run
+    result = dg.materialize(
+        [activations.activations],
+        resources={"storage": StorageRoot(path=str(root)), "device": TorchDevice(device="cpu")},
+        partition_key=key,
+    )
+    assert result.success
+    (check,) = result.get_asset_check_evaluations()
+    assert check.passed and check.check_name == "complete_and_finite"
+    seqs, _ = read_sequences(root / "sequences" / "sequences.parquet")
+    model, layer = activations.parse_partition_key(key)
+    assert check.metadata["rows"].value == expected_rows(seqs, 20)
+    assert cli.main(["--data-dir", str(root), "sql", "--format", "csv",
+                     f"SELECT count(*) FROM activations WHERE model = '{model}' AND layer = {layer}"]) == 0  # fmt: skip
+    assert int(capsys.readouterr().out.splitlines()[1]) == expected_rows(seqs, 20)

@@ -1,0 +1,154 @@
+"""Activations benchmark: extraction overhead, write and read throughput, memory at 1x and 10x.
+
+For each scale of the synthetic log (1x = the default 3,000 users, 10x = 30,000) a fresh
+process builds the sequences, takes a SASRec (hidden 64, 2 blocks; trained weights do not
+change the cost, so it is freshly initialised) and measures:
+- the bare forward pass over every user (same batches) vs `write_activations` at layer 2;
+- write MB/s of the Parquet shards, reader rows/s into torch tensors (shuffled, batch 4096);
+- peak RSS of the process (extraction only, so 1x vs 10x shows whether memory grows with data);
+- latency of the README's DuckDB queries over the `activations` view.
+
+    .venv/bin/python benchmarks/activations.py            # both scales
+    .venv/bin/python benchmarks/activations.py --scales 1
+
+Results: benchmarks/results/activations.json and a printed table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+
+README_QUERIES = {
+    "rows and mean norm per model/layer": (
+        "SELECT model, layer, count(*) AS rows, "
+        "avg(sqrt(list_sum(list_transform(activation::FLOAT[], lambda x: x * x)))) AS mean_norm "
+        "FROM activations GROUP BY ALL ORDER BY ALL"
+    ),
+    "top positions of one dimension with titles": (
+        "SELECT a.user_idx, a.position, i.title, a.activation[5] AS dim_4 FROM activations a "
+        "JOIN items i ON i.item_idx = a.item_idx WHERE a.model = 'sasrec' AND a.layer = 2 "
+        "ORDER BY dim_4 DESC LIMIT 10"
+    ),
+}
+
+
+def measure(scale: int, out: Path, threads: int) -> dict:
+    """Runs in its own process so that its peak RSS belongs to this scale alone."""
+    import duckdb
+    import torch
+
+    from recsae_pipeline.activations.hooks import read_hidden
+    from recsae_pipeline.activations.shards import (
+        iter_activation_batches,
+        partition_dir,
+        write_activations,
+    )
+    from recsae_pipeline.data.catalog import build_catalog
+    from recsae_pipeline.data.sequences import SequenceConfig, build_sequences, read_sequences
+    from recsae_pipeline.data.sources import SyntheticSource, ingest
+    from recsae_pipeline.data.synthetic import SyntheticConfig
+    from recsae_pipeline.models.recommender import Recommender, RecommenderConfig
+    from recsae_pipeline.models.training import pad_right
+    from recsae_pipeline.store import ArtifactPaths
+    from recsae_pipeline.warehouse import query, refresh_views
+
+    torch.set_num_threads(threads)
+    paths = ArtifactPaths(out / f"scale{scale}")
+    ingest(SyntheticSource(SyntheticConfig(n_users=3000 * scale)), paths)
+    build_catalog(paths)
+    build_sequences(paths, SequenceConfig())
+    sequences, num_items = read_sequences(paths.sequences)
+    torch.manual_seed(0)
+    model = Recommender(RecommenderConfig.sasrec(num_items)).eval()
+    device = torch.device("cpu")
+    max_len, batch_users = model.config.max_len, 256
+
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    for i in range(0, len(sequences), batch_users):
+        batch = pad_right([s[-max_len:] for s in sequences[i : i + batch_users]])
+        read_hidden(model, batch, 2)
+    bare = time.perf_counter() - start
+
+    report = write_activations(
+        model, sequences, 2, partition_dir(paths.root, "sasrec", 2), device, batch_users=batch_users
+    )
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    start, rows = time.perf_counter(), 0
+    for batch in iter_activation_batches(
+        partition_dir(paths.root, "sasrec", 2), batch_size=4096, seed=0
+    ):
+        rows += len(batch["activation"])
+    read_seconds = time.perf_counter() - start
+
+    refresh_views(paths)
+    latencies = {}
+    for name, sql in README_QUERIES.items():
+        query(paths.duckdb, sql).fetchall()  # warm the OS cache once
+        start = time.perf_counter()
+        query(paths.duckdb, sql).fetchall()
+        latencies[name] = time.perf_counter() - start
+    del duckdb
+    return {
+        "scale": scale,
+        "users": len(sequences),
+        "rows": report.rows,
+        "dim": report.dim,
+        "bare_forward_seconds": bare,
+        "extraction_seconds": report.seconds,
+        "extraction_over_forward": report.seconds / bare,
+        "megabytes": report.bytes / 2**20,
+        "write_mb_per_s": report.bytes / 2**20 / report.seconds,
+        "reader_rows_per_s": rows / read_seconds,
+        "reader_rows": rows,
+        "peak_rss_mb": peak_rss_mb,
+        "rss_before_extraction_mb": rss_before / 1024,
+        "duckdb_seconds": latencies,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--scales", type=int, nargs="+", default=[1, 10])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out-dir", type=Path, default=ROOT / "results")
+    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    work = args.out_dir / "activations_data"
+    if args.child is not None:
+        print(json.dumps(measure(args.child, work, args.threads)))
+        return
+    results = []
+    for scale in args.scales:
+        print(f"== scale {scale}x ...", flush=True)
+        child = subprocess.run(
+            [sys.executable, __file__, "--child", str(scale), "--threads", str(args.threads), "--out-dir", str(args.out_dir)],
+            check=True, capture_output=True, text=True,
+        )  # fmt: skip
+        results.append(json.loads(child.stdout.strip().splitlines()[-1]))
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "activations.json").write_text(json.dumps(results, indent=2))
+    print(
+        "| scale | users | rows | extraction / bare forward | write MB/s | reader rows/s | peak RSS MB | DuckDB query s |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        q = ", ".join(f"{v:.3f}" for v in r["duckdb_seconds"].values())
+        print(
+            f"| {r['scale']}x | {r['users']:,} | {r['rows']:,} | {r['extraction_over_forward']:.2f}x | {r['write_mb_per_s']:.1f} | {r['reader_rows_per_s']:,.0f} | {r['peak_rss_mb']:.0f} | {q} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
