@@ -73,6 +73,22 @@ def test_evaluate_popularity_exact_values():
     assert metrics["sampled_mrr"] == pytest.approx(0.75)
 
 
+def test_evaluate_without_seen_filtering_ranks_against_every_item():
+    # RecBole's sequential protocol. User 1: target 3 (count 0) is beaten by 1 (3) and 2 (1)
+    # and ties 4 and 5 -> rank 4; user 2: target 2 (count 1) is beaten by 1 only -> rank 1.
+    sequences = [np.array([1, 1, 2, 5, 3]), np.array([1, 4, 2])]
+    metrics = evaluate(
+        PopularityScorer(sequences, 5),
+        sequences,
+        5,
+        "test",
+        CPU,
+        sampled=False,
+        filter_seen_items=False,
+    )
+    assert metrics["mrr@10"] == pytest.approx((1 / 5 + 1 / 2) / 2)
+
+
 def test_same_seed_gives_identical_weights_and_metrics():
     sequences = cyclic_sequences()
     config = TrainConfig(max_epochs=2, batch_size=16, progress=False, seed=7)

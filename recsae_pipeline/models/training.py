@@ -138,6 +138,7 @@ def evaluate(
     batch_size: int = 512,
     sampled: bool = True,
     seed: int = 0,
+    filter_seen_items: bool = True,
 ) -> dict[str, float]:
     """Full-ranking HR/NDCG/MRR@10/20 with seen items filtered, plus SLMRec's sampled metrics
     (prefixed `sampled_`, negatives seeded by `seed`) unless sampled=False."""
@@ -153,8 +154,11 @@ def evaluate(
         batch = slice(start, start + batch_size)
         scores = scorer.predict(pad_right(inputs[batch]).to(device)).float()
         target = torch.from_numpy(targets[batch]).to(device)
-        seen = pad_right(histories[batch]).to(device)
-        full.append(target_ranks(filter_seen(scores, seen, target), target).cpu())
+        if filter_seen_items:
+            seen = pad_right(histories[batch]).to(device)
+            full.append(target_ranks(filter_seen(scores, seen, target), target).cpu())
+        else:  # RecBole's protocol for sequential models: only padding is excluded
+            full.append(target_ranks(scores, target).cpu())
         if negatives is not None:
             negative = torch.from_numpy(negatives[batch]).to(device)
             sampled_rank_batches.append(sampled_ranks(scores, target, negative).cpu())

@@ -1,0 +1,270 @@
+"""A TopK sparse autoencoder over a recommender's hidden states (Gao et al. 2024).
+
+x ≈ x̂ = TopK(ReLU(W_enc(x - b_dec) + b_enc)) @ W_dec + b_dec, with one unit-norm decoder row
+per latent, so `decoder_direction(f)` is a steering direction in the hidden space. Saved as
+`sae.safetensors` + `config.json` in one directory: any tool can open it, nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from recsae_pipeline.store import atomic_path
+
+WEIGHTS_FILE = "sae.safetensors"
+CONFIG_FILE = "config.json"
+THRESHOLD_MOMENTUM = 0.99
+
+
+@dataclass(frozen=True)
+class SaeConfig:
+    """Every knob of the sparse coder; defaults follow RecSAE (expansion 32, k 32)."""
+
+    d_in: int
+    expansion: int = 32
+    k: int = 32
+    batch_topk: bool = False
+    """Keep the top k * B activations over the whole batch (Bussmann et al. 2024) instead of
+    k per row; in eval mode rows keep activations above a threshold learned in training."""
+    aux_k: int | None = None
+    """Dead latents that reconstruct the residual in AuxK; None = d_in // 2."""
+    aux_coefficient: float = 1 / 32
+    dead_after_rows: int = 100_000
+    """Training rows without firing after which a latent counts as dead (feeds AuxK)."""
+
+    def __post_init__(self) -> None:
+        if self.d_in < 1 or self.expansion < 1:
+            raise ValueError(f"d_in={self.d_in}, expansion={self.expansion}; both must be >= 1")
+        if not 1 <= self.k <= self.n_latents:
+            raise ValueError(f"k={self.k}; pick 1..{self.n_latents} (d_in * expansion)")
+        if self.aux_k is not None and not 1 <= self.aux_k <= self.n_latents:
+            raise ValueError(f"aux_k={self.aux_k}; pick 1..{self.n_latents} or None")
+        if self.aux_coefficient < 0 or self.dead_after_rows < 1:
+            raise ValueError(
+                f"aux_coefficient={self.aux_coefficient}, dead_after_rows="
+                f"{self.dead_after_rows}; need aux_coefficient >= 0 and dead_after_rows >= 1"
+            )
+
+    @property
+    def n_latents(self) -> int:
+        return self.d_in * self.expansion
+
+    @property
+    def k_aux(self) -> int:
+        # Gao et al. 2024, appendix B.1 (as in sparsify): half the input width
+        return self.aux_k if self.aux_k is not None else max(1, self.d_in // 2)
+
+
+class SparseLatents(NamedTuple):
+    values: Tensor
+    """Activations of the kept latents [B, k] (BatchTopK: [B, widest row], zero-padded)."""
+    indices: Tensor
+    """Latent ids of those activations [B, k], int64."""
+
+
+class SaeOutput(NamedTuple):
+    reconstruction: Tensor
+    """x̂ = decode(encode(x)), [B, d_in]."""
+    latent_values: Tensor
+    """Activations of the kept latents [B, k]."""
+    latent_indices: Tensor
+    """Latent ids of those activations [B, k]."""
+    fvu: Tensor
+    """Fraction of variance unexplained: sum (x - x̂)² / sum (x - mean over the batch)²."""
+    auxk_loss: Tensor
+    """AuxK: how badly the top dead latents reconstruct the residual x - x̂; 0 if none dead."""
+    loss: Tensor
+    """What training minimises: fvu + aux_coefficient * auxk_loss."""
+    l0: Tensor
+    """Mean number of nonzero latents per row."""
+
+
+class TopKSae(nn.Module):
+    """TopK (or BatchTopK) sparse autoencoder. `encoder` is an nn.Linear (weight [n_latents,
+    d_in]); `W_dec` [n_latents, d_in] holds one unit-norm direction per latent."""
+
+    def __init__(
+        self,
+        config: SaeConfig,
+        device: torch.device | str = "cpu",
+        sample: Tensor | None = None,
+        seed: int = 0,
+    ) -> None:
+        """Random unit decoder rows (seeded, same on every device), encoder = their transpose,
+        b_enc = 0, b_dec = mean of `sample` [N, d_in] when given, else 0."""
+        super().__init__()
+        self.config = config
+        n, d = config.n_latents, config.d_in
+        generator = torch.Generator().manual_seed(seed)
+        directions = torch.randn(n, d, generator=generator)
+        directions /= torch.linalg.vector_norm(directions, dim=1, keepdim=True)
+        self.encoder = nn.Linear(d, n, device=device)
+        with torch.no_grad():
+            self.encoder.weight.copy_(directions)
+            self.encoder.bias.zero_()
+        self.W_dec = nn.Parameter(directions.clone().to(device))
+        b_dec = torch.zeros(d) if sample is None else self._sample_mean(sample, d)
+        self.b_dec = nn.Parameter(b_dec.to(device))
+        if config.batch_topk:
+            # Bussmann et al. 2024: eval keeps activations above the mean of the smallest
+            # activation kept per training batch; -1 until the first training batch.
+            self.register_buffer("threshold", torch.tensor(-1.0, device=device))
+
+    @staticmethod
+    def _sample_mean(sample: Tensor, d_in: int) -> Tensor:
+        if sample.ndim != 2 or sample.shape[1] != d_in or len(sample) == 0:
+            raise ValueError(
+                f"sample has shape {tuple(sample.shape)}; pass activations [N >= 1, {d_in}]"
+            )
+        return sample.detach().float().mean(0).cpu()
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_dec.device
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.ndim != 2 or x.shape[1] != self.config.d_in:
+            raise ValueError(
+                f"x has shape {tuple(x.shape)}; the SAE takes [B, {self.config.d_in}] "
+                "(use reconstruct() for [..., d_in])"
+            )
+
+    def pre_activations(self, x: Tensor) -> Tensor:
+        """ReLU(W_enc(x - b_dec) + b_enc) for every latent, [B, n_latents]."""
+        return F.relu(self.encoder(x - self.b_dec))
+
+    def _select(self, acts: Tensor) -> SparseLatents:
+        k = self.config.k
+        if not self.config.batch_topk:
+            values, indices = acts.topk(k, dim=-1, sorted=False)
+            return SparseLatents(values, indices)
+        if self.training or self.threshold < 0:
+            flat = acts.flatten()
+            kept = flat.topk(min(k * len(acts), flat.numel()), sorted=False)
+            keep = torch.zeros_like(flat, dtype=torch.bool).index_fill_(0, kept.indices, True)
+            keep = keep.view_as(acts) & (acts > 0)
+            if self.training and bool(keep.any()):
+                with torch.no_grad():
+                    smallest = kept.values[kept.values > 0].min()
+                    if self.threshold < 0:
+                        self.threshold.copy_(smallest)
+                    else:
+                        self.threshold.lerp_(smallest, 1 - THRESHOLD_MOMENTUM)
+        else:
+            keep = acts > self.threshold
+        width = max(1, int(keep.sum(-1).max()))
+        values, indices = torch.where(keep, acts, 0).topk(width, dim=-1, sorted=False)
+        return SparseLatents(values, indices)
+
+    def encode(self, x: Tensor) -> SparseLatents:
+        """The kept latents of x [B, d_in]: top k per row (or BatchTopK), as values + ids."""
+        self._check_input(x)
+        return self._select(self.pre_activations(x))
+
+    def decode(self, values: Tensor, indices: Tensor) -> Tensor:
+        """sum of values * W_dec[indices] + b_dec, [B, d_in]."""
+        return self._decode_directions(values, indices) + self.b_dec
+
+    def _decode_directions(self, values: Tensor, indices: Tensor) -> Tensor:
+        # A gather instead of a dense [B, n_latents] @ W_dec: k rows per input, not all
+        return F.embedding_bag(indices, self.W_dec, per_sample_weights=values, mode="sum")
+
+    def dense_latents(self, x: Tensor) -> Tensor:
+        """The latent code of x [..., d_in] as a dense [..., n_latents] tensor (mostly zeros)."""
+        flat = x.reshape(-1, self.config.d_in)
+        values, indices = self.encode(flat)
+        dense = flat.new_zeros(len(flat), self.config.n_latents).scatter(-1, indices, values)
+        return dense.view(*x.shape[:-1], self.config.n_latents)
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """x̂ for x of any shape [..., d_in], e.g. a [B, T, hidden] state inside edit_hidden."""
+        flat = x.reshape(-1, self.config.d_in)
+        return self.decode(*self.encode(flat)).view_as(x)
+
+    def decoder_direction(self, feature: int) -> Tensor:
+        """Latent `feature`'s unit-norm decoder row [d_in] (a copy, detached)."""
+        if not 0 <= feature < self.config.n_latents:
+            raise IndexError(f"feature={feature}; pick 0..{self.config.n_latents - 1}")
+        return self.W_dec[feature].detach().clone()
+
+    def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> SaeOutput:
+        """Reconstruct x [B, d_in]; `dead_mask` [n_latents] (bool) switches AuxK on."""
+        self._check_input(x)
+        acts = self.pre_activations(x)
+        values, indices = self._select(acts)
+        reconstruction = self.decode(values, indices)
+        residual = x - reconstruction
+        fvu = residual.pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+        auxk_loss = self._auxk_loss(acts, residual.detach(), dead_mask)
+        return SaeOutput(
+            reconstruction=reconstruction,
+            latent_values=values,
+            latent_indices=indices,
+            fvu=fvu,
+            auxk_loss=auxk_loss,
+            loss=fvu + self.config.aux_coefficient * auxk_loss,
+            l0=(values != 0).sum(-1).float().mean(),
+        )
+
+    def _auxk_loss(self, acts: Tensor, residual: Tensor, dead_mask: Tensor | None) -> Tensor:
+        n_dead = 0 if dead_mask is None else int(dead_mask.sum())
+        if n_dead == 0:
+            return acts.new_zeros(())
+        # Gao et al. 2024 sec. 2.4 / appendix B.1: the top k_aux dead latents model the
+        # residual, so dead latents get gradient; scaled down when few are dead (sparsify).
+        k_aux = min(self.config.k_aux, n_dead)
+        scale = min(n_dead / self.config.k_aux, 1.0)
+        dead_acts = torch.where(dead_mask, acts, -torch.inf)
+        values, indices = dead_acts.topk(k_aux, dim=-1, sorted=False)
+        residual_hat = self._decode_directions(values, indices)
+        variance = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
+        return scale * (residual_hat - residual).pow(2).sum() / variance
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Rescale every decoder row to unit norm (call after each optimizer step)."""
+        eps = torch.finfo(self.W_dec.dtype).eps
+        self.W_dec /= torch.linalg.vector_norm(self.W_dec, dim=1, keepdim=True) + eps
+
+    @torch.no_grad()
+    def remove_parallel_grads(self) -> None:
+        """Drop the part of each decoder row's gradient along the row (call before the step):
+        with rows renormalised after the step, that part only changes their norm."""
+        if self.W_dec.grad is None:
+            raise RuntimeError("W_dec has no gradient; call loss.backward() first")
+        parallel = (self.W_dec.grad * self.W_dec).sum(-1, keepdim=True)
+        self.W_dec.grad -= parallel * self.W_dec
+
+    def save(self, path: str | Path) -> Path:
+        """Write directory `path` with sae.safetensors + config.json, atomically."""
+        path = Path(path)
+        tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
+        with atomic_path(path) as tmp:
+            tmp.mkdir()
+            save_file(tensors, tmp / WEIGHTS_FILE)
+            (tmp / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device: torch.device | str = "cpu") -> TopKSae:
+        """Read a directory written by `save` (plain safetensors + JSON)."""
+        path = Path(path)
+        if not (path / WEIGHTS_FILE).is_file() or not (path / CONFIG_FILE).is_file():
+            raise FileNotFoundError(
+                f"{path} lacks {WEIGHTS_FILE} or {CONFIG_FILE}; write it with TopKSae.save"
+            )
+        raw = json.loads((path / CONFIG_FILE).read_text())
+        known = {f.name for f in fields(SaeConfig)}
+        if unknown := sorted(set(raw) - known):
+            raise ValueError(f"{path / CONFIG_FILE} has unknown keys {unknown}; known: {known}")
+        sae = cls(SaeConfig(**raw), device=device)
+        sae.load_state_dict(load_file(path / WEIGHTS_FILE, device=str(device)))
+        return sae
