@@ -99,7 +99,8 @@ class TopKSae(nn.Module):
         seed: int = 0,
     ) -> None:
         """Random unit decoder rows (seeded, same on every device), encoder = their transpose,
-        b_enc = 0, b_dec = mean of `sample` [N, d_in] when given, else 0."""
+        b_enc = 0. Given a `sample` [N, d_in] of activations, b_dec = its mean and the encoder
+        is rescaled to fit it (`_scale_encoder_to`); else b_dec = 0."""
         super().__init__()
         self.config = config
         n, d = config.n_latents, config.d_in
@@ -117,6 +118,23 @@ class TopKSae(nn.Module):
             # Bussmann et al. 2024: eval keeps activations above the mean of the smallest
             # activation kept per training batch; -1 until the first training batch.
             self.register_buffer("threshold", torch.tensor(-1.0, device=device))
+        if sample is not None:
+            self._scale_encoder_to(sample.to(device))
+
+    @torch.no_grad()
+    def _scale_encoder_to(self, sample: Tensor) -> None:
+        """Scale W_enc so the first reconstruction of `sample` has the least-squares size.
+
+        Unit rows overshoot: on isotropic 64-d inputs with k = 32 of 2048 latents the first
+        x̂ is ~2x too long (FVU ~5), which costs hundreds of steps. TopK's choice does not
+        depend on the scale (b_enc = 0), so one scalar fixes it; W_enc stays ∝ W_decᵀ."""
+        centred = sample.float() - self.b_dec
+        pre = self.encoder(centred)
+        values, indices = F.relu(pre).topk(self.config.k, dim=-1, sorted=False)
+        decoded = self._decode_directions(values, indices)
+        scale = (decoded * centred).sum() / decoded.pow(2).sum()
+        if torch.isfinite(scale) and scale > 0:
+            self.encoder.weight.mul_(scale)
 
     @staticmethod
     def _sample_mean(sample: Tensor, d_in: int) -> Tensor:
@@ -138,36 +156,48 @@ class TopKSae(nn.Module):
             )
 
     def pre_activations(self, x: Tensor) -> Tensor:
-        """ReLU(W_enc(x - b_dec) + b_enc) for every latent, [B, n_latents]."""
-        return F.relu(self.encoder(x - self.b_dec))
+        """W_enc(x - b_dec) + b_enc for every latent, before the ReLU, [B, n_latents]."""
+        return self.encoder(x - self.b_dec)
 
-    def _select(self, acts: Tensor) -> SparseLatents:
+    def _select(self, pre: Tensor) -> tuple[Tensor, Tensor]:
+        """Ids of the kept latents [B, width] and which of them are real (BatchTopK pads)."""
         k = self.config.k
         if not self.config.batch_topk:
-            values, indices = acts.topk(k, dim=-1, sorted=False)
-            return SparseLatents(values, indices)
+            indices = pre.topk(k, dim=-1, sorted=False).indices
+            return indices, torch.ones_like(indices, dtype=torch.bool)
+        acts = F.relu(pre)
         if self.training or self.threshold < 0:
             flat = acts.flatten()
             kept = flat.topk(min(k * len(acts), flat.numel()), sorted=False)
             keep = torch.zeros_like(flat, dtype=torch.bool).index_fill_(0, kept.indices, True)
             keep = keep.view_as(acts) & (acts > 0)
             if self.training and bool(keep.any()):
-                with torch.no_grad():
-                    smallest = kept.values[kept.values > 0].min()
-                    if self.threshold < 0:
-                        self.threshold.copy_(smallest)
-                    else:
-                        self.threshold.lerp_(smallest, 1 - THRESHOLD_MOMENTUM)
+                smallest = kept.values[kept.values > 0].min()
+                if self.threshold < 0:
+                    self.threshold.copy_(smallest)
+                else:
+                    self.threshold.lerp_(smallest, 1 - THRESHOLD_MOMENTUM)
         else:
             keep = acts > self.threshold
         width = max(1, int(keep.sum(-1).max()))
-        values, indices = torch.where(keep, acts, 0).topk(width, dim=-1, sorted=False)
-        return SparseLatents(values, indices)
+        indices = torch.where(keep, acts, -1.0).topk(width, dim=-1, sorted=False).indices
+        return indices, keep.gather(-1, indices)
+
+    def _encode(self, x: Tensor) -> tuple[SparseLatents, Tensor]:
+        pre = self.pre_activations(x)
+        # Pick without grad, then gather: backward skips the dense ReLU and TopK (~25% faster
+        # on CPU at 2048 latents than both that and recomputing only the kept rows)
+        with torch.no_grad():
+            indices, real = self._select(pre)
+        values = F.relu(pre.gather(-1, indices))
+        if self.config.batch_topk:
+            values = torch.where(real, values, 0.0)
+        return SparseLatents(values, indices), pre
 
     def encode(self, x: Tensor) -> SparseLatents:
         """The kept latents of x [B, d_in]: top k per row (or BatchTopK), as values + ids."""
         self._check_input(x)
-        return self._select(self.pre_activations(x))
+        return self._encode(x)[0]
 
     def decode(self, values: Tensor, indices: Tensor) -> Tensor:
         """sum of values * W_dec[indices] + b_dec, [B, d_in]."""
@@ -196,14 +226,13 @@ class TopKSae(nn.Module):
         return self.W_dec[feature].detach().clone()
 
     def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> SaeOutput:
-        """Reconstruct x [B, d_in]; `dead_mask` [n_latents] (bool) switches AuxK on."""
+        """Reconstruct x [B, d_in]; a bool `dead_mask` [n_latents] switches AuxK on."""
         self._check_input(x)
-        acts = self.pre_activations(x)
-        values, indices = self._select(acts)
+        (values, indices), pre = self._encode(x)
         reconstruction = self.decode(values, indices)
         residual = x - reconstruction
         fvu = residual.pow(2).sum() / (x - x.mean(0)).pow(2).sum()
-        auxk_loss = self._auxk_loss(acts, residual.detach(), dead_mask)
+        auxk_loss = self._auxk_loss(pre, residual.detach(), dead_mask)
         return SaeOutput(
             reconstruction=reconstruction,
             latent_values=values,
@@ -214,17 +243,16 @@ class TopKSae(nn.Module):
             l0=(values != 0).sum(-1).float().mean(),
         )
 
-    def _auxk_loss(self, acts: Tensor, residual: Tensor, dead_mask: Tensor | None) -> Tensor:
+    def _auxk_loss(self, pre: Tensor, residual: Tensor, dead_mask: Tensor | None) -> Tensor:
         n_dead = 0 if dead_mask is None else int(dead_mask.sum())
         if n_dead == 0:
-            return acts.new_zeros(())
+            return residual.new_zeros(())
         # Gao et al. 2024 sec. 2.4 / appendix B.1: the top k_aux dead latents model the
         # residual, so dead latents get gradient; scaled down when few are dead (sparsify).
         k_aux = min(self.config.k_aux, n_dead)
         scale = min(n_dead / self.config.k_aux, 1.0)
-        dead_acts = torch.where(dead_mask, acts, -torch.inf)
-        values, indices = dead_acts.topk(k_aux, dim=-1, sorted=False)
-        residual_hat = self._decode_directions(values, indices)
+        indices = torch.where(dead_mask, pre, -torch.inf).topk(k_aux, sorted=False).indices
+        residual_hat = self._decode_directions(F.relu(pre.gather(-1, indices)), indices)
         variance = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
         return scale * (residual_hat - residual).pow(2).sum() / variance
 

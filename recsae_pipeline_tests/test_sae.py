@@ -1,0 +1,245 @@
+"""TopK SAE: decoder rows stay unit norm, the encoder starts as the decoder's transpose, TopK
+and BatchTopK keep the promised number of latents, training recovers a known sparse
+dictionary, AuxK only acts on dead latents, saves round-trip exactly, held-out users never
+reach the optimizer, and a seed fixes the result."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from recsae_pipeline.activations.shards import activation_schema
+from recsae_pipeline.sae.sae import SaeConfig, TopKSae
+from recsae_pipeline.sae.training import SaeTrainConfig, evaluate_sae, train_sae
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_partition(directory: Path, activations: np.ndarray, rows_per_user: int = 10) -> Path:
+    """Rows in the shard schema: consecutive runs of `rows_per_user` rows per user (1-based)."""
+    n, dim = activations.shape
+    position = np.arange(n, dtype=np.int32) % rows_per_user
+    from_end = rows_per_user - 1 - position
+    split = np.select(
+        [from_end == 0, from_end == 1, from_end == 2], ["none", "test", "valid"], "train"
+    )
+    table = pa.table(
+        {
+            "user_idx": (np.arange(n) // rows_per_user + 1).astype(np.int32),
+            "position": position,
+            "item_idx": np.ones(n, np.int32),
+            "target_idx": np.ones(n, np.int32),
+            "split": split,
+            "activation": pa.FixedSizeListArray.from_arrays(
+                pa.array(activations.astype(np.float32).reshape(-1)), dim
+            ),
+        },
+        schema=activation_schema(dim),
+    )
+    directory.mkdir(parents=True)
+    pq.write_table(table, directory / "part-00000.parquet", row_group_size=256)
+    return directory
+
+
+def sparse_mixtures(n: int, d: int, atoms: int, active: int, seed: int = 0):
+    """x = sum of `active` of `atoms` random unit directions, weights in [0.5, 1.5]; returns
+    (x [n, d], the directions [atoms, d])."""
+    rng = np.random.default_rng(seed)
+    dictionary = rng.normal(size=(atoms, d))
+    dictionary /= np.linalg.norm(dictionary, axis=1, keepdims=True)
+    chosen = np.stack([rng.choice(atoms, active, replace=False) for _ in range(n)])
+    weights = rng.uniform(0.5, 1.5, size=(n, active))
+    return np.einsum("na,nad->nd", weights, dictionary[chosen]), dictionary
+
+
+def gaussian_partition(tmp_path: Path, n: int = 2000, d: int = 8) -> Path:
+    x = np.random.default_rng(1).normal(size=(n, d)) + 3.0
+    return write_partition(tmp_path / "acts", x)
+
+
+def test_encoder_starts_as_decoder_transpose_with_unit_rows():
+    sae = TopKSae(SaeConfig(d_in=8, expansion=4, k=4), CPU)
+    assert torch.equal(sae.encoder.weight, sae.W_dec)  # encoder map = decoder map transposed
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(32), atol=1e-6)
+    assert torch.equal(sae.encoder.bias, torch.zeros(32))
+    assert torch.equal(sae.b_dec, torch.zeros(8))
+
+
+def test_a_sample_sets_b_dec_to_its_mean_and_sizes_the_first_reconstruction():
+    config = SaeConfig(d_in=64, expansion=32, k=32)
+    sample = torch.randn(512, 64, generator=torch.Generator().manual_seed(0)) + 5.0
+    unscaled = TopKSae(config, CPU)
+    with torch.no_grad():
+        unscaled.b_dec.copy_(sample.mean(0))
+    sae = TopKSae(config, CPU, sample=sample)
+    assert torch.allclose(sae.b_dec, sample.mean(0))
+    scale = sae.encoder.weight / sae.W_dec
+    assert torch.allclose(scale, scale[0, 0].expand_as(scale)) and 0 < scale[0, 0] < 1
+    assert unscaled(sample).fvu > 2  # unit encoder rows overshoot on isotropic inputs
+    assert sae(sample).fvu < 1  # least-squares scale: never worse than predicting the mean
+
+
+def test_topk_keeps_exactly_the_k_largest_per_row():
+    sae = TopKSae(SaeConfig(d_in=16, expansion=8, k=5), CPU)
+    x = torch.randn(64, 16)
+    out = sae(x)
+    assert out.latent_values.shape == out.latent_indices.shape == (64, 5)
+    assert out.l0.item() == 5
+    dense = sae.dense_latents(x)
+    assert ((dense != 0).sum(1) == 5).all()
+    dropped = sae.pre_activations(x).masked_fill(dense != 0, -torch.inf).amax(1)
+    assert (out.latent_values.min(1).values >= dropped - 1e-6).all()
+    assert torch.allclose(out.reconstruction, dense @ sae.W_dec + sae.b_dec, atol=1e-5)
+
+
+def test_batch_topk_keeps_k_times_batch_in_total_and_a_threshold_at_eval():
+    sae = TopKSae(SaeConfig(d_in=16, expansion=8, k=5, batch_topk=True), CPU).train()
+    x = torch.randn(64, 16) * torch.linspace(0.1, 3.0, 64).unsqueeze(1)
+    out = sae(x)
+    per_row = (out.latent_values != 0).sum(1)
+    assert per_row.sum().item() == 5 * 64
+    assert per_row.min() < 5 < per_row.max()  # rows with larger norm take more latents
+    threshold = sae.threshold.item()
+    assert threshold > 0
+    sae.eval()
+    dense = sae.dense_latents(x)
+    assert sae.threshold.item() == threshold  # eval does not move it
+    assert torch.equal(dense != 0, sae.pre_activations(x) > threshold)
+
+
+def test_reconstruct_takes_any_leading_shape():
+    sae = TopKSae(SaeConfig(d_in=8, expansion=4, k=3), CPU)
+    hidden = torch.randn(2, 5, 8)
+    assert torch.allclose(sae.reconstruct(hidden)[1, 3], sae(hidden[1, 3:4]).reconstruction[0])
+    assert torch.equal(sae.decoder_direction(7), sae.W_dec[7].detach())
+    with pytest.raises(IndexError, match="feature=32"):
+        sae.decoder_direction(32)
+
+
+def test_auxk_is_zero_without_dead_latents_and_trains_only_dead_ones():
+    sae = TopKSae(SaeConfig(d_in=16, expansion=4, k=4), CPU)
+    x = torch.randn(32, 16)
+    alive = sae(x, dead_mask=torch.zeros(64, dtype=torch.bool))
+    assert alive.auxk_loss.item() == 0.0
+    assert alive.loss.item() == alive.fvu.item()
+
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[::2] = True
+    out = sae(x, dead_mask=dead)
+    assert out.auxk_loss.item() > 0
+    assert torch.allclose(out.loss, out.fvu + out.auxk_loss / 32)
+    out.auxk_loss.backward()
+    for grad in (sae.encoder.weight.grad, sae.W_dec.grad):
+        assert grad[dead].abs().sum(1).gt(0).any()
+        assert grad[~dead].abs().sum() == 0
+
+
+def test_remove_parallel_grads_leaves_only_the_orthogonal_part():
+    sae = TopKSae(SaeConfig(d_in=8, expansion=4, k=3), CPU)
+    sae(torch.randn(16, 8)).loss.backward()
+    before = sae.W_dec.grad.clone()
+    sae.remove_parallel_grads()
+    assert (sae.W_dec.grad * sae.W_dec).sum(1).abs().max() < 1e-6
+    assert not torch.equal(before, sae.W_dec.grad)
+
+
+def test_training_keeps_decoder_rows_unit_norm_and_counts_rows(tmp_path: Path):
+    partition = gaussian_partition(tmp_path)  # 200 users, 180 train users = 1800 rows
+    calls = []
+    config = SaeTrainConfig(batch_size=128, rows_seen=4000, log_every=10, lr=1e-2)
+    result = train_sae(
+        partition,
+        config,
+        SaeConfig(d_in=8, expansion=4, k=4, dead_after_rows=500),
+        CPU,
+        on_progress=lambda rows, total, metrics: calls.append((rows, total, metrics)),
+    )
+    norms = result.sae.W_dec.norm(dim=1)
+    assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
+    assert result.rows_seen == 4000
+    assert result.steps == math.ceil(4000 / 128)
+    assert result.epochs == 3  # 1800 training rows per pass
+    assert [c[0] for c in calls] == [p.rows_seen for p in result.curve]
+    assert calls[-1][:2] == (4000, 4000) and set(calls[-1][2]) >= {"fvu", "dead_fraction"}
+    assert result.heldout["rows"] == 200
+    assert result.heldout["l0"] == pytest.approx(4)
+
+
+def test_training_recovers_a_known_sparse_dictionary(tmp_path: Path):
+    # 2 of 32 directions in 16-d; 400 steps reach held-out FVU ~0.06 and match ~30 atoms
+    x, dictionary = sparse_mixtures(6000, d=16, atoms=32, active=2)
+    partition = write_partition(tmp_path / "acts", x)
+    sae_config = SaeConfig(d_in=16, expansion=4, k=3, dead_after_rows=2000)
+    untrained = evaluate_sae(TopKSae(sae_config, CPU), partition, CPU)
+    config = SaeTrainConfig(batch_size=256, rows_seen=256 * 400, log_every=100)
+    result = train_sae(partition, config, sae_config, CPU)
+    assert untrained["fvu"] > 0.5
+    assert result.heldout["fvu"] < 0.1
+    assert result.curve[-1].fvu < result.curve[0].fvu
+    best_cosine = (torch.tensor(dictionary).float() @ result.sae.W_dec.detach().T).amax(1)
+    assert (best_cosine > 0.9).sum() >= 24
+
+
+def test_heldout_rows_never_reach_the_optimizer(tmp_path: Path):
+    x = np.random.default_rng(2).normal(size=(1000, 8))
+    users = np.arange(1000) // 10 + 1
+    x[users % 10 == 0] = np.nan  # poison: one held-out row in training makes the SAE NaN
+    partition = write_partition(tmp_path / "acts", x)
+    config = SaeTrainConfig(batch_size=64, rows_seen=2000, log_every=5)
+    result = train_sae(partition, config, SaeConfig(d_in=8, expansion=2, k=2), CPU)
+    assert all(torch.isfinite(t).all() for t in result.sae.state_dict().values())
+    assert result.heldout["rows"] == 100
+    assert math.isnan(result.heldout["fvu"])  # evaluation read exactly the poisoned rows
+
+
+def test_a_fixed_seed_gives_identical_results(tmp_path: Path):
+    partition = gaussian_partition(tmp_path)
+    sae_config = SaeConfig(d_in=8, expansion=4, k=4, dead_after_rows=300)
+
+    def run(seed: int):
+        config = SaeTrainConfig(batch_size=100, rows_seen=2500, log_every=5, seed=seed)
+        return train_sae(partition, config, sae_config, CPU)
+
+    first, again, other = run(0), run(0), run(1)
+    assert first.curve == again.curve and first.heldout == again.heldout
+    for name, tensor in first.sae.state_dict().items():
+        assert torch.equal(tensor, again.sae.state_dict()[name])
+    assert not torch.equal(first.sae.W_dec, other.sae.W_dec)
+
+
+@pytest.mark.parametrize("batch_topk", [False, True])
+def test_save_load_round_trip_is_exact(tmp_path: Path, batch_topk: bool):
+    config = SaeConfig(d_in=8, expansion=4, k=3, batch_topk=batch_topk, aux_k=5)
+    sae = TopKSae(config, CPU, seed=3).train()
+    x = torch.randn(20, 8)
+    sae(x)  # BatchTopK: sets the eval threshold, which must be saved too
+    with torch.no_grad():
+        sae.b_dec.add_(0.5)
+    sae.eval()
+    path = sae.save(tmp_path / "sae")
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "sae.safetensors"]
+    assert json.loads((path / "config.json").read_text())["aux_k"] == 5
+
+    loaded = TopKSae.load(path, CPU).eval()
+    assert loaded.config == config
+    dead = torch.arange(32) % 3 == 0
+    for a, b in zip(sae(x, dead), loaded(x, dead), strict=True):
+        assert torch.equal(a, b)
+    sae.save(path)  # overwrites in place
+    with pytest.raises(FileNotFoundError, match="TopKSae.save"):
+        TopKSae.load(tmp_path / "missing", CPU)
