@@ -15,10 +15,12 @@ import torch
 from recsae_pipeline import cli
 from recsae_pipeline.activations.shards import expected_rows
 from recsae_pipeline.assets import activations, data, models
+from recsae_pipeline.assets import sae as sae_assets
 from recsae_pipeline.data.sequences import read_sequences
 from recsae_pipeline.models.artifacts import load_recommender
 from recsae_pipeline.models.training import evaluate
 from recsae_pipeline.resources import DataQuality, StorageRoot, TorchDevice
+from recsae_pipeline.sae.sae import TopKSae
 
 FAST = {"max_epochs": 6, "patience": 6, "batch_size": 64, "lr": 5e-3, "progress_bar": False}
 CONFIG = {
@@ -155,3 +157,42 @@ def test_activation_partition_materializes_and_is_queryable(
     assert cli.main(["--data-dir", str(root), "sql", "--format", "csv",
                      f"SELECT count(*) FROM activations WHERE model = '{model}' AND layer = {layer}"]) == 0  # fmt: skip
     assert int(capsys.readouterr().out.splitlines()[1]) == expected_rows(seqs, 20)
+
+
+def test_sae_partition_trains_splices_and_saves(
+    run: tuple[dg.ExecuteInProcessResult, Path],
+) -> None:
+    _, root = run
+    resources = {"storage": StorageRoot(path=str(root)), "device": TorchDevice(device="cpu")}
+    assert dg.materialize(
+        [activations.activations], resources=resources, partition_key="sasrec.layer2"
+    ).success
+    config = {
+        "expansion": 4,
+        "k": 4,
+        "rows_seen": 20_000,
+        "batch_size": 256,
+        "max_fvu": 1.0,
+        "max_dead_fraction": 1.0,
+        "min_recovered": -10.0,
+    }
+    result = dg.materialize(
+        [sae_assets.sae],
+        resources=resources,
+        partition_key="sasrec.layer2",
+        run_config={"ops": {"sae": {"config": config}}},
+    )
+    assert result.success
+    checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert set(checks) == {"reconstruction_and_sparsity", "spliced_quality_recovered"}
+    meta = checks["spliced_quality_recovered"].metadata
+    original, spliced, ablated = (meta[k].value for k in ("original", "spliced", "zero_ablated"))
+    assert original != ablated  # zero-ablating the layer really changes the recommendations
+    assert meta["fraction_recovered"].value == pytest.approx(
+        (spliced - ablated) / (original - ablated)
+    )
+    out = root / "sae" / "model=sasrec" / "layer=2"
+    assert {p.name for p in out.iterdir()} >= {"sae.safetensors", "config.json", "metrics.json"}
+    loaded = TopKSae.load(out, torch.device("cpu"))
+    assert loaded.config.n_latents == 4 * 16 and loaded.config.k == 4
+    assert 0 < checks["reconstruction_and_sparsity"].metadata["fvu"].value < 1.0
