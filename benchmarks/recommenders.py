@@ -21,7 +21,6 @@ import os
 import subprocess
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 import dagster as dg
@@ -30,6 +29,7 @@ import torch
 
 from recsae_pipeline.assets import data, models
 from recsae_pipeline.data.sequences import read_sequences
+from recsae_pipeline.data.sources import recbole_wheel_ml100k
 from recsae_pipeline.models.artifacts import load_recommender
 from recsae_pipeline.models.training import evaluate
 from recsae_pipeline.resources import DataQuality, StorageRoot, TorchDevice
@@ -37,33 +37,6 @@ from recsae_pipeline.store import write_json
 
 ROOT = Path(__file__).resolve().parent
 RECBOLE_PYTHON = ROOT / "recbole" / ".venv" / "bin" / "python"
-
-
-def ml100k_atomic(cache: Path) -> Path:
-    """MovieLens-100k atomic files read out of the recbole 1.2.1 wheel (downloaded, never installed)."""
-    wheels = sorted(cache.glob("recbole-1.2.1-*.whl"))
-    if not wheels:
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "recbole==1.2.1",
-                "--no-deps",
-                "-q",
-                "-d",
-                str(cache),
-            ],
-            check=True,
-        )
-        wheels = sorted(cache.glob("recbole-1.2.1-*.whl"))
-    out = cache / "ml-100k"
-    out.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(wheels[0]) as zf:
-        for name in ("ml-100k.inter", "ml-100k.item"):
-            (out / name).write_bytes(zf.read(f"recbole/dataset_example/ml-100k/{name}"))
-    return out
 
 
 def materialize(root: Path, source_config: dict, threads: int | None) -> float:
@@ -184,7 +157,7 @@ def main() -> None:
             else (
                 {
                     "source": "recbole",
-                    "recbole": {"path": str(ml100k_atomic(args.out_dir / "cache"))},
+                    "recbole": {"path": str(recbole_wheel_ml100k(args.out_dir / "cache"))},
                 }
                 if dataset == "ml-100k"
                 else {"source": "synthetic"}

@@ -30,12 +30,7 @@ CPU = torch.device("cpu")
 ATOL = 1e-7  # shards vs a fresh single-user forward pass (states ~0.03; seen diffs ~2e-9)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(backbone: str = "gpt2") -> Recommender:

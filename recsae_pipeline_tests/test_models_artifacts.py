@@ -20,12 +20,7 @@ CPU = torch.device("cpu")
 NUM_ITEMS = 20
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sequences() -> list[np.ndarray]:

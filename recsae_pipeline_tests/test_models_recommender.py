@@ -18,12 +18,7 @@ from recsae_pipeline.models.training import pad_right
 NUM_ITEMS = 20
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_sasrec(**overrides) -> Recommender:

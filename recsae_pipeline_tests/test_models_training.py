@@ -21,12 +21,7 @@ CPU = torch.device("cpu")
 NUM_ITEMS = 30
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cyclic_sequences(users: int = 48) -> list[np.ndarray]:

