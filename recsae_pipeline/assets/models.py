@@ -417,7 +417,7 @@ def layer_probe(
     kinds={"pytorch", "parquet"},
     deps=["sasrec", "teacher", "student", "student_ce"],
     description="One table for popularity, SASRec, teacher, student and the CE-only student: "
-    "full-ranking HR/NDCG/MRR@10/20 (seen items filtered, as RecBole), SLMRec's sampled "
+    "full-ranking HR/NDCG/MRR@10/20 (each user's seen items filtered), SLMRec's sampled "
     "protocol (1 positive + 999 seeded negatives), parameters, training time, inference cost.",
 )
 def recommender_eval(
@@ -490,7 +490,7 @@ def _eval_markdown(rows: list[dict[str, Any]]) -> str:
         + f" | {r['params']:,} | {r['train_seconds']:.0f} | {r['ms_per_1000_users']:.0f} | {r['peak_inference_mb']:.0f} |"
         for r in rows
     ]  # fmt: skip
-    note = "\n\nFull ranking over all items with each user's seen items filtered (as RecBole); sampled = 1 positive + 999 seeded negatives (SLMRec)."
+    note = "\n\nFull ranking over all items with each user's seen items filtered (RecBole's general-recommender convention; its sequential models rank against all items, see benchmarks/recommenders.py); sampled = 1 positive + 999 seeded negatives (SLMRec)."
     return "\n".join([head, sep, *lines]) + note
 
 
