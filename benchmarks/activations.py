@@ -45,7 +45,6 @@ def measure(scale: int, out: Path, threads: int) -> dict:
     import duckdb
     import torch
 
-    from recsae_pipeline.activations.hooks import read_hidden
     from recsae_pipeline.activations.shards import (
         iter_activation_batches,
         partition_dir,
@@ -73,9 +72,9 @@ def measure(scale: int, out: Path, threads: int) -> dict:
 
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
-    for i in range(0, len(sequences), batch_users):
-        batch = pad_right([s[-max_len:] for s in sequences[i : i + batch_users]])
-        read_hidden(model, batch, 2)
+    with torch.no_grad():  # the bare forward pass: same batches, no hook, nothing kept
+        for i in range(0, len(sequences), batch_users):
+            model(pad_right([s[-max_len:] for s in sequences[i : i + batch_users]]))
     bare = time.perf_counter() - start
 
     report = write_activations(
