@@ -144,36 +144,32 @@ def main() -> None:
     )
     args = parser.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    report: dict = {
-        "budget_seconds": None if args.recbole_converge else args.budget_seconds,
-        "threads": args.threads,
-        "datasets": {},
-    }
+    previous = args.out_dir / "recommenders.json"
+    # Datasets not re-run this time (and RecBole results under --skip-recbole) are kept.
+    report: dict = json.loads(previous.read_text()) if previous.exists() else {"datasets": {}}
+    report["threads"] = args.threads
+    if not (args.skip_recbole or args.report_only):
+        report["budget_seconds"] = None if args.recbole_converge else args.budget_seconds
     for dataset in args.datasets:
         root = args.out_dir / dataset
-        source = (
-            {"source": "synthetic"}
-            if args.report_only
-            else (
-                {
-                    "source": "recbole",
-                    "recbole": {"path": str(recbole_wheel_ml100k(args.out_dir / "cache"))},
-                }
-                if dataset == "ml-100k"
-                else {"source": "synthetic"}
-            )
-        )
-        previous = args.out_dir / "recommenders.json"
         if args.report_only:
-            entry = json.loads(previous.read_text())["datasets"][dataset] | {"ours": ours(root)}
+            entry = report["datasets"][dataset] | {"ours": ours(root)}
             report["datasets"][dataset] = entry
             print_dataset(dataset, entry)
             continue
+        source = {"source": "synthetic"}
+        if dataset == "ml-100k":
+            source = {
+                "source": "recbole",
+                "recbole": {"path": str(recbole_wheel_ml100k(args.out_dir / "cache"))},
+            }
         print(f"== {dataset}: materializing data and model assets ...", flush=True)
         pipeline_seconds = materialize(root, source, args.threads)
         entry = {"pipeline_seconds": pipeline_seconds, "ours": ours(root)}
         entry["eval"] = pq.read_table(root / "models" / "recommender_eval.parquet").to_pylist()
-        if not args.skip_recbole:
+        if args.skip_recbole and "recbole" in report["datasets"].get(dataset, {}):
+            entry["recbole"] = report["datasets"][dataset]["recbole"]
+        elif not args.skip_recbole:
             name = dataset.replace("-", "")
             atomic = export_atomic(root, args.out_dir / "atomic" / name, name)
             budget = None if args.recbole_converge else args.budget_seconds

@@ -45,6 +45,13 @@ def test_train_examples_are_shifted_windows_of_the_training_part():
     assert targets.tolist() == [[2, 3, 4], [6, 0, 0]]
 
 
+def test_long_training_parts_are_cut_into_windows_with_every_target_once():
+    inputs, targets = train_examples([np.arange(1, 11)], max_len=3)  # training part 1..8
+    assert inputs.tolist() == [[5, 6, 7], [2, 3, 4], [1, 0, 0]]
+    assert targets.tolist() == [[6, 7, 8], [3, 4, 5], [2, 0, 0]]
+    assert sorted(t for t in targets.flatten().tolist() if t) == list(range(2, 9))
+
+
 def test_split_examples_cut_inputs_but_keep_full_histories():
     sequences = [np.arange(1, 8)]
     inputs, targets, histories = split_examples(sequences, "valid", max_len=3)

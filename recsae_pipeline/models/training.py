@@ -106,10 +106,23 @@ def pad_right(sequences: list[np.ndarray], length: int | None = None) -> Tensor:
     return torch.from_numpy(padded)
 
 
+def training_windows(sequence: np.ndarray, max_len: int) -> list[np.ndarray]:
+    """Windows of at most max_len + 1 items cut from the end of the training part (items[:-2]),
+    overlapping by one item, so every training item after the first is a target exactly once
+    (long histories are used whole instead of only their last max_len items)."""
+    part, windows = sequence[:-2], []
+    end = len(part)
+    while end >= 2:
+        start = max(0, end - max_len - 1)
+        windows.append(part[start:end])
+        end = start + 1
+    return windows
+
+
 def train_examples(sequences: list[np.ndarray], max_len: int) -> tuple[Tensor, Tensor]:
-    """Inputs and next-item targets [users, max_len] from the last max_len + 1 training items;
+    """Inputs and next-item targets [windows, max_len] from `training_windows` of every user;
     users with a single training item (length 3) have no pair and are left out."""
-    windows = [s[:-2][-(max_len + 1) :] for s in sequences if len(s) >= 4]
+    windows = [w for s in sequences for w in training_windows(s, max_len)]
     return pad_right([w[:-1] for w in windows], max_len), pad_right(
         [w[1:] for w in windows], max_len
     )
