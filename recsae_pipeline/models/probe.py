@@ -92,10 +92,11 @@ def layer_scores(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-    results = []
-    for layer in range(1, layers + 1):
-        readout = evaluate(
-            _LayerScorer(teacher, layer, teacher.user_head),
+
+    def test_metrics(layer: int, head: nn.Module) -> dict[str, float]:
+        scorer = _LayerScorer(teacher, layer, head)
+        return evaluate(
+            scorer,
             sequences,
             num_items,
             "test",
@@ -103,14 +104,12 @@ def layer_scores(
             max_len=teacher.config.max_len,
             sampled=False,
         )
-        probe = evaluate(
-            _LayerScorer(teacher, layer, heads[layer - 1]),
-            sequences,
-            num_items,
-            "test",
-            device,
-            max_len=teacher.config.max_len,
-            sampled=False,
+
+    results = []
+    for layer in range(1, layers + 1):
+        readout, probe = (
+            test_metrics(layer, teacher.user_head),
+            test_metrics(layer, heads[layer - 1]),
         )
         results.append(LayerScore(layer, readout, probe))
     return results
