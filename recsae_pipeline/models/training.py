@@ -234,7 +234,12 @@ def train_recommender(
             loss_fn.train()
             sums: dict[str, Tensor] = {}
             batches = torch.randperm(len(inputs), generator=shuffle).split(config.batch_size)
-            bar = tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not config.progress)
+            bar = tqdm(
+                batches,
+                desc=f"epoch {epoch}",
+                leave=False,
+                disable=None if config.progress else True,
+            )  # None: only on a terminal
             for step, index in enumerate(bar):
                 width = int(lengths[index].max())
                 index = index.to(device)
