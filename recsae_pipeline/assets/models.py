@@ -48,7 +48,9 @@ class TrainingOptions(dg.Config):
     warmup_steps: int = 0
     grad_clip: float = 1.0
     seed: int = 0
-    progress_bar: bool = Field(default=True, description="tqdm bar over batches on stderr.")
+    progress_bar: bool = Field(
+        default=True, description="tqdm bar over batches on stderr (only when it is a terminal)."
+    )
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(
