@@ -106,7 +106,14 @@ def cmd_materialize(args: argparse.Namespace) -> int:
             partition_key=partition,
             raise_on_error=False,
         )
-        failed_checks = [e.check_name for e in result.get_asset_check_evaluations() if not e.passed]
+        evaluations = result.get_asset_check_evaluations()
+        failed_checks = [e.check_name for e in evaluations if not e.passed]
+        for e in evaluations:
+            if not e.passed and e.severity == dg.AssetCheckSeverity.WARN:
+                print(
+                    f"recsae materialize: warning: {label} {e.asset_key.to_user_string()}.{e.check_name}: {e.description}",
+                    file=sys.stderr,
+                )
         if not result.success:
             print(
                 f"recsae materialize: {label} failed (run {result.run_id}); failed checks: {failed_checks or 'none'}",

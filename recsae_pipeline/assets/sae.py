@@ -155,6 +155,7 @@ def sae(
     checks = [
         dg.AssetCheckResult(
             check_name="reconstruction_and_sparsity",
+            severity=dg.AssetCheckSeverity.WARN,
             passed=heldout["fvu"] <= config.max_fvu
             and heldout["dead_fraction"] <= config.max_dead_fraction,
             description=f"held-out FVU {heldout['fvu']:.4f} (<= {config.max_fvu}), dead {heldout['dead_fraction']:.2%} (<= {config.max_dead_fraction:.0%})",
