@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
 from recsae_pipeline.data.ingest import InteractionColumns
 from recsae_pipeline.data.sources import (
@@ -194,10 +193,7 @@ def test_synthetic_source_writes_interactions_catalog_and_ground_truth(
     assert pq.read_table(paths.raw_items).num_rows == 200
 
 
-@pytest.mark.parametrize("tie_rows", [2])
-def test_ids_are_kept_exactly_even_beyond_int64(
-    tmp_path: Path, paths: ArtifactPaths, tie_rows: int
-) -> None:
+def test_ids_are_kept_exactly_even_beyond_int64(tmp_path: Path, paths: ArtifactPaths) -> None:
     huge = "18446744073709551616999"  # would overflow int64/uint64 if parsed as a number
     logs = write_text(
         tmp_path / "logs.csv", f"user_id,item_id,timestamp\n{huge},00042,1700000000\n"

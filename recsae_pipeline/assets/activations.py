@@ -1,14 +1,13 @@
 """Activation assets: hidden states of a model at a layer, one static partition per (model, layer),
 as hive-partitioned Parquet shards that DuckDB queries through the `activations` view."""
 
-import time
-
 import dagster as dg
 import duckdb
 import pyarrow.parquet as pq
 from pydantic import Field
 
 from recsae_pipeline.activations.shards import expected_rows, partition_dir, write_activations
+from recsae_pipeline.assets.progress import throttled_log
 from recsae_pipeline.data.sequences import read_sequences
 from recsae_pipeline.models.artifacts import load_recommender
 from recsae_pipeline.resources import StorageRoot, TorchDevice
@@ -73,12 +72,10 @@ def activations(
     sequences, _ = read_sequences(paths.sequences)
     model = load_recommender(paths.model_dir(model_name), dev)
     out = partition_dir(paths.root, model_name, layer)
-    last_log = [time.perf_counter()]
+    log = throttled_log(context)
 
     def progress(done: int, total: int) -> None:
-        if time.perf_counter() - last_log[0] > 10 or done == total:
-            last_log[0] = time.perf_counter()
-            context.log.info(f"{context.partition_key}: {done:,}/{total:,} users")
+        log(f"{context.partition_key}: {done:,}/{total:,} users", done == total)
 
     report = write_activations(
         model, sequences, layer, out, dev,

@@ -4,11 +4,12 @@ from pathlib import Path
 from typing import Literal
 
 import dagster as dg
+import duckdb
 import pyarrow.parquet as pq
 from pydantic import Field
 
 from recsae_pipeline.data.catalog import build_catalog
-from recsae_pipeline.data.ingest import InteractionColumns
+from recsae_pipeline.data.ingest import InteractionColumns, _sql_str
 from recsae_pipeline.data.sequences import SequenceConfig, build_sequences
 from recsae_pipeline.data.sources import (
     MovieLensSource,
@@ -133,11 +134,9 @@ def raw_interactions(
     paths = storage.paths
     report = ingest(config.to_source(), paths)
     storage.refresh_duckdb()
-    import duckdb
-
     users, items, t_min, t_max = duckdb.execute(
         f"SELECT count(DISTINCT user_id), count(DISTINCT item_id), min(timestamp), max(timestamp) "
-        f"FROM read_parquet('{paths.raw_interactions}')"
+        f"FROM read_parquet({_sql_str(str(paths.raw_interactions))})"
     ).fetchone()  # type: ignore[misc]
     context.log.info(
         f"ingested {report.rows:,} interactions of {users:,} users and {items:,} items"

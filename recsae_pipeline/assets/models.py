@@ -160,10 +160,11 @@ def _finish(
     result: TrainResult,
     storage: StorageRoot,
     device: torch.device,
+    data: tuple[list[np.ndarray], int],
     extra: dict[str, Any] | None = None,
 ) -> dg.MaterializeResult:
     """Evaluate on test, save the model directory atomically, return metadata for the UI."""
-    seqs, num_items = _data(storage)
+    seqs, num_items = data
     test = evaluate(model, seqs, num_items, "test", device)
     metrics = {
         "valid": result.best_valid,
@@ -247,7 +248,7 @@ def sasrec(
         dev,
         on_epoch=_epoch_logger(context, "sasrec"),
     )
-    return _finish(context, "sasrec", model, result, storage, dev)
+    return _finish(context, "sasrec", model, result, storage, dev, (seqs, num_items))
 
 
 @dg.asset(
@@ -284,7 +285,14 @@ def teacher(
         on_epoch=_epoch_logger(context, "teacher"),
     )
     return _finish(
-        context, "teacher", model, result, storage, dev, {"pretrained_path": config.pretrained_path}
+        context,
+        "teacher",
+        model,
+        result,
+        storage,
+        dev,
+        (seqs, num_items),
+        {"pretrained_path": config.pretrained_path},
     )
 
 
@@ -318,7 +326,7 @@ def _student(
         "teacher_tolerance": config.teacher_tolerance,
         "distill_config": distill_config.__dict__,
     }
-    return _finish(context, name, model, result, storage, dev, extra)
+    return _finish(context, name, model, result, storage, dev, (seqs, num_items), extra)
 
 
 @dg.asset(
@@ -432,8 +440,9 @@ def recommender_eval(
     for name in MODELS:
         scorers[name] = load_recommender(storage.paths.model_dir(name), dev)
     for name, scorer in scorers.items():
-        test = evaluate(scorer, seqs, num_items, "test", dev, max_len=50)
+        # Models were scored on test when trained (and a reload reproduces that exactly).
         saved = read_metrics(storage.paths.model_dir(name)) if name != "popularity" else {}
+        test = saved.get("test") or evaluate(scorer, seqs, num_items, "test", dev)
         cost = profile_inference(
             scorer, seqs, dev, max_len=getattr(getattr(scorer, "config", None), "max_len", 50)
         )

@@ -1,7 +1,6 @@
 """SAE assets: a TopK sparse autoencoder per activations partition, trained on the torch
 device resource, with reconstruction, sparsity and spliced-recommendation metrics."""
 
-import time
 from pathlib import Path
 
 import dagster as dg
@@ -15,6 +14,7 @@ from recsae_pipeline.assets.activations import (
     activations,
     parse_partition_key,
 )
+from recsae_pipeline.assets.progress import throttled_log
 from recsae_pipeline.data.sequences import read_sequences
 from recsae_pipeline.models.artifacts import load_recommender
 from recsae_pipeline.models.training import evaluate
@@ -99,15 +99,11 @@ def sae(
     train_config = SaeTrainConfig(
         lr=config.lr, batch_size=config.batch_size, rows_seen=config.rows_seen, seed=config.seed
     )
-    last = [time.perf_counter()]
+    log = throttled_log(context)
 
     def progress(rows: int, total: int, point: dict) -> None:
-        if time.perf_counter() - last[0] > 10 or rows >= total:
-            last[0] = time.perf_counter()
-            context.log.info(
-                f"{context.partition_key}: {rows:,}/{total:,} rows, FVU {point['fvu']:.4f}, "
-                f"dead {point['dead_fraction']:.1%}"
-            )
+        message = f"{context.partition_key}: {rows:,}/{total:,} rows, FVU {point['fvu']:.4f}, dead {point['dead_fraction']:.1%}"
+        log(message, rows >= total)
 
     result = train_sae(
         shards,

@@ -18,8 +18,6 @@ import duckdb
 from recsae_pipeline.store import atomic_path
 
 TimestampUnit = Literal["s", "ms", "datetime"]
-INT64_MAX = 2**63 - 1
-RAW_COLUMNS = ("user_id", "item_id", "timestamp", "rating")
 
 
 class DataSourceError(ValueError):

@@ -226,9 +226,7 @@ def validate_catalog(paths: ArtifactPaths) -> SuiteOutcome:
     return merged
 
 
-def sequence_split_frame(
-    con: duckdb.DuckDBPyConnection, sequences: Path, num_items_sql: str
-) -> str:
+def sequence_split_frame(sequences: Path, num_items_sql: str) -> str:
     """Per user: length, split positions and the leakage-relevant timestamps, as SQL."""
     seq = f"read_parquet({_sql_str(str(sequences))})"
     return f"""
@@ -259,7 +257,7 @@ def validate_sequences(paths: ArtifactPaths, bounds: QualityBounds) -> SuiteOutc
     con = duckdb.connect()
     try:
         num_items = f"SELECT max(item_idx) FROM read_parquet({_sql_str(str(paths.item_map))})"
-        select = sequence_split_frame(con, paths.sequences, num_items)
+        select = sequence_split_frame(paths.sequences, num_items)
         (total,) = con.execute(f"SELECT count(*) FROM ({select})").fetchone()  # type: ignore[misc]
 
         def build(E: Any) -> list[Any]:
