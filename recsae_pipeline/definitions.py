@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import dagster as dg
 
-from recsae_pipeline.assets import activations, data, models, sae
+from recsae_pipeline.assets import activations, data, features, models, sae
 from recsae_pipeline.resources import DataQuality, StorageRoot, TorchDevice
 
 feature_partitions = activations.activation_partitions
-_partitioned = dg.AssetSelection.assets(activations.activations, sae.sae)
+_partitioned = dg.AssetSelection.assets(
+    activations.activations,
+    sae.sae,
+    features.feature_activations,
+    features.feature_stats,
+    features.steering_eval,
+)
 
 main_job = dg.define_asset_job(
     "main",
@@ -24,13 +30,14 @@ features_job = dg.define_asset_job(
     "features",
     selection=_partitioned,
     partitions_def=feature_partitions,
-    description="Per (model, layer) partition: activations, then the SAE trained on them.",
+    description="Per (model, layer) partition: activations, the SAE trained on them, its "
+    "feature activations and statistics, and steering.",
     executor_def=dg.in_process_executor,
 )
 
 defs = dg.Definitions(
-    assets=dg.load_assets_from_modules([data, models, activations, sae]),
-    asset_checks=dg.load_asset_checks_from_modules([data, models, activations, sae]),
+    assets=dg.load_assets_from_modules([data, models, activations, sae, features]),
+    asset_checks=dg.load_asset_checks_from_modules([data, models, activations, sae, features]),
     resources={"storage": StorageRoot(), "quality": DataQuality(), "device": TorchDevice()},
     jobs=[main_job, features_job],
     # Ad-hoc materializations from the UI or `dagster asset materialize` also run in one

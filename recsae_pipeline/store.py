@@ -93,6 +93,13 @@ class ArtifactPaths:
     def layer_probe(self) -> Path:
         return self.root / "models" / "layer_probe.parquet"
 
+    def partition_dir(self, artifact: str, model: str, layer: int) -> Path:
+        """`<root>/<artifact>/model=<m>/layer=<l>`: the hive layout of every per-(model,
+        layer) artifact (activations, sae, feature_activations, feature_stats, steering)."""
+        if not model or any(c in model for c in "/\\="):
+            raise ValueError(f"model={model!r}; use a plain name such as 'sasrec' or 'student'")
+        return self.root / artifact / f"model={model}" / f"layer={layer}"
+
 
 def _temp_sibling(path: Path, suffix: str = "") -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp{suffix}")

@@ -40,6 +40,23 @@ def view_definitions(paths: ArtifactPaths) -> dict[str, str]:
             f"SELECT * FROM read_parquet({_quote(shards / 'model=*' / 'layer=*' / 'part-*.parquet')}, "
             "hive_partitioning = true, hive_types = {'model': VARCHAR, 'layer': INTEGER})"
         )
+    # Per-(model, layer) tables: one view each over every partition's file.
+    partitioned = {
+        "feature_activations": ("feature_activations", "part-*.parquet"),
+        "feature_stats": ("feature_stats", "features.parquet"),
+        "neuron_stats": ("feature_stats", "neurons.parquet"),
+        "feature_enrichment": ("feature_stats", "enrichment.parquet"),
+        "planted_concepts": ("feature_stats", "concepts.parquet"),
+        "steering_points": ("steering", "points.parquet"),
+        "steering_summary": ("steering", "summary.parquet"),
+    }
+    for name, (artifact, file) in partitioned.items():
+        base = paths.root / artifact
+        if any(base.glob(f"model=*/layer=*/{file}")):
+            views[name] = (
+                f"SELECT * FROM read_parquet({_quote(base / 'model=*' / 'layer=*' / file)}, "
+                "hive_partitioning = true, hive_types = {'model': VARCHAR, 'layer': INTEGER})"
+            )
     if "items" in views and "item_map" in views:
         # Catalog rows with their model index, the join most queries want.
         views["items"] = (

@@ -285,6 +285,30 @@ def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
 
+def iter_in_file_order(
+    partition_dir: Path,
+    columns: Sequence[str] = ("activation",),
+    split: str | None = None,
+) -> Iterator[dict[str, Tensor]]:
+    """One pass over the partition in file order, one row group at a time (deterministic;
+    for encoding and statistics, where shuffling is not wanted)."""
+    columns = _check_request(columns, split)
+    for shard in _shard_files(partition_dir):
+        for group in range(shard.num_row_groups):
+            part = _read_group(shard, group, columns, split)
+            if len(part[columns[0]]):
+                # Arrow hands out read-only buffers; torch wants writable memory.
+                yield {
+                    name: torch.from_numpy(np.require(values, requirements="W"))
+                    for name, values in part.items()
+                }
+
+
+def partition_rows(partition_dir: Path) -> int:
+    """Rows in the partition, from the Parquet footers."""
+    return sum(shard.metadata.num_rows for shard in _shard_files(partition_dir))
+
+
 def iter_activation_batches(
     partition_dir: Path,
     batch_size: int,

@@ -22,7 +22,7 @@ from recsae_pipeline.reports import new_figure, save_figure
 from recsae_pipeline.resources import StorageRoot, TorchDevice
 from recsae_pipeline.sae.sae import SaeConfig
 from recsae_pipeline.sae.training import SaeTrainConfig, train_sae
-from recsae_pipeline.store import write_json
+from recsae_pipeline.store import ArtifactPaths, write_json
 
 GROUP = "sae"
 
@@ -53,8 +53,8 @@ class SaeAssetConfig(dg.Config):
     )
 
 
-def sae_dir(storage: StorageRoot, model: str, layer: int) -> Path:
-    return storage.paths.root / "sae" / f"model={model}" / f"layer={layer}"
+def sae_dir(paths: ArtifactPaths, model: str, layer: int) -> Path:
+    return paths.partition_dir("sae", model, layer)
 
 
 @dg.asset(
@@ -114,7 +114,7 @@ def sae(
         on_progress=progress,
     )
     trained = result.sae
-    out = sae_dir(storage, model_name, layer)
+    out = sae_dir(storage.paths, model_name, layer)
     trained.save(out)
 
     # Recommendation quality with the SAE reconstruction spliced in at its layer (RecSAE).

@@ -1,0 +1,481 @@
+"""Feature assets per (model, layer) partition: the sparse feature activations, per-feature
+statistics with the monosemanticity comparison against raw neurons, and steering."""
+
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from pydantic import Field
+
+from recsae_pipeline.activations.shards import partition_dir, partition_rows
+from recsae_pipeline.assets.activations import activation_partitions, parse_partition_key
+from recsae_pipeline.assets.progress import throttled_log
+from recsae_pipeline.assets.sae import sae, sae_dir
+from recsae_pipeline.data.sequences import read_sequences
+from recsae_pipeline.models.artifacts import load_recommender
+from recsae_pipeline.reports import new_figure, save_figure
+from recsae_pipeline.resources import StorageRoot, TorchDevice
+from recsae_pipeline.sae.features import (
+    FEATURE_FILE,
+    StatsInputs,
+    compute_feature_stats,
+    write_feature_activations,
+)
+from recsae_pipeline.sae.sae import TopKSae
+from recsae_pipeline.sae.steering import (
+    genre_targets,
+    steering_sweep,
+    steering_users,
+    summarize,
+)
+from recsae_pipeline.store import ArtifactPaths, atomic_path, write_parquet
+
+GROUP = "features"
+
+
+def feature_activations_path(paths: ArtifactPaths, model: str, layer: int) -> Path:
+    return paths.partition_dir("feature_activations", model, layer) / FEATURE_FILE
+
+
+def feature_stats_dir(paths: ArtifactPaths, model: str, layer: int) -> Path:
+    return paths.partition_dir("feature_stats", model, layer)
+
+
+def steering_dir(paths: ArtifactPaths, model: str, layer: int) -> Path:
+    return paths.partition_dir("steering", model, layer)
+
+
+def _load_sae(paths: ArtifactPaths, model: str, layer: int, device: torch.device) -> TopKSae:
+    directory = sae_dir(paths, model, layer)
+    if not (directory / "sae.safetensors").exists():
+        raise dg.Failure(
+            f"{directory} holds no sae.safetensors; materialize the `sae` asset for partition "
+            f"{model}.layer{layer} first (`recsae materialize` runs every partition)."
+        )
+    return TopKSae.load(directory, device)
+
+
+@dg.asset(
+    group_name=GROUP,
+    code_version="1",
+    kinds={"parquet", "duckdb"},
+    partitions_def=activation_partitions,
+    deps=[sae],
+    check_specs=[
+        dg.AssetCheckSpec(
+            "every_row_encoded",
+            asset="feature_activations",
+            blocking=True,
+            description="One code per activation row, at most k entries per row, all values finite and > 0.",
+        )
+    ],  # fmt: skip
+    description="The SAE code of every activation row, sparse: user_idx, position, item_idx, "
+    "feature, value (only the top-k per row), sorted by feature then value; DuckDB view "
+    "`feature_activations` with `model` and `layer` columns.",
+)
+def feature_activations(
+    context: dg.AssetExecutionContext, storage: StorageRoot, device: TorchDevice
+) -> dg.MaterializeResult:
+    model_name, layer = parse_partition_key(context.partition_key)
+    paths = storage.paths
+    dev = device.torch_device
+    trained = _load_sae(paths, model_name, layer, dev)
+    shards = partition_dir(paths.root, model_name, layer)
+    out = feature_activations_path(paths, model_name, layer)
+    log = throttled_log(context)
+
+    def progress(done: int, total: int) -> None:
+        log(f"{context.partition_key}: encoded {done:,}/{total:,} rows", done == total)
+
+    report = write_feature_activations(trained, shards, out, dev, on_progress=progress)
+    storage.refresh_duckdb()
+    rows_in, n_codes, max_per_row, bad = duckdb.execute(
+        f"""SELECT (SELECT count(*) FROM (SELECT DISTINCT user_idx, position FROM read_parquet('{out}'))),
+                   count(*), (SELECT max(c) FROM (SELECT count(*) c FROM read_parquet('{out}') GROUP BY user_idx, position)),
+                   count(*) FILTER (WHERE NOT isfinite(value) OR value <= 0)
+            FROM read_parquet('{out}')"""
+    ).fetchone()  # type: ignore[misc]
+    expected = partition_rows(shards)
+    problems = []
+    if report.rows != expected:
+        problems.append(f"encoded {report.rows} rows, the partition has {expected}")
+    if max_per_row is not None and max_per_row > trained.config.k:
+        problems.append(f"a row has {max_per_row} entries > k={trained.config.k}")
+    if bad:
+        problems.append(f"{bad} entries not finite or <= 0")
+    check = dg.AssetCheckResult(
+        check_name="every_row_encoded",
+        passed=not problems,
+        description="; ".join(problems)
+        or f"{report.rows:,} rows encoded, {rows_in:,} with an active feature",
+        metadata={"rows": report.rows, "rows_with_entries": rows_in, "entries": n_codes},
+    )
+    return dg.MaterializeResult(
+        check_results=[check],
+        metadata={
+            "path": dg.MetadataValue.path(str(out)),
+            "dagster/row_count": report.entries,
+            "activation_rows": report.rows,
+            "entries_per_row": dg.MetadataValue.float(
+                round(report.entries / max(report.rows, 1), 2)
+            ),
+            "active_features": report.active_features,
+            "latents": trained.config.n_latents,
+            "megabytes": dg.MetadataValue.float(round(report.bytes / 2**20, 2)),
+            "seconds": dg.MetadataValue.float(round(report.seconds, 2)),
+            "example_sql": dg.MetadataValue.md(
+                "```sql\nSELECT f.value, i.title FROM feature_activations f JOIN items i USING (item_idx)\n"
+                f"WHERE model = '{model_name}' AND layer = {layer} AND feature = 0\nORDER BY value DESC LIMIT 10\n```"
+            ),
+        },
+    )
+
+
+class FeatureStatsConfig(dg.Config):
+    top_n: int = Field(
+        default=100, description="Top rows per unit behind enrichment and monosemanticity."
+    )
+    min_support: int = Field(
+        default=20, description="Units with fewer top rows get no enrichment or score."
+    )
+    max_sample_rows: int = Field(
+        default=500_000, description="Rows (whole users) behind the planted-concept AUCs."
+    )
+    min_positives: int = Field(
+        default=20, description="Planted concepts with fewer positive sampled rows are skipped."
+    )
+
+
+@dg.asset(
+    group_name=GROUP,
+    code_version="1",
+    kinds={"parquet", "duckdb"},
+    partitions_def=activation_partitions,
+    deps=[feature_activations],
+    check_specs=[
+        dg.AssetCheckSpec(
+            "sae_more_monosemantic_than_neurons",
+            asset="feature_stats",
+            description="Median monosemanticity of SAE features above that of raw hidden dimensions (both signs).",
+        ),
+    ],  # fmt: skip
+    description="Per SAE feature: frequency, mean/max activation, top items, attribute "
+    "enrichment (genre, decade, popularity band, franchise) and a monosemanticity score; the "
+    "same score for the raw hidden dimensions in both signs; on synthetic data, the best "
+    "feature's AUC for each planted concept. feature_stats/model=<m>/layer=<l>/*.parquet.",
+)
+def feature_stats(
+    context: dg.AssetExecutionContext,
+    config: FeatureStatsConfig,
+    storage: StorageRoot,
+    device: TorchDevice,
+) -> dg.MaterializeResult:
+    model_name, layer = parse_partition_key(context.partition_key)
+    paths = storage.paths
+    dev = device.torch_device
+    trained = _load_sae(paths, model_name, layer, dev)
+    inputs = StatsInputs(
+        items=paths.items,
+        item_map=paths.item_map,
+        user_map=paths.user_map,
+        sequences=paths.sequences,
+        ground_truth=paths.ground_truth if paths.ground_truth.exists() else None,
+    )
+    stats = compute_feature_stats(
+        trained,
+        partition_dir(paths.root, model_name, layer),
+        feature_activations_path(paths, model_name, layer),
+        inputs,
+        dev,
+        top_n=config.top_n,
+        min_support=config.min_support,
+        max_sample_rows=config.max_sample_rows,
+        min_positives=config.min_positives,
+    )
+    out = feature_stats_dir(paths, model_name, layer)
+    with atomic_path(out) as tmp:
+        tmp.mkdir(parents=True)
+        pq.write_table(stats.features, tmp / "features.parquet", compression="zstd")
+        pq.write_table(stats.neurons, tmp / "neurons.parquet", compression="zstd")
+        pq.write_table(stats.enrichment, tmp / "enrichment.parquet", compression="zstd")
+        if stats.concepts is not None:
+            pq.write_table(stats.concepts, tmp / "concepts.parquet", compression="zstd")
+    storage.refresh_duckdb()
+
+    feature_scores = _valid(stats.features.column("monosemanticity").to_numpy(zero_copy_only=False))
+    neuron_scores = _valid(stats.neurons.column("monosemanticity").to_numpy(zero_copy_only=False))
+    sae_median = float(np.median(feature_scores)) if len(feature_scores) else float("nan")
+    neuron_median = float(np.median(neuron_scores)) if len(neuron_scores) else float("nan")
+    reports = paths.reports_dir
+    tag = f"{model_name}_layer{layer}"
+    histogram = _monosemanticity_plot(
+        feature_scores, neuron_scores, context.partition_key, reports / f"monosemanticity_{tag}.png"
+    )
+    metadata: dict = {
+        "path": dg.MetadataValue.path(str(out)),
+        "features_scored": len(feature_scores),
+        "neuron_signs_scored": len(neuron_scores),
+        "median_monosemanticity_sae": dg.MetadataValue.float(round(sae_median, 4)),
+        "median_monosemanticity_neurons": dg.MetadataValue.float(round(neuron_median, 4)),
+        "monosemanticity": dg.MetadataValue.md(histogram),
+        "most_monosemantic": dg.MetadataValue.md(_top_features_md(stats.features)),
+    }
+    if stats.concepts is not None:
+        concepts = stats.concepts.to_pylist()
+        metadata |= {
+            "planted_concepts": len(concepts),
+            "concepts_auc_ge_0.9": sum(c["feature_auc"] >= 0.9 for c in concepts),
+            "median_best_feature_auc": dg.MetadataValue.float(
+                round(float(np.median([c["feature_auc"] for c in concepts])), 4)
+            ),
+            "median_best_neuron_auc": dg.MetadataValue.float(
+                round(float(np.median([c["neuron_auc"] for c in concepts])), 4)
+            ),
+            "concept_sample_rows": stats.sample_rows,
+            "planted_concept_auc": dg.MetadataValue.md(
+                _concept_plot(concepts, context.partition_key, reports / f"concepts_{tag}.png")
+            ),
+        }
+    context.log.info(
+        f"{context.partition_key}: median monosemanticity SAE {sae_median:.3f} vs neurons "
+        f"{neuron_median:.3f} ({len(feature_scores)} features, {len(neuron_scores)} neuron signs)"
+    )
+    check = dg.AssetCheckResult(
+        check_name="sae_more_monosemantic_than_neurons",
+        passed=bool(sae_median > neuron_median),
+        severity=dg.AssetCheckSeverity.WARN,
+        description=f"median SAE {sae_median:.3f} vs neurons {neuron_median:.3f}",
+        metadata={"sae_median": sae_median, "neuron_median": neuron_median},
+    )
+    return dg.MaterializeResult(check_results=[check], metadata=metadata)
+
+
+def _valid(values: np.ndarray) -> np.ndarray:
+    values = np.asarray(values, dtype=np.float64)
+    return values[np.isfinite(values)]
+
+
+def _monosemanticity_plot(features: np.ndarray, neurons: np.ndarray, title: str, path: Path) -> str:
+    fig, (left, right) = new_figure(9, 3.2, ncols=2)
+    bins = np.linspace(min(0.0, *features, *neurons) if len(features) else 0.0, 1.0, 26)
+    for ax, values, label, color in (
+        (left, features, f"SAE features (n={len(features)})", "#4c72b0"),
+        (right, neurons, f"hidden dims, both signs (n={len(neurons)})", "#c44e52"),
+    ):
+        ax.hist(values, bins=bins, color=color)
+        if len(values):
+            ax.axvline(float(np.median(values)), color="black", linestyle="--", label="median")
+            ax.legend()
+        ax.set_title(label)
+        ax.set_xlabel("monosemanticity (purity of best attribute)")
+    left.set_ylabel("units")
+    fig.suptitle(f"Monosemanticity, {title}")
+    return save_figure(fig, path)
+
+
+def _concept_plot(concepts: list[dict], title: str, path: Path) -> str:
+    concepts = sorted(concepts, key=lambda c: c["feature_auc"])
+    fig, ax = new_figure(7, max(3.0, 0.22 * len(concepts) + 1))
+    y = np.arange(len(concepts))
+    ax.barh(y - 0.2, [c["feature_auc"] for c in concepts], height=0.4, label="best SAE feature")
+    ax.barh(
+        y + 0.2,
+        [c["neuron_auc"] for c in concepts],
+        height=0.4,
+        label="best hidden dim (either sign)",
+    )
+    ax.set_yticks(y, [c["concept"] for c in concepts], fontsize=7)
+    ax.set_xlim(0.5, 1.0)
+    ax.axvline(0.9, color="black", linestyle=":", linewidth=1)
+    ax.set_xlabel("AUC at detecting the positions the concept produced")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(f"Planted concepts, {title}")
+    return save_figure(fig, path)
+
+
+def _top_features_md(features: pa.Table, n: int = 10) -> str:
+    rows = [r for r in features.to_pylist() if r["monosemanticity"] is not None]
+    rows.sort(key=lambda r: -r["monosemanticity"])
+    lines = [
+        "| feature | frequency | best attribute | share (base) | top items |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows[:n]:
+        titles = ", ".join((r["top_titles"] or [])[:3]).replace("|", "/")
+        lines.append(
+            f"| {r['feature']} | {r['frequency']:.4f} | {r['best_attribute']} | "
+            f"{r['best_share']:.2f} ({r['best_base_rate']:.2f}) | {titles} |"
+        )
+    return "\n".join(lines)
+
+
+class SteeringConfig(dg.Config):
+    alpha_scales: list[float] = Field(
+        default=[0.5, 1.0, 2.0, 4.0, 8.0],
+        description="alpha = scale x the feature's max activation, added along its decoder direction.",
+    )
+    max_users: int = Field(default=1000, description="Test users (seeded sample) per measurement.")
+    min_top_rows: int = Field(
+        default=50, description="A genre's feature must have at least this many top rows."
+    )
+    max_ndcg_loss: float = Field(default=0.2, description="Target: NDCG@10 loss bound.")
+    required_ratio: float = Field(
+        default=3.0, description="Target: multiple of the genre's top-10 share."
+    )
+    seed: int = 0
+
+
+@dg.asset(
+    group_name=GROUP,
+    code_version="1",
+    kinds={"parquet", "pytorch"},
+    partitions_def=activation_partitions,
+    deps=[feature_stats],
+    check_specs=[
+        dg.AssetCheckSpec(
+            "steering_triples_genre_share",
+            asset="steering_eval",
+            description="For most genres, adding the genre's feature at least triples its top-10 share within the NDCG@10 loss bound.",
+        ),
+    ],  # fmt: skip
+    description="Per genre: the feature most enriched for it, added along its decoder direction "
+    "(alpha swept) and clamped to 0 at the SAE's layer; genre share of the top 10 and NDCG@10 "
+    "on test users. steering/model=<m>/layer=<l>/{points,summary}.parquet.",
+)
+def steering_eval(
+    context: dg.AssetExecutionContext,
+    config: SteeringConfig,
+    storage: StorageRoot,
+    device: TorchDevice,
+) -> dg.MaterializeResult:
+    model_name, layer = parse_partition_key(context.partition_key)
+    paths = storage.paths
+    dev = device.torch_device
+    trained = _load_sae(paths, model_name, layer, dev)
+    model = load_recommender(paths.model_dir(model_name), dev).eval()
+    stats_dir = feature_stats_dir(paths, model_name, layer)
+    features = pq.read_table(stats_dir / "features.parquet", columns=["feature", "max_activation"])
+    max_activation = {r["feature"]: r["max_activation"] or 0.0 for r in features.to_pylist()}
+    enrichment = pq.read_table(stats_dir / "enrichment.parquet").to_pylist()
+    targets = genre_targets(enrichment, max_activation, config.min_top_rows)
+    if not targets:
+        raise dg.Failure(
+            f"No SAE feature of {context.partition_key} has >= {config.min_top_rows} top rows "
+            "enriched for any genre; lower `min_top_rows` or check that the catalog has genres."
+        )
+    sequences, num_items = read_sequences(paths.sequences)
+    genre_items = _genre_items(paths, list(targets), num_items)
+    users = steering_users(sequences, model.config.max_len, dev, config.max_users, config.seed)
+    log = throttled_log(context)
+
+    def progress(done: int, total: int) -> None:
+        log(f"{context.partition_key}: steered {done}/{total} genres", done == total)
+
+    points = steering_sweep(
+        model,
+        layer,
+        trained,
+        targets,
+        genre_items,
+        users,
+        config.alpha_scales,
+        on_progress=progress,
+    )
+    outcomes = summarize(points, config.max_ndcg_loss, config.required_ratio)
+    out = steering_dir(paths, model_name, layer)
+    with atomic_path(out) as tmp:
+        tmp.mkdir(parents=True)
+        write_parquet(pa.Table.from_pylist([p._asdict() for p in points]), tmp / "points.parquet")
+        write_parquet(
+            pa.Table.from_pylist([o._asdict() for o in outcomes]), tmp / "summary.parquet"
+        )
+    storage.refresh_duckdb()
+    met = sum(o.met for o in outcomes)
+    plot = _steering_plot(
+        points, context.partition_key, paths.reports_dir / f"steering_{model_name}_layer{layer}.png"
+    )
+    table = [
+        "| genre | feature | base share | best share (x) | NDCG loss | clamped share |",
+        "|---|---|---|---|---|---|",
+    ]
+    for o in outcomes:
+        table.append(
+            f"| {o.genre} | {o.feature} | {o.base_share:.3f} | {o.best_share:.3f} ({o.share_ratio:.1f}x) | "
+            f"{o.ndcg_loss:.1%} | {o.clamp_share:.3f} |"
+        )
+    context.log.info(
+        f"{context.partition_key}: {met}/{len(outcomes)} genres at >= {config.required_ratio:g}x "
+        f"top-10 share within {config.max_ndcg_loss:.0%} NDCG@10 loss"
+    )
+    check = dg.AssetCheckResult(
+        check_name="steering_triples_genre_share",
+        passed=met > len(outcomes) / 2,
+        severity=dg.AssetCheckSeverity.WARN,
+        description=f"{met}/{len(outcomes)} genres reach {config.required_ratio:g}x share within "
+        f"{config.max_ndcg_loss:.0%} NDCG@10 loss",
+        metadata={"genres_met": met, "genres": len(outcomes)},
+    )
+    return dg.MaterializeResult(
+        check_results=[check],
+        metadata={
+            "path": dg.MetadataValue.path(str(out)),
+            "genres": len(outcomes),
+            "genres_met": met,
+            "steering_users": len(users.targets),
+            "ndcg@10_baseline": dg.MetadataValue.float(round(points[0].ndcg, 4)),
+            "median_share_ratio": dg.MetadataValue.float(
+                round(float(np.median([o.share_ratio for o in outcomes])), 2)
+            ),
+            "summary": dg.MetadataValue.md("\n".join(table)),
+            "share_vs_ndcg": dg.MetadataValue.md(plot),
+        },
+    )
+
+
+def _genre_items(
+    paths: ArtifactPaths, genres: list[str], num_items: int
+) -> dict[str, torch.Tensor]:
+    """genre -> bool [num_items + 1] flags of the indexed items carrying it."""
+    rows = duckdb.execute(
+        f"""SELECT m.item_idx, g FROM read_parquet('{paths.items}') c
+            JOIN read_parquet('{paths.item_map}') m USING (item_id), unnest(c.genres) AS t(g)"""
+    ).fetchall()
+    flags = {g: torch.zeros(num_items + 1, dtype=torch.bool) for g in genres}
+    for item_idx, genre in rows:
+        if genre in flags:
+            flags[genre][item_idx] = True
+    return flags
+
+
+def _steering_plot(points: list, title: str, path: Path) -> str:
+    genres = list(dict.fromkeys(p.genre for p in points))
+    ncols = min(6, len(genres))
+    nrows = -(-len(genres) // ncols)
+    fig, _ = new_figure(2.6 * ncols, 2.3 * nrows + 0.6)
+    fig.clear()
+    axes = fig.subplots(nrows, ncols, squeeze=False, sharey=True)
+    base = next(p for p in points if p.mode == "baseline").ndcg
+    for ax, genre in zip(axes.flat, genres, strict=False):
+        rows = [p for p in points if p.genre == genre]
+        curve = sorted((p for p in rows if p.mode in ("baseline", "add")), key=lambda p: p.alpha)
+        ax.plot([p.share for p in curve], [p.ndcg for p in curve], marker="o", markersize=3)
+        for p in curve:
+            if p.mode == "add":
+                ax.annotate(f"{p.alpha_scale:g}", (p.share, p.ndcg), fontsize=6)
+        clamp = next(p for p in rows if p.mode == "clamp")
+        ax.scatter([clamp.share], [clamp.ndcg], marker="x", color="#c44e52", label="clamped")
+        ax.axhline(0.8 * base, color="grey", linestyle=":", linewidth=1)
+        ax.axvline(3 * curve[0].share, color="grey", linestyle=":", linewidth=1)
+        ax.set_title(f"{genre} (f{rows[0].feature})", fontsize=8)
+        ax.set_xlim(0, 1)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(genres) :]:
+        ax.axis("off")
+    fig.supxlabel("genre share of the top 10")
+    fig.supylabel("test NDCG@10")
+    fig.suptitle(f"Steering, {title} (labels: alpha / max activation; dotted: 3x share, -20% NDCG)")
+    return save_figure(fig, path)

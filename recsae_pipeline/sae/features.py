@@ -1,0 +1,591 @@
+"""SAE features over a whole activations partition: the sparse feature-activation table, and
+per-unit statistics that are computed the same way for SAE features and raw hidden dimensions.
+
+Terms used throughout:
+- a *unit* is one SAE feature, or one raw hidden dimension read in one sign (`+` = its
+  highest values, `-` = its lowest), so each dimension gives two units;
+- a row's *item* is the input item at that position (the item the hidden state has just
+  read), and its attributes are that item's catalog attributes;
+- a unit's *top rows* are its `top_n` highest-activation rows (for SAE features only rows
+  where it is active, so a rare feature has fewer).
+
+Everything streams: encoding goes row group by row group, the top rows of SAE features come
+from an out-of-core DuckDB window over the sparse table, and the concept AUCs use a bounded,
+deterministic sample of users.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch import Tensor
+
+from recsae_pipeline.activations.shards import SHARD_GLOB, iter_in_file_order, partition_rows
+from recsae_pipeline.sae.sae import TopKSae
+from recsae_pipeline.store import PARQUET_COMPRESSION, atomic_path, scratch_dir
+
+FEATURE_ACTIVATION_SCHEMA = pa.schema(
+    [
+        ("user_idx", pa.int32()),
+        ("position", pa.int32()),
+        ("item_idx", pa.int32()),
+        ("feature", pa.int32()),
+        ("value", pa.float32()),
+    ]
+)
+FEATURE_FILE = "part-00000.parquet"
+ATTRIBUTE_FAMILIES = ("genre", "decade", "popularity", "franchise")
+POPULARITY_BANDS = ("head", "torso", "tail")
+
+
+def _sql_str(value: str | Path) -> str:
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def _shards_sql(partition_dir: Path) -> str:
+    return f"read_parquet({_sql_str(Path(partition_dir) / SHARD_GLOB)})"
+
+
+class FeatureActivationReport(NamedTuple):
+    rows: int
+    """Activation rows encoded (every row of the partition)."""
+    entries: int
+    """Nonzero (row, feature) entries written: at most k per row."""
+    active_features: int
+    """Features active on at least one row."""
+    seconds: float
+    bytes: int
+
+
+@torch.no_grad()
+def write_feature_activations(
+    sae: TopKSae,
+    partition_dir: Path,
+    out_path: Path,
+    device: torch.device | str,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> FeatureActivationReport:
+    """Encode every activation row and write the nonzero top-k entries as one Parquet file
+    (user_idx, position, item_idx, feature, value) sorted by feature, then value descending,
+    so the row-group statistics let a query for one feature skip the rest.
+
+    Entries are streamed to a scratch file first; DuckDB then sorts out of core into a temp
+    path that is renamed over `out_path`, so a failure leaves any previous file untouched."""
+    import time
+
+    started = time.perf_counter()
+    device = torch.device(device)
+    sae = sae.eval()
+    total = partition_rows(partition_dir)
+    rows = entries = 0
+    fired = torch.zeros(sae.config.n_latents, dtype=torch.bool)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with scratch_dir(out_path.parent) as scratch:
+        unsorted = Path(scratch) / "unsorted.parquet"
+        with pq.ParquetWriter(
+            unsorted, FEATURE_ACTIVATION_SCHEMA, compression=PARQUET_COMPRESSION
+        ) as writer:
+            for batch in iter_in_file_order(
+                partition_dir, columns=("activation", "user_idx", "position", "item_idx")
+            ):
+                values, indices = sae.encode(batch["activation"].to(device))
+                values, indices = values.cpu(), indices.cpu()
+                active = values > 0
+                per_row = active.sum(1)
+                fired[indices[active]] = True
+                table = pa.table(
+                    {
+                        name: np.repeat(batch[name].numpy(), per_row.numpy())
+                        for name in ("user_idx", "position", "item_idx")
+                    }
+                    | {
+                        "feature": indices[active].to(torch.int32).numpy(),
+                        "value": values[active].to(torch.float32).numpy(),
+                    },
+                    schema=FEATURE_ACTIVATION_SCHEMA,
+                )
+                writer.write_table(table)
+                rows += len(per_row)
+                entries += len(table)
+                if on_progress is not None:
+                    on_progress(rows, total)
+        con = duckdb.connect()
+        try:
+            con.execute(f"SET temp_directory = {_sql_str(scratch)}")
+            with atomic_path(out_path) as tmp:
+                con.execute(
+                    f"COPY (SELECT * FROM read_parquet({_sql_str(unsorted)}) "
+                    "ORDER BY feature, value DESC, user_idx, position) "
+                    f"TO {_sql_str(tmp)} (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 131072)"
+                )
+        finally:
+            con.close()
+    return FeatureActivationReport(
+        rows=rows,
+        entries=entries,
+        active_features=int(fired.sum()),
+        seconds=time.perf_counter() - started,
+        bytes=out_path.stat().st_size,
+    )
+
+
+# ----------------------------------------------------------------------------- attributes
+
+
+def item_attributes(
+    con: duckdb.DuckDBPyConnection, items_path: Path, item_map_path: Path, sequences_path: Path
+) -> None:
+    """Create the temp table `attrs(item_idx, family, value)` in `con`: genres, decade,
+    popularity band and franchise (when the catalog has one) of every indexed item.
+
+    Popularity bands split the interactions of `sequences` in thirds: `head` = the most
+    popular items holding the first third of all interactions, `tail` = the least popular
+    holding the last third."""
+    columns = {
+        r[0]
+        for r in con.execute(
+            f"DESCRIBE SELECT * FROM read_parquet({_sql_str(items_path)})"
+        ).fetchall()
+    }
+    franchise = (
+        "UNION ALL SELECT item_idx, 'franchise', franchise FROM catalog WHERE franchise IS NOT NULL AND franchise <> ''"
+        if "franchise" in columns
+        else ""
+    )
+    con.execute(
+        f"""
+        CREATE OR REPLACE TEMP TABLE attrs AS
+        WITH catalog AS (
+            SELECT m.item_idx, c.* FROM read_parquet({_sql_str(items_path)}) c
+            JOIN read_parquet({_sql_str(item_map_path)}) m USING (item_id)
+        ), counts AS (
+            SELECT item AS item_idx, count(*) AS n
+            FROM (SELECT unnest(items) AS item FROM read_parquet({_sql_str(sequences_path)}))
+            GROUP BY item
+        ), cumulative AS (
+            SELECT item_idx, sum(n) OVER (ORDER BY n DESC, item_idx ROWS UNBOUNDED PRECEDING) - n AS before,
+                   sum(n) OVER () AS total
+            FROM counts
+        )
+        SELECT item_idx, 'genre' AS family, unnest(genres) AS value FROM catalog
+        UNION ALL SELECT item_idx, 'decade', CAST((year // 10) * 10 AS VARCHAR) || 's'
+            FROM catalog WHERE year IS NOT NULL
+        UNION ALL SELECT item_idx, 'popularity',
+            CASE WHEN before < total / 3.0 THEN 'head' WHEN before < 2 * total / 3.0 THEN 'torso' ELSE 'tail' END
+            FROM cumulative
+        {franchise}
+        """
+    )
+
+
+# ----------------------------------------------------------------------------- top rows
+
+
+def feature_top_rows(con: duckdb.DuckDBPyConnection, feature_path: Path, top_n: int) -> None:
+    """Create temp table `top_rows(unit, sign, item_idx, value)`: each feature's `top_n`
+    highest-value entries (sign '+'), by an out-of-core window over the sparse table."""
+    con.execute(
+        f"""
+        CREATE OR REPLACE TEMP TABLE top_rows AS
+        SELECT feature AS unit, '+' AS sign, item_idx, value
+        FROM read_parquet({_sql_str(feature_path)})
+        QUALIFY row_number() OVER (PARTITION BY feature ORDER BY value DESC, user_idx, position) <= {int(top_n)}
+        """
+    )
+
+
+@torch.no_grad()
+def neuron_top_rows(partition_dir: Path, top_n: int) -> pa.Table:
+    """(unit, sign, item_idx, value) of each hidden dimension's `top_n` highest ('+') and
+    `top_n` lowest ('-') rows, by a streaming merge: memory is O(d * top_n) plus a batch."""
+    best: dict[str, tuple[Tensor, Tensor] | None] = {"+": None, "-": None}
+    for batch in iter_in_file_order(partition_dir, columns=("activation", "item_idx")):
+        x = batch["activation"]
+        items = batch["item_idx"].long().unsqueeze(1).expand_as(x)
+        for sign, signed in (("+", x), ("-", -x)):
+            values, item_idx = signed, items
+            if best[sign] is not None:
+                kept_values, kept_items = best[sign]
+                values = torch.cat([kept_values, signed])
+                item_idx = torch.cat([kept_items, items])
+            n = min(top_n, len(values))
+            top_values, order = values.topk(n, dim=0)
+            best[sign] = (top_values, item_idx.gather(0, order))
+    units, signs, items_out, values_out = [], [], [], []
+    for sign, kept in best.items():
+        if kept is None:
+            continue
+        values, item_idx = kept  # [n, d]
+        n, d = values.shape
+        units.append(np.tile(np.arange(d, dtype=np.int32), n))
+        signs.extend([sign] * (n * d))
+        items_out.append(item_idx.reshape(-1).numpy().astype(np.int32))
+        scale = 1.0 if sign == "+" else -1.0
+        values_out.append((scale * values).reshape(-1).numpy().astype(np.float32))
+    if not units:
+        raise FileNotFoundError(f"{partition_dir} holds no activation rows")
+    return pa.table(
+        {
+            "unit": np.concatenate(units),
+            "sign": pa.array(signs, pa.string()),
+            "item_idx": np.concatenate(items_out),
+            "value": np.concatenate(values_out),
+        }
+    )
+
+
+# ----------------------------------------------------------------------------- enrichment
+
+
+def enrichment(
+    con: duckdb.DuckDBPyConnection, top_rows: str, base_counts: str, min_support: int
+) -> pa.Table:
+    """Attribute enrichment of each unit's top rows against the base rate over all rows.
+
+    `top_rows`: a relation (unit, sign, item_idx, value); `base_counts`: (item_idx, n), the
+    rows per input item in the whole partition; `attrs` must exist (`item_attributes`).
+    Returns one row per (unit, sign, family, value) present among the top rows, with
+    top_rows (the unit's count), hits, share = hits / top_rows, base_rate, lift = share /
+    base_rate, and purity = (share - base_rate) / (1 - base_rate), the base-rate-corrected
+    precision: 1 when every top row carries the attribute, 0 at chance. Units with fewer
+    than `min_support` top rows are left out."""
+    return con.sql(
+        f"""
+        WITH support AS (
+            SELECT unit, sign, count(*) AS top_rows FROM {top_rows} GROUP BY ALL
+            HAVING count(*) >= {int(min_support)}
+        ), total AS (SELECT sum(n) AS rows FROM {base_counts}),
+        base AS (
+            SELECT a.family, a.value, sum(b.n) / (SELECT rows FROM total) AS base_rate
+            FROM {base_counts} b JOIN attrs a USING (item_idx) GROUP BY ALL
+        ), hits AS (
+            SELECT t.unit, t.sign, a.family, a.value, count(*) AS hits
+            FROM {top_rows} t JOIN attrs a USING (item_idx) GROUP BY ALL
+        )
+        SELECT h.unit::INTEGER AS unit, h.sign, h.family, h.value, s.top_rows::INTEGER AS top_rows,
+               h.hits::INTEGER AS hits, h.hits / s.top_rows AS share, b.base_rate,
+               (h.hits / s.top_rows) / b.base_rate AS lift,
+               CASE WHEN b.base_rate < 1 THEN (h.hits / s.top_rows - b.base_rate) / (1 - b.base_rate) ELSE 0 END AS purity
+        FROM hits h JOIN support s USING (unit, sign) JOIN base b USING (family, value)
+        ORDER BY unit, sign, purity DESC
+        """
+    ).to_arrow_table()
+
+
+def monosemanticity(enrichment_table: pa.Table) -> pa.Table:
+    """Per (unit, sign): the monosemanticity score = the purity of its best attribute (how
+    completely one catalog attribute accounts for its top rows beyond chance), with that
+    attribute as `family:value`, its share and base rate."""
+    con = duckdb.connect()
+    try:
+        con.register("enrichment", enrichment_table)
+        return con.sql(
+            """
+            SELECT unit, sign, arg_max(family || ':' || value, purity) AS best_attribute,
+                   max(purity) AS monosemanticity, arg_max(share, purity) AS best_share,
+                   arg_max(base_rate, purity) AS best_base_rate, any_value(top_rows) AS top_rows
+            FROM enrichment GROUP BY unit, sign ORDER BY unit, sign
+            """
+        ).to_arrow_table()
+    finally:
+        con.close()
+
+
+# ----------------------------------------------------------------------------- concept AUC
+
+
+def sample_stride(total_rows: int, max_rows: int) -> int:
+    """Keep users with user_idx % stride == 0 so that about `max_rows` rows remain."""
+    return max(1, math.ceil(total_rows / max(1, max_rows)))
+
+
+@dataclass
+class RowSample:
+    """Rows of a deterministic user sample, with the SAE code and raw activations."""
+
+    user_idx: Tensor
+    position: Tensor
+    activation: Tensor
+    """float32 [R, d]"""
+    values: Tensor
+    """float32 [R, k] top-k values"""
+    indices: Tensor
+    """int64 [R, k] their features"""
+
+
+@torch.no_grad()
+def sample_rows(
+    sae: TopKSae, partition_dir: Path, max_rows: int, device: torch.device | str
+) -> RowSample:
+    """Every row of the users with user_idx % stride == 0 (`sample_stride`), encoded."""
+    stride = sample_stride(partition_rows(partition_dir), max_rows)
+    parts: dict[str, list[Tensor]] = {k: [] for k in ("user_idx", "position", "activation")}
+    codes: list[tuple[Tensor, Tensor]] = []
+    for batch in iter_in_file_order(partition_dir, columns=("activation", "user_idx", "position")):
+        keep = batch["user_idx"] % stride == 0
+        if not keep.any():
+            continue
+        x = batch["activation"][keep]
+        parts["activation"].append(x)
+        parts["user_idx"].append(batch["user_idx"][keep])
+        parts["position"].append(batch["position"][keep])
+        values, indices = sae.encode(x.to(device))
+        codes.append((values.cpu(), indices.cpu()))
+    return RowSample(
+        user_idx=torch.cat(parts["user_idx"]),
+        position=torch.cat(parts["position"]),
+        activation=torch.cat(parts["activation"]),
+        values=torch.cat([v for v, _ in codes]),
+        indices=torch.cat([i for _, i in codes]).long(),
+    )
+
+
+def _auc_from_rank_sums(rank_sums: Tensor, n_pos: Tensor, n_rows: int) -> Tensor:
+    n_neg = n_rows - n_pos
+    return (rank_sums - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg).clamp(min=1)
+
+
+def sparse_auc(
+    values: Tensor, indices: Tensor, labels: Tensor, n_latents: int, chunk: int = 8
+) -> Tensor:
+    """ROC AUC [n_latents, C] of each feature's activation (0 where it is not in the top-k)
+    at detecting each label column of `labels` (bool [R, C]); exact, with the rows where a
+    feature is zero counted as one tie group (Mann-Whitney with average ranks).
+
+    Works on the nonzero entries only: O(R * k) memory, not O(R * n_latents)."""
+    n_rows = len(labels)
+    active = values > 0
+    rows = torch.arange(n_rows).unsqueeze(1).expand_as(indices)[active]
+    feature = indices[active]
+    value = values[active]
+    order = torch.argsort(value, stable=True)
+    order = order[torch.argsort(feature[order], stable=True)]
+    feature, rows = feature[order], rows[order]
+    counts = torch.bincount(feature, minlength=n_latents)
+    starts = torch.cumsum(counts, 0) - counts
+    zeros = (n_rows - counts).double()
+    rank = zeros[feature] + (torch.arange(len(feature)) - starts[feature] + 1).double()
+    labels_f = labels.double()
+    n_pos = labels_f.sum(0)  # [C]
+    out = torch.empty(n_latents, labels.shape[1], dtype=torch.float64)
+    for start in range(0, labels.shape[1], chunk):
+        cols = slice(start, start + chunk)
+        entry_labels = labels_f[rows, cols]  # [E, c]
+        pos_nonzero = torch.zeros(n_latents, entry_labels.shape[1], dtype=torch.float64)
+        pos_nonzero.index_add_(0, feature, entry_labels)
+        rank_nonzero = torch.zeros_like(pos_nonzero)
+        rank_nonzero.index_add_(0, feature, entry_labels * rank.unsqueeze(1))
+        pos_zero = n_pos[cols] - pos_nonzero
+        rank_sums = pos_zero * (zeros.unsqueeze(1) + 1) / 2 + rank_nonzero
+        out[:, cols] = _auc_from_rank_sums(rank_sums, n_pos[cols], n_rows)
+    return out.float()
+
+
+def dense_auc(x: Tensor, labels: Tensor) -> Tensor:
+    """ROC AUC [d, C] of each column of x [R, d] at detecting each label column (bool [R, C]);
+    the '-' sign of a column has AUC 1 - this. Ties among continuous values are ignored."""
+    n_rows = len(x)
+    ranks = torch.empty_like(x, dtype=torch.float64)
+    order = torch.argsort(x, dim=0)
+    ranks.scatter_(
+        0,
+        order,
+        torch.arange(1, n_rows + 1, dtype=torch.float64).unsqueeze(1).expand_as(x).contiguous(),
+    )
+    labels_f = labels.double()
+    rank_sums = ranks.T @ labels_f  # [d, C]
+    return _auc_from_rank_sums(rank_sums, labels_f.sum(0), n_rows).float()
+
+
+def concept_labels(
+    con: duckdb.DuckDBPyConnection,
+    sample: RowSample,
+    ground_truth_path: Path,
+    sequences_path: Path,
+    user_map_path: Path,
+    item_map_path: Path,
+    min_positives: int,
+) -> tuple[list[str], Tensor]:
+    """Planted concepts (the synthetic `mechanism` that produced the item at each sampled
+    row's position) as bool labels [R, C]; concepts with fewer than `min_positives`
+    positive rows in the sample are dropped."""
+    positions = pa.table(
+        {
+            "user_idx": sample.user_idx.numpy(),
+            "position": sample.position.numpy(),
+            "row": np.arange(len(sample.user_idx)),
+        }
+    )
+    con.register("sample_rows", positions)
+    pairs = con.execute(
+        f"""
+        WITH seq AS (
+            SELECT user_idx, unnest(items) AS item_idx, unnest(timestamps) AS ts,
+                   unnest(generate_series(0, len(items) - 1)) AS position
+            FROM read_parquet({_sql_str(sequences_path)})
+            WHERE user_idx IN (SELECT DISTINCT user_idx FROM sample_rows)
+        ), labelled AS (
+            SELECT seq.user_idx, seq.position, g.mechanism
+            FROM seq
+            JOIN read_parquet({_sql_str(user_map_path)}) u USING (user_idx)
+            JOIN read_parquet({_sql_str(item_map_path)}) i USING (item_idx)
+            JOIN read_parquet({_sql_str(ground_truth_path)}) g
+              ON g.user_id = u.user_id AND g.item_id = i.item_id AND g.timestamp = seq.ts
+        )
+        SELECT s.row, l.mechanism FROM sample_rows s JOIN labelled l USING (user_idx, position)
+        """
+    ).fetchall()
+    con.unregister("sample_rows")
+    by_concept: dict[str, list[int]] = {}
+    for row, mechanism in pairs:
+        by_concept.setdefault(mechanism, []).append(row)
+    concepts = sorted(c for c, rows in by_concept.items() if len(rows) >= min_positives)
+    labels = torch.zeros(len(sample.user_idx), len(concepts), dtype=torch.bool)
+    for j, concept in enumerate(concepts):
+        labels[torch.tensor(by_concept[concept]), j] = True
+    return concepts, labels
+
+
+# ----------------------------------------------------------------------------- all together
+
+
+@dataclass(frozen=True)
+class StatsInputs:
+    """Paths `compute_feature_stats` reads (catalog, maps, sequences, optional ground truth)."""
+
+    items: Path
+    item_map: Path
+    user_map: Path
+    sequences: Path
+    ground_truth: Path | None = None
+
+
+@dataclass
+class FeatureStats:
+    features: pa.Table
+    """Per SAE feature: frequency, mean/max activation, top items, best attribute and
+    monosemanticity, and (synthetic data) the best planted concept and its AUC."""
+    neurons: pa.Table
+    """Per (hidden dimension, sign): best attribute and monosemanticity."""
+    enrichment: pa.Table
+    """Per (kind, unit, sign, family, value): share among top rows, base rate, lift, purity."""
+    concepts: pa.Table | None
+    """Per planted concept: positives, best feature and neuron with their AUCs (or None)."""
+    sample_rows: int
+    """Rows behind the concept AUCs."""
+
+
+def compute_feature_stats(
+    sae: TopKSae,
+    partition_dir: Path,
+    feature_path: Path,
+    inputs: StatsInputs,
+    device: torch.device | str,
+    top_n: int = 100,
+    min_support: int = 20,
+    max_sample_rows: int = 500_000,
+    min_positives: int = 20,
+) -> FeatureStats:
+    """Statistics of every SAE feature and raw hidden dimension of one partition (see the
+    module docstring); the sparse table `feature_path` comes from `write_feature_activations`."""
+    con = duckdb.connect()
+    try:
+        item_attributes(con, inputs.items, inputs.item_map, inputs.sequences)
+        con.execute(
+            f"CREATE TEMP TABLE base_counts AS SELECT item_idx, count(*) AS n "
+            f"FROM {_shards_sql(partition_dir)} GROUP BY item_idx"
+        )
+        total_rows = con.execute("SELECT sum(n) FROM base_counts").fetchone()[0]  # type: ignore[index]
+        feature_top_rows(con, feature_path, top_n)
+        con.register("neuron_top", neuron_top_rows(partition_dir, top_n))
+        feature_enrichment = enrichment(con, "top_rows", "base_counts", min_support)
+        neuron_enrichment = enrichment(con, "neuron_top", "base_counts", min_support)
+        feature_mono = monosemanticity(feature_enrichment)
+        con.register("feature_mono", feature_mono)
+        features = con.sql(
+            f"""
+            WITH basic AS (
+                SELECT feature, count(*) AS n_active, avg(value) AS mean_activation,
+                       max(value) AS max_activation
+                FROM read_parquet({_sql_str(feature_path)}) GROUP BY feature
+            ), items_ranked AS (
+                SELECT unit AS feature, item_idx, count(*) AS n,
+                       row_number() OVER (PARTITION BY unit ORDER BY count(*) DESC, item_idx) AS r
+                FROM top_rows GROUP BY unit, item_idx
+            ), titles AS (
+                SELECT m.item_idx, c.title FROM read_parquet({_sql_str(inputs.items)}) c
+                JOIN read_parquet({_sql_str(inputs.item_map)}) m USING (item_id)
+            ), top_items AS (
+                SELECT feature, list(item_idx ORDER BY r) AS top_items,
+                       list(COALESCE(title, CAST(item_idx AS VARCHAR)) ORDER BY r) AS top_titles
+                FROM items_ranked LEFT JOIN titles USING (item_idx) WHERE r <= 5 GROUP BY feature
+            ), all_features AS (SELECT range::INTEGER AS feature FROM range({sae.config.n_latents}))
+            SELECT f.feature, COALESCE(b.n_active, 0)::BIGINT AS n_active,
+                   COALESCE(b.n_active, 0) / {total_rows}::DOUBLE AS frequency,
+                   b.mean_activation::FLOAT AS mean_activation, b.max_activation::FLOAT AS max_activation,
+                   t.top_items::INTEGER[] AS top_items, t.top_titles,
+                   m.best_attribute, m.monosemanticity, m.best_share, m.best_base_rate
+            FROM all_features f LEFT JOIN basic b USING (feature) LEFT JOIN top_items t USING (feature)
+            LEFT JOIN feature_mono m ON m.unit = f.feature
+            ORDER BY f.feature
+            """
+        ).to_arrow_table()
+        kinds = [
+            (feature_enrichment, "feature"),
+            (neuron_enrichment, "neuron"),
+        ]
+        enrichment_all = pa.concat_tables(
+            [t.append_column("kind", pa.array([kind] * len(t), pa.string())) for t, kind in kinds]
+        )
+        neurons = monosemanticity(neuron_enrichment)
+        concepts = None
+        sample_size = 0
+        if inputs.ground_truth is not None and Path(inputs.ground_truth).exists():
+            sample = sample_rows(sae, partition_dir, max_sample_rows, device)
+            sample_size = len(sample.user_idx)
+            names, labels = concept_labels(
+                con,
+                sample,
+                inputs.ground_truth,
+                inputs.sequences,
+                inputs.user_map,
+                inputs.item_map,
+                min_positives,
+            )
+            if names:
+                feature_auc = sparse_auc(
+                    sample.values, sample.indices, labels, sae.config.n_latents
+                )
+                neuron_auc = dense_auc(sample.activation, labels)
+                signed = torch.cat([neuron_auc, 1 - neuron_auc])  # rows: d '+', then d '-'
+                d = neuron_auc.shape[0]
+                best_f = feature_auc.max(0)
+                best_n = signed.max(0)
+                concepts = pa.table(
+                    {
+                        "concept": names,
+                        "positives": labels.sum(0).numpy().astype(np.int64),
+                        "best_feature": best_f.indices.numpy().astype(np.int32),
+                        "feature_auc": best_f.values.numpy(),
+                        "best_neuron": (best_n.indices % d).numpy().astype(np.int32),
+                        "neuron_sign": ["+" if i < d else "-" for i in best_n.indices.tolist()],
+                        "neuron_auc": best_n.values.numpy(),
+                    }
+                )
+                per_feature = feature_auc.max(1)
+                features = features.append_column(
+                    "best_concept", pa.array([names[i] for i in per_feature.indices.tolist()])
+                ).append_column("concept_auc", pa.array(per_feature.values.numpy()))
+        return FeatureStats(features, neurons, enrichment_all, concepts, sample_size)
+    finally:
+        con.close()
