@@ -1,4 +1,5 @@
-"""The `recsae` command: query the artifacts from a terminal (more subcommands grow with the pipeline)."""
+"""The `recsae` command: materialize the pipeline, query its artifacts, and get steered
+recommendations from a terminal."""
 
 from __future__ import annotations
 
@@ -124,6 +125,41 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _steer_spec(text: str) -> tuple[int, float]:
+    feature, sep, alpha = text.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        return int(feature), float(alpha)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: write FEATURE=ALPHA, e.g. 123=4.0 (alpha in hidden-state units; the "
+            "feature's max activation, shown in the output, is a sensible scale)"
+        ) from None
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    from recsae_pipeline.recommend import format_recommendations, recommend
+    from recsae_pipeline.resources import resolve_device
+
+    try:
+        result = recommend(
+            ArtifactPaths(Path(args.data_dir).resolve()),
+            args.user,
+            sae_key=args.sae,
+            steer=args.steer,
+            clamp=args.clamp,
+            k=args.k,
+            device=resolve_device(args.device),
+        )
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        message = err.args[0] if isinstance(err, KeyError) else str(err)
+        print(f"recsae recommend: {message}", file=sys.stderr)
+        return 2
+    print(format_recommendations(result, steered=bool(args.steer or args.clamp)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recsae", description=__doc__)
     parser.add_argument(
@@ -148,6 +184,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--skip-features", action="store_true", help="only the unpartitioned `main` job"
     )
     run.set_defaults(func=cmd_materialize)
+    rec = sub.add_parser(
+        "recommend", help="a user's top 10 with titles, before and after steering SAE features"
+    )
+    rec.add_argument("--user", required=True, help="raw user id (as in the interaction log)")
+    rec.add_argument(
+        "--steer",
+        type=_steer_spec,
+        action="append",
+        default=[],
+        metavar="FEATURE=ALPHA",
+        help="add ALPHA x the feature's decoder direction at the SAE's layer (repeatable)",
+    )
+    rec.add_argument(
+        "--clamp", type=int, action="append", default=[], metavar="FEATURE",
+        help="switch a feature off (clamp its activation to 0; repeatable)",
+    )  # fmt: skip
+    rec.add_argument("--sae", default="sasrec.layer2", help="SAE partition <model>.layer<l>")
+    rec.add_argument("-k", type=int, default=10, help="list length")
+    rec.add_argument("--device", default="auto", help="auto | cpu | cuda[:n]")
+    rec.set_defaults(func=cmd_recommend)
     return parser
 
 

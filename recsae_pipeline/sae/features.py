@@ -583,9 +583,30 @@ def compute_feature_stats(
                     }
                 )
                 per_feature = feature_auc.max(1)
+                # Features never active in the sample have AUC 0.5 everywhere: no concept.
+                seen = torch.zeros(sae.config.n_latents, dtype=torch.bool)
+                seen[sample.indices[sample.values > 0]] = True
                 features = features.append_column(
-                    "best_concept", pa.array([names[i] for i in per_feature.indices.tolist()])
-                ).append_column("concept_auc", pa.array(per_feature.values.numpy()))
+                    "best_concept",
+                    pa.array(
+                        [
+                            names[i] if s else None
+                            for i, s in zip(
+                                per_feature.indices.tolist(), seen.tolist(), strict=True
+                            )
+                        ],
+                        pa.string(),
+                    ),
+                ).append_column(
+                    "concept_auc",
+                    pa.array(
+                        [
+                            v if s else None
+                            for v, s in zip(per_feature.values.tolist(), seen.tolist(), strict=True)
+                        ],
+                        pa.float32(),
+                    ),
+                )
         return FeatureStats(features, neurons, enrichment_all, concepts, sample_size)
     finally:
         con.close()

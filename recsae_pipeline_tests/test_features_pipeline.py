@@ -1,0 +1,179 @@
+"""Feature assets end to end through Dagster on a tiny synthetic log (genres, franchises and
+planted ground truth): SAE -> feature_activations -> feature_stats -> steering_eval, the
+DuckDB views, the README's SQL examples, and `recsae recommend --steer`."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import dagster as dg
+import pyarrow.parquet as pq
+import pytest
+
+from recsae_pipeline import cli
+from recsae_pipeline.assets import activations, data, features, models
+from recsae_pipeline.assets import sae as sae_assets
+from recsae_pipeline.resources import DataQuality, StorageRoot, TorchDevice
+
+KEY = "sasrec.layer2"
+FAST = {"max_epochs": 4, "patience": 4, "batch_size": 64, "lr": 5e-3, "progress_bar": False}
+SAE = {
+    "expansion": 4,
+    "k": 4,
+    "rows_seen": 30_000,
+    "batch_size": 256,
+    "max_fvu": 1.0,
+    "max_dead_fraction": 1.0,
+    "min_recovered": -10.0,
+}
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("features")
+    resources = {
+        "storage": StorageRoot(path=str(root)),
+        "quality": DataQuality(),
+        "device": TorchDevice(device="cpu"),
+    }
+    synthetic = {"n_users": 400, "n_items": 250, "mean_sequence_length": 18, "n_franchises": 10}
+    run_config = {
+        "ops": {
+            "raw_interactions": {"config": {"source": "synthetic", "synthetic": synthetic}},
+            "sasrec": {"config": {**FAST, "hidden": 16, "max_len": 20}},
+        }
+    }
+    upstream = dg.materialize(
+        [data.raw_interactions, data.item_catalog, data.sequences, models.sasrec],
+        resources=resources,
+        run_config=run_config,
+    )
+    assert upstream.success
+    results = {}
+    for asset, config in (
+        (activations.activations, None),
+        (sae_assets.sae, SAE),
+        (features.feature_activations, None),
+        (features.feature_stats, {"top_n": 30, "min_support": 5, "min_positives": 5}),
+        (features.steering_eval, {"max_users": 150, "min_top_rows": 5, "alpha_scales": [1.0, 4.0]}),
+    ):
+        name = asset.key.to_user_string()
+        run = {"ops": {name: {"config": config}}} if config else None
+        results[name] = dg.materialize(
+            [asset], resources=resources, partition_key=KEY, run_config=run
+        )
+        assert results[name].success, name
+    return root, results
+
+
+def _checks(result: dg.ExecuteInProcessResult) -> dict:
+    return {e.check_name: e for e in result.get_asset_check_evaluations()}
+
+
+def _csv(capsys: pytest.CaptureFixture, root: Path, sql: str) -> list[list[str]]:
+    assert (
+        cli.main(["--data-dir", str(root), "sql", "--format", "csv", "--max-rows", "1000", sql])
+        == 0
+    )
+    return [line.split(",") for line in capsys.readouterr().out.strip().splitlines()]
+
+
+def test_feature_activations_hold_the_top_k_of_every_row(store, capsys) -> None:
+    root, results = store
+    check = _checks(results["feature_activations"])["every_row_encoded"]
+    assert check.passed, check.description
+    (header, row) = _csv(
+        capsys, root,
+        "SELECT max(n), count(*) FROM (SELECT count(*) AS n FROM feature_activations "
+        "WHERE model = 'sasrec' AND layer = 2 GROUP BY user_idx, position)",
+    )  # fmt: skip
+    assert int(row[0]) <= SAE["k"]
+    assert int(row[1]) == check.metadata["rows_with_entries"].value
+
+
+def test_feature_stats_compare_features_with_neurons_and_planted_concepts(store) -> None:
+    root, results = store
+    out = root / "feature_stats" / "model=sasrec" / "layer=2"
+    stats = pq.read_table(out / "features.parquet").to_pylist()
+    assert len(stats) == SAE["expansion"] * 16
+    active = [r for r in stats if r["n_active"] > 0]
+    assert active and all(0 < r["frequency"] <= 1 for r in active)
+    assert all(r["max_activation"] >= r["mean_activation"] > 0 for r in active)
+    scored = [r for r in active if r["monosemanticity"] is not None]
+    assert scored and all(
+        r["best_attribute"].split(":")[0] in ("genre", "decade", "popularity", "franchise")
+        for r in scored
+    )
+    assert all(-1 <= r["monosemanticity"] <= 1 for r in scored)
+    neurons = pq.read_table(out / "neurons.parquet").to_pylist()
+    assert {(r["unit"], r["sign"]) for r in neurons} <= {(d, s) for d in range(16) for s in "+-"}
+    assert len(neurons) > 16  # both signs scored
+    concepts = pq.read_table(out / "concepts.parquet").to_pylist()
+    names = {c["concept"] for c in concepts}
+    assert "popular" in names and any(n.startswith("genre_pref:") for n in names)
+    assert all(0 <= c["feature_auc"] <= 1 and 0.5 <= c["neuron_auc"] <= 1 for c in concepts)
+    # Even a tiny model has a feature that detects some planted concept well.
+    assert max(c["feature_auc"] for c in concepts) > 0.75
+    assert all((r["best_concept"] is None) == (r["n_active"] == 0) for r in stats)
+    meta = results["feature_stats"].get_asset_materialization_events()[0].materialization.metadata
+    assert "data:image/png;base64," in meta["monosemanticity"].value
+    assert (root / "reports" / "monosemanticity_sasrec_layer2.png").exists()
+    check = _checks(results["feature_stats"])["sae_more_monosemantic_than_neurons"]
+    assert check.passed == (
+        check.metadata["sae_median"].value > check.metadata["neuron_median"].value
+    )
+
+
+def test_steering_moves_genre_shares(store) -> None:
+    root, results = store
+    out = root / "steering" / "model=sasrec" / "layer=2"
+    points = pq.read_table(out / "points.parquet").to_pylist()
+    summary = pq.read_table(out / "summary.parquet").to_pylist()
+    genres = {p["genre"] for p in points}
+    assert genres and {s["genre"] for s in summary} == genres
+    for genre in genres:
+        modes = [p["mode"] for p in points if p["genre"] == genre]
+        assert modes == ["baseline", "add", "add", "clamp"]
+    # Steering does something: the strongest alpha changes the share for most genres.
+    strongest = {
+        p["genre"]: p["share"] for p in points if p["mode"] == "add" and p["alpha_scale"] == 4.0
+    }
+    base = {p["genre"]: p["share"] for p in points if p["mode"] == "baseline"}
+    assert sum(strongest[g] > base[g] for g in genres) > len(genres) / 2
+    assert (root / "reports" / "steering_sasrec_layer2.png").exists()
+    check = _checks(results["steering_eval"])["steering_triples_genre_share"]
+    assert check.metadata["genres"].value == len(genres)
+
+
+def test_readme_sql_examples_run(store, capsys) -> None:
+    root, _ = store
+    blocks = re.findall(r"```sql\n(.*?)```", README.read_text(), flags=re.S)
+    feature_blocks = [b for b in blocks if "feature" in b]
+    assert len(feature_blocks) >= 2, "README lost its feature SQL examples"
+    for sql in feature_blocks:
+        rows = _csv(
+            capsys,
+            root,
+            sql.replace("feature = 42", "feature = (SELECT min(feature) FROM feature_activations)"),
+        )
+        assert len(rows) > 1, sql
+
+
+def test_recommend_prints_top_10_before_and_after_steering(store, capsys) -> None:
+    root, _ = store
+    stats = pq.read_table(root / "feature_stats" / "model=sasrec" / "layer=2" / "features.parquet")
+    feature = next(r["feature"] for r in stats.to_pylist() if r["n_active"] > 0)
+    user = pq.read_table(root / "sequences" / "user_map.parquet")["user_id"][0].as_py()
+    code = cli.main(["--data-dir", str(root), "recommend", "--user", user, "--steer", f"{feature}=50", "--device", "cpu"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    lines = [line for line in out.splitlines() if re.match(r"\s+\d+  ", line)]
+    assert len(lines) == 10 and "after steering" in out and f"feature {feature}" in out
+    assert any("+" in line[58:] for line in lines)  # alpha 50 changes the list
+    assert cli.main(["--data-dir", str(root), "recommend", "--user", "nobody"]) == 2
+    assert "not in" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["--data-dir", str(root), "recommend", "--user", user, "--steer", "oops"])
+    assert "FEATURE=ALPHA" in capsys.readouterr().err
