@@ -19,7 +19,7 @@ from recsae_pipeline.sae.features import (
     dense_auc,
     enrichment,
     monosemanticity,
-    neuron_top_rows,
+    neuron_top_items,
     sparse_auc,
     write_feature_activations,
 )
@@ -87,13 +87,13 @@ def _attrs(con: duckdb.DuckDBPyConnection) -> None:
 def test_enrichment_purity_and_monosemanticity_against_the_base_rate() -> None:
     con = duckdb.connect()
     _attrs(con)
-    # Every item seen equally often: base rate of Comedy = Drama = 0.5, of F = 1/8.
-    con.register("base", pa.table({"item_idx": list(range(1, 9)), "n": [10] * 8}))
+    # Items 1-8 occur: base rate of Comedy = Drama = 0.5, of franchise F = 1/8.
+    con.register("base", pa.table({"item_idx": list(range(1, 9))}))
     top = pa.table(
         {
             "unit": [0] * 4 + [1] * 4 + [2] * 2,
             "sign": ["+"] * 10,
-            "item_idx": [1, 2, 3, 4, 1, 5, 2, 6, 1, 1],
+            "item_idx": [1, 2, 3, 4, 1, 5, 2, 6, 1, 3],
             "value": [1.0] * 10,
         }
     )
@@ -106,10 +106,9 @@ def test_enrichment_purity_and_monosemanticity_against_the_base_rate() -> None:
     assert rows[(0, "franchise", "F")]["lift"] == pytest.approx(0.25 / 0.125)
     assert not any(unit == 2 for unit, _, _ in rows)  # below min_support
     mono = {r["unit"]: r for r in monosemanticity(table).to_pylist()}
-    assert mono[0]["best_attribute"] == "genre:Comedy" and mono[0][
-        "monosemanticity"
-    ] == pytest.approx(1.0)
-    assert mono[1]["monosemanticity"] == pytest.approx(max(0.0, (0.25 - 0.125) / 0.875))
+    assert mono[0]["best_attribute"] == "genre:Comedy"
+    assert mono[0]["monosemanticity"] == pytest.approx(1.0)
+    assert mono[1]["monosemanticity"] == pytest.approx((0.25 - 0.125) / 0.875)
 
 
 def write_partition(directory: Path, x: np.ndarray, users: np.ndarray, items: np.ndarray) -> None:
@@ -128,24 +127,22 @@ def write_partition(directory: Path, x: np.ndarray, users: np.ndarray, items: np
     pq.write_table(table, directory / "part-00000.parquet", row_group_size=64)
 
 
-def test_neuron_top_rows_streams_both_signs(tmp_path: Path) -> None:
+def test_neuron_top_items_are_distinct_items_by_extreme_value_in_both_signs(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(500, 3)).astype(np.float32)
-    items = np.arange(500) % 50 + 1
+    items = rng.integers(1, 60, size=500)
     write_partition(tmp_path / "p", x, np.arange(500) // 10, items)
-    top = neuron_top_rows(tmp_path / "p", top_n=7).to_pylist()
+    top = neuron_top_items(tmp_path / "p", top_n=7).to_pylist()
     for dim in range(3):
-        plus = sorted(
-            (r["value"] for r in top if r["unit"] == dim and r["sign"] == "+"), reverse=True
-        )
-        minus = sorted(r["value"] for r in top if r["unit"] == dim and r["sign"] == "-")
-        assert plus == pytest.approx(sorted(x[:, dim], reverse=True)[:7])
-        assert minus == pytest.approx(sorted(x[:, dim])[:7])
-        best_row = int(np.argmax(x[:, dim]))
-        assert any(
-            r["item_idx"] == items[best_row] and r["value"] == pytest.approx(x[best_row, dim])
-            for r in top
-        )
+        per_item_max = {i: x[items == i, dim].max() for i in np.unique(items)}
+        per_item_min = {i: x[items == i, dim].min() for i in np.unique(items)}
+        plus = {r["item_idx"]: r["value"] for r in top if r["unit"] == dim and r["sign"] == "+"}
+        minus = {r["item_idx"]: r["value"] for r in top if r["unit"] == dim and r["sign"] == "-"}
+        assert len(plus) == len(minus) == 7
+        assert set(plus) == set(sorted(per_item_max, key=per_item_max.get, reverse=True)[:7])
+        assert set(minus) == set(sorted(per_item_min, key=per_item_min.get)[:7])
+        assert all(plus[i] == pytest.approx(per_item_max[i]) for i in plus)
+        assert all(minus[i] == pytest.approx(per_item_min[i]) for i in minus)
 
 
 def test_feature_activations_are_the_sae_code_sorted_by_feature(tmp_path: Path) -> None:
@@ -240,11 +237,11 @@ def test_summary_picks_the_best_share_within_the_ndcg_bound() -> None:
 
 def test_genre_targets_take_the_purest_supported_feature() -> None:
     rows = [
-        {"kind": "feature", "unit": 1, "family": "genre", "value": "Comedy", "top_rows": 100, "purity": 0.6},
-        {"kind": "feature", "unit": 2, "family": "genre", "value": "Comedy", "top_rows": 10, "purity": 0.9},
-        {"kind": "neuron", "unit": 3, "family": "genre", "value": "Comedy", "top_rows": 100, "purity": 0.95},
-        {"kind": "feature", "unit": 4, "family": "decade", "value": "1990s", "top_rows": 100, "purity": 0.9},
-        {"kind": "feature", "unit": 5, "family": "genre", "value": "Drama", "top_rows": 100, "purity": 0.3},
+        {"kind": "feature", "unit": 1, "family": "genre", "value": "Comedy", "top_items": 100, "purity": 0.6},
+        {"kind": "feature", "unit": 2, "family": "genre", "value": "Comedy", "top_items": 10, "purity": 0.9},
+        {"kind": "neuron", "unit": 3, "family": "genre", "value": "Comedy", "top_items": 100, "purity": 0.95},
+        {"kind": "feature", "unit": 4, "family": "decade", "value": "1990s", "top_items": 100, "purity": 0.9},
+        {"kind": "feature", "unit": 5, "family": "genre", "value": "Drama", "top_items": 100, "purity": 0.3},
     ]  # fmt: skip
-    targets = genre_targets(rows, {1: 2.0, 2: 1.0, 5: 0.5}, min_top_rows=50)
+    targets = genre_targets(rows, {1: 2.0, 2: 1.0, 5: 0.5}, min_top_items=50)
     assert targets == {"Comedy": (1, 2.0), "Drama": (5, 0.5)}

@@ -57,7 +57,10 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
         (sae_assets.sae, SAE),
         (features.feature_activations, None),
         (features.feature_stats, {"top_n": 30, "min_support": 5, "min_positives": 5}),
-        (features.steering_eval, {"max_users": 150, "min_top_rows": 5, "alpha_scales": [1.0, 4.0]}),
+        (
+            features.steering_eval,
+            {"max_users": 150, "min_top_items": 5, "alpha_scales": [1.0, 4.0]},
+        ),
     ):
         name = asset.key.to_user_string()
         run = {"ops": {name: {"config": config}}} if config else None

@@ -137,10 +137,11 @@ def feature_activations(
 
 class FeatureStatsConfig(dg.Config):
     top_n: int = Field(
-        default=100, description="Top rows per unit behind enrichment and monosemanticity."
+        default=50,
+        description="Distinct top items per unit behind enrichment and monosemanticity.",
     )
     min_support: int = Field(
-        default=20, description="Units with fewer top rows get no enrichment or score."
+        default=20, description="Units with fewer top items get no enrichment or score."
     )
     max_sample_rows: int = Field(
         default=500_000, description="Rows (whole users) behind the planted-concept AUCs."
@@ -319,8 +320,8 @@ class SteeringConfig(dg.Config):
         description="alpha = scale x the feature's max activation, added along its decoder direction.",
     )
     max_users: int = Field(default=1000, description="Test users (seeded sample) per measurement.")
-    min_top_rows: int = Field(
-        default=50, description="A genre's feature must have at least this many top rows."
+    min_top_items: int = Field(
+        default=40, description="A genre's feature must have at least this many top items."
     )
     max_ndcg_loss: float = Field(default=0.2, description="Target: NDCG@10 loss bound.")
     required_ratio: float = Field(
@@ -361,11 +362,11 @@ def steering_eval(
     features = pq.read_table(stats_dir / "features.parquet", columns=["feature", "max_activation"])
     max_activation = {r["feature"]: r["max_activation"] or 0.0 for r in features.to_pylist()}
     enrichment = pq.read_table(stats_dir / "enrichment.parquet").to_pylist()
-    targets = genre_targets(enrichment, max_activation, config.min_top_rows)
+    targets = genre_targets(enrichment, max_activation, config.min_top_items)
     if not targets:
         raise dg.Failure(
-            f"No SAE feature of {context.partition_key} has >= {config.min_top_rows} top rows "
-            "enriched for any genre; lower `min_top_rows` or check that the catalog has genres."
+            f"No SAE feature of {context.partition_key} has >= {config.min_top_items} top items "
+            "enriched for any genre; lower `min_top_items` or check that the catalog has genres."
         )
     sequences, num_items = read_sequences(paths.sequences)
     genre_items = _genre_items(paths, list(targets), num_items)

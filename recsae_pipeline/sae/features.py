@@ -6,10 +6,11 @@ Terms used throughout:
   highest values, `-` = its lowest), so each dimension gives two units;
 - a row's *item* is the input item at that position (the item the hidden state has just
   read), and its attributes are that item's catalog attributes;
-- a unit's *top rows* are its `top_n` highest-activation rows (for SAE features only rows
-  where it is active, so a rare feature has fewer).
+- a unit's *top items* are the `top_n` distinct items with its highest activation on a row
+  of that item (for SAE features only where it is active, so a rare feature has fewer);
+  counting items once keeps one frequent item from standing for a concept.
 
-Everything streams: encoding goes row group by row group, the top rows of SAE features come
+Everything streams: encoding goes row group by row group, the top items of SAE features come
 from an out-of-core DuckDB window over the sparse table, and the concept AUCs use a bounded,
 deterministic sample of users.
 """
@@ -188,52 +189,58 @@ def item_attributes(
     )
 
 
-# ----------------------------------------------------------------------------- top rows
+# ----------------------------------------------------------------------------- top items
 
 
-def feature_top_rows(con: duckdb.DuckDBPyConnection, feature_path: Path, top_n: int) -> None:
-    """Create temp table `top_rows(unit, sign, item_idx, value)`: each feature's `top_n`
-    highest-value entries (sign '+'), by an out-of-core window over the sparse table."""
+def feature_top_items(con: duckdb.DuckDBPyConnection, feature_path: Path, top_n: int) -> None:
+    """Create temp table `top_items(unit, sign, item_idx, value)`: each feature's `top_n`
+    distinct items by their highest activation of it (sign '+'), through an out-of-core
+    aggregation and window over the sparse table."""
     con.execute(
         f"""
-        CREATE OR REPLACE TEMP TABLE top_rows AS
-        SELECT feature AS unit, '+' AS sign, item_idx, value
-        FROM read_parquet({_sql_str(feature_path)})
-        QUALIFY row_number() OVER (PARTITION BY feature ORDER BY value DESC, user_idx, position) <= {int(top_n)}
+        CREATE OR REPLACE TEMP TABLE top_items AS
+        SELECT feature AS unit, '+' AS sign, item_idx, max(value) AS value
+        FROM read_parquet({_sql_str(feature_path)}) GROUP BY feature, item_idx
+        QUALIFY row_number() OVER (PARTITION BY feature ORDER BY max(value) DESC, item_idx) <= {int(top_n)}
         """
     )
 
 
 @torch.no_grad()
-def neuron_top_rows(partition_dir: Path, top_n: int) -> pa.Table:
-    """(unit, sign, item_idx, value) of each hidden dimension's `top_n` highest ('+') and
-    `top_n` lowest ('-') rows, by a streaming merge: memory is O(d * top_n) plus a batch."""
-    best: dict[str, tuple[Tensor, Tensor] | None] = {"+": None, "-": None}
+def neuron_top_items(partition_dir: Path, top_n: int) -> pa.Table:
+    """(unit, sign, item_idx, value) of each hidden dimension's `top_n` distinct items by
+    their highest value ('+') and by their lowest value ('-', value kept negative).
+
+    Streams once, keeping a running per-item maximum of x and of -x: memory is
+    O(num_items * d) whatever the number of rows."""
+    best: dict[str, Tensor] = {}
+    seen = torch.zeros(0, dtype=torch.bool)
     for batch in iter_in_file_order(partition_dir, columns=("activation", "item_idx")):
         x = batch["activation"]
-        items = batch["item_idx"].long().unsqueeze(1).expand_as(x)
-        for sign, signed in (("+", x), ("-", -x)):
-            values, item_idx = signed, items
-            if best[sign] is not None:
-                kept_values, kept_items = best[sign]
-                values = torch.cat([kept_values, signed])
-                item_idx = torch.cat([kept_items, items])
-            n = min(top_n, len(values))
-            top_values, order = values.topk(n, dim=0)
-            best[sign] = (top_values, item_idx.gather(0, order))
+        items = batch["item_idx"].long()
+        size = int(items.max()) + 1
+        if size > len(seen):  # grow the per-item tables to the largest index so far
+            grow = size - len(seen)
+            seen = torch.cat([seen, torch.zeros(grow, dtype=torch.bool)])
+            for sign in ("+", "-"):
+                pad = torch.full((grow, x.shape[1]), -torch.inf)
+                best[sign] = torch.cat([best[sign], pad]) if sign in best else pad
+        seen[items] = True
+        index = items.unsqueeze(1).expand_as(x)
+        best["+"].scatter_reduce_(0, index, x, reduce="amax")
+        best["-"].scatter_reduce_(0, index, -x, reduce="amax")
+    if not len(seen):
+        raise FileNotFoundError(f"{partition_dir} holds no activation rows")
+    n = min(top_n, int(seen.sum()))
     units, signs, items_out, values_out = [], [], [], []
-    for sign, kept in best.items():
-        if kept is None:
-            continue
-        values, item_idx = kept  # [n, d]
-        n, d = values.shape
+    for sign, table in best.items():
+        values, item_idx = table.topk(n, dim=0)  # [n, d]; unseen items sit at -inf
+        d = values.shape[1]
         units.append(np.tile(np.arange(d, dtype=np.int32), n))
         signs.extend([sign] * (n * d))
         items_out.append(item_idx.reshape(-1).numpy().astype(np.int32))
         scale = 1.0 if sign == "+" else -1.0
         values_out.append((scale * values).reshape(-1).numpy().astype(np.float32))
-    if not units:
-        raise FileNotFoundError(f"{partition_dir} holds no activation rows")
     return pa.table(
         {
             "unit": np.concatenate(units),
@@ -248,34 +255,34 @@ def neuron_top_rows(partition_dir: Path, top_n: int) -> pa.Table:
 
 
 def enrichment(
-    con: duckdb.DuckDBPyConnection, top_rows: str, base_counts: str, min_support: int
+    con: duckdb.DuckDBPyConnection, top_items: str, base_items: str, min_support: int
 ) -> pa.Table:
-    """Attribute enrichment of each unit's top rows against the base rate over all rows.
+    """Attribute enrichment of each unit's top items against the base rate over items.
 
-    `top_rows`: a relation (unit, sign, item_idx, value); `base_counts`: (item_idx, n), the
-    rows per input item in the whole partition; `attrs` must exist (`item_attributes`).
-    Returns one row per (unit, sign, family, value) present among the top rows, with
-    top_rows (the unit's count), hits, share = hits / top_rows, base_rate, lift = share /
-    base_rate, and purity = (share - base_rate) / (1 - base_rate), the base-rate-corrected
-    precision: 1 when every top row carries the attribute, 0 at chance. Units with fewer
-    than `min_support` top rows are left out."""
+    `top_items`: a relation (unit, sign, item_idx, value) of distinct items per unit;
+    `base_items`: (item_idx), the items that occur in the partition, each counted once;
+    `attrs` must exist (`item_attributes`). Returns one row per (unit, sign, family, value)
+    present among the top items, with top_items (the unit's count), hits, share = hits /
+    top_items, base_rate (share of all items with the attribute), lift = share / base_rate,
+    and purity = (share - base_rate) / (1 - base_rate): 1 when every top item carries the
+    attribute, 0 at chance. Units with fewer than `min_support` top items are left out."""
     return con.sql(
         f"""
         WITH support AS (
-            SELECT unit, sign, count(*) AS top_rows FROM {top_rows} GROUP BY ALL
+            SELECT unit, sign, count(*) AS top_items FROM {top_items} GROUP BY ALL
             HAVING count(*) >= {int(min_support)}
-        ), total AS (SELECT sum(n) AS rows FROM {base_counts}),
+        ), total AS (SELECT count(*) AS items FROM {base_items}),
         base AS (
-            SELECT a.family, a.value, sum(b.n) / (SELECT rows FROM total) AS base_rate
-            FROM {base_counts} b JOIN attrs a USING (item_idx) GROUP BY ALL
+            SELECT a.family, a.value, count(*) / (SELECT items FROM total) AS base_rate
+            FROM {base_items} b JOIN attrs a USING (item_idx) GROUP BY ALL
         ), hits AS (
             SELECT t.unit, t.sign, a.family, a.value, count(*) AS hits
-            FROM {top_rows} t JOIN attrs a USING (item_idx) GROUP BY ALL
+            FROM {top_items} t JOIN attrs a USING (item_idx) GROUP BY ALL
         )
-        SELECT h.unit::INTEGER AS unit, h.sign, h.family, h.value, s.top_rows::INTEGER AS top_rows,
-               h.hits::INTEGER AS hits, h.hits / s.top_rows AS share, b.base_rate,
-               (h.hits / s.top_rows) / b.base_rate AS lift,
-               CASE WHEN b.base_rate < 1 THEN (h.hits / s.top_rows - b.base_rate) / (1 - b.base_rate) ELSE 0 END AS purity
+        SELECT h.unit::INTEGER AS unit, h.sign, h.family, h.value, s.top_items::INTEGER AS top_items,
+               h.hits::INTEGER AS hits, h.hits / s.top_items AS share, b.base_rate,
+               (h.hits / s.top_items) / b.base_rate AS lift,
+               CASE WHEN b.base_rate < 1 THEN (h.hits / s.top_items - b.base_rate) / (1 - b.base_rate) ELSE 0 END AS purity
         FROM hits h JOIN support s USING (unit, sign) JOIN base b USING (family, value)
         ORDER BY unit, sign, purity DESC
         """
@@ -284,7 +291,7 @@ def enrichment(
 
 def monosemanticity(enrichment_table: pa.Table) -> pa.Table:
     """Per (unit, sign): the monosemanticity score = the purity of its best attribute (how
-    completely one catalog attribute accounts for its top rows beyond chance), with that
+    completely one catalog attribute accounts for its top items beyond chance), with that
     attribute as `family:value`, its share and base rate."""
     con = duckdb.connect()
     try:
@@ -293,7 +300,7 @@ def monosemanticity(enrichment_table: pa.Table) -> pa.Table:
             """
             SELECT unit, sign, arg_max(family || ':' || value, purity) AS best_attribute,
                    max(purity) AS monosemanticity, arg_max(share, purity) AS best_share,
-                   arg_max(base_rate, purity) AS best_base_rate, any_value(top_rows) AS top_rows
+                   arg_max(base_rate, purity) AS best_base_rate, any_value(top_items) AS top_items
             FROM enrichment GROUP BY unit, sign ORDER BY unit, sign
             """
         ).to_arrow_table()
@@ -478,7 +485,7 @@ class FeatureStats:
     neurons: pa.Table
     """Per (hidden dimension, sign): best attribute and monosemanticity."""
     enrichment: pa.Table
-    """Per (kind, unit, sign, family, value): share among top rows, base rate, lift, purity."""
+    """Per (kind, unit, sign, family, value): share among top items, base rate, lift, purity."""
     concepts: pa.Table | None
     """Per planted concept: positives, best feature and neuron with their AUCs (or None)."""
     sample_rows: int
@@ -491,7 +498,7 @@ def compute_feature_stats(
     feature_path: Path,
     inputs: StatsInputs,
     device: torch.device | str,
-    top_n: int = 100,
+    top_n: int = 50,
     min_support: int = 20,
     max_sample_rows: int = 500_000,
     min_positives: int = 20,
@@ -502,14 +509,14 @@ def compute_feature_stats(
     try:
         item_attributes(con, inputs.items, inputs.item_map, inputs.sequences)
         con.execute(
-            f"CREATE TEMP TABLE base_counts AS SELECT item_idx, count(*) AS n "
-            f"FROM {_shards_sql(partition_dir)} GROUP BY item_idx"
+            f"CREATE TEMP TABLE base_items AS SELECT DISTINCT item_idx "
+            f"FROM {_shards_sql(partition_dir)}"
         )
-        total_rows = con.execute("SELECT sum(n) FROM base_counts").fetchone()[0]  # type: ignore[index]
-        feature_top_rows(con, feature_path, top_n)
-        con.register("neuron_top", neuron_top_rows(partition_dir, top_n))
-        feature_enrichment = enrichment(con, "top_rows", "base_counts", min_support)
-        neuron_enrichment = enrichment(con, "neuron_top", "base_counts", min_support)
+        total_rows = partition_rows(partition_dir)
+        feature_top_items(con, feature_path, top_n)
+        con.register("neuron_top", neuron_top_items(partition_dir, top_n))
+        feature_enrichment = enrichment(con, "top_items", "base_items", min_support)
+        neuron_enrichment = enrichment(con, "neuron_top", "base_items", min_support)
         feature_mono = monosemanticity(feature_enrichment)
         con.register("feature_mono", feature_mono)
         features = con.sql(
@@ -519,9 +526,9 @@ def compute_feature_stats(
                        max(value) AS max_activation
                 FROM read_parquet({_sql_str(feature_path)}) GROUP BY feature
             ), items_ranked AS (
-                SELECT unit AS feature, item_idx, count(*) AS n,
-                       row_number() OVER (PARTITION BY unit ORDER BY count(*) DESC, item_idx) AS r
-                FROM top_rows GROUP BY unit, item_idx
+                SELECT unit AS feature, item_idx,
+                       row_number() OVER (PARTITION BY unit ORDER BY value DESC, item_idx) AS r
+                FROM top_items
             ), titles AS (
                 SELECT m.item_idx, c.title FROM read_parquet({_sql_str(inputs.items)}) c
                 JOIN read_parquet({_sql_str(inputs.item_map)}) m USING (item_id)

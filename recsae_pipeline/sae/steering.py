@@ -220,14 +220,14 @@ def summarize(
 
 
 def genre_targets(
-    enrichment_rows: list[dict], max_activation: dict[int, float], min_top_rows: int
+    enrichment_rows: list[dict], max_activation: dict[int, float], min_top_items: int
 ) -> dict[str, tuple[int, float]]:
-    """genre -> (feature, its max activation): per genre, the SAE feature whose top rows are
+    """genre -> (feature, its max activation): per genre, the SAE feature whose top items are
     most enriched for it (highest purity, see `features.enrichment`) among features with at
-    least `min_top_rows` top rows. `enrichment_rows` are rows of the enrichment table."""
+    least `min_top_items` top items. `enrichment_rows` are rows of the enrichment table."""
     best: dict[str, tuple[float, int]] = {}
     for row in enrichment_rows:
-        if row["kind"] != "feature" or row["family"] != "genre" or row["top_rows"] < min_top_rows:
+        if row["kind"] != "feature" or row["family"] != "genre" or row["top_items"] < min_top_items:
             continue
         key = (row["purity"], -row["unit"])
         if row["value"] not in best or key > (best[row["value"]][0], -best[row["value"]][1]):
