@@ -233,6 +233,9 @@ def test_summary_picks_the_best_share_within_the_ndcg_bound() -> None:
     assert outcome.best_share == 0.35 and outcome.best_alpha_scale == 2
     assert outcome.share_ratio == pytest.approx(3.5) and outcome.met
     assert outcome.ndcg_loss == pytest.approx(0.15) and outcome.clamp_share == 0.05
+    absent = [p._replace(genre="Western", share=0.0) for p in points]
+    (outcome,) = summarize(absent)
+    assert outcome.share_ratio == 1.0 and not outcome.met  # 0 -> 0 is no gain
 
 
 def test_genre_targets_take_the_purest_supported_feature() -> None:

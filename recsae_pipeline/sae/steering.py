@@ -202,7 +202,10 @@ def summarize(
         clamp = next(p for p in rows if p.mode == "clamp")
         allowed = [p for p in rows if p.mode == "add" and p.ndcg >= (1 - max_ndcg_loss) * base.ndcg]
         best = max(allowed, key=lambda p: p.share, default=base)
-        ratio = best.share / base.share if base.share > 0 else float("inf")
+        if base.share > 0:
+            ratio = best.share / base.share
+        else:  # a genre absent from the baseline lists: any share at all is an infinite gain
+            ratio = float("inf") if best.share > 0 else 1.0
         outcomes.append(
             GenreOutcome(
                 genre=genre,
@@ -213,7 +216,7 @@ def summarize(
                 share_ratio=ratio,
                 ndcg_loss=1 - best.ndcg / base.ndcg if base.ndcg > 0 else 0.0,
                 clamp_share=clamp.share,
-                met=ratio >= required_ratio,
+                met=ratio >= required_ratio and best.share > base.share,
             )
         )
     return outcomes
