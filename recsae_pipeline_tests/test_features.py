@@ -30,6 +30,8 @@ from recsae_pipeline.sae.steering import (
     clamp_to_zero,
     genre_share,
     genre_targets,
+    last_block_states,
+    run_edit,
     steering_users,
     summarize,
     top_k_and_ranks,
@@ -248,3 +250,27 @@ def test_genre_targets_take_the_purest_supported_feature() -> None:
     ]  # fmt: skip
     targets = genre_targets(rows, {1: 2.0, 2: 1.0, 5: 0.5}, min_top_items=50)
     assert targets == {"Comedy": (1, 2.0), "Drama": (5, 0.5)}
+
+
+@pytest.mark.parametrize("backbone", ["gpt2", "llama"])
+def test_last_layer_fast_path_equals_the_full_forward(backbone: str) -> None:
+    torch.manual_seed(0)
+    config = RecommenderConfig(
+        kind="sasrec", num_items=30, hidden=8, d_item=8, layers=2, heads=2, max_len=6,
+        backbone=backbone,
+    )  # fmt: skip
+    model = Recommender(config).eval()
+    rng = np.random.default_rng(0)
+    sequences = [rng.permutation(np.arange(1, 31))[: rng.integers(3, 12)] for _ in range(20)]
+    users = steering_users(sequences, max_len=6, device="cpu")
+    sae = TopKSae(SaeConfig(d_in=8, expansion=2, k=3), "cpu", seed=0).eval()
+    last = last_block_states(model, users)
+    for edit in (add_direction(sae, 2, 3.0), clamp_to_zero(sae, 4), None):
+        fast_top, fast_ranks = top_k_and_ranks(model, users, edit=edit, last_block=last)
+        if edit is None:
+            slow_top, slow_ranks = top_k_and_ranks(model, users)
+        else:
+            with edit_hidden(model, 2, edit):
+                slow_top, slow_ranks = top_k_and_ranks(model, users)
+        assert torch.equal(fast_ranks, slow_ranks) and torch.equal(fast_top, slow_top)
+        assert torch.equal(run_edit(model, 2, users, edit or (lambda h: h), last)[1], slow_ranks)

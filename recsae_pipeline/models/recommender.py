@@ -184,6 +184,17 @@ class Recommender(nn.Module):
         replacing hook with prepend=True so that hidden_states[l + 1] shows the replacement."""
         return self.backbone.h if self.config.backbone == "gpt2" else self.backbone.layers
 
+    @property
+    def final_norm(self) -> nn.Module:
+        """The backbone's norm after its last block: last_hidden_state = final_norm(block L)."""
+        return self.backbone.ln_f if self.config.backbone == "gpt2" else self.backbone.norm
+
+    def scores_from_last_block(self, hidden: Tensor) -> Tensor:
+        """Scores [..., num_items + 1] from the last block's output [..., hidden]: what
+        `predict` computes after the blocks, so a state edited there can be scored without
+        running the blocks again."""
+        return self.scores(self.user_head(self.final_norm(hidden)))
+
     def forward(self, items: Tensor, output_hidden_states: bool = False) -> RecommenderOutput:
         """items [B, T] right-padded with 0 -> user vectors at every position."""
         if items.shape[1] > 1 and bool(((items[:, :-1] == 0) & (items[:, 1:] > 0)).any()):

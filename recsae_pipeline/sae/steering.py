@@ -5,6 +5,9 @@ state at the SAE's layer, or switch the feature off, and measure what the top 10
 - clamp to 0: h' = h - z_f(h) * W_dec[f], i.e. decode the code with z_f = 0 and keep the
   reconstruction error, so only that feature's contribution is removed.
 
+An edit at the last layer only changes what follows the last block (final norm, head,
+scores), so those sweeps reuse the last block's states and skip the blocks.
+
 Quality is measured on the test split exactly as the model's own evaluation (full ranking,
 seen items filtered), and the genre share is the share of top-10 slots (seen items excluded)
 held by items of that genre.
@@ -19,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from recsae_pipeline.activations.hooks import edit_hidden
+from recsae_pipeline.activations.hooks import edit_hidden, read_hidden
 from recsae_pipeline.models.metrics import filter_seen, ndcg_at_k, target_ranks
 from recsae_pipeline.models.recommender import Recommender
 from recsae_pipeline.models.training import pad_right, split_examples
@@ -82,25 +85,68 @@ def steering_users(
     )
 
 
+def _top_and_ranks(
+    scores: Tensor, targets: Tensor, histories: Tensor, k: int
+) -> tuple[Tensor, Tensor]:
+    scores = filter_seen(scores.float(), histories, targets)
+    ranks = target_ranks(scores, targets)
+    # The target was kept visible for ranking; for the list shown, hide every seen item.
+    scores.scatter_(1, histories, float("-inf"))
+    return scores.topk(k, dim=1).indices.cpu(), ranks.cpu()
+
+
 @torch.no_grad()
 def top_k_and_ranks(
-    model: Recommender, users: SteeringUsers, k: int = 10, batch_size: int = 512
+    model: Recommender,
+    users: SteeringUsers,
+    k: int = 10,
+    batch_size: int = 512,
+    edit: Edit | None = None,
+    last_block: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """(top-k items [U, k] with seen items excluded, 0-based target ranks [U]) under whatever
-    `edit_hidden` is active."""
+    """(top-k items [U, k] with seen items excluded, 0-based target ranks [U]).
+
+    Runs the model under whatever `edit_hidden` is active. With `last_block` (the last
+    block's output at each user's last position, [U, hidden], from `last_block_states`),
+    `edit` is applied to it and only the final norm, head and scoring run: the same
+    result for an edit at the last layer, many times faster."""
     model.eval()
     tops, ranks = [], []
     for start in range(0, len(users.targets), batch_size):
         batch = slice(start, start + batch_size)
-        target = users.targets[batch]
-        scores = filter_seen(
-            model.predict(users.inputs[batch]).float(), users.histories[batch], target
-        )
-        ranks.append(target_ranks(scores, target).cpu())
-        # The target was kept visible for ranking; for the list shown, hide every seen item.
-        scores.scatter_(1, users.histories[batch], float("-inf"))
-        tops.append(scores.topk(k, dim=1).indices.cpu())
+        if last_block is not None:
+            hidden = last_block[batch]
+            scores = model.scores_from_last_block(edit(hidden) if edit is not None else hidden)
+        else:
+            scores = model.predict(users.inputs[batch])
+        top, rank = _top_and_ranks(scores, users.targets[batch], users.histories[batch], k)
+        tops.append(top)
+        ranks.append(rank)
     return torch.cat(tops), torch.cat(ranks)
+
+
+@torch.no_grad()
+def last_block_states(model: Recommender, users: SteeringUsers, batch_size: int = 512) -> Tensor:
+    """The last block's output at each user's last real position, [U, hidden]."""
+    model.eval()
+    out = []
+    for start in range(0, len(users.targets), batch_size):
+        items = users.inputs[start : start + batch_size]
+        hidden = read_hidden(model, items, model.config.layers)
+        last = (items > 0).sum(1) - 1
+        out.append(hidden[torch.arange(len(items), device=items.device), last])
+    return torch.cat(out)
+
+
+def run_edit(
+    model: Recommender, layer: int, users: SteeringUsers, edit: Edit, last_block: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """`top_k_and_ranks` with `edit` at `layer`: on the cached last-block states when the
+    layer is the last one, else through a full forward pass with the edit hooked in."""
+    if last_block is not None and layer == model.config.layers:
+        return top_k_and_ranks(model, users, edit=edit, last_block=last_block)
+    with edit_hidden(model, layer, edit):
+        return top_k_and_ranks(model, users)
 
 
 def genre_share(top: Tensor, genre_items: Tensor) -> float:
@@ -134,42 +180,24 @@ def steering_sweep(
 ) -> list[SteeringPoint]:
     """For each genre -> (feature, feature's max activation): the baseline, every
     alpha = scale * max activation added, and the feature clamped to 0."""
+    last_block = last_block_states(model, users) if layer == model.config.layers else None
     top, ranks = top_k_and_ranks(model, users)
     base_ndcg = ndcg_at_k(ranks, 10)
     points = []
     for done, (genre, (feature, scale)) in enumerate(targets.items()):
         mask = genre_items[genre]
-        points.append(
-            SteeringPoint(genre, feature, "baseline", 0.0, 0.0, genre_share(top, mask), base_ndcg)
-        )
+        base_share = genre_share(top, mask)
+        points.append(SteeringPoint(genre, feature, "baseline", 0.0, 0.0, base_share, base_ndcg))
         for alpha_scale in alpha_scales:
             alpha = alpha_scale * scale
-            with edit_hidden(model, layer, add_direction(sae, feature, alpha)):
-                steered, steered_ranks = top_k_and_ranks(model, users)
-            points.append(
-                SteeringPoint(
-                    genre,
-                    feature,
-                    "add",
-                    alpha_scale,
-                    alpha,
-                    genre_share(steered, mask),
-                    ndcg_at_k(steered_ranks, 10),
-                )
-            )
-        with edit_hidden(model, layer, clamp_to_zero(sae, feature)):
-            clamped, clamped_ranks = top_k_and_ranks(model, users)
-        points.append(
-            SteeringPoint(
-                genre,
-                feature,
-                "clamp",
-                0.0,
-                0.0,
-                genre_share(clamped, mask),
-                ndcg_at_k(clamped_ranks, 10),
-            )
-        )
+            edit = add_direction(sae, feature, alpha)
+            steered, steered_ranks = run_edit(model, layer, users, edit, last_block)
+            share, ndcg = genre_share(steered, mask), ndcg_at_k(steered_ranks, 10)
+            points.append(SteeringPoint(genre, feature, "add", alpha_scale, alpha, share, ndcg))
+        edit = clamp_to_zero(sae, feature)
+        clamped, clamped_ranks = run_edit(model, layer, users, edit, last_block)
+        share, ndcg = genre_share(clamped, mask), ndcg_at_k(clamped_ranks, 10)
+        points.append(SteeringPoint(genre, feature, "clamp", 0.0, 0.0, share, ndcg))
         if on_progress is not None:
             on_progress(done + 1, len(targets))
     return points

@@ -1,0 +1,448 @@
+"""Transport to an OpenAI-compatible chat endpoint: retries, timeouts, JSON replies, accounting.
+
+Domain code without Dagster: the `LLM` resource builds an `OpenAIChat` from `LLMSettings`
+and forwards this module's log lines. The API key is read from the environment variable
+named in the settings and never appears in logs, errors, reprs, records or usage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import email.utils
+import json
+import logging
+import os
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal, TypeVar
+
+import openai
+import pydantic
+from pydantic import BaseModel, Field
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T", bound=BaseModel)
+
+
+class LLMSettings(BaseModel, frozen=True):
+    """Where the endpoint is and how to talk to it; holds the key's variable name, not the key.
+
+    Local servers (vLLM, Ollama, llama.cpp) accept any non-empty key: `export OPENAI_API_KEY=EMPTY`.
+    """
+
+    base_url: str = Field(description="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1.")
+    model: str = Field(description="Model name as the server knows it.")
+    api_key_env: str = Field(
+        default="OPENAI_API_KEY", description="Name of the environment variable holding the key."
+    )
+    timeout_s: float = Field(default=60.0, gt=0, description="Timeout of one HTTP request.")
+    max_retries: int = Field(
+        default=4, ge=0, description="Retries on 429, 5xx, timeouts and connection errors."
+    )
+    backoff_s: float = Field(
+        default=1.0, ge=0, description="First retry delay; doubles each retry, with jitter."
+    )
+    max_backoff_s: float = Field(
+        default=30.0, ge=0, description="Cap on one retry delay, `Retry-After` included."
+    )
+    max_concurrency: int = Field(default=4, ge=1, description="Requests in flight at once.")
+    temperature: float | None = Field(default=0.0, description="None leaves the server default.")
+    seed: int | None = None
+    max_output_tokens: int = Field(default=800, ge=1)
+    token_limit_param: Literal["max_tokens", "max_completion_tokens"] = Field(
+        default="max_tokens",
+        description="OpenAI reasoning models take only `max_completion_tokens`; most local "
+        "servers take `max_tokens`.",
+    )
+    json_mode: bool = Field(
+        default=True,
+        description="Send response_format=json_object; turn off for servers that reject it.",
+    )
+    price_per_1k_input: float = Field(default=0.0, ge=0, description="USD per 1000 prompt tokens.")
+    price_per_1k_output: float = Field(
+        default=0.0, ge=0, description="USD per 1000 completion tokens."
+    )
+
+    def cost_usd(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (
+            prompt_tokens * self.price_per_1k_input + completion_tokens * self.price_per_1k_output
+        ) / 1000.0
+
+
+@dataclass
+class CallRecord:
+    """One `complete_json` call as it happened, for per-feature JSONL transcripts."""
+
+    purpose: str
+    model: str
+    messages: list[dict[str, str]] = field(default_factory=list)
+    """Every message of the last request sent, the corrective turn included."""
+    replies: list[str] = field(default_factory=list)
+    """Raw reply texts, one per billed request (two when a correction was needed)."""
+    parsed: dict[str, Any] | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    seconds: float = 0.0
+    retries: int = 0
+    corrected: bool = False
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Usage:
+    """Running totals over calls; safe to update from several threads."""
+
+    calls: int = 0
+    retries: int = 0
+    corrections: int = 0
+    failures: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    seconds: float = 0.0
+    """Summed over calls, so more than wall time when calls overlap."""
+    _lock: threading.Lock = field(
+        default_factory=threading.Lock, init=False, repr=False, compare=False
+    )
+
+    def add(self, record: CallRecord) -> None:
+        with self._lock:
+            self.calls += 1
+            self.retries += record.retries
+            self.corrections += int(record.corrected)
+            self.failures += int(record.error is not None)
+            self.prompt_tokens += record.prompt_tokens
+            self.completion_tokens += record.completion_tokens
+            self.cost_usd += record.cost_usd
+            self.seconds += record.seconds
+
+    def as_dict(self) -> dict[str, int | float]:
+        with self._lock:
+            return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+
+    def __add__(self, other: Usage) -> Usage:
+        a, b = self.as_dict(), other.as_dict()
+        return Usage(**{k: a[k] + b[k] for k in a})
+
+    def merge(self, other: Usage) -> None:
+        """Add `other`'s totals into this one in place."""
+        b = other.as_dict()
+        with self._lock:
+            for k, v in b.items():
+                setattr(self, k, getattr(self, k) + v)
+
+
+class LLMError(RuntimeError):
+    """Base of this module's errors; `record` holds what was sent and received, if anything."""
+
+    def __init__(self, message: str, record: CallRecord | None = None) -> None:
+        super().__init__(message)
+        self.record = record
+
+
+class LLMConfigError(LLMError):
+    """The settings cannot work (missing key variable); nothing was sent."""
+
+
+class LLMRequestError(LLMError):
+    """The endpoint refused the request (4xx) or kept failing after every retry."""
+
+    def __init__(
+        self, message: str, record: CallRecord | None = None, status: int | None = None
+    ) -> None:
+        super().__init__(message, record)
+        self.status = status
+
+
+class LLMReplyError(LLMError):
+    """The model's reply was not valid JSON for the schema, even after one correction."""
+
+
+_STATUS_HINTS = {
+    400: "the server rejected the request; if it names a parameter, adjust the settings "
+    "(e.g. json_mode=False, token_limit_param, temperature=None)",
+    401: "the key was refused; check the environment variable {key_env}",
+    403: "the key lacks access to this model; check the variable {key_env} and `model`",
+    404: "no such model or route; check `model` ({model}) and `base_url` ({base_url}; "
+    "OpenAI-compatible servers usually end in /v1)",
+    413: "the prompt is too large for the server; shorten it",
+    422: "the server could not process the request; check `model` and the settings",
+}
+
+
+class OpenAIChat:
+    """Chat completions with JSON replies validated by pydantic, through the `openai` package.
+
+    Retries are done here, not in the client, so that each is counted and logged.
+    """
+
+    def __init__(self, settings: LLMSettings) -> None:
+        key = os.environ.get(settings.api_key_env, "")
+        if not key.strip():
+            raise LLMConfigError(
+                f"environment variable {settings.api_key_env} is unset or empty; export the API "
+                f"key there (local servers such as vLLM or Ollama accept "
+                f"`export {settings.api_key_env}=EMPTY`), or set `api_key_env` to another name."
+            )
+        self.settings = settings
+        self.usage = Usage()
+        self._secret = key
+        self._slots = threading.BoundedSemaphore(settings.max_concurrency)
+        self._client = openai.OpenAI(
+            base_url=settings.base_url,
+            api_key=key,
+            timeout=settings.timeout_s,
+            max_retries=0,
+        )
+
+    @property
+    def name(self) -> str:
+        return f"openai:{self.settings.model}"
+
+    def close(self) -> None:
+        """Release the HTTP connection pool."""
+        self._client.close()
+
+    def __repr__(self) -> str:
+        s = self.settings
+        return f"OpenAIChat(model={s.model!r}, base_url={s.base_url!r}, key_env={s.api_key_env!r})"
+
+    def complete_json(
+        self, messages: list[dict[str, str]], schema: type[T], purpose: str = ""
+    ) -> tuple[T, CallRecord]:
+        """Ask for one JSON object matching `schema`; one corrective turn if the reply is invalid.
+
+        Raises `LLMRequestError` when the endpoint fails, `LLMReplyError` when both replies are
+        invalid; either carries the `CallRecord` as `.record`.
+        """
+        record = CallRecord(purpose=purpose, model=self.settings.model)
+        sent = _with_schema(messages, schema)
+        start = time.perf_counter()
+        try:
+            reply = self._reply(sent, record)
+            try:
+                parsed = _parse(reply, schema)
+            except ValueError as err:
+                problem = self._redact(str(err))
+                log.warning(
+                    "%s%s: invalid reply (%s); asking once for a correction",
+                    self.name,
+                    _label(purpose),
+                    _first_line(problem),
+                )
+                record.corrected = True
+                sent = [
+                    *sent,
+                    {"role": "assistant", "content": reply},
+                    {"role": "user", "content": _correction(problem)},
+                ]
+                reply = self._reply(sent, record)
+                try:
+                    parsed = _parse(reply, schema)
+                except ValueError as err2:
+                    raise LLMReplyError(
+                        f"{self.name}{_label(purpose)}: reply still invalid after one correction: "
+                        f"{self._redact(str(err2))}",
+                        record,
+                    ) from None
+            record.parsed = parsed.model_dump(mode="json")
+            return parsed, record
+        except Exception as err:
+            record.error = self._redact(str(err)) or type(err).__name__
+            raise
+        finally:
+            record.messages = [dict(m) for m in sent]
+            record.seconds = time.perf_counter() - start
+            self.usage.add(record)
+
+    def _reply(self, messages: list[dict[str, str]], record: CallRecord) -> str:
+        """One billed reply, retrying transient failures; tokens and cost go into `record`."""
+        s = self.settings
+        kwargs: dict[str, Any] = {"model": s.model, "messages": messages}
+        kwargs[s.token_limit_param] = s.max_output_tokens
+        if s.temperature is not None:
+            kwargs["temperature"] = s.temperature
+        if s.seed is not None:
+            kwargs["seed"] = s.seed
+        if s.json_mode:
+            kwargs["response_format"] = {"type": "json_object"}
+        label = _label(record.purpose)
+        attempt = 0
+        while True:
+            try:
+                with self._slots:
+                    completion = self._client.chat.completions.create(**kwargs)
+                return self._account(completion, record)
+            except (openai.APIConnectionError, openai.APIStatusError) as err:
+                status = getattr(err, "status_code", None)
+                if isinstance(err, openai.APIStatusError) and not _retryable(err):
+                    raise LLMRequestError(self._explain(err, label), record, status) from None
+                reason = self._reason(err)
+                if attempt == s.max_retries:
+                    raise LLMRequestError(
+                        f"{self.name}{label}: gave up after {attempt + 1} attempts; last: {reason}",
+                        record,
+                        status,
+                    ) from None
+                delay = self._backoff(attempt, err)
+                attempt += 1
+                record.retries += 1
+                log.warning(
+                    "%s%s: %s; retry %d of %d in %.2f s",
+                    self.name,
+                    label,
+                    reason,
+                    attempt,
+                    s.max_retries,
+                    delay,
+                )
+                time.sleep(delay)
+
+    def _account(self, completion: Any, record: CallRecord) -> str:
+        usage = completion.usage
+        prompt = int(getattr(usage, "prompt_tokens", 0) or 0)
+        done = int(getattr(usage, "completion_tokens", 0) or 0)
+        record.prompt_tokens += prompt
+        record.completion_tokens += done
+        record.cost_usd += self.settings.cost_usd(prompt, done)
+        choice = completion.choices[0] if completion.choices else None
+        text = self._redact((choice.message.content or "") if choice else "")
+        record.replies.append(text)
+        if choice is not None and choice.finish_reason == "length":
+            log.warning(
+                "%s%s: reply cut off at max_output_tokens=%d",
+                self.name,
+                _label(record.purpose),
+                self.settings.max_output_tokens,
+            )
+        return text
+
+    def _backoff(self, attempt: int, err: Exception) -> float:
+        """Exponential with jitter; a server's `Retry-After` wins; both capped."""
+        s = self.settings
+        response = getattr(err, "response", None)
+        wait = _retry_after(response.headers) if response is not None else None
+        if wait is None:
+            wait = s.backoff_s * 2**attempt * random.uniform(0.5, 1.0)
+        return max(0.0, min(wait, s.max_backoff_s))
+
+    def _reason(self, err: Exception) -> str:
+        if isinstance(err, openai.APITimeoutError):
+            return f"no reply within timeout_s={self.settings.timeout_s:g}"
+        if isinstance(err, openai.APIConnectionError):
+            return f"connection to {self.settings.base_url} failed; is the server up?"
+        assert isinstance(err, openai.APIStatusError)
+        return f"HTTP {err.status_code}: {self._server_message(err)}"
+
+    def _explain(self, err: openai.APIStatusError, label: str) -> str:
+        s = self.settings
+        hint = _STATUS_HINTS.get(err.status_code, "check the request settings")
+        hint = hint.format(key_env=s.api_key_env, model=s.model, base_url=s.base_url)
+        return f"{self.name}{label}: HTTP {err.status_code} ({self._server_message(err)}); {hint}"
+
+    def _server_message(self, err: openai.APIStatusError) -> str:
+        body = err.body
+        message = body.get("message") if isinstance(body, dict) else body
+        return self._redact(str(message or "no message")[:500])
+
+    def _redact(self, text: str) -> str:
+        # Servers may echo the key back (OpenAI's 401 does, masked); dummy keys are not secret.
+        if len(self._secret) < 8:
+            return text
+        return text.replace(self._secret, "***")
+
+
+def _retryable(err: openai.APIStatusError) -> bool:
+    # 408 and 409 too, as the openai package itself retries them.
+    return err.status_code in (408, 409, 429) or err.status_code >= 500
+
+
+def _retry_after(headers: Any) -> float | None:
+    """Seconds from `retry-after-ms` or `retry-after` (seconds or an HTTP date), if present."""
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        try:
+            return float(ms) / 1000.0
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return (when - datetime.now(UTC)).total_seconds()
+
+
+def _with_schema(messages: list[dict[str, str]], schema: type[BaseModel]) -> list[dict[str, str]]:
+    """The messages with the JSON schema stated in the system prompt (added if missing)."""
+    compact = json.dumps(schema.model_json_schema(), separators=(",", ":"))
+    rule = (
+        "Reply with exactly one JSON object and nothing else (no prose, no code fences). "
+        f"It must validate against this JSON schema:\n{compact}"
+    )
+    out = [dict(m) for m in messages]
+    if out and out[0].get("role") == "system":
+        out[0]["content"] = f"{out[0]['content']}\n\n{rule}"
+    else:
+        out.insert(0, {"role": "system", "content": rule})
+    return out
+
+
+def extract_json_object(text: str) -> dict[str, Any]:
+    """The first JSON object in `text`, tolerating code fences and prose around it."""
+    decoder = json.JSONDecoder()
+    start = text.find("{")
+    while start != -1:
+        try:
+            value, _ = decoder.raw_decode(text, start)
+        except json.JSONDecodeError:
+            value = None
+        if isinstance(value, dict):
+            return value
+        start = text.find("{", start + 1)
+    raise ValueError(f"no JSON object found in the reply: {text[:200]!r}")
+
+
+def _parse(text: str, schema: type[T]) -> T:
+    """Validate the reply against `schema`; ValueError with a compact, quotable message."""
+    obj = extract_json_object(text)
+    try:
+        return schema.model_validate(obj)
+    except pydantic.ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or '(root)'}: {e['msg']}"
+            for e in err.errors(include_url=False)
+        )
+        raise ValueError(f"JSON does not match the schema: {problems}") from None
+
+
+def _correction(problem: str) -> str:
+    return (
+        f"Your previous reply was invalid: {problem}\n"
+        "Reply again with only the corrected JSON object, valid against the schema in the "
+        "system message."
+    )
+
+
+def _label(purpose: str) -> str:
+    return f" [{purpose}]" if purpose else ""
+
+
+def _first_line(text: str) -> str:
+    return text.splitlines()[0] if text else text
