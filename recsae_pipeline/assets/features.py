@@ -316,7 +316,7 @@ def _top_features_md(features: pa.Table, n: int = 10) -> str:
 
 class SteeringConfig(dg.Config):
     alpha_scales: list[float] = Field(
-        default=[0.5, 1.0, 2.0, 4.0, 8.0],
+        default=[1.0, 2.0, 4.0, 8.0],
         description="alpha = scale x the feature's max activation, added along its decoder direction.",
     )
     max_users: int = Field(default=1000, description="Test users (seeded sample) per measurement.")
