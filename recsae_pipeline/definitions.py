@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dagster as dg
 
-from recsae_pipeline.assets import activations, data, features, models, sae
-from recsae_pipeline.resources import DataQuality, StorageRoot, TorchDevice
+from recsae_pipeline.assets import activations, data, explanations, features, models, sae
+from recsae_pipeline.resources import LLM, DataQuality, StorageRoot, TorchDevice
 
 feature_partitions = activations.activation_partitions
 _partitioned = dg.AssetSelection.assets(
@@ -14,6 +14,8 @@ _partitioned = dg.AssetSelection.assets(
     features.feature_activations,
     features.feature_stats,
     features.steering_eval,
+    explanations.explanations,
+    explanations.explanation_scores,
 )
 
 main_job = dg.define_asset_job(
@@ -31,14 +33,21 @@ features_job = dg.define_asset_job(
     selection=_partitioned,
     partitions_def=feature_partitions,
     description="Per (model, layer) partition: activations, the SAE trained on them, its "
-    "feature activations and statistics, and steering.",
+    "feature activations and statistics, steering, explanations and their scores.",
     executor_def=dg.in_process_executor,
 )
 
 defs = dg.Definitions(
-    assets=dg.load_assets_from_modules([data, models, activations, sae, features]),
-    asset_checks=dg.load_asset_checks_from_modules([data, models, activations, sae, features]),
-    resources={"storage": StorageRoot(), "quality": DataQuality(), "device": TorchDevice()},
+    assets=dg.load_assets_from_modules([data, models, activations, sae, features, explanations]),
+    asset_checks=dg.load_asset_checks_from_modules(
+        [data, models, activations, sae, features, explanations]
+    ),
+    resources={
+        "storage": StorageRoot(),
+        "quality": DataQuality(),
+        "device": TorchDevice(),
+        "llm": LLM(),
+    },
     jobs=[main_job, features_job],
     # Ad-hoc materializations from the UI or `dagster asset materialize` also run in one
     # process: torch already uses every core, so parallel steps would only oversubscribe them.

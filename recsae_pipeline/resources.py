@@ -79,3 +79,61 @@ class TorchDevice(dg.ConfigurableResource):
         if self.threads:
             torch.set_num_threads(self.threads)
         return resolve_device(self.device)
+
+
+class LLM(dg.ConfigurableResource):
+    """The explainers' and scorers' backend: `openai` (any OpenAI-compatible endpoint) or
+    `offline` (a deterministic statistical policy, named as such in every output). `auto`
+    picks `openai` when `base_url` is set, else `offline`. The key is read from the
+    environment variable named by `api_key_env` and is never logged or stored."""
+
+    backend: str = Field(default="auto", description="auto | offline | openai")
+    base_url: str | None = Field(
+        default=None, description="e.g. https://api.openai.com/v1, http://localhost:8000/v1 (vLLM)."
+    )
+    model: str | None = Field(default=None, description="Model name as the endpoint knows it.")
+    api_key_env: str = Field(default="OPENAI_API_KEY", description="Env var holding the key.")
+    timeout_s: float = 60.0
+    max_retries: int = 4
+    max_concurrency: int = 4
+    temperature: float | None = 0.0
+    max_output_tokens: int = 800
+    token_limit_param: str = Field(
+        default="max_tokens",
+        description="max_tokens | max_completion_tokens (OpenAI reasoning models).",
+    )
+    json_mode: bool = Field(default=True, description="Send response_format json_object.")
+    price_per_1k_input: float = 0.0
+    price_per_1k_output: float = 0.0
+
+    @property
+    def kind(self) -> str:
+        if self.backend not in ("auto", "offline", "openai"):
+            raise dg.Failure(f"LLM backend {self.backend!r}; use auto, offline or openai.")
+        if self.backend == "auto":
+            return "openai" if self.base_url else "offline"
+        return self.backend
+
+    def settings(self):  # -> LLMSettings (imported lazily: openai is only needed for that path)
+        from recsae_pipeline.interp.llm import LLMSettings
+
+        if not self.base_url or not self.model:
+            raise dg.Failure(
+                "LLM backend `openai` needs `base_url` and `model` in the `llm` resource config "
+                "(e.g. base_url: https://api.openai.com/v1, model: gpt-4o-mini), with the key "
+                f"in ${self.api_key_env}."
+            )
+        return LLMSettings(
+            base_url=self.base_url,
+            model=self.model,
+            api_key_env=self.api_key_env,
+            timeout_s=self.timeout_s,
+            max_retries=self.max_retries,
+            max_concurrency=self.max_concurrency,
+            temperature=self.temperature,
+            max_output_tokens=self.max_output_tokens,
+            token_limit_param=self.token_limit_param,  # type: ignore[arg-type]
+            json_mode=self.json_mode,
+            price_per_1k_input=self.price_per_1k_input,
+            price_per_1k_output=self.price_per_1k_output,
+        )

@@ -49,6 +49,9 @@ def view_definitions(paths: ArtifactPaths) -> dict[str, str]:
         "planted_concepts": ("feature_stats", "concepts.parquet"),
         "steering_points": ("steering", "points.parquet"),
         "steering_summary": ("steering", "summary.parquet"),
+        "explanations": ("explanations", "explanations.parquet"),
+        "explanation_scores": ("explanation_scores", "scores.parquet"),
+        "explanation_summary": ("explanation_scores", "summary.parquet"),
     }
     for name, (artifact, file) in partitioned.items():
         base = paths.root / artifact

@@ -398,10 +398,21 @@ class Explanation:
         return f"{self.label}. {self.description}"
 
     def as_row(self) -> dict[str, Any]:
+        """A flat row for Parquet: hypotheses and usage as JSON text, plus the text scored."""
         row = asdict(self)
-        row["hypotheses"] = json.dumps(self.hypotheses)
+        row["hypotheses"] = json.dumps(self.hypotheses, default=_json_default)
         row["usage"] = json.dumps(self.usage)
+        row["text"] = self.text
+        for key in ("calls", "prompt_tokens", "completion_tokens", "cost_usd"):
+            row[f"llm_{key}"] = self.usage.get(key, 0)
         return row
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Explanation:
+        fields = {k: row[k] for k in cls.__dataclass_fields__ if k in row}
+        fields["hypotheses"] = json.loads(row["hypotheses"])
+        fields["usage"] = json.loads(row["usage"])
+        return cls(**fields)
 
 
 class Transcript:

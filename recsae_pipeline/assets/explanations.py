@@ -1,0 +1,342 @@
+"""Explanation assets per (model, layer) partition: SAGE and the one-shot baseline on a
+configured set of features, and both scored by the same scorer."""
+
+import time
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import Field
+
+from recsae_pipeline.assets.activations import activation_partitions, parse_partition_key
+from recsae_pipeline.assets.features import feature_stats, feature_stats_dir
+from recsae_pipeline.assets.progress import throttled_log
+from recsae_pipeline.interp.explain import (
+    METHODS,
+    concept_named,
+    explain_features,
+    score_features,
+    select_features,
+)
+from recsae_pipeline.interp.sage import Explanation, Limits
+from recsae_pipeline.interp.tools import Catalog
+from recsae_pipeline.reports import new_figure, save_figure
+from recsae_pipeline.resources import LLM, StorageRoot, TorchDevice
+from recsae_pipeline.store import ArtifactPaths, atomic_path
+
+GROUP = "explanations"
+
+
+def explanations_dir(paths: ArtifactPaths, model: str, layer: int) -> Path:
+    return paths.partition_dir("explanations", model, layer)
+
+
+def _policy_factory(llm: LLM):
+    if llm.kind == "offline":
+        from recsae_pipeline.interp.sage import OfflinePolicy
+
+        return OfflinePolicy
+    from recsae_pipeline.interp.llm import OpenAIChat
+    from recsae_pipeline.interp.llm_policy import LLMPolicy
+
+    settings = llm.settings()
+    return lambda: LLMPolicy(OpenAIChat(settings))
+
+
+def _scorer_factory(llm: LLM):
+    if llm.kind == "offline":
+        from recsae_pipeline.interp.scoring import OfflineScorer
+
+        return OfflineScorer
+    from recsae_pipeline.interp.llm import OpenAIChat
+    from recsae_pipeline.interp.llm_policy import LLMScorer
+
+    settings = llm.settings()
+    return lambda: LLMScorer(OpenAIChat(settings))
+
+
+class ExplanationsConfig(dg.Config):
+    n_frequent: int = Field(default=10, description="The most frequent features.")
+    n_concept: int = Field(
+        default=10, description="The features with the best planted-concept AUC (synthetic data)."
+    )
+    n_random: int = Field(
+        default=10, description="A seeded random sample of other active features."
+    )
+    features: list[int] | None = Field(
+        default=None, description="Explicit feature ids (overrides the above)."
+    )
+    max_tests_per_hypothesis: int = 3
+    max_sweeps: int = 4
+    max_reviews: int = 2
+    max_llm_calls: int = Field(default=60, description="Per feature and method.")
+    max_tokens: int = Field(default=400_000, description="Per feature and method.")
+    seed: int = 0
+
+
+@dg.asset(
+    group_name=GROUP,
+    code_version="1",
+    kinds={"parquet"},
+    partitions_def=activation_partitions,
+    deps=[feature_stats],
+    description="SAGE (hypotheses, experiments on crafted item sequences, verdicts, review) and "
+    "the one-shot baseline on the configured features: label, description, hypotheses with "
+    "verdicts, experiments, backend, LLM calls/tokens/cost, and a JSONL transcript per "
+    "feature and method. explanations/model=<m>/layer=<l>/.",
+)
+def explanations(
+    context: dg.AssetExecutionContext,
+    config: ExplanationsConfig,
+    storage: StorageRoot,
+    device: TorchDevice,
+    llm: LLM,
+) -> dg.MaterializeResult:
+    model_name, layer = parse_partition_key(context.partition_key)
+    paths = storage.paths
+    stats = pq.read_table(
+        feature_stats_dir(paths, model_name, layer) / "features.parquet"
+    ).to_pylist()
+    features = config.features or select_features(
+        stats, config.n_frequent, config.n_random, config.n_concept, config.seed
+    )
+    limits = Limits(
+        max_tests_per_hypothesis=config.max_tests_per_hypothesis,
+        max_sweeps=config.max_sweeps,
+        max_reviews=config.max_reviews,
+        max_llm_calls=config.max_llm_calls,
+        max_tokens=config.max_tokens,
+    )
+    log = throttled_log(context)
+
+    def progress(done: int, total: int, e: Explanation) -> None:
+        log(
+            f"{context.partition_key}: {done}/{total} explained (feature {e.feature} {e.method}: {e.label!r})",
+            done == total,
+        )
+
+    out = explanations_dir(paths, model_name, layer)
+    started = time.perf_counter()
+    with atomic_path(out) as tmp:
+        tmp.mkdir(parents=True)
+        explained = explain_features(
+            paths, model_name, layer, features, _policy_factory(llm), device.torch_device,
+            tmp / "transcripts", limits, METHODS, config.seed, progress,
+        )  # fmt: skip
+        rows = []
+        for e in explained:
+            row = e.as_row()
+            if row["transcript"]:  # point at the final location, not the temp directory
+                row["transcript"] = str(out / "transcripts" / Path(row["transcript"]).name)
+            rows.append(row)
+        pq.write_table(pa.Table.from_pylist(rows), tmp / "explanations.parquet", compression="zstd")
+    storage.refresh_duckdb()
+    sage_rows = [r for r in rows if r["method"] == "sage"]
+    table = ["| feature | method | label |", "|---|---|---|"]
+    table += [f"| {r['feature']} | {r['method']} | {r['label']} |" for r in rows[:40]]
+    return dg.MaterializeResult(
+        metadata={
+            "path": dg.MetadataValue.path(str(out)),
+            "backend": rows[0]["backend"] if rows else llm.kind,
+            "features": len(features),
+            "explanations": len(rows),
+            "sage_mean_experiments": dg.MetadataValue.float(
+                round(float(np.mean([r["experiments"] for r in sage_rows])), 2)
+                if sage_rows
+                else 0.0
+            ),
+            "llm_calls": int(sum(r["llm_calls"] for r in rows)),
+            "llm_tokens": int(
+                sum(r["llm_prompt_tokens"] + r["llm_completion_tokens"] for r in rows)
+            ),
+            "llm_cost_usd": dg.MetadataValue.float(
+                round(float(sum(r["llm_cost_usd"] for r in rows)), 4)
+            ),
+            "seconds": dg.MetadataValue.float(round(time.perf_counter() - started, 1)),
+            "labels": dg.MetadataValue.md("\n".join(table)),
+        }
+    )
+
+
+class ExplanationScoresConfig(dg.Config):
+    n_generated: int = Field(default=10, description="Sequences the scorer writes per explanation.")
+    min_concept_auc: float = Field(
+        default=0.9,
+        description="Features whose best planted-concept AUC reaches this are checked for naming it.",
+    )
+    seed: int = 0
+
+
+@dg.asset(
+    group_name=GROUP,
+    code_version="1",
+    kinds={"parquet"},
+    partitions_def=activation_partitions,
+    deps=[explanations],
+    check_specs=[
+        dg.AssetCheckSpec(
+            "sage_beats_baseline",
+            asset="explanation_scores",
+            description="SAGE's mean generative accuracy and mean predictive r above the baseline's.",
+        ),
+    ],  # fmt: skip
+    description="Generative accuracy, predictive Pearson r and detection AUC of every "
+    "explanation (the scorer sees only the text), per feature and a per-method summary.",
+)
+def explanation_scores(
+    context: dg.AssetExecutionContext,
+    config: ExplanationScoresConfig,
+    storage: StorageRoot,
+    device: TorchDevice,
+    llm: LLM,
+) -> dg.MaterializeResult:
+    model_name, layer = parse_partition_key(context.partition_key)
+    paths = storage.paths
+    source = explanations_dir(paths, model_name, layer) / "explanations.parquet"
+    rows = pq.read_table(source).to_pylist()
+    explained = [Explanation.from_row(r) for r in rows]
+    log = throttled_log(context)
+    scores = score_features(
+        paths, model_name, layer, explained, _scorer_factory(llm), device.torch_device,
+        config.seed, config.n_generated,
+        on_progress=lambda done, total: log(f"{context.partition_key}: scored {done}/{total}", done == total),
+    )  # fmt: skip
+    stats = {
+        r["feature"]: r
+        for r in pq.read_table(
+            feature_stats_dir(paths, model_name, layer) / "features.parquet"
+        ).to_pylist()
+    }
+    catalog = Catalog.load(paths)
+    for score, e in zip(scores, explained, strict=True):
+        concept = stats.get(e.feature, {}).get("best_concept")
+        auc = stats.get(e.feature, {}).get("concept_auc")
+        score["best_concept"] = concept
+        score["concept_auc"] = auc
+        score["names_concept"] = (
+            concept_named(concept, e.text, catalog)
+            if concept and auc is not None and auc >= config.min_concept_auc
+            else None
+        )
+        score["label"] = e.label
+        score["llm_calls"] = e.usage.get("calls", 0)
+        score["llm_tokens"] = e.usage.get("prompt_tokens", 0) + e.usage.get("completion_tokens", 0)
+        score["llm_cost_usd"] = e.usage.get("cost_usd", 0.0)
+        score["seconds"] = e.seconds
+        score["scorer_usage"] = str(score["scorer_usage"])
+    out = paths.partition_dir("explanation_scores", model_name, layer)
+    summary = _summary(scores)
+    with atomic_path(out) as tmp:
+        tmp.mkdir(parents=True)
+        pq.write_table(pa.Table.from_pylist(scores), tmp / "scores.parquet", compression="zstd")
+        pq.write_table(pa.Table.from_pylist(summary), tmp / "summary.parquet", compression="zstd")
+    storage.refresh_duckdb()
+    by_method = {s["method"]: s for s in summary}
+    sage, base = by_method.get("sage"), by_method.get("baseline")
+    passed = bool(
+        sage and base
+        and sage["mean_generative_accuracy"] > base["mean_generative_accuracy"]
+        and sage["mean_predictive_r"] > base["mean_predictive_r"]
+    )  # fmt: skip
+    lines = ["| method | mean generative accuracy | mean r | detection AUC | names concept | LLM calls | tokens | cost $ | s |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for s in summary:
+        named = (
+            "-"
+            if s["concept_features"] == 0
+            else f"{s['names_concept_share']:.0%} of {s['concept_features']}"
+        )
+        lines.append(
+            f"| {s['method']} | {s['mean_generative_accuracy']:.3f} | {s['mean_predictive_r']:.3f} | "
+            f"{s['mean_detection_auc']:.3f} | {named} | {s['llm_calls']} | {s['llm_tokens']} | "
+            f"{s['llm_cost_usd']:.4f} | {s['seconds']:.1f} |"
+        )
+    plot = _scores_plot(
+        scores,
+        context.partition_key,
+        paths.reports_dir / f"explanation_scores_{model_name}_layer{layer}.png",
+    )
+    check = dg.AssetCheckResult(
+        check_name="sage_beats_baseline",
+        passed=passed,
+        severity=dg.AssetCheckSeverity.WARN,
+        description=" vs ".join(
+            f"{s['method']}: gen {s['mean_generative_accuracy']:.3f}, r {s['mean_predictive_r']:.3f}"
+            for s in summary
+        ),
+    )
+    return dg.MaterializeResult(
+        check_results=[check],
+        metadata={
+            "path": dg.MetadataValue.path(str(out)),
+            "summary": dg.MetadataValue.md("\n".join(lines)),
+            "scores": dg.MetadataValue.md(plot),
+            **{
+                f"{s['method']}_{k}": dg.MetadataValue.float(round(float(s[k]), 4))
+                for s in summary
+                for k in ("mean_generative_accuracy", "mean_predictive_r", "mean_detection_auc")
+            },
+        },
+    )
+
+
+def _mean(values: list) -> float:
+    finite = [float(v) for v in values if v is not None and np.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def _summary(scores: list[dict]) -> list[dict]:
+    out = []
+    for method in METHODS:
+        rows = [s for s in scores if s["method"] == method]
+        if not rows:
+            continue
+        named = [s["names_concept"] for s in rows if s["names_concept"] is not None]
+        out.append(
+            {
+                "method": method,
+                "backend": rows[0]["backend"],
+                "features": len(rows),
+                "mean_generative_accuracy": _mean([s["generative_accuracy"] for s in rows]),
+                "mean_predictive_r": _mean([s["predictive_r"] for s in rows]),
+                "mean_detection_auc": _mean([s["detection_auc"] for s in rows]),
+                "concept_features": len(named),
+                "names_concept_share": float(np.mean(named)) if named else float("nan"),
+                "llm_calls": int(sum(s["llm_calls"] for s in rows)),
+                "llm_tokens": int(sum(s["llm_tokens"] for s in rows)),
+                "llm_cost_usd": float(sum(s["llm_cost_usd"] for s in rows)),
+                "seconds": float(sum(s["seconds"] for s in rows)),
+            }
+        )
+    return out
+
+
+def _scores_plot(scores: list[dict], title: str, path: Path) -> str:
+    fig, axes = new_figure(10, 3.2, ncols=3)
+    for ax, key, label in zip(
+        axes,
+        ("generative_accuracy", "predictive_r", "detection_auc"),
+        ("generative accuracy", "predictive Pearson r", "detection AUC"),
+        strict=True,
+    ):
+        data = [
+            [
+                s[key]
+                for s in scores
+                if s["method"] == m and s[key] is not None and np.isfinite(s[key])
+            ]
+            for m in METHODS
+        ]
+        ax.boxplot(data, tick_labels=list(METHODS))
+        for i, values in enumerate(data, start=1):
+            ax.scatter(
+                np.full(len(values), i) + np.linspace(-0.08, 0.08, len(values)),
+                values,
+                s=8,
+                alpha=0.6,
+            )
+        ax.set_title(label)
+    fig.suptitle(f"Explanation scores, {title}")
+    return save_figure(fig, path)
