@@ -160,6 +160,73 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    """Run SAGE (and the baseline) on one feature, print the transcript summary and scores."""
+    from recsae_pipeline.interp.explain import explain_features, score_features
+    from recsae_pipeline.recommend import parse_partition
+    from recsae_pipeline.resources import LLM, resolve_device
+
+    paths = ArtifactPaths(Path(args.data_dir).resolve())
+    try:
+        model_name, layer = parse_partition(args.sae)
+        llm = LLM(backend=args.backend, base_url=args.base_url, model=args.model)
+        if llm.kind == "offline":
+            from recsae_pipeline.interp.sage import OfflinePolicy
+            from recsae_pipeline.interp.scoring import OfflineScorer
+
+            policy, scorer = OfflinePolicy, OfflineScorer
+        else:
+            from recsae_pipeline.interp.llm import OpenAIChat
+            from recsae_pipeline.interp.llm_policy import LLMPolicy, LLMScorer
+
+            settings = llm.settings()
+
+            def policy():  # noqa: ANN202
+                return LLMPolicy(OpenAIChat(settings))
+
+            def scorer():  # noqa: ANN202
+                return LLMScorer(OpenAIChat(settings))
+
+        device = resolve_device(args.device)
+        transcripts = paths.root / "explanations_cli" / f"model={model_name}" / f"layer={layer}"
+        methods = ("baseline", "sage") if args.method == "both" else (args.method,)
+        explained = explain_features(
+            paths, model_name, layer, [args.feature], policy, device, transcripts, methods=methods
+        )
+        scores = score_features(paths, model_name, layer, explained, scorer, device)
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        print(f"recsae explain: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # dagster.Failure from the LLM resource: a configuration problem
+        if type(err).__name__ != "Failure":
+            raise
+        print(f"recsae explain: {err}", file=sys.stderr)
+        return 2
+    for e, s in zip(explained, scores, strict=True):
+        print(f"== feature {e.feature}, {e.method} ({e.backend})")
+        for h in e.hypotheses:
+            sep = h["last_separation"]
+            tail = "" if sep is None else f", last test: separation AUC {sep:.2f}"
+            print(
+                f"  H{h['id']} [{h['kind']}] {h['status'].upper()}: {h['text']} ({h['tests']} tests{tail})"
+            )
+        print(f"  label: {e.label}")
+        print(f"  description: {e.description}")
+        print(
+            f"  experiments {e.experiments}, sequences run {e.sequences_run}, LLM calls "
+            f"{e.usage.get('calls', 0)}, tokens {e.usage.get('prompt_tokens', 0) + e.usage.get('completion_tokens', 0)}, "
+            f"{e.seconds:.1f} s; stopped by: {e.stopped_by}"
+        )
+        r = s["predictive_r"]
+        print(
+            f"  scores: generative {s['generative_accuracy']:.2f}, predictive r "
+            f"{'nan' if r != r else f'{r:.3f}'}, detection AUC {s['detection_auc']:.3f}"
+        )
+        if e.transcript:
+            print(f"  transcript: {e.transcript}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recsae", description=__doc__)
     parser.add_argument(
@@ -204,6 +271,15 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("-k", type=int, default=10, help="list length")
     rec.add_argument("--device", default="auto", help="auto | cpu | cuda[:n]")
     rec.set_defaults(func=cmd_recommend)
+    exp = sub.add_parser("explain", help="explain one SAE feature with SAGE and the baseline")
+    exp.add_argument("feature", type=int)
+    exp.add_argument("--sae", default="sasrec.layer2", help="SAE partition <model>.layer<l>")
+    exp.add_argument("--method", choices=["sage", "baseline", "both"], default="both")
+    exp.add_argument("--backend", choices=["auto", "offline", "openai"], default="auto")
+    exp.add_argument("--base-url", help="OpenAI-compatible endpoint (key in $OPENAI_API_KEY)")
+    exp.add_argument("--model", help="model name at that endpoint")
+    exp.add_argument("--device", default="auto", help="auto | cpu | cuda[:n]")
+    exp.set_defaults(func=cmd_explain)
     return parser
 
 

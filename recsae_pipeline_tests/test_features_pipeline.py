@@ -1,6 +1,7 @@
 """Feature assets end to end through Dagster on a tiny synthetic log (genres, franchises and
-planted ground truth): SAE -> feature_activations -> feature_stats -> steering_eval, the
-DuckDB views, the README's SQL examples, and `recsae recommend --steer`."""
+planted ground truth): SAE -> feature_activations -> feature_stats -> steering_eval ->
+explanations -> explanation_scores, the DuckDB views, the README's SQL examples,
+`recsae recommend --steer` and `recsae explain`."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from recsae_pipeline import cli
-from recsae_pipeline.assets import activations, data, features, models
+from recsae_pipeline.assets import activations, data, explanations, features, models
 from recsae_pipeline.assets import sae as sae_assets
-from recsae_pipeline.resources import DataQuality, StorageRoot, TorchDevice
+from recsae_pipeline.resources import LLM, DataQuality, StorageRoot, TorchDevice
 
 KEY = "sasrec.layer2"
 FAST = {"max_epochs": 4, "patience": 4, "batch_size": 64, "lr": 5e-3, "progress_bar": False}
@@ -37,6 +38,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
         "storage": StorageRoot(path=str(root)),
         "quality": DataQuality(),
         "device": TorchDevice(device="cpu"),
+        "llm": LLM(),
     }
     synthetic = {"n_users": 400, "n_items": 250, "mean_sequence_length": 18, "n_franchises": 10}
     run_config = {
@@ -61,6 +63,8 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
             features.steering_eval,
             {"max_users": 150, "min_top_items": 5, "alpha_scales": [1.0, 4.0]},
         ),
+        (explanations.explanations, {"n_frequent": 3, "n_concept": 2, "n_random": 1}),
+        (explanations.explanation_scores, {"min_concept_auc": 0.6}),
     ):
         name = asset.key.to_user_string()
         run = {"ops": {name: {"config": config}}} if config else None
@@ -180,3 +184,40 @@ def test_recommend_prints_top_10_before_and_after_steering(store, capsys) -> Non
     with pytest.raises(SystemExit):
         cli.main(["--data-dir", str(root), "recommend", "--user", user, "--steer", "oops"])
     assert "FEATURE=ALPHA" in capsys.readouterr().err
+
+
+def test_explanations_are_stored_with_transcripts_and_scored(store, capsys) -> None:
+    root, results = store
+    out = root / "explanations" / "model=sasrec" / "layer=2"
+    rows = pq.read_table(out / "explanations.parquet").to_pylist()
+    assert {r["method"] for r in rows} == {"sage", "baseline"}
+    assert len({r["feature"] for r in rows}) == 6
+    for r in rows:
+        assert r["label"] and "offline" in r["backend"]
+        assert Path(r["transcript"]).exists()  # points at the final place, not the temp dir
+    sage = [r for r in rows if r["method"] == "sage"]
+    assert all(r["experiments"] >= 3 for r in sage)
+    scores = pq.read_table(
+        root / "explanation_scores" / "model=sasrec" / "layer=2" / "scores.parquet"
+    ).to_pylist()
+    assert len(scores) == len(rows)
+    assert all(0 <= s["generative_accuracy"] <= 1 for s in scores)
+    check = _checks(results["explanation_scores"])["sage_beats_baseline"]
+    assert "sage" in check.description and "baseline" in check.description
+    summary = _csv(capsys, root, "SELECT method, features FROM explanation_summary ORDER BY method")
+    assert summary[1:] == [["baseline", "6"], ["sage", "6"]]
+
+
+def test_explain_cli_prints_the_transcript_summary(store, capsys) -> None:
+    root, _ = store
+    rows = pq.read_table(
+        root / "explanations" / "model=sasrec" / "layer=2" / "explanations.parquet"
+    )
+    feature = rows["feature"][0].as_py()
+    assert cli.main(["--data-dir", str(root), "explain", str(feature), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        f"feature {feature}, sage" in out and "H1 [positive]" in out and "scores: generative" in out
+    )
+    assert cli.main(["--data-dir", str(root), "explain", "999999", "--device", "cpu"]) == 2
+    assert "feature 999999" in capsys.readouterr().err
