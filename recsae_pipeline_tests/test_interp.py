@@ -185,3 +185,17 @@ def test_baseline_is_one_shot(ctx: FeatureContext) -> None:
     baseline = run_baseline(ctx, OfflinePolicy())
     assert baseline.method == "baseline" and baseline.experiments == 0 and ctx.probe.runs == 0
     assert "Horror" in baseline.label
+
+
+def test_an_llm_failure_concludes_with_what_is_known(ctx: FeatureContext) -> None:
+    from recsae_pipeline.interp.llm import LLMReplyError
+
+    class Flaky(OfflinePolicy):
+        def design(self, ctx, hypothesis):  # noqa: ANN001, ANN202
+            if hypothesis.id == 2:
+                raise LLMReplyError("reply still invalid after one correction")
+            return super().design(ctx, hypothesis)
+
+    explanation = run_sage(ctx, Flaky())
+    assert explanation.stopped_by.startswith("llm error: reply still invalid")
+    assert explanation.hypotheses[0]["tests"] == 1 and explanation.label

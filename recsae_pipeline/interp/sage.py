@@ -22,6 +22,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 from pydantic import BaseModel, Field
 
+from recsae_pipeline.interp.llm import LLMError
 from recsae_pipeline.interp.spec import Spec
 from recsae_pipeline.interp.tools import (
     EXPLAIN_USERS,
@@ -535,8 +536,15 @@ def run_sage(
     except BudgetExceeded as err:
         stopped_by = f"budget: {err}"
         transcript.write(State.FINAL, stopped_by=stopped_by)
+    except LLMError as err:  # retries or the corrective retry used up: conclude with what is known
+        stopped_by = f"llm error: {err}"
+        transcript.write(State.FINAL, stopped_by=stopped_by)
     notify(State.FINAL, "writing the explanation")
-    final = policy.final(ctx, hypotheses)
+    try:
+        final = policy.final(ctx, hypotheses)
+    except LLMError as err:
+        stopped_by = f"{stopped_by}; final failed: {err}"
+        final = FinalReply(label="unexplained", description=f"The explainer failed: {err}")
     transcript.write(State.FINAL, reply=final)
     transcript.write(State.DONE, usage=policy.usage())
     return Explanation(
