@@ -125,6 +125,10 @@ def explain_features(
                 loaded.probe.runs = 0
                 try:
                     policy = policy_factory()
+                    if hasattr(policy, "on_call"):  # LLM policies: every prompt and raw reply
+                        policy.on_call = lambda record, t=transcript: t.write(
+                            "llm_call", call=record.as_dict()
+                        )
                     if method == "sage":
                         explanation = run_sage(ctx, policy, limits, transcript)
                     else:
