@@ -75,6 +75,19 @@ def partition_targets(root: Path, model: str, layer: int) -> dict:
             f"SELECT count(*), count(*) FILTER (WHERE met), median(least(share_ratio, 1e6)) FROM {_parquet(steering)}"
         ).fetchone()
         row |= {"genres": genres, "genres_tripled": met, "median_share_ratio": median_ratio}
+    summary = root / "explanation_scores" / f"model={model}" / f"layer={layer}" / "summary.parquet"
+    if summary.exists():
+        for method, gen, r, auc, named, n_named in duckdb.execute(
+            "SELECT method, mean_generative_accuracy, mean_predictive_r, mean_detection_auc, "
+            f"names_concept_share, concept_features FROM {_parquet(summary)}"
+        ).fetchall():
+            row |= {
+                f"{method}_generative": gen,
+                f"{method}_predictive_r": r,
+                f"{method}_detection_auc": auc,
+                f"{method}_names_concept": named,
+                "concept_features_explained": n_named,
+            }
     return row
 
 
@@ -107,9 +120,23 @@ def main(argv: list[str] | None = None) -> int:
             f"{r.get('mono_neuron_median', float('nan')):>10.3f}{concepts:>9}{steered:>9}"
             f"{r.get('median_share_ratio', float('nan')):>7.2f}"
         )
+    print()
+    print(
+        f"{'partition':<16}{'SAGE gen':>9}{'base gen':>9}{'SAGE r':>8}{'base r':>8}{'SAGE AUC':>9}{'base AUC':>9}{'named':>7}"
+    )
+    for r in rows:
+        if "sage_generative" in r:
+            print(
+                f"{r['partition']:<16}{r['sage_generative']:>9.3f}{r['baseline_generative']:>9.3f}"
+                f"{r['sage_predictive_r']:>8.3f}{r['baseline_predictive_r']:>8.3f}"
+                f"{r['sage_detection_auc']:>9.3f}{r['baseline_detection_auc']:>9.3f}"
+                f"{r['sage_names_concept']:>7.0%}"
+            )
     print(
         "targets: FVU <= 0.10, dead <= 2%, spliced >= 95% of original, mono SAE > neurons, "
-        "steering >= 3x share within 20% NDCG loss for most genres"
+        "steering >= 3x share within 20% NDCG loss for most genres; SAGE > baseline on "
+        "generative accuracy and r; SAGE names the planted concept for >= 80% of features with "
+        "concept AUC >= 0.9"
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
