@@ -1,0 +1,228 @@
+"""SAE benchmark: our TopK SAE vs EleutherAI sparsify's TopK SparseCoder on the same activations.
+
+Both train on one partition's non-held-out rows with the same reader and seed, k, width,
+batch, constant Adam lr, row count and torch threads: ours in this process (`train_sae`),
+sparsify 1.3.3 in its own venv (benchmarks/sparsify/; run_sparsify.py says which parts of
+sparsify's Trainer its loop mirrors), taking turns `--repeats` times. Both are scored on the
+held-out users' rows (user_idx % 10 == 0) with `evaluate_sae`'s definitions.
+
+    bash benchmarks/sparsify/setup_env.sh     # once: sparsify's own venv
+    .venv/bin/python benchmarks/sae.py        # --model student --layer 1 --device cuda
+
+rows/s is the training loop's throughput as `train_sae` times it: reading inside the loop
+included; the first batch, the init and the held-out evaluation excluded. The table gives
+each side's best run, since other work on a shared machine only ever slows a run. Results:
+benchmarks/results/sae.json (one entry per model/layer/device/threads) and a printed table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+
+from recsae_pipeline.activations.shards import SHARD_GLOB, partition_dir
+from recsae_pipeline.sae.sae import SaeConfig
+from recsae_pipeline.sae.training import SaeTrainConfig, default_lr, train_sae
+from recsae_pipeline.store import default_data_dir, write_json
+
+ROOT = Path(__file__).resolve().parent
+SPARSIFY_PYTHON = ROOT / "sparsify" / ".venv" / "bin" / "python"
+HELDOUT_USERS_MODULO = 10
+
+
+def resolve_device(spec: str) -> torch.device:
+    """`auto` = CUDA when present, else CPU; `cpu`, `cuda`, `cuda:N` as given."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {spec}: torch {torch.__version__} sees no CUDA device")
+    return device
+
+
+def activation_width(partition: Path) -> int:
+    """d of the partition's activation column; exits with the fix if there is no partition."""
+    shards = sorted(partition.glob(SHARD_GLOB))
+    if not shards:
+        model, layer = partition.parent.name.removeprefix("model="), partition.name
+        raise SystemExit(
+            f"{partition} holds no {SHARD_GLOB}: materialize the activations first with "
+            f"`recsae materialize` (or the `features` job for partition "
+            f"{model}.{layer.replace('=', '')}), or point --data-dir at a storage root that has them"
+        )
+    return pq.read_schema(shards[0]).field("activation").type.list_size
+
+
+def run_ours(
+    partition: Path, sae_config: SaeConfig, train_config: SaeTrainConfig, device: torch.device
+) -> dict:
+    result = train_sae(partition, train_config, sae_config, device, HELDOUT_USERS_MODULO)
+    return {
+        "implementation": "recsae",
+        "rows_seen": result.rows_seen,
+        "steps": result.steps,
+        "epochs": result.epochs,
+        "lr": result.lr,
+        "seconds": result.seconds,
+        "rows_per_second": result.rows_per_second,
+        "curve": [p._asdict() for p in result.curve],
+        "heldout": result.heldout,
+    }
+
+
+def run_sparsify(
+    partition: Path,
+    sae_config: SaeConfig,
+    train_config: SaeTrainConfig,
+    device: torch.device,
+    threads: int,
+    out: Path,
+) -> dict:
+    if not SPARSIFY_PYTHON.exists():
+        raise SystemExit(
+            f"{SPARSIFY_PYTHON} is missing: run `bash benchmarks/sparsify/setup_env.sh` first"
+        )
+    cmd = [
+        str(SPARSIFY_PYTHON), str(ROOT / "sparsify" / "run_sparsify.py"),
+        "--partition", str(partition), "--out", str(out),
+        "--rows", str(train_config.rows_seen), "--batch-size", str(train_config.batch_size),
+        "--k", str(sae_config.k), "--expansion", str(sae_config.expansion),
+        "--lr", repr(train_config.lr), "--seed", str(train_config.seed),
+        "--auxk-alpha", repr(sae_config.aux_coefficient),
+        "--dead-feature-threshold", str(sae_config.dead_after_rows),
+        "--heldout-users-modulo", str(HELDOUT_USERS_MODULO),
+        "--device", str(device), "--threads", str(threads),
+    ]  # fmt: skip
+    subprocess.run(cmd, check=True)
+    return json.loads(out.read_text())
+
+
+def best_run(runs: list[dict]) -> dict:
+    """The fastest run, with every run's rows/s, load average and held-out FVU beside it
+    (seeded: on CPU the repeats differ only in speed; CUDA's atomic adds may move the FVU)."""
+    best = max(runs, key=lambda r: r["rows_per_second"])
+    return best | {
+        "rows_per_second_runs": [r["rows_per_second"] for r in runs],
+        "load_average_runs": [r["load_average_before"] for r in runs],
+        "heldout_fvu_runs": [r["heldout"]["fvu"] for r in runs],
+    }
+
+
+def print_table(entry: dict) -> None:
+    ours, theirs = entry["ours"], entry["sparsify"]
+    c = entry["config"]
+    print(
+        f"\n### {entry['model']} layer {entry['layer']}: d_in {c['d_in']}, {c['n_latents']} "
+        f"latents, k {c['k']}, batch {c['batch_size']}, lr {c['lr']:.3g}, {c['rows']:,} rows, "
+        f"{entry['device']}, {entry['threads']} threads"
+    )
+    print(
+        "| implementation | rows/s (best) | rows/s (all runs) | held-out FVU | L0 | dead fraction |"
+    )
+    print("|---|---|---|---|---|---|")
+    for name, r in (("ours", ours), (theirs["implementation"], theirs)):
+        h = r["heldout"]
+        every = ", ".join(f"{v:,.0f}" for v in r["rows_per_second_runs"])
+        print(
+            f"| {name} | {r['rows_per_second']:,.0f} | {every} | {h['fvu']:.4f} "
+            f"| {h['l0']:.1f} | {h['dead_fraction']:.3f} |"
+        )
+    ratios = entry["ratios"]
+    print(
+        f"ours/sparsify: rows/s {ratios['rows_per_second']:.2f}x, FVU "
+        f"{ratios['fvu']:.3f}x (< 1 = ours reconstructs better)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="sasrec", help="activations' model=<m> partition")
+    parser.add_argument("--layer", type=int, default=2)
+    parser.add_argument("--rows", type=int, default=500_000, help="training rows per coder")
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--expansion", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=4096)
+    parser.add_argument(
+        "--lr", type=float, help="Adam lr for both (default: 2e-4 / sqrt(n_latents / 2**14))"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads for both")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="runs of each, alternating; rows/s = the best"
+    )
+    parser.add_argument("--data-dir", type=Path, default=Path(default_data_dir()))
+    parser.add_argument("--out-dir", type=Path, default=ROOT / "results")
+    args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats {args.repeats}; need >= 1")
+
+    partition = partition_dir(args.data_dir, args.model, args.layer).resolve()
+    sae_config = SaeConfig(d_in=activation_width(partition), expansion=args.expansion, k=args.k)
+    lr = args.lr if args.lr is not None else default_lr(sae_config.n_latents)
+    train_config = SaeTrainConfig(
+        lr=lr, batch_size=args.batch_size, rows_seen=args.rows, seed=args.seed
+    )
+    device = resolve_device(args.device)
+    torch.set_num_threads(args.threads)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    key = f"{args.model}.layer{args.layer}.{device.type}.threads{args.threads}"
+
+    runs: dict[str, list[dict]] = {"ours": [], "sparsify": []}
+    for repeat in range(args.repeats):
+        # Alternate who goes first, so a burst of other work on the machine hits both
+        for name in ("ours", "sparsify") if repeat % 2 == 0 else ("sparsify", "ours"):
+            print(f"== {key}: {name}, run {repeat + 1}/{args.repeats} ...", flush=True)
+            load = os.getloadavg()[0]
+            if name == "ours":
+                run = run_ours(partition, sae_config, train_config, device)
+            else:
+                out = args.out_dir / f"sae_sparsify_{key}.json"
+                run = run_sparsify(partition, sae_config, train_config, device, args.threads, out)
+            runs[name].append(run | {"load_average_before": load})
+    ours, theirs = (best_run(runs[name]) for name in ("ours", "sparsify"))
+
+    entry = {
+        "model": args.model,
+        "layer": args.layer,
+        "partition": str(partition),
+        "device": str(device),
+        "threads": args.threads,
+        "config": {
+            "d_in": sae_config.d_in,
+            "n_latents": sae_config.n_latents,
+            "expansion": sae_config.expansion,
+            "k": sae_config.k,
+            "aux_coefficient": sae_config.aux_coefficient,
+            "dead_after_rows": sae_config.dead_after_rows,
+            "lr": lr,
+            "batch_size": args.batch_size,
+            "rows": args.rows,
+            "seed": args.seed,
+        },
+        "repeats": args.repeats,
+        "ours": ours,
+        "sparsify": theirs,
+        "ratios": {
+            "rows_per_second": ours["rows_per_second"] / theirs["rows_per_second"],
+            "fvu": ours["heldout"]["fvu"] / theirs["heldout"]["fvu"],
+        },
+    }
+    results = args.out_dir / "sae.json"
+    report = json.loads(results.read_text()) if results.exists() else {}
+    report[key] = entry
+    write_json(report, results)
+    print_table(entry)
+    print(f"-> {results}")
+
+
+if __name__ == "__main__":
+    main()
