@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import dagster as dg
 
-from recsae_pipeline.assets import activations, data, explanations, features, models, sae
+from recsae_pipeline.assets import (
+    activations,
+    browser,
+    data,
+    explanations,
+    features,
+    models,
+    sae,
+)
 from recsae_pipeline.resources import LLM, DataQuality, StorageRoot, TorchDevice
 
 feature_partitions = activations.activation_partitions
@@ -16,6 +24,7 @@ _partitioned = dg.AssetSelection.assets(
     features.steering_eval,
     explanations.explanations,
     explanations.explanation_scores,
+    browser.feature_browser,
 )
 
 main_job = dg.define_asset_job(
@@ -38,9 +47,11 @@ features_job = dg.define_asset_job(
 )
 
 defs = dg.Definitions(
-    assets=dg.load_assets_from_modules([data, models, activations, sae, features, explanations]),
+    assets=dg.load_assets_from_modules(
+        [data, models, activations, sae, features, explanations, browser]
+    ),
     asset_checks=dg.load_asset_checks_from_modules(
-        [data, models, activations, sae, features, explanations]
+        [data, models, activations, sae, features, explanations, browser]
     ),
     resources={
         "storage": StorageRoot(),

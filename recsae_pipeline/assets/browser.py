@@ -1,0 +1,57 @@
+"""The feature browser per (model, layer) partition: a static HTML site over the feature
+statistics, explanations, scores and steering, opened from disk without a server."""
+
+import dagster as dg
+from pydantic import Field
+
+from recsae_pipeline.assets.activations import activation_partitions, parse_partition_key
+from recsae_pipeline.assets.explanations import explanation_scores
+from recsae_pipeline.assets.features import steering_eval
+from recsae_pipeline.browser import write_browser
+from recsae_pipeline.resources import StorageRoot
+
+GROUP = "browser"
+
+
+class FeatureBrowserConfig(dg.Config):
+    max_features: int = Field(
+        default=200,
+        description="Pages: every explained feature, then the most frequent, up to this many.",
+    )
+    top_windows: int = Field(default=10, description="Top windows (one per user) per page.")
+
+
+@dg.asset(
+    group_name=GROUP,
+    code_version="1",
+    kinds={"html"},
+    partitions_def=activation_partitions,
+    deps=[explanation_scores, steering_eval],
+    description="A static HTML site: an index of features sortable by frequency, "
+    "monosemanticity and explanation scores, and one page per feature with its explanations "
+    "(SAGE hypotheses and verdicts), top windows, activation histogram, attribute enrichment "
+    "and steering effect. browser/model=<m>/layer=<l>/index.html; open it from disk.",
+)
+def feature_browser(
+    context: dg.AssetExecutionContext, config: FeatureBrowserConfig, storage: StorageRoot
+) -> dg.MaterializeResult:
+    model_name, layer = parse_partition_key(context.partition_key)
+    paths = storage.paths
+    out = paths.partition_dir("browser", model_name, layer)
+    try:
+        report = write_browser(
+            paths, model_name, layer, out, config.max_features, config.top_windows
+        )
+    except FileNotFoundError as error:
+        raise dg.Failure(str(error)) from error
+    context.log.info(
+        f"{context.partition_key}: {report.pages} feature pages in {report.seconds:.1f}s, "
+        f"open {report.index}"
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "index": dg.MetadataValue.path(str(report.index)),
+            "pages": report.pages,
+            "seconds": dg.MetadataValue.float(round(report.seconds, 2)),
+        }
+    )
