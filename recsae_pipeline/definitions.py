@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
+from recsae_pipeline import automation
 from recsae_pipeline.assets import (
     activations,
     browser,
@@ -59,7 +60,9 @@ defs = dg.Definitions(
         "device": TorchDevice(),
         "llm": LLM(),
     },
-    jobs=[main_job, features_job],
+    jobs=[main_job, features_job, *automation.jobs],
+    schedules=automation.schedules,
+    sensors=automation.sensors,
     # Ad-hoc materializations from the UI or `dagster asset materialize` also run in one
     # process: torch already uses every core, so parallel steps would only oversubscribe them.
     executor=dg.in_process_executor,
