@@ -1,7 +1,8 @@
 """TopK SAE: decoder rows stay unit norm, the encoder starts as the decoder's transpose, TopK
 and BatchTopK keep the promised number of latents, training recovers a known sparse
-dictionary, AuxK only acts on dead latents, saves round-trip exactly, held-out users never
-reach the optimizer, and a seed fixes the result."""
+dictionary, AuxK only acts on dead latents, whitening keeps latents alive on anisotropic
+states while decoding in hidden units, saves round-trip exactly (and old ones still load),
+held-out users never reach the optimizer, and a seed fixes the result."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from recsae_pipeline.activations.shards import activation_schema
 from recsae_pipeline.sae.sae import SaeConfig, TopKSae
@@ -65,6 +67,15 @@ def sparse_mixtures(n: int, d: int, atoms: int, active: int, seed: int = 0):
 def gaussian_partition(tmp_path: Path, n: int = 2000, d: int = 8) -> Path:
     x = np.random.default_rng(1).normal(size=(n, d)) + 3.0
     return write_partition(tmp_path / "acts", x)
+
+
+def anisotropic(n: int, d: int, strong: int = 3, weak: float = 0.05, seed: int = 0):
+    """Mean 10 in every dim, `strong` rotated directions of std 1, the rest std `weak`."""
+    rng = np.random.default_rng(seed)
+    rotation = np.linalg.qr(rng.normal(size=(d, d)))[0]
+    scales = np.full(d, weak)
+    scales[:strong] = 1.0
+    return 10.0 + (rng.normal(size=(n, d)) * scales) @ rotation
 
 
 def test_encoder_starts_as_decoder_transpose_with_unit_rows():
@@ -189,8 +200,44 @@ def test_training_recovers_a_known_sparse_dictionary(tmp_path: Path):
     assert untrained["fvu"] > 0.5
     assert result.heldout["fvu"] < 0.1
     assert result.curve[-1].fvu < result.curve[0].fvu
-    best_cosine = (torch.tensor(dictionary).float() @ result.sae.W_dec.detach().T).amax(1)
+    directions = torch.stack([result.sae.decoder_direction(f) for f in range(64)])
+    directions /= directions.norm(dim=1, keepdim=True)
+    best_cosine = (torch.tensor(dictionary).float() @ directions.T).amax(1)
     assert (best_cosine > 0.9).sum() >= 24
+
+
+def test_whitening_maps_the_sample_to_unit_covariance_and_decodes_in_hidden_units():
+    sample = torch.tensor(anisotropic(4000, 8), dtype=torch.float32)
+    sae = TopKSae(SaeConfig(d_in=8, expansion=4, k=3, whitening_shrinkage=0.0), CPU, sample)
+    whitened = (sample - sample.mean(0)) @ sae.whitening
+    assert torch.allclose(torch.cov(whitened.T, correction=0), torch.eye(8), atol=1e-3)
+    assert torch.allclose(sae.whitening @ sae.unwhitening, torch.eye(8), atol=1e-4)
+    x = sample[:5]
+    directions = torch.stack([sae.decoder_direction(f) for f in range(32)])
+    by_direction = sae.dense_latents(x) @ directions + sae.b_dec
+    assert torch.allclose(sae.reconstruct(x), by_direction, atol=1e-4)
+    shrunk = TopKSae(SaeConfig(d_in=8, expansion=4, k=3), CPU, sample)  # λ = 0.1
+    assert ((sample - sample.mean(0)) @ shrunk.whitening).pow(2).sum(1).mean() == pytest.approx(8)
+    plain = TopKSae(SaeConfig(d_in=8, expansion=4, k=3, whitening_shrinkage=None), CPU, sample)
+    assert torch.equal(plain.whitening, torch.eye(8))
+    with pytest.raises(ValueError, match="whitening_shrinkage=-1"):
+        SaeConfig(d_in=8, whitening_shrinkage=-1)
+
+
+def test_whitening_keeps_latents_alive_on_anisotropic_states(tmp_path: Path):
+    # 3 strong of 16 directions and a large mean: in the hidden basis, latents whose random
+    # unit rows lie in the weak directions never reach the top k (~45% stay dead)
+    partition = write_partition(tmp_path / "acts", anisotropic(6000, 16))
+    config = SaeTrainConfig(batch_size=256, rows_seen=256 * 100, log_every=50)
+
+    def heldout(shrinkage: float | None) -> dict[str, float]:
+        sae_config = SaeConfig(d_in=16, expansion=4, k=4, whitening_shrinkage=shrinkage)
+        return train_sae(partition, config, sae_config, CPU).heldout
+
+    plain, whitened = heldout(None), heldout(0.1)
+    assert plain["fvu"] < 0.1 and whitened["fvu"] < 0.1
+    assert plain["dead_fraction"] > 0.25
+    assert whitened["dead_fraction"] <= 0.05
 
 
 def test_heldout_rows_never_reach_the_optimizer(tmp_path: Path):
@@ -223,8 +270,10 @@ def test_a_fixed_seed_gives_identical_results(tmp_path: Path):
 @pytest.mark.parametrize("batch_topk", [False, True])
 def test_save_load_round_trip_is_exact(tmp_path: Path, batch_topk: bool):
     config = SaeConfig(d_in=8, expansion=4, k=3, batch_topk=batch_topk, aux_k=5)
-    sae = TopKSae(config, CPU, seed=3).train()
-    x = torch.randn(20, 8)
+    sample = torch.tensor(anisotropic(500, 8), dtype=torch.float32)
+    sae = TopKSae(config, CPU, sample=sample, seed=3).train()
+    assert not torch.equal(sae.whitening, torch.eye(8))
+    x = sample[:20]
     sae(x)  # BatchTopK: sets the eval threshold, which must be saved too
     with torch.no_grad():
         sae.b_dec.add_(0.5)
@@ -241,3 +290,20 @@ def test_save_load_round_trip_is_exact(tmp_path: Path, batch_topk: bool):
     sae.save(path)  # overwrites in place
     with pytest.raises(FileNotFoundError, match="TopKSae.save"):
         TopKSae.load(tmp_path / "missing", CPU)
+
+
+def test_an_sae_saved_before_whitening_loads_in_the_hidden_basis(tmp_path: Path):
+    config = SaeConfig(d_in=8, expansion=4, k=3, whitening_shrinkage=None)
+    sae = TopKSae(config, CPU, seed=3).eval()
+    path = sae.save(tmp_path / "sae")
+    state = load_file(path / "sae.safetensors")
+    save_file({k: v for k, v in state.items() if "whitening" not in k}, path / "sae.safetensors")
+    raw = json.loads((path / "config.json").read_text())
+    del raw["whitening_shrinkage"]
+    (path / "config.json").write_text(json.dumps(raw))
+
+    loaded = TopKSae.load(path, CPU).eval()
+    assert loaded.config == config
+    assert torch.equal(loaded.unwhitening, torch.eye(8))
+    x = torch.randn(20, 8)
+    assert torch.equal(loaded.reconstruct(x), sae.reconstruct(x))

@@ -1,8 +1,10 @@
 """A TopK sparse autoencoder over a recommender's hidden states (Gao et al. 2024).
 
-x ≈ x̂ = TopK(ReLU(W_enc(x - b_dec) + b_enc)) @ W_dec + b_dec, with one unit-norm decoder row
-per latent, so `decoder_direction(f)` is a steering direction in the hidden space. Saved as
-`sae.safetensors` + `config.json` in one directory: any tool can open it, nothing is pickled.
+x ≈ x̂ = TopK(ReLU(W_enc M(x - b_dec) + b_enc)) @ W_dec M⁻¹ + b_dec, with one unit-norm
+decoder row per latent in the basis whitened by M (fitted to the training sample; identity
+without one), so `decoder_direction(f)` = W_dec[f] M⁻¹ is what a unit of latent f adds to the
+hidden state. Saved as `sae.safetensors` + `config.json` in one directory: any tool can open
+it, nothing is pickled.
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ class SaeConfig:
     aux_coefficient: float = 1 / 32
     dead_after_rows: int = 100_000
     """Training rows without firing after which a latent counts as dead (feeds AuxK)."""
+    whitening_shrinkage: float | None = 0.1
+    """Encode, and keep decoder rows unit norm, in the basis M = (Σ + λ·mean eigenvalue·I)^-½
+    of the init sample's covariance Σ, λ = this (0: full whitening; None: hidden basis). On
+    anisotropic states unit rows in weak directions never reach the top k (student: 24% dead)."""
 
     def __post_init__(self) -> None:
         if self.d_in < 1 or self.expansion < 1:
@@ -51,6 +57,11 @@ class SaeConfig:
             raise ValueError(
                 f"aux_coefficient={self.aux_coefficient}, dead_after_rows="
                 f"{self.dead_after_rows}; need aux_coefficient >= 0 and dead_after_rows >= 1"
+            )
+        if self.whitening_shrinkage is not None and not self.whitening_shrinkage >= 0:
+            raise ValueError(
+                f"whitening_shrinkage={self.whitening_shrinkage}; pass λ >= 0 (0.1 default) "
+                "or None to encode in the hidden basis"
             )
 
     @property
@@ -89,7 +100,9 @@ class SaeOutput(NamedTuple):
 
 class TopKSae(nn.Module):
     """TopK (or BatchTopK) sparse autoencoder. `encoder` is an nn.Linear (weight [n_latents,
-    d_in]); `W_dec` [n_latents, d_in] holds one unit-norm direction per latent."""
+    d_in]) on whitened inputs; `W_dec` [n_latents, d_in] holds one unit-norm direction per
+    latent in the whitened basis; buffers `whitening` (M) and `unwhitening` (M⁻¹) [d_in, d_in]
+    map the hidden basis there and back, so inputs, outputs and b_dec are in hidden units."""
 
     def __init__(
         self,
@@ -99,8 +112,9 @@ class TopKSae(nn.Module):
         seed: int = 0,
     ) -> None:
         """Random unit decoder rows (seeded, same on every device), encoder = their transpose,
-        b_enc = 0. Given a `sample` [N, d_in] of activations, b_dec = its mean and the encoder
-        is rescaled to fit it (`_scale_encoder_to`); else b_dec = 0."""
+        b_enc = 0, M = identity. Given a `sample` [N, d_in] of activations, b_dec = its mean,
+        M whitens it (`_fit_whitening`) and the encoder is rescaled to fit it
+        (`_scale_encoder_to`); else b_dec = 0."""
         super().__init__()
         self.config = config
         n, d = config.n_latents, config.d_in
@@ -114,12 +128,34 @@ class TopKSae(nn.Module):
         self.W_dec = nn.Parameter(directions.clone().to(device))
         b_dec = torch.zeros(d) if sample is None else self._sample_mean(sample, d)
         self.b_dec = nn.Parameter(b_dec.to(device))
+        self.register_buffer("whitening", torch.eye(d, device=device))
+        self.register_buffer("unwhitening", torch.eye(d, device=device))
+        if sample is not None and config.whitening_shrinkage is not None:
+            self._fit_whitening(sample, config.whitening_shrinkage)
         if config.batch_topk:
             # Bussmann et al. 2024: eval keeps activations above the mean of the smallest
             # activation kept per training batch; -1 until the first training batch.
             self.register_buffer("threshold", torch.tensor(-1.0, device=device))
         if sample is not None:
             self._scale_encoder_to(sample.to(device))
+
+    @torch.no_grad()
+    def _fit_whitening(self, sample: Tensor, shrinkage: float) -> None:
+        """M = g·(Σ + λ·mean eigenvalue·I)^-½ of the sample's covariance Σ (λ >= 1e-6, so M⁻¹
+        exists), with g so that E‖M(x - mean)‖² = d_in; unwhitening = M⁻¹. A constant sample
+        keeps the identity."""
+        centred = sample.detach().double().cpu()
+        centred = centred - centred.mean(0)
+        eigenvalues, vectors = torch.linalg.eigh(centred.T @ centred / len(centred))
+        eigenvalues = eigenvalues.clamp_min(0)
+        floor = eigenvalues.mean() * max(shrinkage, 1e-6)
+        if not floor > 0:
+            return
+        regularised = eigenvalues + floor
+        gain = (len(eigenvalues) / (eigenvalues / regularised).sum()).sqrt()
+        scale = gain / regularised.sqrt()
+        self.whitening.copy_((vectors * scale) @ vectors.T)
+        self.unwhitening.copy_((vectors / scale) @ vectors.T)
 
     @torch.no_grad()
     def _scale_encoder_to(self, sample: Tensor) -> None:
@@ -129,7 +165,7 @@ class TopKSae(nn.Module):
         x̂ is ~2x too long (FVU ~5), which costs hundreds of steps. TopK's choice does not
         depend on the scale (b_enc = 0), so one scalar fixes it; W_enc stays ∝ W_decᵀ."""
         centred = sample.float() - self.b_dec
-        pre = self.encoder(centred)
+        pre = self.pre_activations(sample.float())
         values, indices = F.relu(pre).topk(self.config.k, dim=-1, sorted=False)
         decoded = self._decode_directions(values, indices)
         scale = (decoded * centred).sum() / decoded.pow(2).sum()
@@ -156,8 +192,8 @@ class TopKSae(nn.Module):
             )
 
     def pre_activations(self, x: Tensor) -> Tensor:
-        """W_enc(x - b_dec) + b_enc for every latent, before the ReLU, [B, n_latents]."""
-        return self.encoder(x - self.b_dec)
+        """W_enc M(x - b_dec) + b_enc for every latent, before the ReLU, [B, n_latents]."""
+        return self.encoder((x - self.b_dec) @ self.whitening)
 
     def _select(self, pre: Tensor) -> tuple[Tensor, Tensor]:
         """Ids of the kept latents [B, width] and which of them are real (BatchTopK pads)."""
@@ -200,12 +236,13 @@ class TopKSae(nn.Module):
         return self._encode(x)[0]
 
     def decode(self, values: Tensor, indices: Tensor) -> Tensor:
-        """sum of values * W_dec[indices] + b_dec, [B, d_in]."""
+        """sum of values * decoder_direction(indices) + b_dec, [B, d_in], in hidden units."""
         return self._decode_directions(values, indices) + self.b_dec
 
     def _decode_directions(self, values: Tensor, indices: Tensor) -> Tensor:
         # A gather instead of a dense [B, n_latents] @ W_dec: k rows per input, not all
-        return F.embedding_bag(indices, self.W_dec, per_sample_weights=values, mode="sum")
+        whitened = F.embedding_bag(indices, self.W_dec, per_sample_weights=values, mode="sum")
+        return whitened @ self.unwhitening
 
     def dense_latents(self, x: Tensor) -> Tensor:
         """The latent code of x [..., d_in] as a dense [..., n_latents] tensor (mostly zeros)."""
@@ -220,10 +257,11 @@ class TopKSae(nn.Module):
         return self.decode(*self.encode(flat)).view_as(x)
 
     def decoder_direction(self, feature: int) -> Tensor:
-        """Latent `feature`'s unit-norm decoder row [d_in] (a copy, detached)."""
+        """What one unit of latent `feature` adds to the hidden state, W_dec[f] M⁻¹ [d_in] (a
+        detached copy); unit norm only without whitening (M = identity)."""
         if not 0 <= feature < self.config.n_latents:
             raise IndexError(f"feature={feature}; pick 0..{self.config.n_latents - 1}")
-        return self.W_dec[feature].detach().clone()
+        return (self.W_dec[feature] @ self.unwhitening).detach().clone()
 
     def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> SaeOutput:
         """Reconstruct x [B, d_in]; a bool `dead_mask` [n_latents] switches AuxK on."""
@@ -258,7 +296,8 @@ class TopKSae(nn.Module):
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
-        """Rescale every decoder row to unit norm (call after each optimizer step)."""
+        """Rescale every decoder row to unit norm in the whitened basis (call after each
+        optimizer step)."""
         eps = torch.finfo(self.W_dec.dtype).eps
         self.W_dec /= torch.linalg.vector_norm(self.W_dec, dim=1, keepdim=True) + eps
 
@@ -290,9 +329,13 @@ class TopKSae(nn.Module):
                 f"{path} lacks {WEIGHTS_FILE} or {CONFIG_FILE}; write it with TopKSae.save"
             )
         raw = json.loads((path / CONFIG_FILE).read_text())
+        raw.setdefault("whitening_shrinkage", None)  # saved before whitening: hidden basis
         known = {f.name for f in fields(SaeConfig)}
         if unknown := sorted(set(raw) - known):
             raise ValueError(f"{path / CONFIG_FILE} has unknown keys {unknown}; known: {known}")
         sae = cls(SaeConfig(**raw), device=device)
-        sae.load_state_dict(load_file(path / WEIGHTS_FILE, device=str(device)))
+        state = load_file(path / WEIGHTS_FILE, device=str(device))
+        for name in ("whitening", "unwhitening"):  # absent before whitening: the identity
+            state.setdefault(name, getattr(sae, name))
+        sae.load_state_dict(state)
         return sae

@@ -1,7 +1,8 @@
 """Steering a recommender with SAE features: add a feature's decoder direction to the hidden
 state at the SAE's layer, or switch the feature off, and measure what the top 10 becomes.
 
-- add: h' = h + alpha * W_dec[f] (unit-norm row), at every position of the sequence;
+- add: h' = h + alpha * d_f, d_f = `decoder_direction(f)` (what one unit of the feature adds
+  to the hidden state), at every position of the sequence;
 - clamp to 0: h' = h - z_f(h) * W_dec[f], i.e. decode the code with z_f = 0 and keep the
   reconstruction error, so only that feature's contribution is removed.
 
@@ -32,7 +33,7 @@ Edit = Callable[[Tensor], Tensor]
 
 
 def add_direction(sae: TopKSae, feature: int, alpha: float) -> Edit:
-    """h -> h + alpha * (unit) decoder direction of `feature`."""
+    """h -> h + alpha * decoder direction of `feature` (one unit of it, in hidden units)."""
     direction = sae.decoder_direction(feature).detach()
 
     def edit(hidden: Tensor) -> Tensor:

@@ -1,7 +1,7 @@
 """Train a TopK SAE on one activation partition, streaming; evaluate it on held-out users.
 
 Every row of a user with user_idx % heldout_users_modulo == 0 is held out: never trained on,
-never used for the b_dec init, and the only rows `evaluate_sae` reads.
+never used for the b_dec and whitening init, and the only rows `evaluate_sae` reads.
 """
 
 from __future__ import annotations
