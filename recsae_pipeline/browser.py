@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from recsae_pipeline.interp.tools import Catalog, Window
 from recsae_pipeline.store import ArtifactPaths, atomic_path
+from recsae_pipeline.store import sql_literal as _sql
 
 WINDOW_RADIUS = 5
 HISTOGRAM_BINS = 30
@@ -143,10 +144,6 @@ def write_browser(
 
 
 # ----------------------------------------------------------------------------- reading
-
-
-def _sql(path: Path) -> str:
-    return "'" + str(path).replace("'", "''") + "'"
 
 
 def _optional_rows(path: Path) -> list[dict[str, Any]] | None:

@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from recsae_pipeline.store import ArtifactPaths, default_data_dir
+from recsae_pipeline.store import ArtifactPaths, default_data_dir, parse_partition_key
 from recsae_pipeline.warehouse import query
 
 
@@ -163,30 +163,13 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     """Run SAGE (and the baseline) on one feature, print the transcript summary and scores."""
     from recsae_pipeline.interp.explain import explain_features, score_features
-    from recsae_pipeline.recommend import parse_partition
     from recsae_pipeline.resources import LLM, resolve_device
 
     paths = ArtifactPaths(Path(args.data_dir).resolve())
     try:
-        model_name, layer = parse_partition(args.sae)
+        model_name, layer = parse_partition_key(args.sae)
         llm = LLM(backend=args.backend, base_url=args.base_url, model=args.model)
-        if llm.kind == "offline":
-            from recsae_pipeline.interp.sage import OfflinePolicy
-            from recsae_pipeline.interp.scoring import OfflineScorer
-
-            policy, scorer = OfflinePolicy, OfflineScorer
-        else:
-            from recsae_pipeline.interp.llm import OpenAIChat
-            from recsae_pipeline.interp.llm_policy import LLMPolicy, LLMScorer
-
-            settings = llm.settings()
-
-            def policy():  # noqa: ANN202
-                return LLMPolicy(OpenAIChat(settings))
-
-            def scorer():  # noqa: ANN202
-                return LLMScorer(OpenAIChat(settings))
-
+        policy, scorer = llm.policy_factory(), llm.scorer_factory()
         device = resolve_device(args.device)
         transcripts = paths.root / "explanations_cli" / f"model={model_name}" / f"layer={layer}"
         methods = ("baseline", "sage") if args.method == "both" else (args.method,)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import duckdb
 import numpy as np
@@ -14,7 +13,8 @@ from recsae_pipeline.activations.hooks import edit_hidden
 from recsae_pipeline.models.artifacts import load_recommender
 from recsae_pipeline.sae.sae import TopKSae
 from recsae_pipeline.sae.steering import add_direction, clamp_to_zero
-from recsae_pipeline.store import ArtifactPaths
+from recsae_pipeline.store import ArtifactPaths, parse_partition_key
+from recsae_pipeline.store import sql_literal as _sql
 
 
 @dataclass(frozen=True)
@@ -44,17 +44,6 @@ class SteeredRecommendations:
     before: list[Recommended]
     after: list[Recommended]
     features: list[FeatureInfo]
-
-
-def parse_partition(key: str) -> tuple[str, int]:
-    model, _, layer = key.partition(".layer")
-    if not model or not layer.isdigit():
-        raise ValueError(f"--sae {key!r}: use `<model>.layer<l>`, e.g. sasrec.layer2")
-    return model, int(layer)
-
-
-def _sql(path: Path) -> str:
-    return "'" + str(path).replace("'", "''") + "'"
 
 
 def _user(paths: ArtifactPaths, user_id: str) -> tuple[int, np.ndarray]:
@@ -120,7 +109,7 @@ def recommend(
     """The user's next-item top k after their whole history (seen items excluded), before
     and after adding alpha x each steered feature's decoder direction and clamping each
     clamped feature to 0, at the layer of SAE `sae_key`."""
-    model_name, layer = parse_partition(sae_key)
+    model_name, layer = parse_partition_key(sae_key)
     steer, clamp = steer or [], clamp or []
     user_idx, items = _user(paths, user_id)
     model = load_recommender(paths.model_dir(model_name), device).eval()

@@ -1,6 +1,8 @@
 """Dagster resources: where artifacts live, data-quality bounds, and the DuckDB catalog."""
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import torch
@@ -137,3 +139,28 @@ class LLM(dg.ConfigurableResource):
             price_per_1k_input=self.price_per_1k_input,
             price_per_1k_output=self.price_per_1k_output,
         )
+
+    def policy_factory(self) -> Callable[[], Any]:
+        """A maker of fresh explainer policies (one per feature and method, so that usage
+        and budgets count per explanation): `OfflinePolicy` or an `LLMPolicy` on its own chat."""
+        if self.kind == "offline":
+            from recsae_pipeline.interp.sage import OfflinePolicy
+
+            return OfflinePolicy
+        from recsae_pipeline.interp.llm import OpenAIChat
+        from recsae_pipeline.interp.llm_policy import LLMPolicy
+
+        settings = self.settings()
+        return lambda: LLMPolicy(OpenAIChat(settings))
+
+    def scorer_factory(self) -> Callable[[], Any]:
+        """A maker of fresh scorers: `OfflineScorer` or an `LLMScorer` on its own chat."""
+        if self.kind == "offline":
+            from recsae_pipeline.interp.scoring import OfflineScorer
+
+            return OfflineScorer
+        from recsae_pipeline.interp.llm import OpenAIChat
+        from recsae_pipeline.interp.llm_policy import LLMScorer
+
+        settings = self.settings()
+        return lambda: LLMScorer(OpenAIChat(settings))

@@ -101,6 +101,19 @@ class ArtifactPaths:
         return self.root / artifact / f"model={model}" / f"layer={layer}"
 
 
+def sql_literal(value: str | Path) -> str:
+    """A DuckDB string literal for a path or text (single quotes doubled)."""
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def parse_partition_key(key: str) -> tuple[str, int]:
+    """`<model>.layer<l>` (the per-(model, layer) partition keys) -> (model, l)."""
+    model, _, layer = key.partition(".layer")
+    if not model or not layer.isdigit():
+        raise ValueError(f"partition {key!r}: use `<model>.layer<l>`, e.g. sasrec.layer2")
+    return model, int(layer)
+
+
 def _temp_sibling(path: Path, suffix: str = "") -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
 

@@ -11,10 +11,7 @@ from pathlib import Path
 import duckdb
 
 from recsae_pipeline.store import ArtifactPaths, atomic_path
-
-
-def _quote(path: Path) -> str:
-    return "'" + str(path).replace("'", "''") + "'"
+from recsae_pipeline.store import sql_literal as _quote
 
 
 def view_definitions(paths: ArtifactPaths) -> dict[str, str]:

@@ -91,7 +91,7 @@ def ctx() -> FeatureContext:
         windows=windows,
         scale=float(np.mean([w.peak for w in windows[:10]])),
         attribute_shares={a: c / len(peak_items) for a, c in counts.items()},
-        base_rates=catalog.base_rates(),
+        base_rates=catalog.base_rates,
         context={"share_after_2plus_same_genre": 0.0, "share_sequel_after_predecessor": 0.0},
     )
     prefixes = [[int(i) for i in rng.choice(other, 5, replace=False)] for _ in range(6)]

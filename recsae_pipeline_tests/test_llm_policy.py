@@ -90,7 +90,7 @@ def feature_context() -> FeatureContext:
         windows=EXEMPLARS,
         scale=float(np.mean([w.peak for w in EXEMPLARS])),
         attribute_shares=shares,
-        base_rates=cat.base_rates(),
+        base_rates=cat.base_rates,
         context={"share_after_2plus_same_genre": 0.67, "share_sequel_after_predecessor": 0.67},
     )
     probe = FeatureProbe(model, sae, layer=1)

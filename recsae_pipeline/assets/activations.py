@@ -6,6 +6,7 @@ import duckdb
 import pyarrow.parquet as pq
 from pydantic import Field
 
+from recsae_pipeline import store
 from recsae_pipeline.activations.shards import expected_rows, partition_dir, write_activations
 from recsae_pipeline.assets.progress import throttled_log
 from recsae_pipeline.data.sequences import read_sequences
@@ -22,10 +23,10 @@ def partition_key(model: str, layer: int) -> str:
 
 
 def parse_partition_key(key: str) -> tuple[str, int]:
-    model, _, layer = key.partition(".layer")
-    if not model or not layer.isdigit():
-        raise dg.Failure(f"partition key {key!r} is not `<model>.layer<l>`, e.g. 'sasrec.layer2'.")
-    return model, int(layer)
+    try:
+        return store.parse_partition_key(key)
+    except ValueError as err:
+        raise dg.Failure(str(err)) from None
 
 
 activation_partitions = dg.StaticPartitionsDefinition(

@@ -33,30 +33,6 @@ def explanations_dir(paths: ArtifactPaths, model: str, layer: int) -> Path:
     return paths.partition_dir("explanations", model, layer)
 
 
-def _policy_factory(llm: LLM):
-    if llm.kind == "offline":
-        from recsae_pipeline.interp.sage import OfflinePolicy
-
-        return OfflinePolicy
-    from recsae_pipeline.interp.llm import OpenAIChat
-    from recsae_pipeline.interp.llm_policy import LLMPolicy
-
-    settings = llm.settings()
-    return lambda: LLMPolicy(OpenAIChat(settings))
-
-
-def _scorer_factory(llm: LLM):
-    if llm.kind == "offline":
-        from recsae_pipeline.interp.scoring import OfflineScorer
-
-        return OfflineScorer
-    from recsae_pipeline.interp.llm import OpenAIChat
-    from recsae_pipeline.interp.llm_policy import LLMScorer
-
-    settings = llm.settings()
-    return lambda: LLMScorer(OpenAIChat(settings))
-
-
 class ExplanationsConfig(dg.Config):
     n_frequent: int = Field(default=10, description="The most frequent features.")
     n_concept: int = Field(
@@ -122,7 +98,7 @@ def explanations(
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
         explained = explain_features(
-            paths, model_name, layer, features, _policy_factory(llm), device.torch_device,
+            paths, model_name, layer, features, llm.policy_factory(), device.torch_device,
             tmp / "transcripts", limits, METHODS, config.seed, progress,
         )  # fmt: skip
         rows = []
@@ -199,7 +175,7 @@ def explanation_scores(
     explained = [Explanation.from_row(r) for r in rows]
     log = throttled_log(context)
     scores = score_features(
-        paths, model_name, layer, explained, _scorer_factory(llm), device.torch_device,
+        paths, model_name, layer, explained, llm.scorer_factory(), device.torch_device,
         config.seed, config.n_generated,
         on_progress=lambda done, total: log(f"{context.partition_key}: scored {done}/{total}", done == total),
     )  # fmt: skip

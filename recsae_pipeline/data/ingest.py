@@ -15,7 +15,7 @@ from typing import Literal
 
 import duckdb
 
-from recsae_pipeline.store import atomic_path
+from recsae_pipeline.store import atomic_path, sql_literal
 
 TimestampUnit = Literal["s", "ms", "datetime"]
 
@@ -56,8 +56,7 @@ class IngestReport:
     notes: list[str] = field(default_factory=list)
 
 
-def _sql_str(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
+_sql_str = sql_literal  # the name the data modules use
 
 
 def _ident(name: str) -> str:

@@ -191,9 +191,10 @@ class Exemplars:
         return "\n".join(lines)
 
 
-def _auc(high: list[float], low: list[float]) -> float:
+def pairwise_auc(high: list[float], low: list[float], empty: float = 0.5) -> float:
+    """P(a `high` value beats a `low` one), ties counting half; `empty` if a side is empty."""
     if not high or not low:
-        return 0.5
+        return empty
     h, lo = np.asarray(high)[:, None], np.asarray(low)[None, :]
     return float(((h > lo).sum() + 0.5 * (h == lo).sum()) / (h.size * lo.size))
 
@@ -245,7 +246,7 @@ def exemplars(data: FeatureData, catalog: Catalog, k: int = 20, radius: int = 5)
         "share_after_2plus_same_genre": float(np.mean([r >= 2 for r in runs])) if runs else 0.0,
         "share_sequel_after_predecessor": float(np.mean(sequels)) if sequels else 0.0,
     }
-    return Exemplars(windows, scale, shares, catalog.base_rates(), context)
+    return Exemplars(windows, scale, shares, catalog.base_rates, context)
 
 
 # ----------------------------------------------------------------------------- policy
@@ -343,7 +344,7 @@ def run_experiment(ctx: FeatureContext, plan: ExperimentPlan) -> TestResult:
         target_values=target_values,
         high_mean=float(np.mean(high)) if high else 0.0,
         low_mean=float(np.mean(low)) if low else 0.0,
-        separation=_auc(high, low),
+        separation=pairwise_auc(high, low),
         unresolved=unresolved,
     )
 

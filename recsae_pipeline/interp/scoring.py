@@ -17,7 +17,7 @@ from typing import Protocol
 
 import numpy as np
 
-from recsae_pipeline.interp.sage import Explanation, FeatureContext, SequenceSpec
+from recsae_pipeline.interp.sage import Explanation, FeatureContext, SequenceSpec, pairwise_auc
 from recsae_pipeline.interp.spec import Spec, parse_spec
 from recsae_pipeline.interp.tools import Catalog, FeatureData, UnknownItemError, Window
 
@@ -99,17 +99,6 @@ def _pearson(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.corrcoef(x, y)[0, 1])
 
 
-def _auc(scores: list[float], labels: list[bool]) -> float:
-    pos = np.array([s for s, lab in zip(scores, labels, strict=True) if lab])
-    neg = np.array([s for s, lab in zip(scores, labels, strict=True) if not lab])
-    if not len(pos) or not len(neg):
-        return float("nan")
-    return float(
-        ((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum())
-        / (len(pos) * len(neg))
-    )
-
-
 def score_explanation(
     explanation: Explanation,
     ctx: FeatureContext,
@@ -173,7 +162,11 @@ def score_explanation(
         "generated_unresolved": len(failures),
         "generated_mean_activation": float(np.mean(values)) if values else 0.0,
         "predictive_r": _pearson(np.asarray(true), np.asarray(predicted)),
-        "detection_auc": _auc(window_max, labels),
+        "detection_auc": pairwise_auc(
+            [m for m, active in zip(window_max, labels, strict=True) if active],
+            [m for m, active in zip(window_max, labels, strict=True) if not active],
+            empty=float("nan"),
+        ),
         "windows_active": len(scoring.active),
         "windows_silent": len(scoring.silent),
         "threshold": scoring.threshold,

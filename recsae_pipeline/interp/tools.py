@@ -8,10 +8,10 @@ held-out windows for scoring from odd user_idx, so no scored window was ever sho
 from __future__ import annotations
 
 import difflib
+import functools
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import duckdb
 import numpy as np
@@ -22,14 +22,11 @@ from recsae_pipeline.models.recommender import Recommender
 from recsae_pipeline.models.training import pad_right
 from recsae_pipeline.sae.sae import TopKSae
 from recsae_pipeline.store import ArtifactPaths
+from recsae_pipeline.store import sql_literal as _sql
 
 POPULARITY_BANDS = ("head", "torso", "tail")
 EXPLAIN_USERS = 0
 """user_idx % 2 of the users whose windows explainers see; the other parity is held out."""
-
-
-def _sql(path: Path) -> str:
-    return "'" + str(path).replace("'", "''") + "'"
 
 
 @dataclass(frozen=True)
@@ -226,8 +223,9 @@ class Catalog:
             out.append(min(matches, key=lambda i: self.items[i].popularity_rank))
         return out
 
+    @functools.cached_property
     def base_rates(self) -> dict[str, float]:
-        """Share of items carrying each attribute (`family:value`)."""
+        """Share of items carrying each attribute (`family:value`); computed once."""
         counts = Counter(a for item in self.items.values() for a in item.attributes())
         return {a: c / len(self.items) for a, c in counts.items()}
 

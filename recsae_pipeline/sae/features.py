@@ -33,6 +33,7 @@ from torch import Tensor
 from recsae_pipeline.activations.shards import SHARD_GLOB, iter_in_file_order, partition_rows
 from recsae_pipeline.sae.sae import TopKSae
 from recsae_pipeline.store import PARQUET_COMPRESSION, atomic_path, scratch_dir
+from recsae_pipeline.store import sql_literal as _sql_str
 
 FEATURE_ACTIVATION_SCHEMA = pa.schema(
     [
@@ -46,10 +47,6 @@ FEATURE_ACTIVATION_SCHEMA = pa.schema(
 FEATURE_FILE = "part-00000.parquet"
 ATTRIBUTE_FAMILIES = ("genre", "decade", "popularity", "franchise")
 POPULARITY_BANDS = ("head", "torso", "tail")
-
-
-def _sql_str(value: str | Path) -> str:
-    return "'" + str(value).replace("'", "''") + "'"
 
 
 def _shards_sql(partition_dir: Path) -> str:
