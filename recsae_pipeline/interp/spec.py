@@ -98,7 +98,8 @@ class Spec(BaseModel, frozen=True):
         if self.decade:
             text += f" from the {self.decade}"
         if self.franchise:
-            text += f" of the {self.franchise} franchise"
+            article = "" if self.franchise.casefold().startswith("the ") else "the "
+            text += f" of {article}{self.franchise} franchise"
         if self.sequel:
             text += ", right after the previous installment (a sequel)"
         if self.genre_run and self.genre:
