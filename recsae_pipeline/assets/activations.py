@@ -9,6 +9,7 @@ from pydantic import Field
 from recsae_pipeline import store
 from recsae_pipeline.activations.shards import expected_rows, partition_dir, write_activations
 from recsae_pipeline.assets.progress import throttled_log
+from recsae_pipeline.assets.versioning import content_versioned, partition_output
 from recsae_pipeline.data.sequences import read_sequences
 from recsae_pipeline.models.artifacts import load_recommender
 from recsae_pipeline.resources import StorageRoot, TorchDevice
@@ -61,6 +62,7 @@ class ActivationsConfig(dg.Config):
     "hook on the block), for every non-padding position and split: "
     "activations/model=<m>/layer=<l>/part-*.parquet.",
 )
+@content_versioned(partition_output("activations"))
 def activations(
     context: dg.AssetExecutionContext,
     config: ActivationsConfig,

@@ -7,6 +7,7 @@ from pydantic import Field
 from recsae_pipeline.assets.activations import activation_partitions, parse_partition_key
 from recsae_pipeline.assets.explanations import explanation_scores
 from recsae_pipeline.assets.features import steering_eval
+from recsae_pipeline.assets.versioning import content_versioned, partition_output
 from recsae_pipeline.browser import write_browser
 from recsae_pipeline.resources import StorageRoot
 
@@ -32,6 +33,7 @@ class FeatureBrowserConfig(dg.Config):
     "(SAGE hypotheses and verdicts), top windows, activation histogram, attribute enrichment "
     "and steering effect. browser/model=<m>/layer=<l>/index.html; open it from disk.",
 )
+@content_versioned(partition_output("browser"))
 def feature_browser(
     context: dg.AssetExecutionContext, config: FeatureBrowserConfig, storage: StorageRoot
 ) -> dg.MaterializeResult:

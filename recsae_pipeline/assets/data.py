@@ -8,6 +8,7 @@ import duckdb
 import pyarrow.parquet as pq
 from pydantic import Field
 
+from recsae_pipeline.assets.versioning import content_versioned
 from recsae_pipeline.data.catalog import build_catalog
 from recsae_pipeline.data.ingest import InteractionColumns, _sql_str
 from recsae_pipeline.data.sequences import SequenceConfig, build_sequences
@@ -128,6 +129,7 @@ def _table_metadata(path: Path) -> dict[str, dg.MetadataValue]:
     description="User-item interaction logs from the configured source, as Parquet "
     "(user_id, item_id, timestamp, rating); synthetic runs also store the planted ground truth.",
 )
+@content_versioned(lambda paths, _: [paths.raw_dir], skip=False)
 def raw_interactions(
     context: dg.AssetExecutionContext, config: RawInteractionsConfig, storage: StorageRoot
 ) -> dg.MaterializeResult:
@@ -166,6 +168,7 @@ def raw_interactions(
     description="Item catalog: item_id, title, year, genres, plus the source's extra attributes "
     "(franchise, installment, ...) and interaction counts.",
 )
+@content_versioned(lambda paths, _: [paths.items])
 def item_catalog(context: dg.AssetExecutionContext, storage: StorageRoot) -> dg.MaterializeResult:
     paths = storage.paths
     summary = build_catalog(paths)
@@ -196,6 +199,7 @@ class SequencesConfig(dg.Config):
     description="Chronological item sequences per user (item index 0 = padding) with id maps; "
     "leave-one-out split: last item test, second-last validation.",
 )
+@content_versioned(lambda paths, _: [paths.sequences_dir])
 def sequences(
     context: dg.AssetExecutionContext, config: SequencesConfig, storage: StorageRoot
 ) -> dg.MaterializeResult:

@@ -13,6 +13,7 @@ from pydantic import Field
 from recsae_pipeline.assets.activations import activation_partitions, parse_partition_key
 from recsae_pipeline.assets.features import feature_stats, feature_stats_dir
 from recsae_pipeline.assets.progress import throttled_log
+from recsae_pipeline.assets.versioning import content_versioned, partition_output
 from recsae_pipeline.interp.explain import (
     METHODS,
     concept_named,
@@ -63,6 +64,7 @@ class ExplanationsConfig(dg.Config):
     "verdicts, experiments, backend, LLM calls/tokens/cost, and a JSONL transcript per "
     "feature and method. explanations/model=<m>/layer=<l>/.",
 )
+@content_versioned(partition_output("explanations"))
 def explanations(
     context: dg.AssetExecutionContext,
     config: ExplanationsConfig,
@@ -161,6 +163,7 @@ class ExplanationScoresConfig(dg.Config):
     description="Generative accuracy, predictive Pearson r and detection AUC of every "
     "explanation (the scorer sees only the text), per feature and a per-method summary.",
 )
+@content_versioned(partition_output("explanation_scores"))
 def explanation_scores(
     context: dg.AssetExecutionContext,
     config: ExplanationScoresConfig,

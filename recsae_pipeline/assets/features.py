@@ -15,6 +15,7 @@ from recsae_pipeline.activations.shards import partition_dir, partition_rows
 from recsae_pipeline.assets.activations import activation_partitions, parse_partition_key
 from recsae_pipeline.assets.progress import throttled_log
 from recsae_pipeline.assets.sae import sae, sae_dir
+from recsae_pipeline.assets.versioning import content_versioned, partition_output
 from recsae_pipeline.data.sequences import read_sequences
 from recsae_pipeline.models.artifacts import load_recommender
 from recsae_pipeline.reports import new_figure, save_figure
@@ -77,6 +78,7 @@ def _load_sae(paths: ArtifactPaths, model: str, layer: int, device: torch.device
     "feature, value (only the top-k per row), sorted by feature then value; DuckDB view "
     "`feature_activations` with `model` and `layer` columns.",
 )
+@content_versioned(partition_output("feature_activations"))
 def feature_activations(
     context: dg.AssetExecutionContext, storage: StorageRoot, device: TorchDevice
 ) -> dg.MaterializeResult:
@@ -169,6 +171,7 @@ class FeatureStatsConfig(dg.Config):
     "same score for the raw hidden dimensions in both signs; on synthetic data, the best "
     "feature's AUC for each planted concept. feature_stats/model=<m>/layer=<l>/*.parquet.",
 )
+@content_versioned(partition_output("feature_stats"))
 def feature_stats(
     context: dg.AssetExecutionContext,
     config: FeatureStatsConfig,
@@ -347,6 +350,7 @@ class SteeringConfig(dg.Config):
     "(alpha swept) and clamped to 0 at the SAE's layer; genre share of the top 10 and NDCG@10 "
     "on test users. steering/model=<m>/layer=<l>/{points,summary}.parquet.",
 )
+@content_versioned(partition_output("steering"))
 def steering_eval(
     context: dg.AssetExecutionContext,
     config: SteeringConfig,

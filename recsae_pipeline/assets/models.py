@@ -11,6 +11,7 @@ import torch
 from pydantic import Field
 
 from recsae_pipeline.assets.data import sequences
+from recsae_pipeline.assets.versioning import content_versioned
 from recsae_pipeline.data.sequences import read_sequences
 from recsae_pipeline.models.artifacts import load_recommender, read_metrics, save_recommender
 from recsae_pipeline.models.distillation import DistillConfig, train_student
@@ -220,6 +221,7 @@ def _finish(
     description="SASRec+ baseline: small GPT-2-block backbone, item table learned end to end, "
     "full-softmax cross-entropy at every position, early stopping on validation NDCG@10.",
 )
+@content_versioned(lambda paths, _: [paths.model_dir("sasrec")])
 def sasrec(
     context: dg.AssetExecutionContext,
     config: SasrecConfig,
@@ -259,6 +261,7 @@ def sasrec(
     description="Teacher: deep Llama-architecture backbone (default 8 layers); items enter as a "
     "learned projection of the frozen SASRec item vectors, scores against that table.",
 )
+@content_versioned(lambda paths, _: [paths.model_dir("teacher")])
 def teacher(
     context: dg.AssetExecutionContext,
     config: TeacherConfig,
@@ -337,6 +340,7 @@ def _student(
     description="SLMRec student: the teacher's first layers, trained with CE + cosine and L2 "
     "alignment of block hidden states to the teacher + next-item heads on intermediate blocks.",
 )
+@content_versioned(lambda paths, _: [paths.model_dir("student")])
 def student(
     context: dg.AssetExecutionContext,
     config: StudentConfig,
@@ -353,6 +357,7 @@ def student(
     deps=["teacher"],
     description="Ablation: the same student, initialised the same way, trained on cross-entropy only.",
 )
+@content_versioned(lambda paths, _: [paths.model_dir("student_ce")])
 def student_ce(
     context: dg.AssetExecutionContext,
     config: StudentConfig,
@@ -375,6 +380,7 @@ class LayerProbeConfig(dg.Config):
     description="SLMRec's redundancy analysis: next-item quality read from each teacher layer "
     "(the teacher's own head on that layer, and a linear probe trained on it).",
 )
+@content_versioned(lambda paths, _: [paths.layer_probe])
 def layer_probe(
     context: dg.AssetExecutionContext,
     config: LayerProbeConfig,
@@ -430,6 +436,7 @@ def layer_probe(
     "full-ranking HR/NDCG/MRR@10/20 (each user's seen items filtered), SLMRec's sampled "
     "protocol (1 positive + 999 seeded negatives), parameters, training time, inference cost.",
 )
+@content_versioned(lambda paths, _: [paths.recommender_eval])
 def recommender_eval(
     context: dg.AssetExecutionContext, storage: StorageRoot, device: TorchDevice
 ) -> dg.MaterializeResult:

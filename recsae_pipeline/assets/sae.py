@@ -15,6 +15,7 @@ from recsae_pipeline.assets.activations import (
     parse_partition_key,
 )
 from recsae_pipeline.assets.progress import throttled_log
+from recsae_pipeline.assets.versioning import content_versioned, partition_output
 from recsae_pipeline.data.sequences import read_sequences
 from recsae_pipeline.models.artifacts import load_recommender
 from recsae_pipeline.models.training import evaluate
@@ -80,6 +81,7 @@ def sae_dir(paths: ArtifactPaths, model: str, layer: int) -> Path:
     description="TopK SAE on one (model, layer) of activations: sae.safetensors + config.json + "
     "metrics.json + training curve under sae/model=<m>/layer=<l>/; loadable with TopKSae.load.",
 )
+@content_versioned(partition_output("sae"))
 def sae(
     context: dg.AssetExecutionContext,
     config: SaeAssetConfig,

@@ -1,0 +1,254 @@
+"""Data versions from content hashes, and no recomputation when nothing it depends on changed.
+
+Every asset wrapped in `content_versioned` records a version file beside the artifacts,
+`<root>/.versions/<asset>/<partition or _>.json`, holding:
+- the content hash of its artifacts, reported to Dagster as the materialization's data
+  version (so the UI's staleness follows content, not run times);
+- its provenance: code version, config, resource settings (never the storage root or a
+  secret) and the data versions of every ancestor asset;
+- the metadata and check results of that materialization.
+
+A later materialization with the same provenance, whose artifacts still hash the same,
+returns the recorded metadata and check results at once (tagged `recsae/skipped`) instead of
+recomputing. Because versions are content hashes, a retrain that reproduces the same bytes
+leaves every descendant skipped too. The run tag `recsae/force=true` (`recsae materialize
+--force`) recomputes anyway.
+"""
+
+import functools
+import hashlib
+import inspect
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+from dagster._core.definitions.metadata import normalize_metadata
+
+from recsae_pipeline.store import ArtifactPaths, parse_partition_key, write_json
+
+FORCE_TAG = "recsae/force"
+SKIPPED_TAG = "recsae/skipped"
+VERSIONS_DIR = ".versions"
+NO_PARTITION = "_"
+
+Outputs = Callable[[ArtifactPaths, str | None], Iterable[Path]]
+"""(paths, partition key) -> the files or directories an asset writes."""
+
+
+def version_file(root: Path, asset: str, partition: str | None) -> Path:
+    return root / VERSIONS_DIR / asset / f"{partition or NO_PARTITION}.json"
+
+
+def read_version(root: Path, asset: str, partition: str | None) -> dict[str, Any] | None:
+    """The recorded version of `asset` (of its `partition`), or None."""
+    path = version_file(root, asset, partition)
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None  # a missing or damaged record only costs a recomputation
+
+
+def _files(outputs: Iterable[Path]) -> Iterator[Path]:
+    """Every artifact file under `outputs`, in a stable order; temp and hidden files skipped."""
+    for out in sorted(outputs):
+        if out.is_file():
+            yield out
+        elif out.is_dir():
+            for dirpath, dirnames, filenames in os.walk(out):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                for name in sorted(filenames):
+                    if not name.startswith("."):
+                        yield Path(dirpath) / name
+
+
+def file_stats(root: Path, outputs: Iterable[Path]) -> dict[str, list[int]]:
+    """relative path -> [size, mtime_ns]: a cheap fingerprint checked before rehashing."""
+    stats = {}
+    for path in _files(outputs):
+        st = path.stat()
+        stats[path.relative_to(root).as_posix()] = [st.st_size, st.st_mtime_ns]
+    return stats
+
+
+def content_hash(root: Path, outputs: Iterable[Path], chunk: int = 1 << 20) -> str:
+    """sha256 over every file's relative path, size and bytes (streamed, any size)."""
+    digest = hashlib.sha256()
+    for path in _files(outputs):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(str(path.stat().st_size).encode() + b"\0")
+        with path.open("rb") as f:
+            while block := f.read(chunk):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _settings(value: Any) -> Any:
+    if hasattr(value, "model_dump"):
+        return {"type": type(value).__name__, **value.model_dump(mode="json")}
+    return type(value).__name__
+
+
+def _ancestors(context: dg.AssetExecutionContext) -> dict[str, str | None]:
+    """asset -> partition to read, for every ancestor the run's asset graph knows."""
+    key = context.asset_key
+    partition = context.partition_key if context.has_partition_key else None
+    try:
+        graph = context.repository_def.asset_graph
+        keys = graph.get_ancestor_asset_keys(key)
+        partitioned = {k: graph.get(k).partitions_def is not None for k in keys}
+    except Exception:  # no repository (direct invocation): the declared deps only
+        keys = context.assets_def.asset_deps[key]
+        partitioned = dict.fromkeys(keys, True)
+    return {k.to_user_string(): (partition if partitioned[k] else None) for k in keys}
+
+
+def provenance(
+    context: dg.AssetExecutionContext, root: Path, kwargs: dict[str, Any]
+) -> dict[str, Any] | None:
+    """What the asset's content depends on, or None when an ancestor has no recorded version
+    (then nothing can be skipped)."""
+    upstream = {}
+    for asset, partition in sorted(_ancestors(context).items()):
+        record = read_version(root, asset, partition)
+        if record is None and partition is not None:
+            record = read_version(root, asset, None)
+        if record is None:
+            return None
+        upstream[asset] = record["data_version"]
+    return {
+        "code_version": context.assets_def.code_versions_by_key.get(context.asset_key),
+        "partition": context.partition_key if context.has_partition_key else None,
+        "settings": {k: _settings(v) for k, v in sorted(kwargs.items()) if k != "storage"},
+        "upstream": upstream,
+    }
+
+
+def _provenance_hash(record: dict[str, Any] | None) -> str | None:
+    if record is None:
+        return None
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+def _unchanged(root: Path, outputs: list[Path], record: dict[str, Any]) -> bool:
+    """Do the artifacts still hold what `record` describes? Stats first, bytes if they moved."""
+    if not all(p.exists() for p in outputs):
+        return False
+    if file_stats(root, outputs) == record.get("files"):
+        return True
+    return content_hash(root, outputs) == record["data_version"]
+
+
+def _serialize_metadata(metadata: Any) -> str:
+    # Dagster's own JSON serde (never pickle) for its metadata value types.
+    return dg.serialize_value(normalize_metadata(dict(metadata or {})))
+
+
+def _serialize_check(result: dg.AssetCheckResult) -> dict[str, Any]:
+    return {
+        "check_name": result.check_name,
+        "passed": result.passed,
+        "severity": result.severity.value,
+        "description": result.description,
+        "metadata": _serialize_metadata(result.metadata),
+    }
+
+
+def _replayed(record: dict[str, Any], key: dg.AssetKey) -> dg.MaterializeResult:
+    run = record.get("run_id", "?")
+    note = f"unchanged inputs, config and code: artifacts of run {run} reused"
+    checks = [
+        dg.AssetCheckResult(
+            asset_key=key,
+            check_name=c["check_name"],
+            passed=c["passed"],
+            severity=dg.AssetCheckSeverity(c["severity"]),
+            description=c["description"],
+            metadata={**dg.deserialize_value(c["metadata"], dict), "reused_from_run": run},
+        )
+        for c in record.get("checks", [])
+    ]
+    metadata = dg.deserialize_value(record["metadata"], dict)
+    return dg.MaterializeResult(
+        metadata={**metadata, "skipped": note},
+        check_results=checks,
+        data_version=dg.DataVersion(record["data_version"]),
+        tags={SKIPPED_TAG: "true"},
+    )
+
+
+def partition_output(artifact: str) -> Outputs:
+    """The outputs of a per-(model, layer) asset: its hive partition directory."""
+    return lambda paths, key: [paths.partition_dir(artifact, *parse_partition_key(key or ""))]
+
+
+def content_versioned(
+    outputs: Outputs, skip: bool = True
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorate an asset's compute function (under `@dg.asset`) so that its data version is
+    the content hash of `outputs`, and a materialization whose provenance and artifacts are
+    unchanged is skipped (`skip=False` for a root asset, whose real input is outside the
+    graph). The function must take a `storage: StorageRoot` resource and return a
+    `dg.MaterializeResult`."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if "storage" not in inspect.signature(fn).parameters:
+            raise TypeError(f"{fn.__name__}: content_versioned needs a `storage` resource")
+
+        @functools.wraps(fn)
+        def wrapper(context: dg.AssetExecutionContext, **kwargs: Any) -> dg.MaterializeResult:
+            root = kwargs["storage"].paths.root
+            asset = context.asset_key.to_user_string()
+            partition = context.partition_key if context.has_partition_key else None
+            out = list(outputs(kwargs["storage"].paths, partition))
+            current = _provenance_hash(provenance(context, root, kwargs))
+            previous = read_version(root, asset, partition)
+            force = context.run_tags.get(FORCE_TAG, "").lower() in ("1", "true", "yes")
+            if (
+                skip
+                and not force
+                and current is not None
+                and previous is not None
+                and previous.get("provenance") == current
+                and _unchanged(root, out, previous)
+            ):
+                context.log.info(
+                    f"{asset}: inputs, config and code unchanged since run "
+                    f"{previous.get('run_id')}; reusing its artifacts (tag {FORCE_TAG}=true "
+                    "recomputes)"
+                )
+                return _replayed(previous, context.asset_key)
+
+            result = fn(context, **kwargs)
+            if not isinstance(result, dg.MaterializeResult):
+                raise TypeError(f"{asset}: content_versioned needs a MaterializeResult")
+            started = time.perf_counter()
+            version = content_hash(root, out)
+            record = {
+                "asset": asset,
+                "partition": partition,
+                "data_version": version,
+                "provenance": current,
+                "files": file_stats(root, out),
+                "run_id": context.run_id,
+                "metadata": _serialize_metadata(result.metadata),
+                "checks": [_serialize_check(c) for c in result.check_results or []],
+            }
+            write_json(record, version_file(root, asset, partition))
+            context.log.debug(
+                f"{asset}: content hash {version[:12]} in {time.perf_counter() - started:.1f}s"
+            )
+            return dg.MaterializeResult(
+                asset_key=result.asset_key,
+                metadata=result.metadata,
+                check_results=result.check_results,
+                data_version=dg.DataVersion(version),
+                tags=result.tags,
+            )
+
+        return wrapper
+
+    return decorate
