@@ -23,7 +23,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -61,8 +61,8 @@ retrain_job = dg.define_asset_job(
     "retrain",
     selection=dg.AssetSelection.assets("sequences").downstream() - PER_PARTITION,
     description="Rebuild sequences from the current raw log and retrain every model, the layer "
-    "probe and the evaluation (unpartitioned assets only; the per-(model, layer) `features` job "
-    "follows separately, e.g. through `recsae materialize`).",
+    "probe and the evaluation (unpartitioned assets; the `features_after_retrain` sensor then "
+    "runs the per-(model, layer) `features` job).",
     executor_def=dg.in_process_executor,
 )
 
@@ -79,8 +79,9 @@ weekly_retrain = dg.ScheduleDefinition(
     job=retrain_job,
     cron_schedule="0 3 * * 1",
     execution_timezone="UTC",
-    description="Mondays 03:00 UTC: sequences and every unpartitioned model downstream of them. "
-    "The per-partition `features` job (activations, SAEs, explanations) is not part of it.",
+    description="Mondays 03:00 UTC: sequences and every unpartitioned model downstream of them; "
+    "the `features_after_retrain` sensor then runs the per-partition `features` job. Unchanged "
+    "inputs, config and code skip their work (content-hash data versions).",
 )
 
 # ----------------------------------------------------------------------------- drop folder
@@ -477,6 +478,34 @@ def run_failure_alert(context: dg.RunFailureSensorContext, storage: StorageRoot)
     # line, and a crash loses at most that line, never earlier ones (no temp-file rename).
     with log.open("a", encoding="utf-8") as handle:
         handle.write(line)
+
+
+def build_features_after_retrain_sensor(
+    features_job: dg.UnresolvedAssetJobDefinition, partition_keys: Sequence[str]
+) -> dg.SensorDefinition:
+    """After a successful `retrain` or `ingest_and_retrain` run, one `features` run per
+    (model, layer) partition, so a retrain reaches every downstream asset. Partitions whose
+    models did not change skip their work (content-hash data versions)."""
+
+    @dg.run_status_sensor(
+        name="features_after_retrain",
+        run_status=dg.DagsterRunStatus.SUCCESS,
+        monitored_jobs=[retrain_job, ingest_job],
+        request_job=features_job,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="When `retrain` or `ingest_and_retrain` succeeds, request the `features` "
+        "job for every (model, layer) partition.",
+    )
+    def features_after_retrain(context: dg.RunStatusSensorContext) -> Iterator[dg.RunRequest]:
+        run_id = context.dagster_run.run_id
+        for key in partition_keys:
+            yield dg.RunRequest(
+                run_key=f"{run_id}:{key}",
+                partition_key=key,
+                tags={"recsae/after_run": run_id},
+            )
+
+    return features_after_retrain
 
 
 jobs = [retrain_job, ingest_job]

@@ -62,7 +62,12 @@ defs = dg.Definitions(
     },
     jobs=[main_job, features_job, *automation.jobs],
     schedules=automation.schedules,
-    sensors=automation.sensors,
+    sensors=[
+        *automation.sensors,
+        automation.build_features_after_retrain_sensor(
+            features_job, feature_partitions.get_partition_keys()
+        ),
+    ],
     # Ad-hoc materializations from the UI or `dagster asset materialize` also run in one
     # process: torch already uses every core, so parallel steps would only oversubscribe them.
     executor=dg.in_process_executor,

@@ -277,3 +277,31 @@ def test_the_requested_run_brings_dropped_rows_into_the_raw_log_and_sequences(
     assert catalog["i1"]["title"] == "Movie i1"
     assert catalog["i_new"]["title"] == "i_new"
     assert "u7" in pq.read_table(paths.user_map).column("user_id").to_pylist()
+
+
+def test_a_successful_retrain_requests_features_for_every_partition(
+    instance: dg.DagsterInstance,
+) -> None:
+    from recsae_pipeline.definitions import defs, feature_partitions
+
+    @dg.op
+    def train() -> None:
+        pass
+
+    @dg.job(name="retrain")
+    def retrain() -> None:
+        train()
+
+    result = retrain.execute_in_process(instance=instance)
+    context = dg.build_run_status_sensor_context(
+        sensor_name="features_after_retrain",
+        dagster_event=result.get_run_success_event(),
+        dagster_instance=instance,
+        dagster_run=result.dagster_run,
+    )
+    sensor = defs.resolve_sensor_def("features_after_retrain")
+    requests = list(sensor(context))
+    assert [r.partition_key for r in requests] == feature_partitions.get_partition_keys()
+    assert len({r.run_key for r in requests}) == len(requests)
+    assert all(r.run_key.startswith(result.run_id) for r in requests)
+    assert defs.resolve_job_def("features").partitions_def == feature_partitions
