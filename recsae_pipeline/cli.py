@@ -9,6 +9,7 @@ import json
 import sys
 from pathlib import Path
 
+from recsae_pipeline.remote import local_root
 from recsae_pipeline.store import ArtifactPaths, default_data_dir, parse_partition_key
 from recsae_pipeline.warehouse import query
 
@@ -39,8 +40,23 @@ def _numeric(text: str) -> bool:
     return True
 
 
+def _artifact_paths(data_dir: str) -> ArtifactPaths:
+    """`--data-dir` used in place, or for a remote fsspec URL its local cache, pulled first."""
+    local = local_root(data_dir)
+    if local is not None:
+        return ArtifactPaths(local.resolve())
+    from recsae_pipeline.resources import StorageRoot
+
+    storage = StorageRoot(path=data_dir)
+    try:
+        storage.pull()
+    except ValueError as err:  # an unknown protocol or a missing filesystem package
+        raise SystemExit(f"recsae: {err}") from err
+    return storage.paths
+
+
 def cmd_sql(args: argparse.Namespace) -> int:
-    db = Path(args.db) if args.db else ArtifactPaths(Path(args.data_dir).resolve()).duckdb
+    db = Path(args.db) if args.db else _artifact_paths(args.data_dir).duckdb
     try:
         rel = query(db, args.query)
     except (FileNotFoundError, PermissionError) as err:
@@ -144,7 +160,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
     try:
         result = recommend(
-            ArtifactPaths(Path(args.data_dir).resolve()),
+            _artifact_paths(args.data_dir),
             args.user,
             sae_key=args.sae,
             steer=args.steer,
@@ -165,7 +181,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from recsae_pipeline.interp.explain import explain_features, score_features
     from recsae_pipeline.resources import LLM, resolve_device
 
-    paths = ArtifactPaths(Path(args.data_dir).resolve())
+    paths = _artifact_paths(args.data_dir)
     try:
         model_name, layer = parse_partition_key(args.sae)
         llm = LLM(backend=args.backend, base_url=args.base_url, model=args.model)
@@ -215,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--data-dir",
         default=default_data_dir(),
-        help="storage root (default: $RECSAE_DATA_DIR or data/)",
+        help="storage root, a directory or an fsspec URL pulled into its cache "
+        "(default: $RECSAE_DATA_DIR or data/)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     sql = sub.add_parser("sql", help="run a read-only SQL query over the artifacts' DuckDB views")

@@ -6,27 +6,92 @@ from typing import Any
 
 import dagster as dg
 import torch
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 
 from recsae_pipeline.data.validation import DEFAULT_MIN_TIMESTAMP, QualityBounds
+from recsae_pipeline.remote import Mirror, SyncReport, default_cache_dir, local_root
 from recsae_pipeline.store import ArtifactPaths, default_data_dir
 from recsae_pipeline.warehouse import refresh_views
 
 
 class StorageRoot(dg.ConfigurableResource):
-    """Root directory of every artifact; defaults to `$RECSAE_DATA_DIR`, else `data/`."""
+    """Root of every artifact: a local directory (default `$RECSAE_DATA_DIR`, else `data/`)
+    or any fsspec URL (`s3://bucket/prefix`, `gs://...`, `az://...`, `memory://...`).
+
+    A remote root is worked on through a local cache (`cache_dir`): each run (each step
+    process, with a multiprocess executor) pulls what changed remotely at resource setup and
+    pushes what changed locally at teardown. Teardown runs whether or not the step
+    succeeded and cannot tell which; pushing is still safe because every write is atomic, so
+    the cache only ever holds complete artifacts (the same ones a local root would keep).
+    """
 
     path: str | None = Field(
-        default=None, description="Storage root; unset means $RECSAE_DATA_DIR or data/."
+        default=None,
+        description="Storage root: a local path or an fsspec URL such as s3://bucket/prefix "
+        "(install s3fs, gcsfs or adlfs for its protocol); unset means $RECSAE_DATA_DIR or data/.",
     )
+    cache_dir: str | None = Field(
+        default=None,
+        description="Local working copy of a remote root; unset: $RECSAE_CACHE_DIR/<hash of "
+        "url>, else ~/.cache/recsae/<hash of url>. Unused for a local root.",
+    )
+    mirror: bool = Field(
+        default=False,
+        description="Work on a local or file:// root through the cache as if it were remote "
+        "(to test the remote path on one machine); other URLs are always mirrored.",
+    )
+    _mirror: Mirror | None = PrivateAttr(default=None)
+
+    @property
+    def url(self) -> str:
+        return self.path or default_data_dir()
+
+    @property
+    def local_dir(self) -> Path | None:
+        """The root directory when it is used in place (no cache, no copying), else None."""
+        return None if self.mirror else local_root(self.url)
 
     @property
     def paths(self) -> ArtifactPaths:
-        return ArtifactPaths(Path(self.path or default_data_dir()).resolve())
+        local = self.local_dir
+        if local is not None:
+            return ArtifactPaths(local.resolve())
+        cache = Path(self.cache_dir) if self.cache_dir else default_cache_dir(self.url)
+        return ArtifactPaths(cache.expanduser().resolve())
 
     def refresh_duckdb(self) -> Path:
         """Rebuild the DuckDB views over every artifact that exists now."""
         return refresh_views(self.paths)
+
+    def pull(self) -> SyncReport | None:
+        """Bring the cache of a remote root up to date (and its DuckDB catalog, which names
+        cache paths); None for a local root."""
+        if self.local_dir is not None:
+            return None
+        mirror = self._mirror or Mirror(self.url, self.paths.root)
+        report = mirror.pull()
+        if report.changed or not self.paths.duckdb.exists():
+            self.refresh_duckdb()
+        self._mirror = mirror
+        return report
+
+    def push(self) -> SyncReport | None:
+        """Upload what changed in the cache of a remote root; None for a local root."""
+        if self.local_dir is not None:
+            return None
+        mirror = self._mirror or Mirror(self.url, self.paths.root)
+        self._mirror = mirror
+        return mirror.push()
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        report = self.pull()
+        if report is not None and context.log:
+            context.log.info(f"storage: pulled {report} from {self.url} into {self.paths.root}")
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        report = self.push()
+        if report is not None and context.log:
+            context.log.info(f"storage: pushed {report} from {self.paths.root} to {self.url}")
 
 
 class DataQuality(dg.ConfigurableResource):

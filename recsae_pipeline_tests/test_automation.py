@@ -225,16 +225,18 @@ def test_run_failure_alert_appends_the_run_and_its_error(
 
     result = doomed.execute_in_process(instance=instance, raise_on_error=False)
     assert not result.success
-    context = dg.build_run_status_sensor_context(
+    # StorageRoot syncs remote roots in its setup/teardown, so a hand-built context with it
+    # is a context manager (sensor ticks enter it themselves).
+    with dg.build_run_status_sensor_context(
         sensor_name="run_failure_alert",
         dagster_event=result.get_run_failure_event(),
         dagster_instance=instance,
         dagster_run=result.dagster_run,
         resources={"storage": StorageRoot(path=str(tmp_path))},
-    ).for_run_failure()
-
-    run_failure_alert(context)
-    run_failure_alert(context)
+    ) as status_context:
+        context = status_context.for_run_failure()
+        run_failure_alert(context)
+        run_failure_alert(context)
 
     lines = (tmp_path / "reports" / "failures.log").read_text().splitlines()
     assert len(lines) == 2
