@@ -7,7 +7,9 @@ import argparse
 import csv
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from recsae_pipeline.remote import local_root
 from recsae_pipeline.store import ArtifactPaths, default_data_dir, parse_partition_key
@@ -85,6 +87,38 @@ def cmd_sql(args: argparse.Namespace) -> int:
     return 0
 
 
+def materialize_runs(
+    run_config: dict[str, Any],
+    instance: Any,
+    *,
+    features: bool = True,
+    force: bool = False,
+) -> Iterator[tuple[str, Any]]:
+    """Run the `main` job, then (with `features`) the `features` job once per (model, layer)
+    partition, yielding (label, ExecuteInProcessResult) after each run; the caller stops
+    iterating to stop. Each job gets the `ops` of `run_config` that it has."""
+    from recsae_pipeline.assets.versioning import FORCE_TAG
+    from recsae_pipeline.definitions import defs, feature_partitions
+
+    plan: list[tuple[str, str | None]] = [("main", None)]
+    if features:
+        plan += [("features", key) for key in feature_partitions.get_partition_keys()]
+    for job_name, partition in plan:
+        job = defs.resolve_job_def(job_name)
+        nodes = {n.name for n in job.graph.node_defs}
+        ops = {k: v for k, v in run_config.get("ops", {}).items() if k in nodes}
+        label = job_name + (f" [{partition}]" if partition else "")
+        print(f"recsae materialize: {label} ...", flush=True)
+        result = job.execute_in_process(
+            run_config={**run_config, "ops": ops},
+            instance=instance,
+            partition_key=partition,
+            raise_on_error=False,
+            tags={FORCE_TAG: "true"} if force else None,
+        )
+        yield label, result
+
+
 def cmd_materialize(args: argparse.Namespace) -> int:
     """Run the `main` job, then the `features` job once per (model, layer) partition."""
     import os
@@ -92,7 +126,7 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     import dagster as dg
     import yaml
 
-    from recsae_pipeline.definitions import defs, feature_partitions
+    from recsae_pipeline.assets.versioning import SKIPPED_TAG
 
     instance = (
         dg.DagsterInstance.get()
@@ -105,24 +139,19 @@ def cmd_materialize(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     run_config = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
-    plan = [("main", None)]
-    if not args.skip_features:
-        plan += [("features", key) for key in feature_partitions.get_partition_keys()]
-    for job_name, partition in plan:
-        job = defs.resolve_job_def(job_name)
-        ops = {
-            k: v
-            for k, v in run_config.get("ops", {}).items()
-            if k in {n.name for n in job.graph.node_defs}
-        }
-        label = job_name + (f" [{partition}]" if partition else "")
-        print(f"recsae materialize: {label} ...", flush=True)
-        result = job.execute_in_process(
-            run_config={**run_config, "ops": ops},
-            instance=instance,
-            partition_key=partition,
-            raise_on_error=False,
+    runs = materialize_runs(run_config, instance, features=not args.skip_features, force=args.force)
+    for label, result in runs:
+        reused = sorted(
+            e.asset_key.to_user_string()
+            for e in result.get_asset_materialization_events()
+            if e.materialization.tags.get(SKIPPED_TAG) == "true"
         )
+        if reused:
+            print(
+                f"recsae materialize: {label}: unchanged, reused: {', '.join(reused)} "
+                "(--force recomputes)",
+                flush=True,
+            )
         evaluations = result.get_asset_check_evaluations()
         failed_checks = [e.check_name for e in evaluations if not e.passed]
         for e in evaluations:
@@ -249,6 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--skip-features", action="store_true", help="only the unpartitioned `main` job"
+    )
+    run.add_argument(
+        "--force",
+        action="store_true",
+        help="recompute assets whose inputs, config and code are unchanged (tag recsae/force)",
     )
     run.set_defaults(func=cmd_materialize)
     rec = sub.add_parser(

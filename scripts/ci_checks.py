@@ -44,27 +44,15 @@ def run(config: Path) -> int:
     import dagster as dg
     import yaml
 
-    from recsae_pipeline.definitions import defs, feature_partitions
+    from recsae_pipeline.cli import materialize_runs
+    from recsae_pipeline.definitions import defs
 
-    instance = dg.DagsterInstance.get()
-    run_config = yaml.safe_load(config.read_text())
     graph = defs.resolve_asset_graph()
     problems: list[str] = []
     rows: list[tuple[str, str, str, str]] = []
-    plan = [("main", None)] + [("features", key) for key in feature_partitions.get_partition_keys()]
-    for job_name, partition in plan:
-        job = defs.resolve_job_def(job_name)
-        nodes = {n.name for n in job.graph.node_defs}
-        ops = {k: v for k, v in run_config.get("ops", {}).items() if k in nodes}
-        label = job_name + (f" [{partition}]" if partition else "")
-        print(f"ci_checks: {label} ...", flush=True)
-        result = job.execute_in_process(
-            run_config={"ops": ops},
-            instance=instance,
-            partition_key=partition,
-            raise_on_error=False,
-        )
-        selected = job.asset_layer.selected_asset_keys
+    run_config = yaml.safe_load(config.read_text())
+    for label, result in materialize_runs(run_config, dg.DagsterInstance.get()):
+        selected = defs.resolve_job_def(result.job_def.name).asset_layer.selected_asset_keys
         expected = {
             (key.asset_key.to_user_string(), key.name)
             for key in graph.asset_check_keys
