@@ -1,8 +1,9 @@
 """Model assets: SASRec baseline, LLM-architecture teacher, SLMRec student (and its CE-only
 ablation), the teacher's layer probe and the evaluation table, with their checks."""
 
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import dagster as dg
 import numpy as np
@@ -29,6 +30,7 @@ from recsae_pipeline.models.training import (
 from recsae_pipeline.reports import new_figure, save_figure
 from recsae_pipeline.resources import StorageRoot, TorchDevice
 from recsae_pipeline.store import write_json, write_parquet
+from recsae_pipeline.torchrun_entry import launch, train_result
 
 GROUP = "models"
 MODELS = ("sasrec", "teacher", "student", "student_ce")
@@ -75,6 +77,11 @@ class SasrecConfig(TrainingOptions):
     heads: int = 1
     dropout: float = 0.2
     max_len: int = Field(default=50, description="Inputs keep their last max_len items.")
+    launcher: Literal["in_process", "torchrun"] = Field(
+        default="in_process",
+        description="torchrun: train in an external DDP process launched through Dagster Pipes.",
+    )
+    nproc_per_node: int = Field(default=2, description="torchrun ranks (processes or GPUs).")
 
 
 class TeacherConfig(TrainingOptions):
@@ -242,15 +249,28 @@ def sasrec(
             max_len=config.max_len,
         )
     )
-    result = train_recommender(
-        model,
-        seqs,
-        num_items,
-        config.train_config(),
-        dev,
-        on_epoch=_epoch_logger(context, "sasrec"),
-    )
-    return _finish(context, "sasrec", model, result, storage, dev, (seqs, num_items))
+    launched = {}  # metadata rank 0 reported through Pipes
+    if config.launcher == "torchrun":
+        out = storage.paths.model_dir("sasrec")
+        extras = {
+            "sequences": str(storage.paths.sequences),
+            "out": str(out),
+            "model": asdict(model.config),
+            "train": asdict(config.train_config()),
+        }
+        message, launched = launch(context, "sasrec", extras, config.nproc_per_node, dev.type)
+        model, result = load_recommender(out, dev), train_result(message)
+    else:
+        result = train_recommender(
+            model,
+            seqs,
+            num_items,
+            config.train_config(),
+            dev,
+            on_epoch=_epoch_logger(context, "sasrec"),
+        )
+    done = _finish(context, "sasrec", model, result, storage, dev, (seqs, num_items))
+    return dg.MaterializeResult(metadata={**launched, **done.metadata})
 
 
 @dg.asset(
@@ -274,11 +294,18 @@ def teacher(
     torch.manual_seed(config.seed)
     model = Recommender(
         RecommenderConfig.teacher(
-            num_items, d_item=item_table.shape[1], hidden=config.hidden, layers=config.layers, heads=config.heads, ffn_mult=config.ffn_mult,
-            dropout=config.dropout, max_len=config.max_len, pretrained_path=config.pretrained_path,
+            num_items,
+            d_item=item_table.shape[1],
+            hidden=config.hidden,
+            layers=config.layers,
+            heads=config.heads,
+            ffn_mult=config.ffn_mult,
+            dropout=config.dropout,
+            max_len=config.max_len,
+            pretrained_path=config.pretrained_path,
         ),
         item_table=item_table,
-    )  # fmt: skip
+    )
     result = train_recommender(
         model,
         seqs,
@@ -394,10 +421,15 @@ def layer_probe(
         model, seqs, num_items, dev, probe_epochs=config.probe_epochs, seed=config.seed
     )
     rows = [
-        {"layer": s.layer, "readout_ndcg@10": s.readout["ndcg@10"], "readout_hr@10": s.readout["hr@10"],
-         "probe_ndcg@10": s.probe["ndcg@10"], "probe_hr@10": s.probe["hr@10"]}
+        {
+            "layer": s.layer,
+            "readout_ndcg@10": s.readout["ndcg@10"],
+            "readout_hr@10": s.readout["hr@10"],
+            "probe_ndcg@10": s.probe["ndcg@10"],
+            "probe_hr@10": s.probe["hr@10"],
+        }
         for s in scores
-    ]  # fmt: skip
+    ]
     path = write_parquet(pa.Table.from_pylist(rows), storage.paths.layer_probe)
     fig, ax = new_figure()
     layers = [r["layer"] for r in rows]
@@ -504,10 +536,11 @@ def _eval_markdown(rows: list[dict[str, Any]]) -> str:
     head = "| model | " + " | ".join(cols) + " | params | train s | ms/1k users | peak MB |"
     sep = "|---" * (len(cols) + 5) + "|"
     lines = [
-        f"| {r['model']} | " + " | ".join(f"{r[c]:.4f}" for c in cols)
+        f"| {r['model']} | "
+        + " | ".join(f"{r[c]:.4f}" for c in cols)
         + f" | {r['params']:,} | {r['train_seconds']:.0f} | {r['ms_per_1000_users']:.0f} | {r['peak_inference_mb']:.0f} |"
         for r in rows
-    ]  # fmt: skip
+    ]
     note = "\n\nFull ranking over all items with each user's seen items filtered (RecBole's general-recommender convention; its sequential models rank against all items, see benchmarks/recommenders.py); sampled = 1 positive + 999 seeded negatives (SLMRec)."
     return "\n".join([head, sep, *lines]) + note
 

@@ -1,7 +1,9 @@
 """SAE assets: a TopK sparse autoencoder per activations partition, trained on the torch
 device resource, with reconstruction, sparsity and spliced-recommendation metrics."""
 
+from dataclasses import asdict
 from pathlib import Path
+from typing import Literal
 
 import dagster as dg
 import torch
@@ -24,6 +26,7 @@ from recsae_pipeline.resources import StorageRoot, TorchDevice
 from recsae_pipeline.sae.sae import SaeConfig
 from recsae_pipeline.sae.training import SaeTrainConfig, train_sae
 from recsae_pipeline.store import ArtifactPaths, write_json
+from recsae_pipeline.torchrun_entry import launch, sae_result
 
 GROUP = "sae"
 
@@ -52,6 +55,11 @@ class SaeAssetConfig(dg.Config):
     min_recovered: float = Field(
         default=0.9, description="Check bound: fraction of NDCG@10 recovered when spliced."
     )
+    launcher: Literal["in_process", "torchrun"] = Field(
+        default="in_process",
+        description="torchrun: train in an external DDP process launched through Dagster Pipes.",
+    )
+    nproc_per_node: int = Field(default=2, description="torchrun ranks (processes or GPUs).")
 
 
 def sae_dir(paths: ArtifactPaths, model: str, layer: int) -> Path:
@@ -77,7 +85,7 @@ def sae_dir(paths: ArtifactPaths, model: str, layer: int) -> Path:
             blocking=True,
             description="Splicing the reconstruction into the model recovers enough of NDCG@10 (vs zero-ablating the layer).",
         ),
-    ],  # fmt: skip
+    ],
     description="TopK SAE on one (model, layer) of activations: sae.safetensors + config.json + "
     "metrics.json + training curve under sae/model=<m>/layer=<l>/; loadable with TopKSae.load.",
 )
@@ -107,14 +115,26 @@ def sae(
         message = f"{context.partition_key}: {rows:,}/{total:,} rows, FVU {point['fvu']:.4f}, dead {point['dead_fraction']:.1%}"
         log(message, rows >= total)
 
-    result = train_sae(
-        shards,
-        train_config,
-        sae_config,
-        dev,
-        heldout_users_modulo=config.heldout_users_modulo,
-        on_progress=progress,
-    )
+    launched = {}  # metadata rank 0 reported through Pipes
+    if config.launcher == "torchrun":
+        extras = {
+            "shards": str(shards),
+            "out": str(sae_dir(storage.paths, model_name, layer)),
+            "sae": asdict(sae_config),
+            "train": asdict(train_config),
+            "heldout_users_modulo": config.heldout_users_modulo,
+        }
+        message, launched = launch(context, "sae", extras, config.nproc_per_node, dev.type)
+        result = sae_result(message, dev)
+    else:
+        result = train_sae(
+            shards,
+            train_config,
+            sae_config,
+            dev,
+            heldout_users_modulo=config.heldout_users_modulo,
+            on_progress=progress,
+        )
     trained = result.sae
     out = sae_dir(storage.paths, model_name, layer)
     trained.save(out)
@@ -184,6 +204,7 @@ def sae(
     return dg.MaterializeResult(
         check_results=checks,
         metadata={
+            **launched,
             "path": dg.MetadataValue.path(str(out)),
             "latents": sae_config.n_latents,
             "k": sae_config.k,

@@ -2,6 +2,7 @@
 
 Leave-one-out: training reads items[:-2], validation predicts items[-2] from items[:-2],
 test predicts items[-1] from items[:-1]; every input keeps its last max_len items.
+Under torchrun (DDP) every rank draws the same batches and trains on its shard of each.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from recsae_pipeline import distributed
 from recsae_pipeline.models.metrics import (
     filter_seen,
     full_ranking_metrics,
@@ -95,6 +97,18 @@ class NextItemLoss(nn.Module):
         real = targets > 0
         ce = F.cross_entropy(model.scores(model(items).user[real]), targets[real])
         return CETerms(ce, ce)
+
+
+class _ModelAndLoss(nn.Module):
+    """The model and the loss as one module, so DDP averages the gradients of both (the loss
+    may hold weights of its own: SLMRec's intermediate heads)."""
+
+    def __init__(self, model: Recommender, loss_fn: nn.Module) -> None:
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, items: Tensor, targets: Tensor) -> NamedTuple:
+        return self.loss_fn(self.model, items, targets)
 
 
 def pad_right(sequences: list[np.ndarray], length: int | None = None) -> Tensor:
@@ -204,7 +218,9 @@ def train_recommender(
     loss_fn: nn.Module | None = None,
 ) -> TrainResult:
     """Train until validation NDCG@10 stops improving for `patience` epochs; the model ends in
-    its best state. `loss_fn(model, items, targets)` returns a NamedTuple with a `total`."""
+    its best state. `loss_fn(model, items, targets)` returns a NamedTuple with a `total`.
+    Under a process group (torchrun) `batch_size` is the global batch, each rank trains on its
+    shard, and rank 0 evaluates and shares the validation metrics."""
     loss_fn = NextItemLoss() if loss_fn is None else loss_fn
     model.to(device)
     loss_fn.to(device)
@@ -216,6 +232,7 @@ def train_recommender(
     lengths = (inputs > 0).sum(1)
     inputs, targets = inputs.to(device), targets.to(device)
     params = [p for p in chain(model.parameters(), loss_fn.parameters()) if p.requires_grad]
+    step_loss = distributed.wrap(_ModelAndLoss(model, loss_fn), device, static_graph=True)
     optimizer = _optimizer(params, config)
     warmup = max(config.warmup_steps, 1)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -227,7 +244,7 @@ def train_recommender(
     history: list[EpochReport] = []
     start_time = time.perf_counter()
     with torch.random.fork_rng(devices=[] if device.type != "cuda" else None):
-        torch.manual_seed(config.seed)
+        torch.manual_seed(config.seed + distributed.rank())  # own dropout masks per rank
         for epoch in range(1, config.max_epochs + 1):
             epoch_start = time.perf_counter()
             model.train()
@@ -238,12 +255,13 @@ def train_recommender(
                 batches,
                 desc=f"epoch {epoch}",
                 leave=False,
-                disable=None if config.progress else True,
+                disable=None if config.progress and distributed.is_main() else True,
             )  # None: only on a terminal
             for step, index in enumerate(bar):
+                index = distributed.shard(index)
                 width = int(lengths[index].max())
                 index = index.to(device)
-                terms = loss_fn(model, inputs[index, :width], targets[index, :width])
+                terms = step_loss(inputs[index, :width], targets[index, :width])
                 optimizer.zero_grad(set_to_none=True)
                 terms.total.backward()
                 torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
@@ -253,19 +271,26 @@ def train_recommender(
                     sums[name] = sums.get(name, 0.0) + value.detach()
                 if step % 20 == 0:
                     bar.set_postfix(loss=f"{terms.total.item():.4f}")
-            loss_terms = {name: (value / len(batches)).item() for name, value in sums.items()}
+            loss_terms = {
+                name: (distributed.all_reduce_mean(value) / len(batches)).item()
+                for name, value in sums.items()
+            }
             if not math.isfinite(loss_terms["total"]):
                 raise FloatingPointError(
                     f"training loss is {loss_terms['total']} at epoch {epoch}; lower lr={config.lr}"
                 )
-            valid = evaluate(
-                model,
-                sequences,
-                num_items,
-                "valid",
-                device,
-                batch_size=config.eval_batch_size,
-                sampled=False,
+            valid = distributed.broadcast_object(
+                evaluate(
+                    model,
+                    sequences,
+                    num_items,
+                    "valid",
+                    device,
+                    batch_size=config.eval_batch_size,
+                    sampled=False,
+                )
+                if distributed.is_main()
+                else None
             )
             if valid["ndcg@10"] > best_metric:
                 best_metric, best_epoch, best_valid = valid["ndcg@10"], epoch, valid

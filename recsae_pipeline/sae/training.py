@@ -2,6 +2,7 @@
 
 Every row of a user with user_idx % heldout_users_modulo == 0 is held out: never trained on,
 never used for the b_dec and whitening init, and the only rows `evaluate_sae` reads.
+Under torchrun (DDP) every rank reads the same batches and trains on its shard of each.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from recsae_pipeline import distributed
 from recsae_pipeline.activations.shards import iter_activation_batches
 from recsae_pipeline.sae.sae import SaeConfig, TopKSae
 
@@ -133,7 +135,8 @@ def train_sae(
 ) -> SaeTrainResult:
     """Train a TopK SAE with Adam on the partition's non-held-out rows, then evaluate it on
     the held-out users' rows. `on_progress(rows_seen, total_rows, metrics)` runs at each
-    curve point with that point's fields."""
+    curve point with that point's fields. Under a process group (torchrun) `batch_size` is
+    the global batch, each rank trains on its shard, and rank 0 evaluates."""
     if heldout_users_modulo < 2:
         raise ValueError(
             f"heldout_users_modulo={heldout_users_modulo}; use >= 2 (10 holds out every tenth "
@@ -148,6 +151,7 @@ def train_sae(
             f"sae_config.d_in={sae_config.d_in}; set d_in to the partition's width"
         )
     sae = TopKSae(sae_config, device, sample=first[1], seed=config.seed).train()
+    model = distributed.wrap(sae, device)
     lr = config.lr if config.lr is not None else default_lr(sae_config.n_latents)
     optimizer = torch.optim.Adam(sae.parameters(), lr=lr)
     rows_since_fired = torch.zeros(sae_config.n_latents, dtype=torch.long, device=device)
@@ -159,7 +163,7 @@ def train_sae(
     for epoch, x in itertools.chain([first], batches):
         x = x.to(device)
         dead_mask = rows_since_fired >= sae_config.dead_after_rows
-        out = sae(x, dead_mask)
+        out = model(distributed.shard(x), dead_mask)
         out.loss.backward()
         sae.remove_parallel_grads()
         optimizer.step()
@@ -168,10 +172,11 @@ def train_sae(
         with torch.no_grad():
             rows_since_fired += len(x)
             rows_since_fired[out.latent_indices[out.latent_values > 0]] = 0
+            distributed.all_reduce_min(rows_since_fired)  # fired on any rank = alive
             sums += torch.stack([out.fvu, out.auxk_loss, out.l0]).double()
         steps, rows, epochs, since_point = steps + 1, rows + len(x), epoch + 1, since_point + 1
         if steps % config.log_every == 0 or rows == config.rows_seen:
-            fvu, auxk, l0 = (sums / since_point).tolist()
+            fvu, auxk, l0 = (distributed.all_reduce_mean(sums) / since_point).tolist()
             if not math.isfinite(fvu + auxk):
                 raise FloatingPointError(
                     f"training fvu={fvu}, auxk_loss={auxk} at rows_seen={rows}; lower lr "
@@ -186,7 +191,11 @@ def train_sae(
                 on_progress(rows, config.rows_seen, point._asdict())
     seconds = time.perf_counter() - started
     sae.eval()
-    heldout = evaluate_sae(sae, partition_dir, device, heldout_users_modulo, config.batch_size)
+    heldout = distributed.broadcast_object(
+        evaluate_sae(sae, partition_dir, device, heldout_users_modulo, config.batch_size)
+        if distributed.is_main()
+        else None
+    )
     return SaeTrainResult(
         sae=sae,
         curve=curve,

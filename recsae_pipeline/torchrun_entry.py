@@ -1,0 +1,200 @@
+"""SAE and SASRec training as an external `torchrun` process (DDP), driven through Dagster Pipes.
+
+The asset (launcher: torchrun) calls `launch`, which runs
+
+    python -m torch.distributed.run --standalone --nproc_per_node N \\
+        -m recsae_pipeline.torchrun_entry {sae,sasrec} --device cpu
+
+under `dg.PipesSubprocessClient`, with the input and output paths and the training configs
+as Pipes extras. Every rank trains (gloo on CPU, nccl on CUDA); rank 0 alone opens the Pipes
+session, hands the extras to the other ranks, logs progress, writes the trained artifact
+atomically (the same one the in-process asset writes), and reports the training result (a
+custom message) and the materialization. The asset then finishes as it does in process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+
+import torch
+
+from recsae_pipeline import distributed
+from recsae_pipeline.data.sequences import read_sequences
+from recsae_pipeline.models.artifacts import save_recommender
+from recsae_pipeline.models.recommender import Recommender, RecommenderConfig
+from recsae_pipeline.models.training import EpochReport, TrainConfig, TrainResult, train_recommender
+from recsae_pipeline.sae.sae import WEIGHTS_FILE, SaeConfig, TopKSae
+from recsae_pipeline.sae.training import CurvePoint, SaeTrainConfig, SaeTrainResult, train_sae
+
+if TYPE_CHECKING:
+    import dagster as dg
+    from dagster_pipes import PipesContext
+
+Task = Literal["sae", "sasrec"]
+TASKS: tuple[Task, ...] = ("sae", "sasrec")
+
+
+class Launched(NamedTuple):
+    message: dict[str, Any]
+    """The training result rank 0 reported (decode with `sae_result` / `train_result`)."""
+    metadata: dict[str, Any]
+    """Metadata of the materialization rank 0 reported: launcher, world size, backend, ..."""
+
+
+def torchrun_command(task: Task, nproc_per_node: int, device: str) -> list[str]:
+    """The command line that trains `task` on `nproc_per_node` local ranks."""
+    if task not in TASKS:
+        raise ValueError(f"task={task!r}; pick one of {TASKS}")
+    if nproc_per_node < 1:
+        raise ValueError(f"nproc_per_node={nproc_per_node}; must be >= 1")
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        "--nproc_per_node", str(nproc_per_node), "-m", __name__, task, "--device", device,
+    ]  # fmt: skip
+
+
+def launch(
+    context: dg.AssetExecutionContext,
+    task: Task,
+    extras: dict[str, Any],
+    nproc_per_node: int,
+    device: str,
+) -> Launched:
+    """Run `task` under torchrun through `dg.PipesSubprocessClient` and return what rank 0
+    reported; raises (dg.DagsterPipesExecutionError) if any rank fails."""
+    import dagster as dg  # the orchestrator's side only: the ranks never import dagster
+
+    invocation = dg.PipesSubprocessClient().run(
+        context=context, command=torchrun_command(task, nproc_per_node, device), extras=extras
+    )
+    messages = invocation.get_custom_messages()
+    if len(messages) != 1:
+        raise RuntimeError(
+            f"torchrun {task}: expected one training result from rank 0, got {len(messages)}"
+        )
+    return Launched(messages[0], dict(invocation.get_materialize_result().metadata or {}))
+
+
+def sae_result(message: dict[str, Any], device: torch.device) -> SaeTrainResult:
+    """The `SaeTrainResult` rank 0 reported, with the SAE it saved loaded onto `device`."""
+    fields = {k: v for k, v in message.items() if k != "path"}
+    fields["curve"] = [CurvePoint(**p) for p in fields["curve"]]
+    return SaeTrainResult(sae=TopKSae.load(message["path"], device).eval(), **fields)
+
+
+def train_result(message: dict[str, Any]) -> TrainResult:
+    """The `TrainResult` rank 0 reported (the model itself is in the saved directory)."""
+    return TrainResult(
+        **{k: v for k, v in message.items() if k != "history"},
+        history=[EpochReport(**r) for r in message["history"]],
+    )
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _train_sae(extras: dict[str, Any], device: torch.device, pipes: PipesContext | None) -> None:
+    def progress(rows: int, total: int, point: dict[str, float]) -> None:
+        pipes.log.info(
+            f"{rows:,}/{total:,} rows, FVU {point['fvu']:.4f}, dead {point['dead_fraction']:.1%}"
+        )
+
+    result = train_sae(
+        Path(extras["shards"]),
+        SaeTrainConfig(**extras["train"]),
+        SaeConfig(**extras["sae"]),
+        device,
+        heldout_users_modulo=extras["heldout_users_modulo"],
+        on_progress=progress if pipes is not None else None,
+    )
+    if pipes is None:
+        return
+    out = result.sae.save(extras["out"])
+    message = {k: v for k, v in result._asdict().items() if k != "sae"}
+    message["curve"] = [p._asdict() for p in result.curve]
+    pipes.report_custom_message({**message, "path": str(out)})
+    pipes.report_asset_materialization(
+        metadata={
+            **_run_metadata(device),
+            "rows_per_second": round(result.rows_per_second),
+            "steps": result.steps,
+        },
+        data_version=_file_sha256(out / WEIGHTS_FILE),
+    )
+
+
+def _train_sasrec(extras: dict[str, Any], device: torch.device, pipes: PipesContext | None) -> None:
+    def log_epoch(report: EpochReport) -> None:
+        pipes.log.info(
+            f"epoch {report.epoch}: loss {report.train_loss:.4f} | valid NDCG@10 "
+            f"{report.valid['ndcg@10']:.4f} (best epoch {report.best_epoch}) | {report.seconds:.1f}s"
+        )
+
+    sequences, num_items = read_sequences(extras["sequences"])
+    config = TrainConfig(**extras["train"])
+    torch.manual_seed(config.seed)  # the asset's init, on every rank (DDP keeps rank 0's)
+    model = Recommender(RecommenderConfig(**extras["model"]))
+    result = train_recommender(
+        model,
+        sequences,
+        num_items,
+        config,
+        device,
+        on_epoch=log_epoch if pipes is not None else None,
+    )
+    if pipes is None:
+        return
+    message = result._asdict() | {"history": [r._asdict() for r in result.history]}
+    out = save_recommender(model, extras["out"], message)
+    pipes.report_custom_message(message)
+    pipes.report_asset_materialization(
+        metadata={**_run_metadata(device), "epochs_run": result.epochs_run},
+        data_version=_file_sha256(out / "model.safetensors"),
+    )
+
+
+def _run_metadata(device: torch.device) -> dict[str, Any]:
+    return {
+        "launcher": "torchrun",
+        "world_size": distributed.world_size(),
+        "backend": distributed.backend(),
+        "rank0_device": str(device),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog=f"torchrun -m {__name__}", description=__doc__)
+    parser.add_argument("task", choices=TASKS)
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (rank r: cuda:r)")
+    args = parser.parse_args(argv)
+
+    from dagster_pipes import PipesEnvVarParamsLoader, open_dagster_pipes
+
+    if not PipesEnvVarParamsLoader().is_dagster_pipes_process():
+        parser.exit(
+            2,
+            "no Dagster Pipes session: materialize the `sae` or `sasrec` asset with "
+            "config `launcher: torchrun`, which launches this module\n",
+        )
+    train = _train_sae if args.task == "sae" else _train_sasrec
+    device = distributed.rank_device(args.device)
+    with distributed.process_group(device):
+        if not distributed.is_main():
+            train(distributed.broadcast_object(None), device, None)
+            return
+        with open_dagster_pipes() as pipes:
+            extras = distributed.broadcast_object(dict(pipes.extras))
+            pipes.log.info(
+                f"torchrun {args.task}: {distributed.world_size()} rank(s), "
+                f"{distributed.backend()} backend, rank 0 on {device}"
+            )
+            train(extras, device, pipes)
+
+
+if __name__ == "__main__":
+    main()
