@@ -22,6 +22,29 @@ ArrayOrInt = TypeVar("ArrayOrInt", int, np.ndarray)
 MIN_LEAVE_ONE_OUT_LENGTH = 3  # one training transition, one validation and one test target
 
 
+POPULARITY_BANDS = ("head", "torso", "tail")
+
+
+def item_popularity_sql(sequences: str | Path) -> str:
+    """A DuckDB query of (item_idx, n, rank, band) over the item sequences: interaction
+    count, popularity rank (1 = most interactions) and band, the third of all interactions
+    the item falls in (`head`: the most popular items holding the first third)."""
+    return f"""
+        SELECT item_idx, n, rank,
+               CASE WHEN before < total / 3.0 THEN 'head'
+                    WHEN before < 2 * total / 3.0 THEN 'torso' ELSE 'tail' END AS band
+        FROM (
+            SELECT item_idx, n, row_number() OVER (ORDER BY n DESC, item_idx) AS rank,
+                   sum(n) OVER (ORDER BY n DESC, item_idx ROWS UNBOUNDED PRECEDING) - n AS before,
+                   sum(n) OVER () AS total
+            FROM (
+                SELECT item AS item_idx, count(*) AS n
+                FROM (SELECT unnest(items) AS item FROM read_parquet({_sql_str(str(sequences))}))
+                GROUP BY item
+            )
+        )"""
+
+
 @dataclass(frozen=True)
 class SequenceConfig:
     """How interactions become sequences."""

@@ -18,13 +18,13 @@ import numpy as np
 import torch
 
 from recsae_pipeline.activations.hooks import read_hidden
+from recsae_pipeline.data.sequences import POPULARITY_BANDS, item_popularity_sql
 from recsae_pipeline.models.recommender import Recommender
 from recsae_pipeline.models.training import pad_right
 from recsae_pipeline.sae.sae import TopKSae
 from recsae_pipeline.store import ArtifactPaths
 from recsae_pipeline.store import sql_literal as _sql
 
-POPULARITY_BANDS = ("head", "torso", "tail")
 EXPLAIN_USERS = 0
 """user_idx % 2 of the users whose windows explainers see; the other parity is held out."""
 
@@ -96,19 +96,9 @@ class Catalog:
             installment = "c.installment" if "installment" in columns else "NULL"
             rows = con.execute(
                 f"""
-                WITH counts AS (
-                    SELECT item AS item_idx, count(*) AS n
-                    FROM (SELECT unnest(items) AS item FROM read_parquet({_sql(paths.sequences)}))
-                    GROUP BY item
-                ), ranked AS (
-                    SELECT item_idx, row_number() OVER (ORDER BY n DESC, item_idx) AS rank,
-                           sum(n) OVER (ORDER BY n DESC, item_idx ROWS UNBOUNDED PRECEDING) - n AS before,
-                           sum(n) OVER () AS total
-                    FROM counts
+                WITH ranked AS ({item_popularity_sql(paths.sequences)}
                 )
-                SELECT m.item_idx, c.item_id, c.title, c.year, c.genres, r.rank,
-                       CASE WHEN r.before < r.total / 3.0 THEN 'head'
-                            WHEN r.before < 2 * r.total / 3.0 THEN 'torso' ELSE 'tail' END,
+                SELECT m.item_idx, c.item_id, c.title, c.year, c.genres, r.rank, r.band,
                        {franchise}, {installment}
                 FROM read_parquet({_sql(paths.items)}) c
                 JOIN read_parquet({_sql(paths.item_map)}) m USING (item_id)

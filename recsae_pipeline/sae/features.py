@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from recsae_pipeline.activations.shards import SHARD_GLOB, iter_in_file_order, partition_rows
+from recsae_pipeline.data.sequences import item_popularity_sql
 from recsae_pipeline.sae.sae import TopKSae
 from recsae_pipeline.store import PARQUET_COMPRESSION, atomic_path, scratch_dir
 from recsae_pipeline.store import sql_literal as _sql_str
@@ -46,7 +47,6 @@ FEATURE_ACTIVATION_SCHEMA = pa.schema(
 )
 FEATURE_FILE = "part-00000.parquet"
 ATTRIBUTE_FAMILIES = ("genre", "decade", "popularity", "franchise")
-POPULARITY_BANDS = ("head", "torso", "tail")
 
 
 def _shards_sql(partition_dir: Path) -> str:
@@ -166,21 +166,12 @@ def item_attributes(
         WITH catalog AS (
             SELECT m.item_idx, c.* FROM read_parquet({_sql_str(items_path)}) c
             JOIN read_parquet({_sql_str(item_map_path)}) m USING (item_id)
-        ), counts AS (
-            SELECT item AS item_idx, count(*) AS n
-            FROM (SELECT unnest(items) AS item FROM read_parquet({_sql_str(sequences_path)}))
-            GROUP BY item
-        ), cumulative AS (
-            SELECT item_idx, sum(n) OVER (ORDER BY n DESC, item_idx ROWS UNBOUNDED PRECEDING) - n AS before,
-                   sum(n) OVER () AS total
-            FROM counts
+        ), popularity AS ({item_popularity_sql(sequences_path)}
         )
         SELECT item_idx, 'genre' AS family, unnest(genres) AS value FROM catalog
         UNION ALL SELECT item_idx, 'decade', CAST((year // 10) * 10 AS VARCHAR) || 's'
             FROM catalog WHERE year IS NOT NULL
-        UNION ALL SELECT item_idx, 'popularity',
-            CASE WHEN before < total / 3.0 THEN 'head' WHEN before < 2 * total / 3.0 THEN 'torso' ELSE 'tail' END
-            FROM cumulative
+        UNION ALL SELECT item_idx, 'popularity', band FROM popularity
         {franchise}
         """
     )
