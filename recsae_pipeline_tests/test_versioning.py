@@ -16,23 +16,8 @@ from recsae_pipeline.assets.versioning import (
 )
 from recsae_pipeline.resources import DataQuality, StorageRoot
 from recsae_pipeline.store import ArtifactPaths
+from recsae_pipeline_tests.test_pipeline import ASSETS, SMALL
 
-SMALL = {
-    "ops": {
-        "raw_interactions": {
-            "config": {
-                "source": "synthetic",
-                "synthetic": {
-                    "n_users": 120,
-                    "n_items": 200,
-                    "mean_sequence_length": 12,
-                    "n_franchises": 8,
-                },
-            }
-        }
-    }
-}
-ASSETS = [data.raw_interactions, data.item_catalog, data.sequences]
 CHECKS = [data.sequences_expectations]
 
 
