@@ -68,20 +68,21 @@ class StorageRoot(dg.ConfigurableResource):
         cache paths); None for a local root."""
         if self.local_dir is not None:
             return None
-        mirror = self._mirror or Mirror(self.url, self.paths.root)
-        report = mirror.pull()
+        report = self._mirrored().pull()
         if report.changed or not self.paths.duckdb.exists():
             self.refresh_duckdb()
-        self._mirror = mirror
         return report
 
     def push(self) -> SyncReport | None:
         """Upload what changed in the cache of a remote root; None for a local root."""
         if self.local_dir is not None:
             return None
-        mirror = self._mirror or Mirror(self.url, self.paths.root)
-        self._mirror = mirror
-        return mirror.push()
+        return self._mirrored().push()
+
+    def _mirrored(self) -> Mirror:
+        if self._mirror is None:
+            self._mirror = Mirror(self.url, self.paths.root)
+        return self._mirror
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         report = self.pull()

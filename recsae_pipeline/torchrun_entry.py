@@ -15,7 +15,6 @@ custom message) and the materialization. The asset then finishes as it does in p
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
@@ -27,7 +26,7 @@ from recsae_pipeline.data.sequences import read_sequences
 from recsae_pipeline.models.artifacts import save_recommender
 from recsae_pipeline.models.recommender import Recommender, RecommenderConfig
 from recsae_pipeline.models.training import EpochReport, TrainConfig, TrainResult, train_recommender
-from recsae_pipeline.sae.sae import WEIGHTS_FILE, SaeConfig, TopKSae
+from recsae_pipeline.sae.sae import SaeConfig, TopKSae
 from recsae_pipeline.sae.training import CurvePoint, SaeTrainConfig, SaeTrainResult, train_sae
 
 if TYPE_CHECKING:
@@ -94,10 +93,6 @@ def train_result(message: dict[str, Any]) -> TrainResult:
     )
 
 
-def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _train_sae(extras: dict[str, Any], device: torch.device, pipes: PipesContext | None) -> None:
     def progress(rows: int, total: int, point: dict[str, float]) -> None:
         pipes.log.info(
@@ -124,7 +119,6 @@ def _train_sae(extras: dict[str, Any], device: torch.device, pipes: PipesContext
             "rows_per_second": round(result.rows_per_second),
             "steps": result.steps,
         },
-        data_version=_file_sha256(out / WEIGHTS_FILE),
     )
 
 
@@ -150,11 +144,10 @@ def _train_sasrec(extras: dict[str, Any], device: torch.device, pipes: PipesCont
     if pipes is None:
         return
     message = result._asdict() | {"history": [r._asdict() for r in result.history]}
-    out = save_recommender(model, extras["out"], message)
+    save_recommender(model, extras["out"], message)
     pipes.report_custom_message(message)
     pipes.report_asset_materialization(
         metadata={**_run_metadata(device), "epochs_run": result.epochs_run},
-        data_version=_file_sha256(out / "model.safetensors"),
     )
 
 
