@@ -56,8 +56,8 @@ def measure(scale: int, out: Path, threads: int) -> dict:
     from recsae_pipeline.data.synthetic import SyntheticConfig
     from recsae_pipeline.models.recommender import Recommender, RecommenderConfig
     from recsae_pipeline.models.training import pad_right
-    from recsae_pipeline.store import ArtifactPaths
-    from recsae_pipeline.warehouse import query, refresh_views
+    from recsae_pipeline.storage.registry import ArtifactPaths
+    from recsae_pipeline.storage.warehouse import query, refresh_views
 
     torch.set_num_threads(threads)
     paths = ArtifactPaths(out / f"scale{scale}")

@@ -27,13 +27,13 @@ import dagster as dg
 import pyarrow.parquet as pq
 import torch
 
-from recsae_pipeline.assets import data, models
 from recsae_pipeline.data.sequences import read_sequences
 from recsae_pipeline.data.sources import recbole_wheel_ml100k
+from recsae_pipeline.defs.assets import data, models
+from recsae_pipeline.defs.resources import DataQuality, StorageRoot, TorchDevice
 from recsae_pipeline.models.artifacts import load_recommender
 from recsae_pipeline.models.training import evaluate
-from recsae_pipeline.resources import DataQuality, StorageRoot, TorchDevice
-from recsae_pipeline.store import write_json
+from recsae_pipeline.storage.atomic import write_json
 
 ROOT = Path(__file__).resolve().parent
 RECBOLE_PYTHON = ROOT / "recbole" / ".venv" / "bin" / "python"

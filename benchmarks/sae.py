@@ -27,9 +27,10 @@ import pyarrow.parquet as pq
 import torch
 
 from recsae_pipeline.activations.shards import SHARD_GLOB, partition_dir
-from recsae_pipeline.sae.sae import SaeConfig
+from recsae_pipeline.sae.model import SaeConfig
 from recsae_pipeline.sae.training import SaeTrainConfig, default_lr, train_sae
-from recsae_pipeline.store import default_data_dir, write_json
+from recsae_pipeline.storage.atomic import write_json
+from recsae_pipeline.storage.registry import default_data_dir
 
 ROOT = Path(__file__).resolve().parent
 SPARSIFY_PYTHON = ROOT / "sparsify" / ".venv" / "bin" / "python"

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent
 
 
 def copy_inputs(source: Path, target: Path, model: str, layer: int) -> None:
-    from recsae_pipeline.store import ArtifactPaths
+    from recsae_pipeline.storage.registry import ArtifactPaths
 
     src, dst = ArtifactPaths(source), ArtifactPaths(target)
     for a, b in (
@@ -44,9 +44,9 @@ def copy_inputs(source: Path, target: Path, model: str, layer: int) -> None:
 def run_once(root: Path, partition: str, launcher: str, nproc: int, rows_seen: int) -> dict:
     import dagster as dg
 
-    from recsae_pipeline.assets import sae as sae_assets
-    from recsae_pipeline.resources import StorageRoot, TorchDevice
-    from recsae_pipeline.store import ArtifactPaths, parse_partition_key
+    from recsae_pipeline.defs.assets import sae as sae_assets
+    from recsae_pipeline.defs.resources import StorageRoot, TorchDevice
+    from recsae_pipeline.storage.registry import ArtifactPaths, parse_partition_key
 
     config = {"launcher": launcher, "nproc_per_node": nproc, "rows_seen": rows_seen}
     started = time.perf_counter()
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args(argv)
 
-    from recsae_pipeline.store import parse_partition_key
+    from recsae_pipeline.storage.registry import parse_partition_key
 
     model, layer = parse_partition_key(args.partition)
     rows = []

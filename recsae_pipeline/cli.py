@@ -11,9 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from recsae_pipeline.remote import local_root
-from recsae_pipeline.store import ArtifactPaths, default_data_dir, parse_partition_key
-from recsae_pipeline.warehouse import query
+from recsae_pipeline.storage.registry import ArtifactPaths, default_data_dir, parse_partition_key
+from recsae_pipeline.storage.remote import local_root
+from recsae_pipeline.storage.warehouse import query
 
 
 def _format_table(columns: list[str], rows: list[tuple], max_width: int = 48) -> str:
@@ -47,7 +47,7 @@ def _artifact_paths(data_dir: str) -> ArtifactPaths:
     local = local_root(data_dir)
     if local is not None:
         return ArtifactPaths(local.resolve())
-    from recsae_pipeline.resources import StorageRoot
+    from recsae_pipeline.defs.resources import StorageRoot
 
     storage = StorageRoot(path=data_dir)
     try:
@@ -97,8 +97,9 @@ def materialize_runs(
     """Run the `main` job, then (with `features`) the `features` job once per (model, layer)
     partition, yielding (label, ExecuteInProcessResult) after each run; the caller stops
     iterating to stop. Each job gets the `ops` of `run_config` that it has."""
-    from recsae_pipeline.assets.versioning import FORCE_TAG
-    from recsae_pipeline.definitions import defs, feature_partitions
+    from recsae_pipeline.defs.definitions import defs
+    from recsae_pipeline.defs.partitions import feature_partitions
+    from recsae_pipeline.defs.versioning import FORCE_TAG
 
     plan: list[tuple[str, str | None]] = [("main", None)]
     if features:
@@ -126,7 +127,7 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     import dagster as dg
     import yaml
 
-    from recsae_pipeline.assets.versioning import SKIPPED_TAG
+    from recsae_pipeline.defs.versioning import SKIPPED_TAG
 
     instance = (
         dg.DagsterInstance.get()
@@ -184,8 +185,8 @@ def _steer_spec(text: str) -> tuple[int, float]:
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
-    from recsae_pipeline.recommend import format_recommendations, recommend
-    from recsae_pipeline.resources import resolve_device
+    from recsae_pipeline.distributed.ddp import resolve_device
+    from recsae_pipeline.serve.recommend import format_recommendations, recommend
 
     try:
         result = recommend(
@@ -207,8 +208,9 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     """Run SAGE (and the baseline) on one feature, print the transcript summary and scores."""
+    from recsae_pipeline.defs.resources import LLM
+    from recsae_pipeline.distributed.ddp import resolve_device
     from recsae_pipeline.interp.explain import explain_features, score_features
-    from recsae_pipeline.resources import LLM, resolve_device
 
     paths = _artifact_paths(args.data_dir)
     try:

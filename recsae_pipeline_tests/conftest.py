@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from recsae_pipeline.store import ArtifactPaths
+from recsae_pipeline.storage.registry import ArtifactPaths
 
 
 @pytest.fixture

@@ -11,20 +11,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from recsae_pipeline.automation import (
-    DropFolder,
-    build_new_interactions_sensor,
-    ingest_job,
-    jobs,
-    retrain_job,
-    run_failure_alert,
-    schedules,
-    sensors,
-    weekly_retrain,
-)
+from recsae_pipeline.data.dropfolder import DropFolder
 from recsae_pipeline.data.sources import TabularSource, ingest
-from recsae_pipeline.resources import DataQuality, StorageRoot
-from recsae_pipeline.store import ArtifactPaths
+from recsae_pipeline.defs.jobs import ingest_job, jobs, retrain_job
+from recsae_pipeline.defs.resources import DataQuality, StorageRoot
+from recsae_pipeline.defs.schedules import schedules, weekly_retrain
+from recsae_pipeline.defs.sensors import build_new_interactions_sensor, run_failure_alert, sensors
+from recsae_pipeline.storage.registry import ArtifactPaths
 
 T0 = 1_700_000_000
 USERS = [f"u{u}" for u in range(1, 7)]
@@ -185,7 +178,7 @@ def test_malformed_drop_is_quarantined_and_nothing_is_appended(
 
 
 def test_weekly_retrain_runs_sequences_and_every_unpartitioned_asset_downstream() -> None:
-    from recsae_pipeline.definitions import defs
+    from recsae_pipeline.defs.definitions import defs
 
     assert weekly_retrain.cron_schedule == "0 3 * * 1"
     assert weekly_retrain.job_name == "retrain"
@@ -248,7 +241,7 @@ def test_run_failure_alert_appends_the_run_and_its_error(
 def test_the_requested_run_brings_dropped_rows_into_the_raw_log_and_sequences(
     root: Path, instance: dg.DagsterInstance
 ) -> None:
-    from recsae_pipeline.definitions import defs
+    from recsae_pipeline.defs.definitions import defs
 
     folder = DropFolder(root)
     # A new user, and an item the catalog has never seen.
@@ -284,7 +277,8 @@ def test_the_requested_run_brings_dropped_rows_into_the_raw_log_and_sequences(
 def test_a_successful_retrain_requests_features_for_every_partition(
     instance: dg.DagsterInstance,
 ) -> None:
-    from recsae_pipeline.definitions import defs, feature_partitions
+    from recsae_pipeline.defs.definitions import defs
+    from recsae_pipeline.defs.partitions import feature_partitions
 
     @dg.op
     def train() -> None:

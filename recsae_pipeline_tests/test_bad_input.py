@@ -11,7 +11,7 @@ import pytest
 
 from recsae_pipeline.data.ingest import DataSourceError, InteractionColumns
 from recsae_pipeline.data.sources import MovieLensSource, TabularSource, ingest
-from recsae_pipeline.store import ArtifactPaths
+from recsae_pipeline.storage.registry import ArtifactPaths
 from recsae_pipeline_tests.conftest import write_text
 
 GOOD = (

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from recsae_pipeline.activations.shards import load_activations
-from recsae_pipeline.sae.sae import SaeConfig, TopKSae
+from recsae_pipeline.sae.model import SaeConfig, TopKSae
 from recsae_pipeline.sae.training import evaluate_sae, is_heldout
 from recsae_pipeline_tests.test_sae import write_partition
 

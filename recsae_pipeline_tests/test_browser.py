@@ -15,13 +15,19 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from recsae_pipeline.assets import activations, data, explanations, features, models
-from recsae_pipeline.assets import browser as browser_assets
-from recsae_pipeline.assets import sae as sae_assets
-from recsae_pipeline.browser import FeaturePage, render_feature_page, render_index, write_browser
-from recsae_pipeline.interp.tools import Catalog, Item, Window
-from recsae_pipeline.resources import LLM, DataQuality, StorageRoot, TorchDevice
-from recsae_pipeline.store import ArtifactPaths
+from recsae_pipeline.data.catalog import Catalog, Item
+from recsae_pipeline.defs.assets import activations, data, explanations, features, models
+from recsae_pipeline.defs.assets import browser as browser_assets
+from recsae_pipeline.defs.assets import sae as sae_assets
+from recsae_pipeline.defs.resources import LLM, DataQuality, StorageRoot, TorchDevice
+from recsae_pipeline.interp.windows import Window
+from recsae_pipeline.report.feature_browser import (
+    FeaturePage,
+    render_feature_page,
+    render_index,
+    write_browser,
+)
+from recsae_pipeline.storage.registry import ArtifactPaths
 
 KEY = "sasrec.layer2"
 HOSTILE = "<script>alert('x')</script> & Sons"

@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recsae_pipeline.data.catalog import build_catalog
-from recsae_pipeline.store import ArtifactPaths
+from recsae_pipeline.storage.registry import ArtifactPaths
 
 
 def test_catalog_normalisation(paths: ArtifactPaths) -> None:

@@ -8,7 +8,7 @@ import dagster as dg
 import pytest
 import yaml
 
-from recsae_pipeline.definitions import defs
+from recsae_pipeline.defs.definitions import defs
 
 PRESETS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 

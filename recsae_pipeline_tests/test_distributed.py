@@ -20,8 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from recsae_pipeline import distributed
-from recsae_pipeline.sae.sae import SaeConfig
+from recsae_pipeline.distributed import ddp
+from recsae_pipeline.sae.model import SaeConfig
 from recsae_pipeline.sae.training import SaeTrainConfig, train_sae
 from recsae_pipeline_tests.test_sae import sparse_mixtures, write_partition
 
@@ -46,8 +46,8 @@ def _torchrun(*args: str, nproc: int = 2) -> None:
 
 def _sae_rank_main(partition: str, out: str) -> None:
     """One rank: train on the partition, save its own weights and (rank 0) the held-out metrics."""
-    with distributed.process_group(torch.device("cpu")) as grouped:
-        assert grouped and distributed.backend() == "gloo"
+    with ddp.process_group(torch.device("cpu")) as grouped:
+        assert grouped and ddp.backend() == "gloo"
         result = train_sae(
             Path(partition),
             SaeTrainConfig(batch_size=256, rows_seen=256 * 300, log_every=100),
@@ -55,9 +55,9 @@ def _sae_rank_main(partition: str, out: str) -> None:
             "cpu",
         )
         state = {k: v.contiguous() for k, v in result.sae.state_dict().items()}
-        save_file(state, Path(out) / f"rank{distributed.rank()}.safetensors")
-        report = {**result.heldout, "world": distributed.world_size(), "steps": result.steps}
-        (Path(out) / f"rank{distributed.rank()}.json").write_text(json.dumps(report))
+        save_file(state, Path(out) / f"rank{ddp.rank()}.safetensors")
+        report = {**result.heldout, "world": ddp.world_size(), "steps": result.steps}
+        (Path(out) / f"rank{ddp.rank()}.json").write_text(json.dumps(report))
 
 
 def test_ddp_sae_training_gives_one_working_sae_on_every_rank(tmp_path: Path) -> None:
@@ -76,9 +76,9 @@ def test_ddp_sae_training_gives_one_working_sae_on_every_rank(tmp_path: Path) ->
 
 def test_shard_is_the_batch_itself_without_a_process_group() -> None:
     batch = torch.arange(5)
-    assert distributed.shard(batch) is batch
-    assert distributed.world_size() == 1 and distributed.is_main()
-    assert distributed.broadcast_object({"a": 1}) == {"a": 1}
+    assert ddp.shard(batch) is batch
+    assert ddp.world_size() == 1 and ddp.is_main()
+    assert ddp.broadcast_object({"a": 1}) == {"a": 1}
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Sequences, an in-process SASRec and its layer-2 activations on a tiny synthetic log."""
     import dagster as dg
 
-    from recsae_pipeline.assets import activations, data, models
+    from recsae_pipeline.defs.assets import activations, data, models
 
     root = tmp_path_factory.mktemp("ddp")
     synthetic = {"n_users": 300, "n_items": 150, "mean_sequence_length": 15, "n_franchises": 6}
@@ -104,7 +104,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _resources(root: Path) -> dict[str, Any]:
-    from recsae_pipeline.resources import DataQuality, StorageRoot, TorchDevice
+    from recsae_pipeline.defs.resources import DataQuality, StorageRoot, TorchDevice
 
     return {
         "storage": StorageRoot(path=str(root)),
@@ -121,7 +121,7 @@ def _metadata(result: dg.ExecuteInProcessResult) -> dict:
 def test_sae_asset_trains_under_torchrun_through_pipes(store: Path) -> None:
     import dagster as dg
 
-    from recsae_pipeline.assets import sae as sae_assets
+    from recsae_pipeline.defs.assets import sae as sae_assets
 
     result = dg.materialize(
         [sae_assets.sae],
@@ -146,7 +146,7 @@ def test_sae_asset_trains_under_torchrun_through_pipes(store: Path) -> None:
 def test_sasrec_asset_trains_under_torchrun_through_pipes(store: Path, tmp_path: Path) -> None:
     import dagster as dg
 
-    from recsae_pipeline.assets import models
+    from recsae_pipeline.defs.assets import models
 
     root = Path(shutil.copytree(store, tmp_path / "root"))
     shutil.rmtree(root / "models" / "sasrec")

@@ -23,7 +23,7 @@ from recsae_pipeline.sae.features import (
     sparse_auc,
     write_feature_activations,
 )
-from recsae_pipeline.sae.sae import SaeConfig, TopKSae
+from recsae_pipeline.sae.model import SaeConfig, TopKSae
 from recsae_pipeline.sae.steering import (
     SteeringPoint,
     add_direction,

@@ -14,9 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from recsae_pipeline import cli
-from recsae_pipeline.assets import activations, data, explanations, features, models
-from recsae_pipeline.assets import sae as sae_assets
-from recsae_pipeline.resources import LLM, DataQuality, StorageRoot, TorchDevice
+from recsae_pipeline.defs.assets import activations, data, explanations, features, models
+from recsae_pipeline.defs.assets import sae as sae_assets
+from recsae_pipeline.defs.resources import LLM, DataQuality, StorageRoot, TorchDevice
 
 KEY = "sasrec.layer2"
 FAST = {"max_epochs": 4, "patience": 4, "batch_size": 64, "lr": 5e-3, "progress_bar": False}
@@ -270,7 +270,7 @@ def test_openai_backend_through_the_assets(store, tmp_path, monkeypatch) -> None
 def test_without_ground_truth_the_stats_and_explanations_still_run(store, tmp_path) -> None:
     """Real logs (MovieLens, your own CSV) have no planted mechanisms: no concept table, no
     concept columns, and everything downstream still materializes."""
-    from recsae_pipeline.assets import browser
+    from recsae_pipeline.defs.assets import browser
 
     root = tmp_path / "store"
     shutil.copytree(store[0], root)

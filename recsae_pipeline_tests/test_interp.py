@@ -11,18 +11,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from recsae_pipeline.interp.sage import (
-    Exemplars,
-    FeatureContext,
-    Limits,
-    OfflinePolicy,
-    Transcript,
-    run_baseline,
-    run_sage,
-)
+from recsae_pipeline.data.catalog import Catalog, Item, UnknownItemError
+from recsae_pipeline.interp.exemplars import Exemplars
+from recsae_pipeline.interp.experiments import FeatureContext
+from recsae_pipeline.interp.offline_policy import OfflinePolicy
+from recsae_pipeline.interp.sage import Limits, Transcript, run_baseline, run_sage
 from recsae_pipeline.interp.scoring import OfflineScorer, ScoringSet, score_explanation
 from recsae_pipeline.interp.spec import Spec, parse_spec
-from recsae_pipeline.interp.tools import Catalog, Item, UnknownItemError, Window
+from recsae_pipeline.interp.windows import Window
 
 GENRES = ["Horror", "Comedy", "Drama", "Western"]
 

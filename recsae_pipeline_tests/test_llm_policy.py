@@ -13,21 +13,18 @@ import numpy as np
 import pytest
 import torch
 
+from recsae_pipeline.data.catalog import Catalog, Item
+from recsae_pipeline.interp.exemplars import Exemplars
+from recsae_pipeline.interp.experiments import FeatureContext
 from recsae_pipeline.interp.llm import CallRecord, LLMSettings, OpenAIChat
 from recsae_pipeline.interp.llm_policy import LLMPolicy, LLMScorer, vocabulary_items
-from recsae_pipeline.interp.sage import (
-    Exemplars,
-    FeatureContext,
-    Limits,
-    State,
-    Transcript,
-    run_baseline,
-    run_sage,
-)
+from recsae_pipeline.interp.probe import FeatureProbe
+from recsae_pipeline.interp.replies import State
+from recsae_pipeline.interp.sage import Limits, Transcript, run_baseline, run_sage
 from recsae_pipeline.interp.scoring import ScoringSet, score_explanation
-from recsae_pipeline.interp.tools import Catalog, FeatureProbe, Item, Window
+from recsae_pipeline.interp.windows import Window
 from recsae_pipeline.models.recommender import Recommender, RecommenderConfig
-from recsae_pipeline.sae.sae import SaeConfig, TopKSae
+from recsae_pipeline.sae.model import SaeConfig, TopKSae
 from recsae_pipeline_tests.openai_stub import OpenAIStub
 
 KEY_ENV = "RECSAE_TEST_LLM_POLICY_KEY"

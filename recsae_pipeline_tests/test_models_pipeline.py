@@ -14,13 +14,14 @@ import torch
 
 from recsae_pipeline import cli
 from recsae_pipeline.activations.shards import expected_rows
-from recsae_pipeline.assets import activations, data, models
-from recsae_pipeline.assets import sae as sae_assets
 from recsae_pipeline.data.sequences import read_sequences
+from recsae_pipeline.defs.assets import activations, data, models
+from recsae_pipeline.defs.assets import sae as sae_assets
+from recsae_pipeline.defs.resources import DataQuality, StorageRoot, TorchDevice
 from recsae_pipeline.models.artifacts import load_recommender
 from recsae_pipeline.models.training import evaluate
-from recsae_pipeline.resources import DataQuality, StorageRoot, TorchDevice
-from recsae_pipeline.sae.sae import TopKSae
+from recsae_pipeline.sae.model import TopKSae
+from recsae_pipeline.storage.registry import parse_partition_key
 
 FAST = {"max_epochs": 6, "patience": 6, "batch_size": 64, "lr": 5e-3, "progress_bar": False}
 CONFIG = {
@@ -152,7 +153,7 @@ def test_activation_partition_materializes_and_is_queryable(
     (check,) = result.get_asset_check_evaluations()
     assert check.passed and check.check_name == "complete_and_finite"
     seqs, _ = read_sequences(root / "sequences" / "sequences.parquet")
-    model, layer = activations.parse_partition_key(key)
+    model, layer = parse_partition_key(key)
     assert check.metadata["rows"].value == expected_rows(seqs, 20)
     assert cli.main(["--data-dir", str(root), "sql", "--format", "csv",
                      f"SELECT count(*) FROM activations WHERE model = '{model}' AND layer = {layer}"]) == 0  # fmt: skip

@@ -19,7 +19,7 @@ from recsae_pipeline.data.validation import (
     validate_catalog,
     validate_raw_interactions,
 )
-from recsae_pipeline.store import ArtifactPaths
+from recsae_pipeline.storage.registry import ArtifactPaths
 
 
 @pytest.fixture(scope="session")

@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from recsae_pipeline import cli
-from recsae_pipeline.assets import data
-from recsae_pipeline.definitions import defs
-from recsae_pipeline.resources import DataQuality, StorageRoot
+from recsae_pipeline.defs.assets import data
+from recsae_pipeline.defs.definitions import defs
+from recsae_pipeline.defs.resources import DataQuality, StorageRoot
 
 SMALL = {
     "ops": {

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from recsae_pipeline.activations.shards import activation_schema
-from recsae_pipeline.sae.sae import SaeConfig, TopKSae
+from recsae_pipeline.sae.model import SaeConfig, TopKSae
 from recsae_pipeline.sae.training import SaeTrainConfig, evaluate_sae, train_sae
 
 CPU = torch.device("cpu")

@@ -16,7 +16,7 @@ from recsae_pipeline.data.sequences import (
     read_sequences,
     split_positions,
 )
-from recsae_pipeline.store import ArtifactPaths
+from recsae_pipeline.storage.registry import ArtifactPaths
 
 
 def write_raw(paths: ArtifactPaths, rows: list[tuple[str, str, int, float | None]]) -> None:

@@ -16,7 +16,7 @@ from recsae_pipeline.data.sources import (
     ingest,
 )
 from recsae_pipeline.data.synthetic import SyntheticConfig
-from recsae_pipeline.store import ArtifactPaths
+from recsae_pipeline.storage.registry import ArtifactPaths
 from recsae_pipeline_tests.conftest import write_text
 
 RAW_SCHEMA = pa.schema(

@@ -1,4 +1,4 @@
-"""A storage root at an fsspec URL, worked on through a local cache (`recsae_pipeline.remote`)."""
+"""A storage root at an fsspec URL, worked on through a local cache (`recsae_pipeline.storage.remote`)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from recsae_pipeline import cli
-from recsae_pipeline.assets import data
-from recsae_pipeline.remote import MANIFEST, Mirror, default_cache_dir
-from recsae_pipeline.resources import DataQuality, StorageRoot
-from recsae_pipeline.store import atomic_path, write_bytes
+from recsae_pipeline.defs.assets import data
+from recsae_pipeline.defs.resources import DataQuality, StorageRoot
+from recsae_pipeline.storage.atomic import atomic_path, write_bytes
+from recsae_pipeline.storage.remote import MANIFEST, Mirror, default_cache_dir
 from recsae_pipeline_tests.test_pipeline import SMALL
 
 ASSETS = [data.raw_interactions, data.item_catalog, data.sequences]

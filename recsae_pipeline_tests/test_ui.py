@@ -22,9 +22,10 @@ import dagster as dg
 import pyarrow.parquet as pq
 import pytest
 
-from recsae_pipeline.browser import HISTOGRAM_BINS
-from recsae_pipeline.definitions import defs, feature_partitions
-from recsae_pipeline.store import ArtifactPaths, parse_partition_key
+from recsae_pipeline.defs.definitions import defs
+from recsae_pipeline.defs.partitions import feature_partitions
+from recsae_pipeline.report.feature_browser import HISTOGRAM_BINS
+from recsae_pipeline.storage.registry import ArtifactPaths, parse_partition_key
 from recsae_pipeline_tests.ui_support import (
     ROOT,
     DagsterDev,

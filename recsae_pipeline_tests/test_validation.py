@@ -14,7 +14,7 @@ from recsae_pipeline.data.validation import (
     validate_raw_interactions,
     validate_sequences,
 )
-from recsae_pipeline.store import ArtifactPaths
+from recsae_pipeline.storage.registry import ArtifactPaths
 
 T0 = 1_600_000_000
 

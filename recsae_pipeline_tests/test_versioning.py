@@ -7,15 +7,10 @@ from pathlib import Path
 
 import dagster as dg
 
-from recsae_pipeline.assets import data
-from recsae_pipeline.assets.versioning import (
-    FORCE_TAG,
-    SKIPPED_TAG,
-    content_hash,
-    read_version,
-)
-from recsae_pipeline.resources import DataQuality, StorageRoot
-from recsae_pipeline.store import ArtifactPaths
+from recsae_pipeline.defs.assets import data
+from recsae_pipeline.defs.resources import DataQuality, StorageRoot
+from recsae_pipeline.defs.versioning import FORCE_TAG, SKIPPED_TAG, content_hash, read_version
+from recsae_pipeline.storage.registry import ArtifactPaths
 from recsae_pipeline_tests.test_pipeline import ASSETS, SMALL
 
 CHECKS = [data.sequences_expectations]

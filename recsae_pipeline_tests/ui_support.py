@@ -88,7 +88,7 @@ class GraphQLError(RuntimeError):
 
 
 class DagsterDev:
-    """`dagster dev -m recsae_pipeline.definitions` on 127.0.0.1 in its own process group,
+    """`dagster dev -m recsae_pipeline.defs.definitions` on 127.0.0.1 in its own process group,
     with its output in `log`."""
 
     def __init__(self, home: Path, data_dir: Path, log: Path, port: int | None = None) -> None:
@@ -105,7 +105,7 @@ class DagsterDev:
             "PYTHONUNBUFFERED": "1",
         }
         dagster = Path(sys.executable).parent / "dagster"
-        command = [str(dagster), "dev", "-m", "recsae_pipeline.definitions"]
+        command = [str(dagster), "dev", "-m", "recsae_pipeline.defs.definitions"]
         command += ["-h", "127.0.0.1", "-p", str(self.port)]
         with self.log.open("wb") as out:
             self.process = subprocess.Popen(

@@ -1,4 +1,4 @@
-"""Draw the asset graph of `recsae_pipeline.definitions` as docs/asset_graph.png (for the README).
+"""Draw the asset graph of `recsae_pipeline.defs.definitions` as docs/asset_graph.png (for the README).
 
     .venv/bin/python scripts/asset_graph.py [--out docs/asset_graph.png]
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from recsae_pipeline.definitions import defs
-from recsae_pipeline.reports import new_figure
+from recsae_pipeline.defs.definitions import defs
+from recsae_pipeline.report.plots import new_figure
 
 COLOURS = {
     "data": "#dbe9f6",

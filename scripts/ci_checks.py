@@ -45,7 +45,7 @@ def run(config: Path) -> int:
     import yaml
 
     from recsae_pipeline.cli import materialize_runs
-    from recsae_pipeline.definitions import defs
+    from recsae_pipeline.defs.definitions import defs
 
     graph = defs.resolve_asset_graph()
     problems: list[str] = []

@@ -47,7 +47,7 @@ from recsae_pipeline.sae.training import (  # noqa: E402
     _training_batches,
     is_heldout,
 )
-from recsae_pipeline.store import write_json  # noqa: E402
+from recsae_pipeline.storage.atomic import write_json  # noqa: E402
 
 LOG_EVERY = 100
 """Steps between training-curve points, as `SaeTrainConfig.log_every`."""

@@ -24,7 +24,7 @@ from torch import Tensor
 from recsae_pipeline.activations.hooks import layer_block, read_hidden
 from recsae_pipeline.models.recommender import Recommender
 from recsae_pipeline.models.training import pad_right
-from recsae_pipeline.store import PARQUET_COMPRESSION, atomic_path
+from recsae_pipeline.storage.atomic import PARQUET_COMPRESSION, atomic_path
 
 SPLITS = ("train", "valid", "test", "none")
 """Split of a row by its target: leave-one-out of the full sequence; "none" = last item."""

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import difflib
+import functools
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import duckdb
+import numpy as np
 
 from recsae_pipeline.data.ingest import DataSourceError, _sql_str
-from recsae_pipeline.store import ArtifactPaths, atomic_path
+from recsae_pipeline.data.sequences import POPULARITY_BANDS, item_popularity_sql
+from recsae_pipeline.storage.atomic import atomic_path
+from recsae_pipeline.storage.registry import ArtifactPaths
+from recsae_pipeline.storage.sql import sql_literal as _sql
 
 MIN_YEAR, MAX_YEAR = 1870, 2100
 
@@ -66,3 +75,194 @@ def build_catalog(paths: ArtifactPaths) -> dict[str, Any]:
         "duplicate_ids_dropped": int(duplicates),
         "extra_attributes": ", ".join(extras) or "none",
     }
+
+
+@dataclass(frozen=True)
+class Item:
+    idx: int
+    item_id: str
+    title: str
+    year: int | None
+    genres: tuple[str, ...]
+    popularity: str
+    """Band: head / torso / tail (thirds of all interactions, most popular first)."""
+    popularity_rank: int
+    """1 = most interacted-with item."""
+    franchise: str | None = None
+    installment: int | None = None
+
+    @property
+    def decade(self) -> str | None:
+        return None if self.year is None else f"{self.year // 10 * 10}s"
+
+    def render(self) -> str:
+        """`Title (Year) [Genre1|Genre2]`, the form every explainer sees."""
+        year = f" ({self.year})" if self.year is not None else ""
+        return f"{self.title}{year} [{'|'.join(self.genres)}]"
+
+    def attributes(self) -> set[str]:
+        """`family:value` labels: genre, decade, popularity band, franchise."""
+        out = {f"genre:{g}" for g in self.genres} | {f"popularity:{self.popularity}"}
+        if self.decade:
+            out.add(f"decade:{self.decade}")
+        if self.franchise:
+            out.add(f"franchise:{self.franchise}")
+        return out
+
+
+class UnknownItemError(KeyError):
+    """A title or id that is not in the catalog; the message lists close matches."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+@dataclass
+class Catalog:
+    """The indexed items with their attributes, for rendering, searching and resolving."""
+
+    items: dict[int, Item]
+    _by_title: dict[str, list[int]] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        for item in self.items.values():
+            self._by_title.setdefault(item.title.casefold(), []).append(item.idx)
+
+    @classmethod
+    def load(cls, paths: ArtifactPaths) -> Catalog:
+        """From the catalog, the id map and the sequences (popularity = interaction counts in
+        `sequences`, banded into thirds of all interactions)."""
+        con = duckdb.connect()
+        try:
+            columns = {
+                r[0]
+                for r in con.execute(
+                    f"DESCRIBE SELECT * FROM read_parquet({_sql(paths.items)})"
+                ).fetchall()
+            }
+            franchise = "c.franchise" if "franchise" in columns else "NULL"
+            installment = "c.installment" if "installment" in columns else "NULL"
+            rows = con.execute(
+                f"""
+                WITH ranked AS ({item_popularity_sql(paths.sequences)}
+                )
+                SELECT m.item_idx, c.item_id, c.title, c.year, c.genres, r.rank, r.band,
+                       {franchise}, {installment}
+                FROM read_parquet({_sql(paths.items)}) c
+                JOIN read_parquet({_sql(paths.item_map)}) m USING (item_id)
+                JOIN ranked r ON r.item_idx = m.item_idx
+                """
+            ).fetchall()
+        finally:
+            con.close()
+        items = {
+            int(idx): Item(
+                idx=int(idx),
+                item_id=str(item_id),
+                title=str(title),
+                year=None if year is None else int(year),
+                genres=tuple(genres or ()),
+                popularity=band,
+                popularity_rank=int(rank),
+                franchise=franchise_name or None,
+                installment=None if part is None else int(part),
+            )
+            for idx, item_id, title, year, genres, rank, band, franchise_name, part in rows
+        }
+        if not items:
+            raise ValueError(f"{paths.items} and {paths.item_map} share no items; rebuild them")
+        return cls(items)
+
+    def __getitem__(self, idx: int) -> Item:
+        return self.items[idx]
+
+    def render(self, idx: int) -> str:
+        return self.items[idx].render() if idx in self.items else f"<item {idx}>"
+
+    @property
+    def genres(self) -> list[str]:
+        return sorted({g for item in self.items.values() for g in item.genres})
+
+    @property
+    def decades(self) -> list[str]:
+        return sorted({item.decade for item in self.items.values() if item.decade})
+
+    @property
+    def franchises(self) -> list[str]:
+        return sorted({item.franchise for item in self.items.values() if item.franchise})
+
+    def search(
+        self,
+        title: str | None = None,
+        genre: str | None = None,
+        year_from: int | None = None,
+        year_to: int | None = None,
+        popularity: str | None = None,
+        franchise: str | None = None,
+        exclude_genre: str | None = None,
+        n: int = 10,
+        seed: int | None = None,
+    ) -> list[Item]:
+        """Items matching every given filter (title substring, case-insensitive), most
+        popular first, or a seeded random sample of the matches when `seed` is given."""
+        if popularity is not None and popularity not in POPULARITY_BANDS:
+            raise ValueError(f"popularity={popularity!r}; use one of {POPULARITY_BANDS}")
+        if genre is not None and genre not in self.genres:
+            close = difflib.get_close_matches(genre, self.genres, n=3)
+            raise ValueError(
+                f"genre {genre!r} is not in the catalog; close: {close or self.genres}"
+            )
+        needle = title.casefold() if title else None
+        hits = [
+            item
+            for item in self.items.values()
+            if (needle is None or needle in item.title.casefold())
+            and (genre is None or genre in item.genres)
+            and (exclude_genre is None or exclude_genre not in item.genres)
+            and (year_from is None or (item.year is not None and item.year >= year_from))
+            and (year_to is None or (item.year is not None and item.year <= year_to))
+            and (popularity is None or item.popularity == popularity)
+            and (franchise is None or item.franchise == franchise)
+        ]
+        hits.sort(key=lambda item: item.popularity_rank)
+        if seed is not None and len(hits) > n:
+            rng = np.random.default_rng(seed)
+            picks = sorted(rng.choice(len(hits), n, replace=False))
+            return [hits[i] for i in picks]
+        return hits[:n]
+
+    def resolve(self, refs: Iterable[int | str]) -> list[int]:
+        """Item indices for ids (int or digit string) or exact titles (case-insensitive;
+        `Title (Year)` also accepted). An unknown title raises with close matches."""
+        out = []
+        for ref in refs:
+            if isinstance(ref, int) or (isinstance(ref, str) and ref.strip().isdigit()):
+                idx = int(ref)
+                if idx not in self.items:
+                    raise UnknownItemError(
+                        f"item id {idx} is not in the catalog (ids 1..{max(self.items)})"
+                    )
+                out.append(idx)
+                continue
+            text = str(ref).strip()
+            key = text.casefold()
+            year = None
+            if key not in self._by_title and key.endswith(")") and "(" in key:
+                head, _, tail = key.rpartition("(")
+                if tail[:-1].isdigit():
+                    key, year = head.strip(), int(tail[:-1])
+            matches = self._by_title.get(key, [])
+            if year is not None:
+                matches = [i for i in matches if self.items[i].year == year] or matches
+            if not matches:
+                close = difflib.get_close_matches(text, [i.title for i in self.items.values()], n=5)
+                hint = f"; close matches: {close}" if close else "; search the catalog first"
+                raise UnknownItemError(f"no item titled {text!r}{hint}")
+            out.append(min(matches, key=lambda i: self.items[i].popularity_rank))
+        return out
+
+    @functools.cached_property
+    def base_rates(self) -> dict[str, float]:
+        """Share of items carrying each attribute (`family:value`); computed once."""
+        counts = Counter(a for item in self.items.values() for a in item.attributes())
+        return {a: c / len(self.items) for a, c in counts.items()}

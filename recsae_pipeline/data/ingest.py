@@ -15,7 +15,8 @@ from typing import Literal
 
 import duckdb
 
-from recsae_pipeline.store import atomic_path, sql_literal
+from recsae_pipeline.storage.atomic import atomic_path
+from recsae_pipeline.storage.sql import sql_literal
 
 TimestampUnit = Literal["s", "ms", "datetime"]
 

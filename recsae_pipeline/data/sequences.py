@@ -15,7 +15,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from recsae_pipeline.data.ingest import DataSourceError, _sql_str
-from recsae_pipeline.store import ArtifactPaths, atomic_path, scratch_dir
+from recsae_pipeline.storage.atomic import atomic_path, scratch_dir
+from recsae_pipeline.storage.registry import ArtifactPaths
 
 INT32_MAX = 2**31 - 1
 ArrayOrInt = TypeVar("ArrayOrInt", int, np.ndarray)

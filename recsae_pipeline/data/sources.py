@@ -31,7 +31,8 @@ from recsae_pipeline.data.ingest import (
     require_columns,
     write_interactions,
 )
-from recsae_pipeline.store import PARQUET_COMPRESSION, ArtifactPaths, atomic_path, write_parquet
+from recsae_pipeline.storage.atomic import PARQUET_COMPRESSION, atomic_path, write_parquet
+from recsae_pipeline.storage.registry import ArtifactPaths
 
 ML100K_GENRES = (
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",

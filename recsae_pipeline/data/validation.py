@@ -22,7 +22,7 @@ import pandas as pd
 
 from recsae_pipeline.data.ingest import _sql_str
 from recsae_pipeline.data.sequences import MIN_LEAVE_ONE_OUT_LENGTH, split_positions
-from recsae_pipeline.store import ArtifactPaths
+from recsae_pipeline.storage.registry import ArtifactPaths
 
 DEFAULT_MIN_TIMESTAMP = 631_152_000  # 1990-01-01: older than any web-era interaction log
 

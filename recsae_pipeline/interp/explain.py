@@ -9,23 +9,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from recsae_pipeline.data.catalog import Catalog
+from recsae_pipeline.interp.exemplars import exemplars
+from recsae_pipeline.interp.experiments import FeatureContext, context_prefixes
+from recsae_pipeline.interp.probe import FeatureProbe
 from recsae_pipeline.interp.sage import (
     Explanation,
-    FeatureContext,
     Limits,
     Policy,
     Transcript,
-    context_prefixes,
-    exemplars,
     run_baseline,
     run_sage,
 )
 from recsae_pipeline.interp.scoring import Scorer, score_explanation, scoring_set
 from recsae_pipeline.interp.spec import parse_spec
-from recsae_pipeline.interp.tools import Catalog, FeatureData, FeatureProbe
+from recsae_pipeline.interp.windows import FeatureData
 from recsae_pipeline.models.artifacts import load_recommender
-from recsae_pipeline.sae.sae import TopKSae
-from recsae_pipeline.store import ArtifactPaths
+from recsae_pipeline.sae.model import TopKSae
+from recsae_pipeline.storage.registry import ArtifactPaths
 
 METHODS = ("baseline", "sage")
 

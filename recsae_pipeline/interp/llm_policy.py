@@ -17,22 +17,22 @@ from typing import TypeVar
 import numpy as np
 from pydantic import BaseModel, Field
 
+from recsae_pipeline.data.catalog import Catalog, Item
+from recsae_pipeline.data.sequences import POPULARITY_BANDS
+from recsae_pipeline.interp.experiments import FeatureContext, TestResult, render_result
 from recsae_pipeline.interp.llm import CallRecord, LLMError, OpenAIChat
-from recsae_pipeline.interp.sage import (
+from recsae_pipeline.interp.replies import (
     ExperimentPlan,
-    FeatureContext,
     FinalReply,
     HypothesesReply,
-    Hypothesis,
     ReviewReply,
     SequenceSpec,
-    TestResult,
     VerdictReply,
-    render_result,
 )
+from recsae_pipeline.interp.sage import Hypothesis
 from recsae_pipeline.interp.scoring import ScoringSet
 from recsae_pipeline.interp.spec import Spec, parse_spec
-from recsae_pipeline.interp.tools import POPULARITY_BANDS, Catalog, Item, Window
+from recsae_pipeline.interp.windows import Window
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,13 @@ from typing import Protocol
 
 import numpy as np
 
-from recsae_pipeline.interp.sage import Explanation, FeatureContext, SequenceSpec, pairwise_auc
+from recsae_pipeline.data.catalog import Catalog, UnknownItemError
+from recsae_pipeline.interp.experiments import FeatureContext
+from recsae_pipeline.interp.replies import SequenceSpec
+from recsae_pipeline.interp.sage import Explanation
 from recsae_pipeline.interp.spec import Spec, parse_spec
-from recsae_pipeline.interp.tools import Catalog, FeatureData, UnknownItemError, Window
+from recsae_pipeline.interp.windows import FeatureData, Window
+from recsae_pipeline.models.metrics import pairwise_auc
 
 HELDOUT_USERS = 1
 """user_idx % 2 of the users whose windows are scored (explainers see the other parity)."""

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from pydantic import BaseModel
 
-from recsae_pipeline.interp.tools import Catalog, Item
+from recsae_pipeline.data.catalog import Catalog, Item
 
 POPULARITY_WORDS = {
     "head": ("popular", "blockbuster", "well-known", "mainstream", "hit"),

@@ -20,7 +20,7 @@ from recsae_pipeline.models.recommender import (
     RecommenderConfig,
     backbone_from_config,
 )
-from recsae_pipeline.store import atomic_path
+from recsae_pipeline.storage.atomic import atomic_path
 
 FORMAT_VERSION = 1
 

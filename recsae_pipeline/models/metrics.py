@@ -105,3 +105,11 @@ class PopularityScorer:
     def predict(self, items: Tensor) -> Tensor:
         """The same popularity scores [B, num_items + 1] for every sequence in the batch."""
         return self.counts.to(items.device).expand(len(items), -1)
+
+
+def pairwise_auc(high: list[float], low: list[float], empty: float = 0.5) -> float:
+    """P(a `high` value beats a `low` one), ties counting half; `empty` if a side is empty."""
+    if not high or not low:
+        return empty
+    h, lo = np.asarray(high)[:, None], np.asarray(low)[None, :]
+    return float(((h > lo).sum() + 0.5 * (h == lo).sum()) / (h.size * lo.size))

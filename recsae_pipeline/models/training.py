@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from recsae_pipeline import distributed
+from recsae_pipeline.distributed import ddp
 from recsae_pipeline.models.metrics import (
     filter_seen,
     full_ranking_metrics,
@@ -232,7 +232,7 @@ def train_recommender(
     lengths = (inputs > 0).sum(1)
     inputs, targets = inputs.to(device), targets.to(device)
     params = [p for p in chain(model.parameters(), loss_fn.parameters()) if p.requires_grad]
-    step_loss = distributed.wrap(_ModelAndLoss(model, loss_fn), device, static_graph=True)
+    step_loss = ddp.wrap(_ModelAndLoss(model, loss_fn), device, static_graph=True)
     optimizer = _optimizer(params, config)
     warmup = max(config.warmup_steps, 1)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -244,7 +244,7 @@ def train_recommender(
     history: list[EpochReport] = []
     start_time = time.perf_counter()
     with torch.random.fork_rng(devices=[] if device.type != "cuda" else None):
-        torch.manual_seed(config.seed + distributed.rank())  # own dropout masks per rank
+        torch.manual_seed(config.seed + ddp.rank())  # own dropout masks per rank
         for epoch in range(1, config.max_epochs + 1):
             epoch_start = time.perf_counter()
             model.train()
@@ -255,10 +255,10 @@ def train_recommender(
                 batches,
                 desc=f"epoch {epoch}",
                 leave=False,
-                disable=None if config.progress and distributed.is_main() else True,
+                disable=None if config.progress and ddp.is_main() else True,
             )  # None: only on a terminal
             for step, index in enumerate(bar):
-                index = distributed.shard(index)
+                index = ddp.shard(index)
                 width = int(lengths[index].max())
                 index = index.to(device)
                 terms = step_loss(inputs[index, :width], targets[index, :width])
@@ -272,14 +272,14 @@ def train_recommender(
                 if step % 20 == 0:
                     bar.set_postfix(loss=f"{terms.total.item():.4f}")
             loss_terms = {
-                name: (distributed.all_reduce_mean(value) / len(batches)).item()
+                name: (ddp.all_reduce_mean(value) / len(batches)).item()
                 for name, value in sums.items()
             }
             if not math.isfinite(loss_terms["total"]):
                 raise FloatingPointError(
                     f"training loss is {loss_terms['total']} at epoch {epoch}; lower lr={config.lr}"
                 )
-            valid = distributed.broadcast_object(
+            valid = ddp.broadcast_object(
                 evaluate(
                     model,
                     sequences,
@@ -289,7 +289,7 @@ def train_recommender(
                     batch_size=config.eval_batch_size,
                     sampled=False,
                 )
-                if distributed.is_main()
+                if ddp.is_main()
                 else None
             )
             if valid["ndcg@10"] > best_metric:

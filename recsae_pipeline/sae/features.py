@@ -32,9 +32,9 @@ from torch import Tensor
 
 from recsae_pipeline.activations.shards import SHARD_GLOB, iter_in_file_order, partition_rows
 from recsae_pipeline.data.sequences import item_popularity_sql
-from recsae_pipeline.sae.sae import TopKSae
-from recsae_pipeline.store import PARQUET_COMPRESSION, atomic_path, scratch_dir
-from recsae_pipeline.store import sql_literal as _sql_str
+from recsae_pipeline.sae.model import TopKSae
+from recsae_pipeline.storage.atomic import PARQUET_COMPRESSION, atomic_path, scratch_dir
+from recsae_pipeline.storage.sql import sql_literal as _sql_str
 
 FEATURE_ACTIVATION_SCHEMA = pa.schema(
     [

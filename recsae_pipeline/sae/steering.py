@@ -27,7 +27,7 @@ from recsae_pipeline.activations.hooks import edit_hidden, read_hidden
 from recsae_pipeline.models.metrics import filter_seen, ndcg_at_k, target_ranks
 from recsae_pipeline.models.recommender import Recommender
 from recsae_pipeline.models.training import pad_right, split_examples
-from recsae_pipeline.sae.sae import TopKSae
+from recsae_pipeline.sae.model import TopKSae
 
 Edit = Callable[[Tensor], Tensor]
 

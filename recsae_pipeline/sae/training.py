@@ -18,9 +18,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from recsae_pipeline import distributed
 from recsae_pipeline.activations.shards import iter_activation_batches
-from recsae_pipeline.sae.sae import SaeConfig, TopKSae
+from recsae_pipeline.distributed import ddp
+from recsae_pipeline.sae.model import SaeConfig, TopKSae
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,7 @@ def train_sae(
             f"sae_config.d_in={sae_config.d_in}; set d_in to the partition's width"
         )
     sae = TopKSae(sae_config, device, sample=first[1], seed=config.seed).train()
-    model = distributed.wrap(sae, device)
+    model = ddp.wrap(sae, device)
     lr = config.lr if config.lr is not None else default_lr(sae_config.n_latents)
     optimizer = torch.optim.Adam(sae.parameters(), lr=lr)
     rows_since_fired = torch.zeros(sae_config.n_latents, dtype=torch.long, device=device)
@@ -163,7 +163,7 @@ def train_sae(
     for epoch, x in itertools.chain([first], batches):
         x = x.to(device)
         dead_mask = rows_since_fired >= sae_config.dead_after_rows
-        out = model(distributed.shard(x), dead_mask)
+        out = model(ddp.shard(x), dead_mask)
         out.loss.backward()
         sae.remove_parallel_grads()
         optimizer.step()
@@ -172,11 +172,11 @@ def train_sae(
         with torch.no_grad():
             rows_since_fired += len(x)
             rows_since_fired[out.latent_indices[out.latent_values > 0]] = 0
-            distributed.all_reduce_min(rows_since_fired)  # fired on any rank = alive
+            ddp.all_reduce_min(rows_since_fired)  # fired on any rank = alive
             sums += torch.stack([out.fvu, out.auxk_loss, out.l0]).double()
         steps, rows, epochs, since_point = steps + 1, rows + len(x), epoch + 1, since_point + 1
         if steps % config.log_every == 0 or rows == config.rows_seen:
-            fvu, auxk, l0 = (distributed.all_reduce_mean(sums) / since_point).tolist()
+            fvu, auxk, l0 = (ddp.all_reduce_mean(sums) / since_point).tolist()
             if not math.isfinite(fvu + auxk):
                 raise FloatingPointError(
                     f"training fvu={fvu}, auxk_loss={auxk} at rows_seen={rows}; lower lr "
@@ -191,9 +191,9 @@ def train_sae(
                 on_progress(rows, config.rows_seen, point._asdict())
     seconds = time.perf_counter() - started
     sae.eval()
-    heldout = distributed.broadcast_object(
+    heldout = ddp.broadcast_object(
         evaluate_sae(sae, partition_dir, device, heldout_users_modulo, config.batch_size)
-        if distributed.is_main()
+        if ddp.is_main()
         else None
     )
     return SaeTrainResult(

@@ -1,5 +1,7 @@
 """Dagster resources: where artifacts live, data-quality bounds, and the DuckDB catalog."""
 
+from __future__ import annotations
+
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -9,9 +11,10 @@ import torch
 from pydantic import Field, PrivateAttr
 
 from recsae_pipeline.data.validation import DEFAULT_MIN_TIMESTAMP, QualityBounds
-from recsae_pipeline.remote import Mirror, SyncReport, default_cache_dir, local_root
-from recsae_pipeline.store import ArtifactPaths, default_data_dir
-from recsae_pipeline.warehouse import refresh_views
+from recsae_pipeline.distributed.ddp import resolve_device
+from recsae_pipeline.storage.registry import ArtifactPaths, default_data_dir
+from recsae_pipeline.storage.remote import Mirror, SyncReport, default_cache_dir, local_root
+from recsae_pipeline.storage.warehouse import refresh_views
 
 
 class StorageRoot(dg.ConfigurableResource):
@@ -116,24 +119,6 @@ class DataQuality(dg.ConfigurableResource):
         return QualityBounds(**self.model_dump())
 
 
-def resolve_device(spec: str) -> torch.device:
-    """`auto` picks CUDA when present, else CPU; `cpu`, `cuda` and `cuda:N` are taken as given."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise dg.Failure(
-            f"device {spec!r} was requested but CUDA is not available here; use `auto` or `cpu`."
-        )
-    if (
-        device.type == "cuda"
-        and device.index is not None
-        and device.index >= torch.cuda.device_count()
-    ):
-        raise dg.Failure(f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s) exist.")
-    return device
-
-
 class TorchDevice(dg.ConfigurableResource):
     """Where every training and inference path runs: `auto` (CUDA when present), `cpu`, `cuda[:n]`."""
 
@@ -210,7 +195,7 @@ class LLM(dg.ConfigurableResource):
         """A maker of fresh explainer policies (one per feature and method, so that usage
         and budgets count per explanation): `OfflinePolicy` or an `LLMPolicy` on its own chat."""
         if self.kind == "offline":
-            from recsae_pipeline.interp.sage import OfflinePolicy
+            from recsae_pipeline.interp.offline_policy import OfflinePolicy
 
             return OfflinePolicy
         from recsae_pipeline.interp.llm import OpenAIChat

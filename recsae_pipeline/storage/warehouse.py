@@ -10,8 +10,9 @@ from pathlib import Path
 
 import duckdb
 
-from recsae_pipeline.store import ArtifactPaths, atomic_path
-from recsae_pipeline.store import sql_literal as _quote
+from recsae_pipeline.storage.atomic import atomic_path
+from recsae_pipeline.storage.registry import ArtifactPaths
+from recsae_pipeline.storage.sql import sql_literal as _quote
 
 
 def view_definitions(paths: ArtifactPaths) -> dict[str, str]:

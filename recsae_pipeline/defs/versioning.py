@@ -28,7 +28,8 @@ from typing import Any
 import dagster as dg
 from dagster._core.definitions.metadata import normalize_metadata
 
-from recsae_pipeline.store import ArtifactPaths, parse_partition_key, write_json
+from recsae_pipeline.storage.atomic import write_json
+from recsae_pipeline.storage.registry import ArtifactPaths, parse_partition_key
 
 FORCE_TAG = "recsae/force"
 SKIPPED_TAG = "recsae/skipped"

@@ -10,10 +10,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from recsae_pipeline.assets.activations import activation_partitions, parse_partition_key
-from recsae_pipeline.assets.features import feature_stats, feature_stats_dir
-from recsae_pipeline.assets.progress import throttled_log
-from recsae_pipeline.assets.versioning import content_versioned, partition_output
+from recsae_pipeline.data.catalog import Catalog
+from recsae_pipeline.defs.assets.features import feature_stats, feature_stats_dir
+from recsae_pipeline.defs.partitions import feature_partitions, model_layer
+from recsae_pipeline.defs.progress import throttled_log
+from recsae_pipeline.defs.resources import LLM, StorageRoot, TorchDevice
+from recsae_pipeline.defs.versioning import content_versioned, partition_output
 from recsae_pipeline.interp.explain import (
     METHODS,
     concept_named,
@@ -22,10 +24,9 @@ from recsae_pipeline.interp.explain import (
     select_features,
 )
 from recsae_pipeline.interp.sage import Explanation, Limits
-from recsae_pipeline.interp.tools import Catalog
-from recsae_pipeline.reports import new_figure, save_figure
-from recsae_pipeline.resources import LLM, StorageRoot, TorchDevice
-from recsae_pipeline.store import ArtifactPaths, atomic_path
+from recsae_pipeline.report.plots import new_figure, save_figure
+from recsae_pipeline.storage.atomic import atomic_path
+from recsae_pipeline.storage.registry import ArtifactPaths
 
 GROUP = "explanations"
 
@@ -57,7 +58,7 @@ class ExplanationsConfig(dg.Config):
     group_name=GROUP,
     code_version="1",
     kinds={"parquet"},
-    partitions_def=activation_partitions,
+    partitions_def=feature_partitions,
     deps=[feature_stats],
     description="SAGE (hypotheses, experiments on crafted item sequences, verdicts, review) and "
     "the one-shot baseline on the configured features: label, description, hypotheses with "
@@ -72,7 +73,7 @@ def explanations(
     device: TorchDevice,
     llm: LLM,
 ) -> dg.MaterializeResult:
-    model_name, layer = parse_partition_key(context.partition_key)
+    model_name, layer = model_layer(context.partition_key)
     paths = storage.paths
     stats = pq.read_table(
         feature_stats_dir(paths, model_name, layer) / "features.parquet"
@@ -151,7 +152,7 @@ class ExplanationScoresConfig(dg.Config):
     group_name=GROUP,
     code_version="1",
     kinds={"parquet"},
-    partitions_def=activation_partitions,
+    partitions_def=feature_partitions,
     deps=[explanations],
     check_specs=[
         dg.AssetCheckSpec(
@@ -171,7 +172,7 @@ def explanation_scores(
     device: TorchDevice,
     llm: LLM,
 ) -> dg.MaterializeResult:
-    model_name, layer = parse_partition_key(context.partition_key)
+    model_name, layer = model_layer(context.partition_key)
     paths = storage.paths
     source = explanations_dir(paths, model_name, layer) / "explanations.parquet"
     rows = pq.read_table(source).to_pylist()

@@ -20,9 +20,11 @@ from typing import Any, NamedTuple
 import duckdb
 import pyarrow.parquet as pq
 
-from recsae_pipeline.interp.tools import Catalog, Window
-from recsae_pipeline.store import ArtifactPaths, atomic_path
-from recsae_pipeline.store import sql_literal as _sql
+from recsae_pipeline.data.catalog import Catalog
+from recsae_pipeline.interp.windows import Window
+from recsae_pipeline.storage.atomic import atomic_path
+from recsae_pipeline.storage.registry import ArtifactPaths
+from recsae_pipeline.storage.sql import sql_literal as _sql
 
 WINDOW_RADIUS = 5
 HISTOGRAM_BINS = 30

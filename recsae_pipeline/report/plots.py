@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402
 
-from recsae_pipeline.store import write_bytes  # noqa: E402
+from recsae_pipeline.storage.atomic import write_bytes  # noqa: E402
 
 
 def new_figure(width: float = 6.0, height: float = 3.5, ncols: int = 1) -> tuple[Figure, Any]:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from recsae_pipeline.store import atomic_path, write_json
+from recsae_pipeline.storage.atomic import atomic_path, write_json
 
 try:
     import fcntl

@@ -12,28 +12,29 @@ import torch
 from pydantic import Field
 
 from recsae_pipeline.activations.shards import partition_dir, partition_rows
-from recsae_pipeline.assets.activations import activation_partitions, parse_partition_key
-from recsae_pipeline.assets.progress import throttled_log
-from recsae_pipeline.assets.sae import sae, sae_dir
-from recsae_pipeline.assets.versioning import content_versioned, partition_output
 from recsae_pipeline.data.sequences import read_sequences
+from recsae_pipeline.defs.assets.sae import sae, sae_dir
+from recsae_pipeline.defs.partitions import feature_partitions, model_layer
+from recsae_pipeline.defs.progress import throttled_log
+from recsae_pipeline.defs.resources import StorageRoot, TorchDevice
+from recsae_pipeline.defs.versioning import content_versioned, partition_output
 from recsae_pipeline.models.artifacts import load_recommender
-from recsae_pipeline.reports import new_figure, save_figure
-from recsae_pipeline.resources import StorageRoot, TorchDevice
+from recsae_pipeline.report.plots import new_figure, save_figure
 from recsae_pipeline.sae.features import (
     FEATURE_FILE,
     StatsInputs,
     compute_feature_stats,
     write_feature_activations,
 )
-from recsae_pipeline.sae.sae import TopKSae
+from recsae_pipeline.sae.model import TopKSae
 from recsae_pipeline.sae.steering import (
     genre_targets,
     steering_sweep,
     steering_users,
     summarize,
 )
-from recsae_pipeline.store import ArtifactPaths, atomic_path, write_parquet
+from recsae_pipeline.storage.atomic import atomic_path, write_parquet
+from recsae_pipeline.storage.registry import ArtifactPaths
 
 GROUP = "features"
 
@@ -64,7 +65,7 @@ def _load_sae(paths: ArtifactPaths, model: str, layer: int, device: torch.device
     group_name=GROUP,
     code_version="1",
     kinds={"parquet", "duckdb"},
-    partitions_def=activation_partitions,
+    partitions_def=feature_partitions,
     deps=[sae],
     check_specs=[
         dg.AssetCheckSpec(
@@ -82,7 +83,7 @@ def _load_sae(paths: ArtifactPaths, model: str, layer: int, device: torch.device
 def feature_activations(
     context: dg.AssetExecutionContext, storage: StorageRoot, device: TorchDevice
 ) -> dg.MaterializeResult:
-    model_name, layer = parse_partition_key(context.partition_key)
+    model_name, layer = model_layer(context.partition_key)
     paths = storage.paths
     dev = device.torch_device
     trained = _load_sae(paths, model_name, layer, dev)
@@ -157,7 +158,7 @@ class FeatureStatsConfig(dg.Config):
     group_name=GROUP,
     code_version="1",
     kinds={"parquet", "duckdb"},
-    partitions_def=activation_partitions,
+    partitions_def=feature_partitions,
     deps=[feature_activations],
     check_specs=[
         dg.AssetCheckSpec(
@@ -178,7 +179,7 @@ def feature_stats(
     storage: StorageRoot,
     device: TorchDevice,
 ) -> dg.MaterializeResult:
-    model_name, layer = parse_partition_key(context.partition_key)
+    model_name, layer = model_layer(context.partition_key)
     paths = storage.paths
     dev = device.torch_device
     trained = _load_sae(paths, model_name, layer, dev)
@@ -337,7 +338,7 @@ class SteeringConfig(dg.Config):
     group_name=GROUP,
     code_version="1",
     kinds={"parquet", "pytorch"},
-    partitions_def=activation_partitions,
+    partitions_def=feature_partitions,
     deps=[feature_stats],
     check_specs=[
         dg.AssetCheckSpec(
@@ -357,7 +358,7 @@ def steering_eval(
     storage: StorageRoot,
     device: TorchDevice,
 ) -> dg.MaterializeResult:
-    model_name, layer = parse_partition_key(context.partition_key)
+    model_name, layer = model_layer(context.partition_key)
     paths = storage.paths
     dev = device.torch_device
     trained = _load_sae(paths, model_name, layer, dev)

@@ -3,7 +3,7 @@
 The asset (launcher: torchrun) calls `launch`, which runs
 
     python -m torch.distributed.run --standalone --nproc_per_node N \\
-        -m recsae_pipeline.torchrun_entry {sae,sasrec} --device cpu
+        -m recsae_pipeline.distributed.ranks {sae,sasrec} --device cpu
 
 under `dg.PipesSubprocessClient`, with the input and output paths and the training configs
 as Pipes extras. Every rank trains (gloo on CPU, nccl on CUDA); rank 0 alone opens the Pipes
@@ -15,67 +15,27 @@ custom message) and the materialization. The asset then finishes as it does in p
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from recsae_pipeline import distributed
 from recsae_pipeline.data.sequences import read_sequences
+from recsae_pipeline.distributed import ddp
 from recsae_pipeline.models.artifacts import save_recommender
 from recsae_pipeline.models.recommender import Recommender, RecommenderConfig
 from recsae_pipeline.models.training import EpochReport, TrainConfig, TrainResult, train_recommender
-from recsae_pipeline.sae.sae import SaeConfig, TopKSae
+from recsae_pipeline.sae.model import SaeConfig, TopKSae
 from recsae_pipeline.sae.training import CurvePoint, SaeTrainConfig, SaeTrainResult, train_sae
 
 if TYPE_CHECKING:
-    import dagster as dg
     from dagster_pipes import PipesContext
 
+
 Task = Literal["sae", "sasrec"]
+
+
 TASKS: tuple[Task, ...] = ("sae", "sasrec")
-
-
-class Launched(NamedTuple):
-    message: dict[str, Any]
-    """The training result rank 0 reported (decode with `sae_result` / `train_result`)."""
-    metadata: dict[str, Any]
-    """Metadata of the materialization rank 0 reported: launcher, world size, backend, ..."""
-
-
-def torchrun_command(task: Task, nproc_per_node: int, device: str) -> list[str]:
-    """The command line that trains `task` on `nproc_per_node` local ranks."""
-    if task not in TASKS:
-        raise ValueError(f"task={task!r}; pick one of {TASKS}")
-    if nproc_per_node < 1:
-        raise ValueError(f"nproc_per_node={nproc_per_node}; must be >= 1")
-    return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        "--nproc_per_node", str(nproc_per_node), "-m", __name__, task, "--device", device,
-    ]  # fmt: skip
-
-
-def launch(
-    context: dg.AssetExecutionContext,
-    task: Task,
-    extras: dict[str, Any],
-    nproc_per_node: int,
-    device: str,
-) -> Launched:
-    """Run `task` under torchrun through `dg.PipesSubprocessClient` and return what rank 0
-    reported; raises (dg.DagsterPipesExecutionError) if any rank fails."""
-    import dagster as dg  # the orchestrator's side only: the ranks never import dagster
-
-    invocation = dg.PipesSubprocessClient().run(
-        context=context, command=torchrun_command(task, nproc_per_node, device), extras=extras
-    )
-    messages = invocation.get_custom_messages()
-    if len(messages) != 1:
-        raise RuntimeError(
-            f"torchrun {task}: expected one training result from rank 0, got {len(messages)}"
-        )
-    return Launched(messages[0], dict(invocation.get_materialize_result().metadata or {}))
 
 
 def sae_result(message: dict[str, Any], device: torch.device) -> SaeTrainResult:
@@ -154,8 +114,8 @@ def _train_sasrec(extras: dict[str, Any], device: torch.device, pipes: PipesCont
 def _run_metadata(device: torch.device) -> dict[str, Any]:
     return {
         "launcher": "torchrun",
-        "world_size": distributed.world_size(),
-        "backend": distributed.backend(),
+        "world_size": ddp.world_size(),
+        "backend": ddp.backend(),
         "rank0_device": str(device),
     }
 
@@ -175,16 +135,16 @@ def main(argv: list[str] | None = None) -> None:
             "config `launcher: torchrun`, which launches this module\n",
         )
     train = _train_sae if args.task == "sae" else _train_sasrec
-    device = distributed.rank_device(args.device)
-    with distributed.process_group(device):
-        if not distributed.is_main():
-            train(distributed.broadcast_object(None), device, None)
+    device = ddp.rank_device(args.device)
+    with ddp.process_group(device):
+        if not ddp.is_main():
+            train(ddp.broadcast_object(None), device, None)
             return
         with open_dagster_pipes() as pipes:
-            extras = distributed.broadcast_object(dict(pipes.extras))
+            extras = ddp.broadcast_object(dict(pipes.extras))
             pipes.log.info(
-                f"torchrun {args.task}: {distributed.world_size()} rank(s), "
-                f"{distributed.backend()} backend, rank 0 on {device}"
+                f"torchrun {args.task}: {ddp.world_size()} rank(s), "
+                f"{ddp.backend()} backend, rank 0 on {device}"
             )
             train(extras, device, pipes)
 

@@ -11,22 +11,21 @@ from pydantic import Field
 
 from recsae_pipeline.activations.hooks import edit_hidden
 from recsae_pipeline.activations.shards import partition_dir
-from recsae_pipeline.assets.activations import (
-    activation_partitions,
-    activations,
-    parse_partition_key,
-)
-from recsae_pipeline.assets.progress import throttled_log
-from recsae_pipeline.assets.versioning import content_versioned, partition_output
 from recsae_pipeline.data.sequences import read_sequences
+from recsae_pipeline.defs.assets.activations import activations
+from recsae_pipeline.defs.partitions import feature_partitions, model_layer
+from recsae_pipeline.defs.pipes import launch
+from recsae_pipeline.defs.progress import throttled_log
+from recsae_pipeline.defs.resources import StorageRoot, TorchDevice
+from recsae_pipeline.defs.versioning import content_versioned, partition_output
+from recsae_pipeline.distributed.ranks import sae_result
 from recsae_pipeline.models.artifacts import load_recommender
 from recsae_pipeline.models.training import evaluate
-from recsae_pipeline.reports import new_figure, save_figure
-from recsae_pipeline.resources import StorageRoot, TorchDevice
-from recsae_pipeline.sae.sae import SaeConfig
+from recsae_pipeline.report.plots import new_figure, save_figure
+from recsae_pipeline.sae.model import SaeConfig
 from recsae_pipeline.sae.training import SaeTrainConfig, train_sae
-from recsae_pipeline.store import ArtifactPaths, write_json
-from recsae_pipeline.torchrun_entry import launch, sae_result
+from recsae_pipeline.storage.atomic import write_json
+from recsae_pipeline.storage.registry import ArtifactPaths
 
 GROUP = "sae"
 
@@ -70,7 +69,7 @@ def sae_dir(paths: ArtifactPaths, model: str, layer: int) -> Path:
     group_name=GROUP,
     code_version="1",
     kinds={"pytorch", "safetensors"},
-    partitions_def=activation_partitions,
+    partitions_def=feature_partitions,
     deps=[activations],
     check_specs=[
         dg.AssetCheckSpec(
@@ -96,7 +95,7 @@ def sae(
     storage: StorageRoot,
     device: TorchDevice,
 ) -> dg.MaterializeResult:
-    model_name, layer = parse_partition_key(context.partition_key)
+    model_name, layer = model_layer(context.partition_key)
     dev = device.torch_device
     shards = partition_dir(storage.paths.root, model_name, layer)
     model = load_recommender(storage.paths.model_dir(model_name), dev)

@@ -8,7 +8,6 @@ import duckdb
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from recsae_pipeline.assets.versioning import content_versioned
 from recsae_pipeline.data.catalog import build_catalog
 from recsae_pipeline.data.ingest import InteractionColumns, _sql_str
 from recsae_pipeline.data.sequences import SequenceConfig, build_sequences
@@ -27,8 +26,9 @@ from recsae_pipeline.data.validation import (
     validate_raw_interactions,
     validate_sequences,
 )
-from recsae_pipeline.reports import new_figure, save_figure
-from recsae_pipeline.resources import DataQuality, StorageRoot
+from recsae_pipeline.defs.resources import DataQuality, StorageRoot
+from recsae_pipeline.defs.versioning import content_versioned
+from recsae_pipeline.report.plots import new_figure, save_figure
 
 GROUP = "data"
 

@@ -11,9 +11,12 @@ import pyarrow as pa
 import torch
 from pydantic import Field
 
-from recsae_pipeline.assets.data import sequences
-from recsae_pipeline.assets.versioning import content_versioned
 from recsae_pipeline.data.sequences import read_sequences
+from recsae_pipeline.defs.assets.data import sequences
+from recsae_pipeline.defs.pipes import launch
+from recsae_pipeline.defs.resources import StorageRoot, TorchDevice
+from recsae_pipeline.defs.versioning import content_versioned
+from recsae_pipeline.distributed.ranks import train_result
 from recsae_pipeline.models.artifacts import load_recommender, read_metrics, save_recommender
 from recsae_pipeline.models.distillation import DistillConfig, train_student
 from recsae_pipeline.models.metrics import PopularityScorer
@@ -27,10 +30,8 @@ from recsae_pipeline.models.training import (
     evaluate,
     train_recommender,
 )
-from recsae_pipeline.reports import new_figure, save_figure
-from recsae_pipeline.resources import StorageRoot, TorchDevice
-from recsae_pipeline.store import write_json, write_parquet
-from recsae_pipeline.torchrun_entry import launch, train_result
+from recsae_pipeline.report.plots import new_figure, save_figure
+from recsae_pipeline.storage.atomic import write_json, write_parquet
 
 GROUP = "models"
 MODELS = ("sasrec", "teacher", "student", "student_ce")

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from recsae_pipeline.store import atomic_path
+from recsae_pipeline.storage.atomic import atomic_path
 
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "config.json"

@@ -4,12 +4,12 @@ statistics, explanations, scores and steering, opened from disk without a server
 import dagster as dg
 from pydantic import Field
 
-from recsae_pipeline.assets.activations import activation_partitions, parse_partition_key
-from recsae_pipeline.assets.explanations import explanation_scores
-from recsae_pipeline.assets.features import steering_eval
-from recsae_pipeline.assets.versioning import content_versioned, partition_output
-from recsae_pipeline.browser import write_browser
-from recsae_pipeline.resources import StorageRoot
+from recsae_pipeline.defs.assets.explanations import explanation_scores
+from recsae_pipeline.defs.assets.features import steering_eval
+from recsae_pipeline.defs.partitions import feature_partitions, model_layer
+from recsae_pipeline.defs.resources import StorageRoot
+from recsae_pipeline.defs.versioning import content_versioned, partition_output
+from recsae_pipeline.report.feature_browser import write_browser
 
 GROUP = "browser"
 
@@ -26,7 +26,7 @@ class FeatureBrowserConfig(dg.Config):
     group_name=GROUP,
     code_version="1",
     kinds={"html"},
-    partitions_def=activation_partitions,
+    partitions_def=feature_partitions,
     deps=[explanation_scores, steering_eval],
     description="A static HTML site: an index of features sortable by frequency, "
     "monosemanticity and explanation scores, and one page per feature with its explanations "
@@ -37,7 +37,7 @@ class FeatureBrowserConfig(dg.Config):
 def feature_browser(
     context: dg.AssetExecutionContext, config: FeatureBrowserConfig, storage: StorageRoot
 ) -> dg.MaterializeResult:
-    model_name, layer = parse_partition_key(context.partition_key)
+    model_name, layer = model_layer(context.partition_key)
     paths = storage.paths
     out = paths.partition_dir("browser", model_name, layer)
     try:

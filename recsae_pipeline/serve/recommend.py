@@ -11,10 +11,10 @@ import torch
 
 from recsae_pipeline.activations.hooks import edit_hidden
 from recsae_pipeline.models.artifacts import load_recommender
-from recsae_pipeline.sae.sae import TopKSae
+from recsae_pipeline.sae.model import TopKSae
 from recsae_pipeline.sae.steering import add_direction, clamp_to_zero
-from recsae_pipeline.store import ArtifactPaths, parse_partition_key
-from recsae_pipeline.store import sql_literal as _sql
+from recsae_pipeline.storage.registry import ArtifactPaths, parse_partition_key
+from recsae_pipeline.storage.sql import sql_literal as _sql
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import os
 from collections.abc import Iterator
 from typing import Any, TypeVar
 
+import dagster as dg
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -152,3 +153,21 @@ def broadcast_object(obj: T) -> T:
 def barrier() -> None:
     if is_initialized():
         dist.barrier()
+
+
+def resolve_device(spec: str) -> torch.device:
+    """`auto` picks CUDA when present, else CPU; `cpu`, `cuda` and `cuda:N` are taken as given."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise dg.Failure(
+            f"device {spec!r} was requested but CUDA is not available here; use `auto` or `cpu`."
+        )
+    if (
+        device.type == "cuda"
+        and device.index is not None
+        and device.index >= torch.cuda.device_count()
+    ):
+        raise dg.Failure(f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s) exist.")
+    return device

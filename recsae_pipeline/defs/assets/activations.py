@@ -6,33 +6,15 @@ import duckdb
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from recsae_pipeline import store
 from recsae_pipeline.activations.shards import expected_rows, partition_dir, write_activations
-from recsae_pipeline.assets.progress import throttled_log
-from recsae_pipeline.assets.versioning import content_versioned, partition_output
 from recsae_pipeline.data.sequences import read_sequences
+from recsae_pipeline.defs.partitions import feature_partitions, model_layer
+from recsae_pipeline.defs.progress import throttled_log
+from recsae_pipeline.defs.resources import StorageRoot, TorchDevice
+from recsae_pipeline.defs.versioning import content_versioned, partition_output
 from recsae_pipeline.models.artifacts import load_recommender
-from recsae_pipeline.resources import StorageRoot, TorchDevice
 
 GROUP = "activations"
-# model -> layers: the SASRec blocks and the student blocks (the SAE targets of later stages).
-DEFAULT_TARGETS = {"sasrec": (1, 2), "student": (1, 2)}
-
-
-def partition_key(model: str, layer: int) -> str:
-    return f"{model}.layer{layer}"
-
-
-def parse_partition_key(key: str) -> tuple[str, int]:
-    try:
-        return store.parse_partition_key(key)
-    except ValueError as err:
-        raise dg.Failure(str(err)) from None
-
-
-activation_partitions = dg.StaticPartitionsDefinition(
-    [partition_key(m, layer) for m, layers in DEFAULT_TARGETS.items() for layer in layers]
-)
 
 
 class ActivationsConfig(dg.Config):
@@ -47,7 +29,7 @@ class ActivationsConfig(dg.Config):
     group_name=GROUP,
     code_version="1",
     kinds={"parquet", "duckdb", "pytorch"},
-    partitions_def=activation_partitions,
+    partitions_def=feature_partitions,
     deps=["sasrec", "student"],
     check_specs=[
         dg.AssetCheckSpec(
@@ -69,7 +51,7 @@ def activations(
     storage: StorageRoot,
     device: TorchDevice,
 ) -> dg.MaterializeResult:
-    model_name, layer = parse_partition_key(context.partition_key)
+    model_name, layer = model_layer(context.partition_key)
     paths = storage.paths
     dev = device.torch_device
     sequences, _ = read_sequences(paths.sequences)
