@@ -1,4 +1,5 @@
-"""Jobs, schedules and sensors: weekly retraining, new-interaction drops, run-failure alerts.
+"""The drop folder: new interaction logs dropped under the storage root, validated whole, then
+merged with the raw log for re-ingestion.
 
 New interactions arrive as files dropped under the storage root (`StorageRoot` resource:
 `$RECSAE_DATA_DIR`, else `data/`):
@@ -114,7 +115,7 @@ def fingerprint(path: Path) -> Fingerprint:
     return stat.st_size, stat.st_mtime_ns, digest.hexdigest()
 
 
-def _utc_stamp() -> str:
+def utc_stamp() -> str:
     return datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
 
 
@@ -179,7 +180,7 @@ def read_drop(path: Path, out: Path, bounds: QualityBounds) -> int:
 def quarantine_drop(path: Path, folder: DropFolder, problem: str) -> Path:
     """Move a refused drop to `quarantine/` beside an `.error.txt` that says why and what to do;
     returns the note's path."""
-    dest = folder.quarantine / f"{_utc_stamp()}-{path.name}"
+    dest = folder.quarantine / f"{utc_stamp()}-{path.name}"
     note = dest.with_name(dest.name + ".error.txt")
     write_bytes(
         (

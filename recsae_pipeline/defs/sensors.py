@@ -1,21 +1,5 @@
-"""Jobs, schedules and sensors: weekly retraining, new-interaction drops, run-failure alerts.
-
-New interactions arrive as files dropped under the storage root (`StorageRoot` resource:
-`$RECSAE_DATA_DIR`, else `data/`):
-
-    incoming/<name>.csv|.parquet        a drop: user_id, item_id, timestamp (s)[, rating]
-    incoming/appended/<tag>.parquet      its rows in the raw-interactions contract, once valid
-    incoming/accepted/<tag>-<name>       the drop itself, moved here once taken
-    incoming/quarantine/<stamp>-<name>   a refused drop, beside `<...>.error.txt` with the fix
-    incoming/merged/*.parquet            raw log now + every appended drop: what ingestion reads
-
-`<tag>` is `<UTC stamp>-<first 16 hex of the drop's sha256>`. A drop is validated completely
-(the ingest checks, then the same GX suite as the blocking `raw_interactions` check) before
-anything is written, so a malformed drop is quarantined, never half-applied. The raw log is
-never edited in place: the run the sensor requests re-materializes `raw_interactions` from
-the merged file through the `tabular` source, which writes `raw/interactions.parquet`
-atomically like every other ingestion.
-"""
+"""Sensors: new-interaction drops (see data/dropfolder.py for the folder layout and the
+validation a drop goes through), features after a retrain, and run-failure alerts."""
 
 from __future__ import annotations
 
@@ -34,10 +18,10 @@ from recsae_pipeline.data.dropfolder import (
     DropFolder,
     Fingerprint,
     MergedLog,
-    _utc_stamp,
     fingerprint,
     quarantine_drop,
     read_drop,
+    utc_stamp,
     write_merged_log,
 )
 from recsae_pipeline.data.ingest import (
@@ -78,7 +62,7 @@ def _take_drop(path: Path, folder: DropFolder, sha: str, bounds: QualityBounds) 
     Idempotent after a crash between the two steps: rows already appended for this content
     are reused, not written twice."""
     previous = sorted(folder.appended.glob(f"*-{sha[:16]}.parquet"))
-    appended = previous[0] if previous else folder.appended / f"{_utc_stamp()}-{sha[:16]}.parquet"
+    appended = previous[0] if previous else folder.appended / f"{utc_stamp()}-{sha[:16]}.parquet"
     if not previous:
         read_drop(path, appended, bounds)
     dest = folder.accepted / f"{appended.stem}-{path.name}"
