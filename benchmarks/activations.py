@@ -47,15 +47,14 @@ def measure(scale: int, out: Path, threads: int) -> dict:
 
     from recsae_pipeline.activations.shards import (
         iter_activation_batches,
-        partition_dir,
         write_activations,
     )
+    from recsae_pipeline.data.batching import pad_right
     from recsae_pipeline.data.catalog import build_catalog
     from recsae_pipeline.data.sequences import SequenceConfig, build_sequences, read_sequences
     from recsae_pipeline.data.sources import SyntheticSource, ingest
     from recsae_pipeline.data.synthetic import SyntheticConfig
     from recsae_pipeline.models.recommender import Recommender, RecommenderConfig
-    from recsae_pipeline.models.training import pad_right
     from recsae_pipeline.storage.registry import ArtifactPaths
     from recsae_pipeline.storage.warehouse import query, refresh_views
 
@@ -78,13 +77,18 @@ def measure(scale: int, out: Path, threads: int) -> dict:
     bare = time.perf_counter() - start
 
     report = write_activations(
-        model, sequences, 2, partition_dir(paths.root, "sasrec", 2), device, batch_users=batch_users
+        model,
+        sequences,
+        2,
+        paths.partition("sasrec", 2).activations,
+        device,
+        batch_users=batch_users,
     )
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     start, rows = time.perf_counter(), 0
     for batch in iter_activation_batches(
-        partition_dir(paths.root, "sasrec", 2), batch_size=4096, seed=0
+        paths.partition("sasrec", 2).activations, batch_size=4096, seed=0
     ):
         rows += len(batch["activation"])
     read_seconds = time.perf_counter() - start

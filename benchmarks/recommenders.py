@@ -28,12 +28,12 @@ import pyarrow.parquet as pq
 import torch
 
 from recsae_pipeline.data.sequences import read_sequences
-from recsae_pipeline.data.sources import recbole_wheel_ml100k
 from recsae_pipeline.defs.assets import data, models
 from recsae_pipeline.defs.resources import DataQuality, StorageRoot, TorchDevice
 from recsae_pipeline.models.artifacts import load_recommender
 from recsae_pipeline.models.training import evaluate
 from recsae_pipeline.storage.atomic import write_json
+from recsae_pipeline_tests.network import recbole_wheel_ml100k
 
 ROOT = Path(__file__).resolve().parent
 RECBOLE_PYTHON = ROOT / "recbole" / ".venv" / "bin" / "python"

@@ -26,11 +26,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
-from recsae_pipeline.activations.shards import SHARD_GLOB, partition_dir
 from recsae_pipeline.sae.model import SaeConfig
 from recsae_pipeline.sae.training import SaeTrainConfig, default_lr, train_sae
 from recsae_pipeline.storage.atomic import write_json
-from recsae_pipeline.storage.registry import default_data_dir
+from recsae_pipeline.storage.registry import SHARD_GLOB, ArtifactPaths, default_data_dir
 
 ROOT = Path(__file__).resolve().parent
 SPARSIFY_PYTHON = ROOT / "sparsify" / ".venv" / "bin" / "python"
@@ -166,7 +165,8 @@ def main() -> None:
     if args.repeats < 1:
         parser.error(f"--repeats {args.repeats}; need >= 1")
 
-    partition = partition_dir(args.data_dir, args.model, args.layer).resolve()
+    partition = ArtifactPaths(Path(args.data_dir)).partition(args.model, args.layer).activations
+    partition = partition.resolve()
     sae_config = SaeConfig(d_in=activation_width(partition), expansion=args.expansion, k=args.k)
     lr = args.lr if args.lr is not None else default_lr(sae_config.n_latents)
     train_config = SaeTrainConfig(

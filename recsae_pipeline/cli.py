@@ -6,14 +6,18 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from recsae_pipeline.storage.registry import ArtifactPaths, default_data_dir, parse_partition_key
 from recsae_pipeline.storage.remote import local_root
 from recsae_pipeline.storage.warehouse import query
+
+if TYPE_CHECKING:  # serve imports torch: only `recsae recommend` pays for it
+    from recsae_pipeline.serve.recommend import Steer
 
 
 def _format_table(columns: list[str], rows: list[tuple], max_width: int = 48) -> str:
@@ -74,7 +78,8 @@ def cmd_sql(args: argparse.Namespace) -> int:
     truncated = len(rows) > args.max_rows
     rows = rows[: args.max_rows]
     if args.format == "csv":
-        writer = csv.writer(sys.stdout)
+        # Unix line ends, not csv's CRLF default, so `... | tail -1` yields a clean value.
+        writer = csv.writer(sys.stdout, lineterminator="\n")
         writer.writerow(columns)
         writer.writerows(rows)
     elif args.format == "json":
@@ -84,7 +89,80 @@ def cmd_sql(args: argparse.Namespace) -> int:
         print(
             f"({len(rows)} row{'s' if len(rows) != 1 else ''}{', more not shown: raise --max-rows' if truncated else ''})"
         )
+    if truncated and args.format != "table":  # on stderr, so the piped data stays clean
+        print(f"recsae sql: only the first {args.max_rows} rows; raise --max-rows", file=sys.stderr)
     return 0
+
+
+RUN_CONFIG_SECTIONS = ("ops", "resources", "execution", "loggers")
+
+
+def job_run_configs(run_config: dict[str, Any], job_names: list[str]) -> dict[str, dict]:
+    """The run config each job gets (its own `ops`, everything else as given), checked against
+    the jobs' config schemas first: an unknown section, op or key is a ValueError naming it."""
+    import dagster as dg
+
+    from recsae_pipeline.defs.definitions import defs
+
+    unknown = sorted(set(run_config) - set(RUN_CONFIG_SECTIONS))
+    if unknown:
+        raise ValueError(
+            f"unknown top-level key {', '.join(map(repr, unknown))}; a run config has "
+            f"{', '.join(RUN_CONFIG_SECTIONS)}"
+        )
+    jobs = {name: defs.resolve_job_def(name) for name in job_names}
+    nodes = {name: {n.name: n for n in job.graph.node_defs} for name, job in jobs.items()}
+    ops = run_config.get("ops") or {}
+    if not isinstance(ops, dict):
+        raise ValueError(
+            "`ops` must map op names to {config: {...}}, e.g. ops: {sae: {config: {k: 16}}}"
+        )
+    # Check ops and assets without a Config class accept any config (Dagster types it `Any`),
+    # so naming one is a mistake the schema would let through.
+    configurable = sorted(
+        {
+            name
+            for job_nodes in nodes.values()
+            for name, node in job_nodes.items()
+            if node.config_field is not None and node.config_field.config_type.kind.name != "ANY"
+        }
+    )
+    wrong = sorted(set(ops) - set(configurable))
+    if wrong:
+        all_nodes = set().union(*(set(n) for n in nodes.values()))
+        named = [
+            f"{op!r} ({'takes no config' if op in all_nodes else 'no such op'})" for op in wrong
+        ]
+        raise ValueError(
+            f"under `ops`: {', '.join(named)}; the jobs ({', '.join(job_names)}) take "
+            f"config for: {', '.join(configurable)}"
+        )
+    configs = {}
+    for name, job in jobs.items():
+        config = {**run_config, "ops": {k: v for k, v in ops.items() if k in nodes[name]}}
+        try:
+            dg.validate_run_config(job, config)
+        except dg.DagsterInvalidConfigError as err:
+            reasons = "; ".join(e.message for e in err.errors) or str(err)
+            raise ValueError(f"invalid run config for the {name} job: {reasons}") from err
+        configs[name] = config
+    return configs
+
+
+def materialize_plan(features: bool = True) -> list[tuple[str, str | None]]:
+    """The (job, partition) runs of `recsae materialize`, in order: `main`, then (with
+    `features`) each partition's jobs."""
+    from recsae_pipeline.defs.jobs import partition_jobs
+    from recsae_pipeline.defs.partitions import feature_partitions
+
+    plan: list[tuple[str, str | None]] = [("main", None)]
+    if features:
+        plan += [
+            (job, key)
+            for key in feature_partitions.get_partition_keys()
+            for job in partition_jobs(key)
+        ]
+    return plan
 
 
 def materialize_runs(
@@ -94,24 +172,26 @@ def materialize_runs(
     features: bool = True,
     force: bool = False,
 ) -> Iterator[tuple[str, Any]]:
-    """Run the `main` job, then (with `features`) the `features` job once per (model, layer)
-    partition, yielding (label, ExecuteInProcessResult) after each run; the caller stops
-    iterating to stop. Each job gets the `ops` of `run_config` that it has."""
+    """Run `materialize_plan(features)`, yielding (label, ExecuteInProcessResult) after each
+    run; the caller stops iterating to stop. Each job gets the `ops` of `run_config` that it
+    has; the whole config is validated (`job_run_configs`) before this returns, so nothing
+    runs on a typo."""
+    plan = materialize_plan(features)
+    configs = job_run_configs(run_config, list(dict.fromkeys(job for job, _ in plan)))
+    return _run_plan(plan, configs, instance, force)
+
+
+def _run_plan(
+    plan: list[tuple[str, str | None]], configs: dict[str, dict], instance: Any, force: bool
+) -> Iterator[tuple[str, Any]]:
     from recsae_pipeline.defs.definitions import defs
-    from recsae_pipeline.defs.partitions import feature_partitions
     from recsae_pipeline.defs.versioning import FORCE_TAG
 
-    plan: list[tuple[str, str | None]] = [("main", None)]
-    if features:
-        plan += [("features", key) for key in feature_partitions.get_partition_keys()]
     for job_name, partition in plan:
-        job = defs.resolve_job_def(job_name)
-        nodes = {n.name for n in job.graph.node_defs}
-        ops = {k: v for k, v in run_config.get("ops", {}).items() if k in nodes}
         label = job_name + (f" [{partition}]" if partition else "")
         print(f"recsae materialize: {label} ...", flush=True)
-        result = job.execute_in_process(
-            run_config={**run_config, "ops": ops},
+        result = defs.resolve_job_def(job_name).execute_in_process(
+            run_config=configs[job_name],
             instance=instance,
             partition_key=partition,
             raise_on_error=False,
@@ -122,8 +202,6 @@ def materialize_runs(
 
 def cmd_materialize(args: argparse.Namespace) -> int:
     """Run the `main` job, then the `features` job once per (model, layer) partition."""
-    import os
-
     import dagster as dg
     import yaml
 
@@ -139,8 +217,14 @@ def cmd_materialize(args: argparse.Namespace) -> int:
             "recsae materialize: DAGSTER_HOME is unset, so runs are not kept for `dagster dev`.",
             file=sys.stderr,
         )
-    run_config = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
-    runs = materialize_runs(run_config, instance, features=not args.skip_features, force=args.force)
+    run_config = (yaml.safe_load(Path(args.config).read_text()) if args.config else None) or {}
+    try:
+        runs = materialize_runs(
+            run_config, instance, features=not args.skip_features, force=args.force
+        )
+    except ValueError as err:
+        print(f"recsae materialize: {args.config or 'run config'}: {err}", file=sys.stderr)
+        return 2
     for label, result in runs:
         reused = sorted(
             e.asset_key.to_user_string()
@@ -171,29 +255,51 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _steer_spec(text: str) -> tuple[int, float]:
+def _steer_spec(text: str) -> Steer:
+    """`FEATURE=ALPHA` (hidden-state units) or `FEATURE=ALPHAx` (x the feature's max activation)."""
+    from recsae_pipeline.serve.recommend import Steer
+
     feature, sep, alpha = text.partition("=")
+    relative = alpha.strip().lower().endswith("x")
     try:
         if not sep:
             raise ValueError
-        return int(feature), float(alpha)
+        return Steer(int(feature), float(alpha.strip()[:-1] if relative else alpha), relative)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"{text!r}: write FEATURE=ALPHA, e.g. 123=4.0 (alpha in hidden-state units; the "
-            "feature's max activation, shown in the output, is a sensible scale)"
+            f"{text!r}: write FEATURE=ALPHA, e.g. 123=4.0 (alpha in hidden-state units), or "
+            "FEATURE=SCALEx, e.g. 123=2x (2 x the feature's max activation, the scale "
+            "`steering_eval` sweeps and `steering_summary.best_alpha_scale` reports)"
         ) from None
+
+
+def _describe_steer(spec: Steer, alpha: float, max_activation: float | None) -> str:
+    scale = "" if max_activation is None else f" (max activation {max_activation:.3g})"
+    if spec.relative:
+        return (
+            f"steering feature {spec.feature}: alpha {alpha:.4g} = {spec.alpha:g}x its max "
+            f"activation {max_activation:.3g} (relative, from {spec.feature}={spec.alpha:g}x)"
+        )
+    return (
+        f"steering feature {spec.feature}: alpha {alpha:.4g} in hidden-state units{scale} "
+        f"(absolute; write {spec.feature}={spec.alpha:g}x for a multiple of the max activation)"
+    )
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
     from recsae_pipeline.distributed.ddp import resolve_device
-    from recsae_pipeline.serve.recommend import format_recommendations, recommend
+    from recsae_pipeline.serve.recommend import absolute_alphas, format_recommendations, recommend
 
+    paths = _artifact_paths(args.data_dir)
     try:
+        steer = absolute_alphas(paths, args.sae, args.steer)
+        for spec, (_, alpha, info) in zip(args.steer, steer, strict=True):
+            print(_describe_steer(spec, alpha, info.max_activation))
         result = recommend(
-            _artifact_paths(args.data_dir),
+            paths,
             args.user,
             sae_key=args.sae,
-            steer=args.steer,
+            steer=[(feature, alpha) for feature, alpha, _ in steer],
             clamp=args.clamp,
             k=args.k,
             device=resolve_device(args.device),
@@ -218,7 +324,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         llm = LLM(backend=args.backend, base_url=args.base_url, model=args.model)
         policy, scorer = llm.policy_factory(), llm.scorer_factory()
         device = resolve_device(args.device)
-        transcripts = paths.root / "explanations_cli" / f"model={model_name}" / f"layer={layer}"
+        transcripts = paths.partition(model_name, layer).cli_transcripts
         methods = ("baseline", "sage") if args.method == "both" else (args.method,)
         explained = explain_features(
             paths, model_name, layer, [args.feature], policy, device, transcripts, methods=methods
@@ -296,8 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=_steer_spec,
         action="append",
         default=[],
-        metavar="FEATURE=ALPHA",
-        help="add ALPHA x the feature's decoder direction at the SAE's layer (repeatable)",
+        metavar="FEATURE=ALPHA[x]",
+        help="add ALPHA x the feature's decoder direction at the SAE's layer; ALPHAx: ALPHA "
+        "times the feature's max activation, as steering_eval sweeps (repeatable)",
     )
     rec.add_argument(
         "--clamp", type=int, action="append", default=[], metavar="FEATURE",
@@ -321,7 +428,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BrokenPipeError:
+        # `recsae sql ... | head`: the reader left. Stop quietly, as Unix tools do, and keep
+        # Python's flush at exit from raising again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

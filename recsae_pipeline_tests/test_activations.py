@@ -18,12 +18,11 @@ from recsae_pipeline.activations.shards import (
     expected_rows,
     iter_activation_batches,
     load_activations,
-    partition_dir,
     write_activations,
 )
-from recsae_pipeline.models.probe import final_norm
+from recsae_pipeline.data.batching import pad_right
 from recsae_pipeline.models.recommender import Recommender, RecommenderConfig
-from recsae_pipeline.models.training import pad_right
+from recsae_pipeline.storage.registry import ArtifactPaths
 
 NUM_ITEMS, MAX_LEN, LAYERS = 30, 8, 2
 CPU = torch.device("cpu")
@@ -36,7 +35,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def tiny_model(backbone: str = "gpt2") -> Recommender:
     torch.manual_seed(0)
     config = RecommenderConfig.sasrec(
-        NUM_ITEMS, hidden=8, d_item=8, layers=LAYERS, heads=2, max_len=MAX_LEN, backbone=backbone
+        NUM_ITEMS,
+        hidden_size=8,
+        d_item=8,
+        num_layers=LAYERS,
+        num_heads=2,
+        max_len=MAX_LEN,
+        backbone=backbone,
     )
     return Recommender(config).eval()
 
@@ -49,7 +54,7 @@ def tiny_sequences() -> list[np.ndarray]:
 
 
 def write(tmp_path: Path, layer: int = 1, **kwargs):
-    out = partition_dir(tmp_path, "sasrec", layer)
+    out = ArtifactPaths(tmp_path).partition("sasrec", layer).activations
     kwargs = {"rows_per_shard": 30, "row_group_rows": 7, "batch_users": 6} | kwargs
     model = kwargs.pop("model", None) or tiny_model()
     return out, write_activations(model, tiny_sequences(), layer, out, CPU, **kwargs)
@@ -58,7 +63,7 @@ def write(tmp_path: Path, layer: int = 1, **kwargs):
 def block_output(model: Recommender, items: torch.Tensor, layer: int) -> torch.Tensor:
     """Reference state, independent of hooks.py: hidden_states, or a plain hook on the last block."""
     with torch.no_grad():
-        if layer < model.config.layers:
+        if layer < model.config.num_layers:
             return model(items, output_hidden_states=True).hidden_states[layer]
         seen = []
         handle = model.layers[layer - 1].register_forward_hook(lambda m, i, o: seen.append(o))
@@ -88,7 +93,7 @@ def test_read_hidden_is_the_block_output_and_the_last_layer_is_before_the_final_
         assert torch.equal(read_hidden(model, items, 1), states[1])
         last = read_hidden(model, items, LAYERS)
         assert not torch.allclose(last, states[LAYERS])
-        torch.testing.assert_close(final_norm(model)(last), states[LAYERS])
+        torch.testing.assert_close(model.final_norm(last), states[LAYERS])
     assert list(model.layers[0]._forward_hooks) == own_hooks
     for bad in (0, LAYERS + 1, True):
         with pytest.raises(ValueError, match=f"pick 1..{LAYERS}"):
@@ -132,7 +137,7 @@ def test_edit_hidden_handles_blocks_that_return_tuples():
     class TupleModel(nn.Module):
         def __init__(self):
             super().__init__()
-            self.config = RecommenderConfig.sasrec(NUM_ITEMS, layers=1)
+            self.config = RecommenderConfig.sasrec(NUM_ITEMS, num_layers=1)
             self.layers = nn.ModuleList([TupleBlock()])
 
         def forward(self, x):
@@ -270,7 +275,7 @@ def test_load_activations_filters_by_split_and_refuses_over_budget(tmp_path):
 
 
 def test_an_empty_user_list_gives_a_readable_empty_partition(tmp_path):
-    out = partition_dir(tmp_path, "sasrec", 1)
+    out = ArtifactPaths(tmp_path).partition("sasrec", 1).activations
     report = write_activations(tiny_model(), [], 1, out, CPU)
     assert (report.rows, report.shards) == (0, 1)
     assert pq.read_table(out).schema.equals(activation_schema(8))

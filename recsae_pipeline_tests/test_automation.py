@@ -103,7 +103,7 @@ def test_valid_drop_yields_one_run_and_is_never_taken_twice(
     # until the run re-ingests it.
     assert not drop.exists()
     assert [p.name.endswith("-week1.csv") for p in folder.accepted.iterdir()] == [True]
-    assert len(list(folder.appended.glob("*.parquet"))) == 1
+    assert len(folder.appended_drops()) == 1
     assert raw.read_bytes() == raw_before
     assert pq.read_metadata(folder.merged_interactions).num_rows == 36 + 6
     (entry,) = json.loads(first.cursor).values()

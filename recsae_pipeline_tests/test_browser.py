@@ -1,6 +1,6 @@
-"""The feature browser: the real pipeline on a tiny synthetic log for one partition, then the
-static site it writes (index, pages, histogram, windows, enrichment, escaping, and the pages
-of a store whose explanations and steering were never materialized)."""
+"""The feature browser on a copy of the tiny store: the static site it writes (index, pages,
+histogram, windows, enrichment, escaping, and the pages of a store whose explanations and
+steering were never materialized)."""
 
 from __future__ import annotations
 
@@ -13,13 +13,9 @@ import dagster as dg
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from recsae_pipeline.data.catalog import Catalog, Item
-from recsae_pipeline.defs.assets import activations, data, explanations, features, models
-from recsae_pipeline.defs.assets import browser as browser_assets
-from recsae_pipeline.defs.assets import sae as sae_assets
-from recsae_pipeline.defs.resources import LLM, DataQuality, StorageRoot, TorchDevice
+from recsae_pipeline.defs.versioning import FORCE_TAG
 from recsae_pipeline.interp.windows import Window
 from recsae_pipeline.report.feature_browser import (
     FeaturePage,
@@ -28,59 +24,28 @@ from recsae_pipeline.report.feature_browser import (
     write_browser,
 )
 from recsae_pipeline.storage.registry import ArtifactPaths
+from recsae_pipeline_tests.support import KEY, TinyStore, materialize, one_thread
 
-KEY = "sasrec.layer2"
 HOSTILE = "<script>alert('x')</script> & Sons"
 PARTITION = Path("browser") / "model=sasrec" / "layer=2"
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dg.ExecuteInProcessResult]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("browser")
-    resources = {
-        "storage": StorageRoot(path=str(root)),
-        "quality": DataQuality(),
-        "device": TorchDevice(device="cpu"),
-        "llm": LLM(),
-    }
-    synthetic = {"n_users": 250, "n_items": 150, "mean_sequence_length": 15, "n_franchises": 6}
-    fast = {"max_epochs": 2, "patience": 2, "batch_size": 64, "lr": 5e-3, "progress_bar": False}
-    upstream = dg.materialize(
-        [data.raw_interactions, data.item_catalog, data.sequences, models.sasrec],
-        resources=resources,
-        run_config={
-            "ops": {
-                "raw_interactions": {"config": {"source": "synthetic", "synthetic": synthetic}},
-                "sasrec": {"config": {**fast, "hidden": 16, "max_len": 12}},
-            }
-        },
-    )
-    assert upstream.success
-    sae = {"expansion": 4, "k": 4, "rows_seen": 10_000, "batch_size": 256, "max_fvu": 1.0,
-           "max_dead_fraction": 1.0, "min_recovered": -10.0}  # fmt: skip
-    for asset, config in (
-        (activations.activations, None),
-        (sae_assets.sae, sae),
-        (features.feature_activations, None),
-        (features.feature_stats, {"top_n": 20, "min_support": 5, "min_positives": 5}),
-        (features.steering_eval, {"max_users": 60, "min_top_items": 5, "alpha_scales": [4.0]}),
-        (explanations.explanations, {"n_frequent": 2, "n_concept": 1, "n_random": 0}),
-        (explanations.explanation_scores, {"n_generated": 4}),
-    ):
-        name = asset.key.to_user_string()
-        run = {"ops": {name: {"config": config}}} if config else None
-        result = dg.materialize([asset], resources=resources, partition_key=KEY, run_config=run)
-        assert result.success, name
+def site(
+    tiny_store: TinyStore, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, dg.ExecuteInProcessResult]:
+    """The tiny store's browser, rebuilt on a copy whose top item of an explained feature has
+    a title that is also HTML."""
+    root = tiny_store.copy_to(tmp_path_factory.mktemp("browser") / "store")
     _rename_top_item_of_an_explained_feature(ArtifactPaths(root))
-    result = dg.materialize(
-        [browser_assets.feature_browser],
-        resources=resources,
-        partition_key=KEY,
-        run_config={"ops": {"feature_browser": {"config": {"max_features": 12}}}},
-    )
-    torch.set_num_threads(threads)
+    with one_thread():
+        result = materialize(
+            root,
+            ["feature_browser"],
+            {"ops": {"feature_browser": {"config": {"max_features": 12}}}},
+            partition_key=KEY,
+            tags={FORCE_TAG: "true"},  # the catalog changed behind the recorded versions
+        )
     assert result.success
     return root, result
 

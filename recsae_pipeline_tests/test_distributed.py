@@ -28,8 +28,10 @@ from recsae_pipeline_tests.test_sae import sparse_mixtures, write_partition
 if TYPE_CHECKING:
     import dagster as dg
 
+    from recsae_pipeline_tests.support import TinyStore
+
 KEY = "sasrec.layer2"
-SASREC = {"hidden": 16, "max_len": 20, "max_epochs": 2, "batch_size": 64, "lr": 5e-3}
+SASREC = {"hidden_size": 16, "max_len": 20, "max_epochs": 2, "batch_size": 64, "lr": 5e-3}
 SAE = {"expansion": 4, "k": 4, "rows_seen": 20_000, "batch_size": 512}
 BOUNDS = {"max_fvu": 1.0, "max_dead_fraction": 1.0, "min_recovered": -10.0}
 TORCHRUN = {"launcher": "torchrun", "nproc_per_node": 2}
@@ -82,35 +84,16 @@ def test_shard_is_the_batch_itself_without_a_process_group() -> None:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Sequences, an in-process SASRec and its layer-2 activations on a tiny synthetic log."""
-    import dagster as dg
-
-    from recsae_pipeline.defs.assets import activations, data, models
-
-    root = tmp_path_factory.mktemp("ddp")
-    synthetic = {"n_users": 300, "n_items": 150, "mean_sequence_length": 15, "n_franchises": 6}
-    run_config = {
-        "ops": {
-            "raw_interactions": {"config": {"source": "synthetic", "synthetic": synthetic}},
-            "sasrec": {"config": {**SASREC, "progress_bar": False}},
-        }
-    }
-    resources = _resources(root)
-    upstream = [data.raw_interactions, data.item_catalog, data.sequences, models.sasrec]
-    assert dg.materialize(upstream, resources=resources, run_config=run_config).success
-    assert dg.materialize([activations.activations], resources=resources, partition_key=KEY).success
-    return root
+def store(tiny_store: TinyStore, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the tiny store (sequences, an in-process SASRec and its layer-2 activations)
+    for the torchrun runs to overwrite."""
+    return tiny_store.copy_to(tmp_path_factory.mktemp("ddp") / "store")
 
 
 def _resources(root: Path) -> dict[str, Any]:
-    from recsae_pipeline.defs.resources import DataQuality, StorageRoot, TorchDevice
+    from recsae_pipeline_tests.support import resources
 
-    return {
-        "storage": StorageRoot(path=str(root)),
-        "quality": DataQuality(),
-        "device": TorchDevice(device="cpu"),
-    }
+    return resources(root)
 
 
 def _metadata(result: dg.ExecuteInProcessResult) -> dict:

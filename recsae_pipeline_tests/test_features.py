@@ -13,14 +13,13 @@ import torch
 
 from recsae_pipeline.activations.hooks import edit_hidden, read_hidden
 from recsae_pipeline.activations.shards import activation_schema
+from recsae_pipeline.data.batching import pad_right
+from recsae_pipeline.models.metrics import dense_auc, sparse_auc
 from recsae_pipeline.models.recommender import Recommender, RecommenderConfig
-from recsae_pipeline.models.training import pad_right
 from recsae_pipeline.sae.features import (
-    dense_auc,
     enrichment,
     monosemanticity,
     neuron_top_items,
-    sparse_auc,
     write_feature_activations,
 )
 from recsae_pipeline.sae.model import SaeConfig, TopKSae
@@ -36,6 +35,7 @@ from recsae_pipeline.sae.steering import (
     summarize,
     top_k_and_ranks,
 )
+from recsae_pipeline.storage.registry import shard_name
 
 
 def reference_auc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -126,7 +126,7 @@ def write_partition(directory: Path, x: np.ndarray, users: np.ndarray, items: np
         },
         schema=activation_schema(x.shape[1]),
     )
-    pq.write_table(table, directory / "part-00000.parquet", row_group_size=64)
+    pq.write_table(table, directory / shard_name(0), row_group_size=64)
 
 
 def test_neuron_top_items_are_distinct_items_by_extreme_value_in_both_signs(tmp_path: Path) -> None:
@@ -185,7 +185,7 @@ def test_feature_activations_are_the_sae_code_sorted_by_feature(tmp_path: Path) 
 def tiny_model() -> Recommender:
     torch.manual_seed(0)
     config = RecommenderConfig(
-        kind="sasrec", num_items=12, hidden=8, d_item=8, layers=2, heads=1, max_len=6
+        kind="sasrec", num_items=12, hidden_size=8, d_item=8, num_layers=2, num_heads=1, max_len=6
     )
     return Recommender(config).eval()
 
@@ -256,7 +256,7 @@ def test_genre_targets_take_the_purest_supported_feature() -> None:
 def test_last_layer_fast_path_equals_the_full_forward(backbone: str) -> None:
     torch.manual_seed(0)
     config = RecommenderConfig(
-        kind="sasrec", num_items=30, hidden=8, d_item=8, layers=2, heads=2, max_len=6,
+        kind="sasrec", num_items=30, hidden_size=8, d_item=8, num_layers=2, num_heads=2, max_len=6,
         backbone=backbone,
     )  # fmt: skip
     model = Recommender(config).eval()

@@ -1,83 +1,30 @@
-"""Feature assets end to end through Dagster on a tiny synthetic log (genres, franchises and
-planted ground truth): SAE -> feature_activations -> feature_stats -> steering_eval ->
-explanations -> explanation_scores, the DuckDB views, the README's SQL examples,
-`recsae recommend --steer` and `recsae explain`."""
+"""Feature assets end to end through Dagster, read from the tiny store (a synthetic log with
+genres, franchises and planted ground truth): SAE -> feature_activations -> feature_stats ->
+steering_eval -> explanations -> explanation_scores, the DuckDB views, the README's SQL
+examples, `recsae recommend --steer` and `recsae explain`."""
 
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 
-import dagster as dg
 import pyarrow.parquet as pq
 import pytest
 
 from recsae_pipeline import cli
-from recsae_pipeline.defs.assets import activations, data, explanations, features, models
-from recsae_pipeline.defs.assets import sae as sae_assets
-from recsae_pipeline.defs.resources import LLM, DataQuality, StorageRoot, TorchDevice
+from recsae_pipeline.defs.resources import LLM
+from recsae_pipeline.defs.versioning import FORCE_TAG
+from recsae_pipeline_tests.support import (
+    KEY,
+    SAE,
+    SASREC,
+    TinyStore,
+    materialize,
+    materialized,
+    metadata,
+)
 
-KEY = "sasrec.layer2"
-FAST = {"max_epochs": 4, "patience": 4, "batch_size": 64, "lr": 5e-3, "progress_bar": False}
-SAE = {
-    "expansion": 4,
-    "k": 4,
-    "rows_seen": 30_000,
-    "batch_size": 256,
-    "max_fvu": 1.0,
-    "max_dead_fraction": 1.0,
-    "min_recovered": -10.0,
-}
 README = Path(__file__).resolve().parents[1] / "README.md"
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    root = tmp_path_factory.mktemp("features")
-    resources = {
-        "storage": StorageRoot(path=str(root)),
-        "quality": DataQuality(),
-        "device": TorchDevice(device="cpu"),
-        "llm": LLM(),
-    }
-    synthetic = {"n_users": 400, "n_items": 250, "mean_sequence_length": 18, "n_franchises": 10}
-    run_config = {
-        "ops": {
-            "raw_interactions": {"config": {"source": "synthetic", "synthetic": synthetic}},
-            "sasrec": {"config": {**FAST, "hidden": 16, "max_len": 20}},
-        }
-    }
-    upstream = dg.materialize(
-        [data.raw_interactions, data.item_catalog, data.sequences, models.sasrec],
-        resources=resources,
-        run_config=run_config,
-    )
-    assert upstream.success
-    results = {}
-    for asset, config in (
-        (activations.activations, None),
-        (sae_assets.sae, SAE),
-        (features.feature_activations, None),
-        (features.feature_stats, {"top_n": 30, "min_support": 5, "min_positives": 5}),
-        (
-            features.steering_eval,
-            {"max_users": 150, "min_top_items": 5, "alpha_scales": [1.0, 4.0]},
-        ),
-        (explanations.explanations, {"n_frequent": 3, "n_concept": 2, "n_random": 1}),
-        (explanations.explanation_scores, {"min_concept_auc": 0.6}),
-    ):
-        name = asset.key.to_user_string()
-        run = {"ops": {name: {"config": config}}} if config else None
-        results[name] = dg.materialize(
-            [asset], resources=resources, partition_key=KEY, run_config=run
-        )
-        assert results[name].success, name
-    return root, results
-
-
-def _checks(result: dg.ExecuteInProcessResult) -> dict:
-    return {e.check_name: e for e in result.get_asset_check_evaluations()}
 
 
 def _csv(capsys: pytest.CaptureFixture, root: Path, sql: str) -> list[list[str]]:
@@ -88,9 +35,11 @@ def _csv(capsys: pytest.CaptureFixture, root: Path, sql: str) -> list[list[str]]
     return [line.split(",") for line in capsys.readouterr().out.strip().splitlines()]
 
 
-def test_feature_activations_hold_the_top_k_of_every_row(store, capsys) -> None:
-    root, results = store
-    check = _checks(results["feature_activations"])["every_row_encoded"]
+def test_feature_activations_hold_the_top_k_of_every_row(
+    tiny_store: TinyStore, capsys: pytest.CaptureFixture
+) -> None:
+    root = tiny_store.root
+    check = tiny_store.check("feature_activations", "every_row_encoded")
     assert check.passed, check.description
     (header, row) = _csv(
         capsys, root,
@@ -101,11 +50,13 @@ def test_feature_activations_hold_the_top_k_of_every_row(store, capsys) -> None:
     assert int(row[1]) == check.metadata["rows_with_entries"].value
 
 
-def test_feature_stats_compare_features_with_neurons_and_planted_concepts(store) -> None:
-    root, results = store
+def test_feature_stats_compare_features_with_neurons_and_planted_concepts(
+    tiny_store: TinyStore,
+) -> None:
+    root = tiny_store.root
     out = root / "feature_stats" / "model=sasrec" / "layer=2"
     stats = pq.read_table(out / "features.parquet").to_pylist()
-    assert len(stats) == SAE["expansion"] * 16
+    assert len(stats) == SAE["expansion"] * SASREC["hidden_size"]
     active = [r for r in stats if r["n_active"] > 0]
     assert active and all(0 < r["frequency"] <= 1 for r in active)
     assert all(r["max_activation"] >= r["mean_activation"] > 0 for r in active)
@@ -116,8 +67,10 @@ def test_feature_stats_compare_features_with_neurons_and_planted_concepts(store)
     )
     assert all(-1 <= r["monosemanticity"] <= 1 for r in scored)
     neurons = pq.read_table(out / "neurons.parquet").to_pylist()
-    assert {(r["unit"], r["sign"]) for r in neurons} <= {(d, s) for d in range(16) for s in "+-"}
-    assert len(neurons) > 16  # both signs scored
+    assert {(r["unit"], r["sign"]) for r in neurons} <= {
+        (d, s) for d in range(SASREC["hidden_size"]) for s in "+-"
+    }
+    assert len(neurons) > SASREC["hidden_size"]  # both signs scored
     concepts = pq.read_table(out / "concepts.parquet").to_pylist()
     names = {c["concept"] for c in concepts}
     assert "popular" in names and any(n.startswith("genre_pref:") for n in names)
@@ -125,17 +78,17 @@ def test_feature_stats_compare_features_with_neurons_and_planted_concepts(store)
     # Even a tiny model has a feature that detects some planted concept well.
     assert max(c["feature_auc"] for c in concepts) > 0.75
     assert all((r["best_concept"] is None) == (r["n_active"] == 0) for r in stats)
-    meta = results["feature_stats"].get_asset_materialization_events()[0].materialization.metadata
-    assert "data:image/png;base64," in meta["monosemanticity"].value
+    meta = metadata(tiny_store.features, "feature_stats")
+    assert "data:image/png;base64," in meta["monosemanticity"]
     assert (root / "reports" / "monosemanticity_sasrec_layer2.png").exists()
-    check = _checks(results["feature_stats"])["sae_more_monosemantic_than_neurons"]
+    check = tiny_store.check("feature_stats", "sae_more_monosemantic_than_neurons")
     assert check.passed == (
         check.metadata["sae_median"].value > check.metadata["neuron_median"].value
     )
 
 
-def test_steering_moves_genre_shares(store) -> None:
-    root, results = store
+def test_steering_moves_genre_shares(tiny_store: TinyStore) -> None:
+    root = tiny_store.root
     out = root / "steering" / "model=sasrec" / "layer=2"
     points = pq.read_table(out / "points.parquet").to_pylist()
     summary = pq.read_table(out / "summary.parquet").to_pylist()
@@ -153,12 +106,12 @@ def test_steering_moves_genre_shares(store) -> None:
     assert sum(strongest[g] != base[g] for g in genres) > len(genres) / 2
     assert any(strongest[g] > base[g] for g in genres)
     assert (root / "reports" / "steering_sasrec_layer2.png").exists()
-    check = _checks(results["steering_eval"])["steering_triples_genre_share"]
+    check = tiny_store.check("steering_eval", "steering_triples_genre_share")
     assert check.metadata["genres"].value == len(genres)
 
 
-def test_readme_sql_examples_run(store, capsys) -> None:
-    root, _ = store
+def test_readme_sql_examples_run(tiny_store: TinyStore, capsys: pytest.CaptureFixture) -> None:
+    root = tiny_store.root
     blocks = re.findall(r"```sql\n(.*?)```", README.read_text(), flags=re.S)
     feature_blocks = [b for b in blocks if "feature" in b]
     assert len(feature_blocks) >= 2, "README lost its feature SQL examples"
@@ -171,8 +124,10 @@ def test_readme_sql_examples_run(store, capsys) -> None:
         assert len(rows) > 1, sql
 
 
-def test_recommend_prints_top_10_before_and_after_steering(store, capsys) -> None:
-    root, _ = store
+def test_recommend_prints_top_10_before_and_after_steering(
+    tiny_store: TinyStore, capsys: pytest.CaptureFixture
+) -> None:
+    root = tiny_store.root
     stats = pq.read_table(root / "feature_stats" / "model=sasrec" / "layer=2" / "features.parquet")
     feature = next(r["feature"] for r in stats.to_pylist() if r["n_active"] > 0)
     user = pq.read_table(root / "sequences" / "user_map.parquet")["user_id"][0].as_py()
@@ -189,8 +144,10 @@ def test_recommend_prints_top_10_before_and_after_steering(store, capsys) -> Non
     assert "FEATURE=ALPHA" in capsys.readouterr().err
 
 
-def test_explanations_are_stored_with_transcripts_and_scored(store, capsys) -> None:
-    root, results = store
+def test_explanations_are_stored_with_transcripts_and_scored(
+    tiny_store: TinyStore, capsys: pytest.CaptureFixture
+) -> None:
+    root = tiny_store.root
     out = root / "explanations" / "model=sasrec" / "layer=2"
     rows = pq.read_table(out / "explanations.parquet").to_pylist()
     assert {r["method"] for r in rows} == {"sage", "baseline"}
@@ -205,14 +162,16 @@ def test_explanations_are_stored_with_transcripts_and_scored(store, capsys) -> N
     ).to_pylist()
     assert len(scores) == len(rows)
     assert all(0 <= s["generative_accuracy"] <= 1 for s in scores)
-    check = _checks(results["explanation_scores"])["sage_beats_baseline"]
+    check = tiny_store.check("explanation_scores", "sage_beats_baseline")
     assert "sage" in check.description and "baseline" in check.description
     summary = _csv(capsys, root, "SELECT method, features FROM explanation_summary ORDER BY method")
     assert summary[1:] == [["baseline", "6"], ["sage", "6"]]
 
 
-def test_explain_cli_prints_the_transcript_summary(store, capsys) -> None:
-    root, _ = store
+def test_explain_cli_prints_the_transcript_summary(
+    tiny_store: TinyStore, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    root = tiny_store.copy_to(tmp_path / "store")  # `recsae explain` writes its transcripts
     rows = pq.read_table(
         root / "explanations" / "model=sasrec" / "layer=2" / "explanations.parquet"
     )
@@ -226,34 +185,28 @@ def test_explain_cli_prints_the_transcript_summary(store, capsys) -> None:
     assert "feature 999999" in capsys.readouterr().err
 
 
-def test_openai_backend_through_the_assets(store, tmp_path, monkeypatch) -> None:
+def test_openai_backend_through_the_assets(
+    tiny_store: TinyStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The `llm` resource with backend openai, against the loopback stub: explanations and
     scores go through the real openai client, transcripts hold every prompt, the key none."""
     from recsae_pipeline_tests.openai_stub import OpenAIStub
     from recsae_pipeline_tests.test_llm_policy import responder
 
-    root = tmp_path / "store"
-    shutil.copytree(store[0], root)
+    root = tiny_store.copy_to(tmp_path / "store")
     monkeypatch.setenv("RECSAE_TEST_KEY", "sk-test-do-not-leak-0123456789")
     with OpenAIStub(responder) as stub:
         llm = LLM(backend="openai", base_url=stub.base_url, model="stub-model",
                   api_key_env="RECSAE_TEST_KEY", timeout_s=5.0)  # fmt: skip
-        resources = {
-            "storage": StorageRoot(path=str(root)),
-            "device": TorchDevice(device="cpu"),
-            "llm": llm,
-        }
         feature = pq.read_table(
             root / "explanations" / "model=sasrec" / "layer=2" / "explanations.parquet"
         )["feature"][0].as_py()
-        for asset, config in (
-            (explanations.explanations, {"features": [feature]}),
-            (explanations.explanation_scores, {"n_generated": 3}),
-        ):
-            name = asset.key.to_user_string()
-            result = dg.materialize([asset], resources=resources, partition_key=KEY,
-                                    run_config={"ops": {name: {"config": config}}})  # fmt: skip
-            assert result.success, name
+        config = {
+            "explanations": {"config": {"features": [feature]}},
+            "explanation_scores": {"config": {"n_generated": 3}},
+        }
+        result = materialize(root, list(config), {"ops": config}, partition_key=KEY, llm=llm)
+        assert result.success
         assert stub.requests and all(r.authorized for r in stub.requests)
     rows = pq.read_table(
         root / "explanations" / "model=sasrec" / "layer=2" / "explanations.parquet"
@@ -267,30 +220,24 @@ def test_openai_backend_through_the_assets(store, tmp_path, monkeypatch) -> None
             assert b"sk-test-do-not-leak" not in path.read_bytes(), path
 
 
-def test_without_ground_truth_the_stats_and_explanations_still_run(store, tmp_path) -> None:
+def test_without_ground_truth_the_stats_and_explanations_still_run(
+    tiny_store: TinyStore, tmp_path: Path
+) -> None:
     """Real logs (MovieLens, your own CSV) have no planted mechanisms: no concept table, no
     concept columns, and everything downstream still materializes."""
-    from recsae_pipeline.defs.assets import browser
-
-    root = tmp_path / "store"
-    shutil.copytree(store[0], root)
+    root = tiny_store.copy_to(tmp_path / "store")
     (root / "raw" / "ground_truth.parquet").unlink()
-    resources = {
-        "storage": StorageRoot(path=str(root)),
-        "device": TorchDevice(device="cpu"),
-        "llm": LLM(),
+    config = {
+        "feature_stats": {"config": {"top_n": 30, "min_support": 5}},
+        "explanations": {"config": {"n_frequent": 2, "n_concept": 2, "n_random": 1}},
+        "feature_browser": {"config": {"max_features": 5}},
     }
-    for asset, config in (
-        (features.feature_stats, {"top_n": 30, "min_support": 5}),
-        (explanations.explanations, {"n_frequent": 2, "n_concept": 2, "n_random": 1}),
-        (explanations.explanation_scores, None),
-        (browser.feature_browser, {"max_features": 5}),
-    ):
-        name = asset.key.to_user_string()
-        run = {"ops": {name: {"config": config}}} if config else None
-        assert dg.materialize(
-            [asset], resources=resources, partition_key=KEY, run_config=run
-        ).success, name
+    selection = [*config, "explanation_scores"]
+    # Forced: the deleted file is behind the recorded versions of the assets' inputs.
+    result = materialize(
+        root, selection, {"ops": config}, partition_key=KEY, tags={FORCE_TAG: "true"}
+    )
+    assert result.success and materialized(result) == set(selection)
     out = root / "feature_stats" / "model=sasrec" / "layer=2"
     assert not (out / "concepts.parquet").exists()
     assert "best_concept" not in pq.read_schema(out / "features.parquet").names

@@ -6,7 +6,6 @@ import json
 import logging
 import socket
 import threading
-import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 
@@ -110,22 +109,21 @@ def test_429_is_retried_after_retry_after(
 ) -> None:
     openai_stub.script(openai_stub.fail(429, retry_after="0.3"), openai_stub.reply(GOOD))
     chat = chat_for(openai_stub, max_backoff_s=5.0)
-    start = time.perf_counter()
     with caplog.at_level(logging.WARNING, logger="recsae_pipeline.interp.llm"):
         _, record = chat.complete_json(ASK, Verdict, purpose="p")
-    assert time.perf_counter() - start >= 0.3
     assert record.retries == 1 and chat.usage.retries == 1
     assert len(openai_stub.requests) == 2
     assert any(
-        "HTTP 429" in r.getMessage() and "retry 1 of 4" in r.getMessage() for r in caplog.records
+        "HTTP 429" in r.getMessage() and "retry 1 of 4 in 0.30 s" in r.getMessage()
+        for r in caplog.records
     )
 
 
-def test_retry_after_is_capped(openai_stub: OpenAIStub) -> None:
+def test_retry_after_is_capped(openai_stub: OpenAIStub, caplog: pytest.LogCaptureFixture) -> None:
     openai_stub.script(openai_stub.fail(429, retry_after="120"), openai_stub.reply(GOOD))
-    start = time.perf_counter()
-    chat_for(openai_stub, max_backoff_s=0.05).complete_json(ASK, Verdict)
-    assert time.perf_counter() - start < 2.0
+    with caplog.at_level(logging.WARNING, logger="recsae_pipeline.interp.llm"):
+        chat_for(openai_stub, max_backoff_s=0.05).complete_json(ASK, Verdict)
+    assert any("retry 1 of 4 in 0.05 s" in r.getMessage() for r in caplog.records)
 
 
 def test_500_then_success(openai_stub: OpenAIStub) -> None:
@@ -137,10 +135,8 @@ def test_500_then_success(openai_stub: OpenAIStub) -> None:
 def test_timeout_then_success(openai_stub: OpenAIStub, caplog: pytest.LogCaptureFixture) -> None:
     openai_stub.script(openai_stub.hang(2.0), openai_stub.reply(GOOD))
     chat = chat_for(openai_stub, timeout_s=0.5)
-    start = time.perf_counter()
     with caplog.at_level(logging.WARNING, logger="recsae_pipeline.interp.llm"):
         verdict, record = chat.complete_json(ASK, Verdict)
-    assert time.perf_counter() - start < 1.8
     assert verdict.label == "jazz" and record.retries == 1
     assert any("timeout_s=0.5" in r.getMessage() for r in caplog.records)
 

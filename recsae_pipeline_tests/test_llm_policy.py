@@ -75,7 +75,7 @@ def catalog() -> Catalog:
 def feature_context() -> FeatureContext:
     torch.manual_seed(0)
     config = RecommenderConfig(
-        kind="sasrec", num_items=12, hidden=8, d_item=8, layers=2, heads=1, max_len=8
+        kind="sasrec", num_items=12, hidden_size=8, d_item=8, num_layers=2, num_heads=1, max_len=8
     )
     model = Recommender(config).eval()
     sae = TopKSae(SaeConfig(d_in=8, expansion=2, k=2), "cpu", seed=0).eval()

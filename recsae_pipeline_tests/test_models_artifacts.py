@@ -30,9 +30,13 @@ def sequences() -> list[np.ndarray]:
 
 def trained_sasrec() -> Recommender:
     torch.manual_seed(0)
-    model = Recommender(RecommenderConfig.sasrec(NUM_ITEMS, hidden=16, d_item=16, max_len=8))
+    model = Recommender(RecommenderConfig.sasrec(NUM_ITEMS, hidden_size=16, d_item=16, max_len=8))
     train_recommender(
-        model, sequences(), NUM_ITEMS, TrainConfig(max_epochs=2, batch_size=8, progress=False), CPU
+        model,
+        sequences(),
+        NUM_ITEMS,
+        TrainConfig(max_epochs=2, batch_size=8, progress_bar=False),
+        CPU,
     )
     return model
 
@@ -69,10 +73,10 @@ def test_teacher_from_a_checkpoint_and_its_student_load_without_the_checkpoint(t
     ).save_pretrained(checkpoint_dir)
     sasrec = trained_sasrec()
     config = RecommenderConfig.teacher(
-        NUM_ITEMS, 16, hidden=16, layers=4, max_len=8, pretrained_path=str(checkpoint_dir)
+        NUM_ITEMS, 16, hidden_size=16, num_layers=4, max_len=8, pretrained_path=str(checkpoint_dir)
     )
     teacher = Recommender(config, item_table=sasrec.item_vectors).eval()
-    student = student_from_teacher(teacher, layers=2).eval()
+    student = student_from_teacher(teacher, num_layers=2).eval()
     expected = {
         name: evaluate(model, sequences(), NUM_ITEMS, "valid", CPU)
         for name, model in (("teacher", teacher), ("student", student))

@@ -27,13 +27,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def teacher_and_student() -> tuple[Recommender, Recommender]:
     torch.manual_seed(0)
-    config = RecommenderConfig.teacher(NUM_ITEMS, 16, hidden=16, layers=4, heads=2, max_len=8)
+    config = RecommenderConfig.teacher(
+        NUM_ITEMS, 16, hidden_size=16, num_layers=4, num_heads=2, max_len=8
+    )
     teacher = Recommender(config, item_table=torch.randn(NUM_ITEMS + 1, 16))
     # A fresh residual stream barely moves per layer; perturb to look like a trained teacher.
     with torch.no_grad():
         for p in teacher.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    return teacher, student_from_teacher(teacher, layers=2)
+    return teacher, student_from_teacher(teacher, num_layers=2)
 
 
 def batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,11 +90,11 @@ def test_train_student_moves_the_student_and_leaves_the_teacher_untouched():
     rng = np.random.default_rng(0)
     sequences = [rng.integers(1, NUM_ITEMS + 1, size=rng.integers(4, 10)) for _ in range(24)]
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    config = TrainConfig(max_epochs=2, batch_size=8, patience=5, progress=False)
+    config = TrainConfig(max_epochs=2, batch_size=8, patience=5, progress_bar=False)
 
     students = {}
     for distill in (True, False):
-        student = student_from_teacher(teacher, layers=2)
+        student = student_from_teacher(teacher, num_layers=2)
         result = train_student(
             student, teacher, sequences, NUM_ITEMS, config, DistillConfig(distill=distill), CPU
         )

@@ -8,12 +8,12 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaModel
 
+from recsae_pipeline.data.batching import pad_right
 from recsae_pipeline.models.recommender import (
     Recommender,
     RecommenderConfig,
     student_from_teacher,
 )
-from recsae_pipeline.models.training import pad_right
 
 NUM_ITEMS = 20
 
@@ -23,14 +23,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def tiny_sasrec(**overrides) -> Recommender:
     torch.manual_seed(0)
-    config = RecommenderConfig.sasrec(NUM_ITEMS, hidden=16, d_item=16, heads=2, max_len=12)
+    config = RecommenderConfig.sasrec(NUM_ITEMS, hidden_size=16, d_item=16, num_heads=2, max_len=12)
     return Recommender(replace(config, **overrides))
 
 
-def tiny_teacher(layers: int = 4, **overrides) -> Recommender:
+def tiny_teacher(num_layers: int = 4, **overrides) -> Recommender:
     torch.manual_seed(0)
     config = RecommenderConfig.teacher(
-        NUM_ITEMS, 16, hidden=16, layers=layers, heads=2, max_len=12, **overrides
+        NUM_ITEMS, 16, hidden_size=16, num_layers=num_layers, num_heads=2, max_len=12, **overrides
     )
     return Recommender(config, item_table=torch.randn(NUM_ITEMS + 1, 16))
 
@@ -101,8 +101,8 @@ def test_hidden_states_and_layer_hooks_can_read_and_replace(name):
         handle = model.layers[0].register_forward_hook(read)
         out = model(items, output_hidden_states=True)
         handle.remove()
-        assert len(out.hidden_states) == model.config.layers + 1
-        assert out.hidden_states[1].shape == (1, 4, model.config.hidden)
+        assert len(out.hidden_states) == model.config.num_layers + 1
+        assert out.hidden_states[1].shape == (1, 4, model.config.hidden_size)
         torch.testing.assert_close(seen["layer0"], out.hidden_states[1])
 
         handle = model.layers[0].register_forward_hook(replace, prepend=True)
@@ -119,9 +119,11 @@ def test_sasrec_item_table_is_learned_and_teacher_table_frozen():
     assert not teacher.item_vectors.requires_grad
     assert "item_table" not in dict(teacher.named_parameters())
     with pytest.raises(ValueError, match="frozen sasrec item table"):
-        Recommender(RecommenderConfig.teacher(NUM_ITEMS, 16, hidden=16, layers=2, heads=2))
-    with pytest.raises(ValueError, match="d_item=8 must equal hidden=16"):
-        RecommenderConfig.sasrec(NUM_ITEMS, hidden=16, d_item=8)
+        Recommender(
+            RecommenderConfig.teacher(NUM_ITEMS, 16, hidden_size=16, num_layers=2, num_heads=2)
+        )
+    with pytest.raises(ValueError, match="d_item=8 must equal hidden_size=16"):
+        RecommenderConfig.sasrec(NUM_ITEMS, hidden_size=16, d_item=8)
 
 
 def test_teacher_loads_first_layers_of_a_local_llama_checkpoint(tmp_path):
@@ -141,7 +143,7 @@ def test_teacher_loads_first_layers_of_a_local_llama_checkpoint(tmp_path):
     checkpoint.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").is_file()
 
-    teacher = tiny_teacher(layers=2, pretrained_path=str(tmp_path))
+    teacher = tiny_teacher(num_layers=2, pretrained_path=str(tmp_path))
     assert len(teacher.layers) == 2
     for i in range(2):
         for (name, got), (_, want) in zip(
@@ -156,18 +158,23 @@ def test_teacher_loads_first_layers_of_a_local_llama_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="hidden size 16"):
         Recommender(
             RecommenderConfig.teacher(
-                NUM_ITEMS, 16, hidden=32, layers=2, heads=2, pretrained_path=str(tmp_path)
+                NUM_ITEMS,
+                16,
+                hidden_size=32,
+                num_layers=2,
+                num_heads=2,
+                pretrained_path=str(tmp_path),
             ),
             item_table=torch.randn(NUM_ITEMS + 1, 16),
         )
 
 
 def test_student_copies_the_teachers_first_layers():
-    teacher = tiny_teacher(layers=4).eval()
+    teacher = tiny_teacher(num_layers=4).eval()
     with torch.no_grad():
         for p in teacher.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    student = student_from_teacher(teacher, layers=2).eval()
+    student = student_from_teacher(teacher, num_layers=2).eval()
     assert student.config.kind == "student" and len(student.layers) == 2
     teacher_state = teacher.state_dict()
     for name, value in student.state_dict().items():
@@ -179,4 +186,4 @@ def test_student_copies_the_teachers_first_layers():
         s = student(items, output_hidden_states=True).hidden_states
     torch.testing.assert_close(s[1], t[1])
     with pytest.raises(ValueError, match="pick 1..4"):
-        student_from_teacher(teacher, layers=5)
+        student_from_teacher(teacher, num_layers=5)

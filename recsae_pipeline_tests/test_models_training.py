@@ -35,7 +35,7 @@ def cyclic_sequences(users: int = 48) -> list[np.ndarray]:
 
 def tiny_sasrec(seed: int = 0) -> Recommender:
     torch.manual_seed(seed)
-    return Recommender(RecommenderConfig.sasrec(NUM_ITEMS, hidden=16, d_item=16, max_len=8))
+    return Recommender(RecommenderConfig.sasrec(NUM_ITEMS, hidden_size=16, d_item=16, max_len=8))
 
 
 def test_train_examples_are_shifted_windows_of_the_training_part():
@@ -93,7 +93,7 @@ def test_evaluate_without_seen_filtering_ranks_against_every_item():
 
 def test_same_seed_gives_identical_weights_and_metrics():
     sequences = cyclic_sequences()
-    config = TrainConfig(max_epochs=2, batch_size=16, progress=False, seed=7)
+    config = TrainConfig(max_epochs=2, batch_size=16, progress_bar=False, seed=7)
     runs = []
     for _ in range(2):
         model = tiny_sasrec()
@@ -110,7 +110,7 @@ def test_same_seed_gives_identical_weights_and_metrics():
         other,
         sequences,
         NUM_ITEMS,
-        TrainConfig(max_epochs=2, batch_size=16, progress=False, seed=8),
+        TrainConfig(max_epochs=2, batch_size=16, progress_bar=False, seed=8),
         CPU,
     )
     assert not torch.equal(other.item_vectors, state_a["item_emb.weight"])
@@ -120,7 +120,7 @@ def test_early_stopping_keeps_the_best_state_and_reports_every_epoch():
     sequences = cyclic_sequences()
     reports = []
     model = tiny_sasrec()
-    config = TrainConfig(max_epochs=30, batch_size=16, patience=2, lr=3e-2, progress=False)
+    config = TrainConfig(max_epochs=30, batch_size=16, patience=2, lr=3e-2, progress_bar=False)
     result = train_recommender(model, sequences, NUM_ITEMS, config, CPU, on_epoch=reports.append)
 
     assert [r.epoch for r in reports] == list(range(1, result.epochs_run + 1))
@@ -137,7 +137,7 @@ def test_sasrec_and_teacher_learn_a_predictable_sequence():
     sequences = cyclic_sequences()
     popularity = evaluate(PopularityScorer(sequences, NUM_ITEMS), sequences, NUM_ITEMS, "test", CPU)
     sasrec = tiny_sasrec()
-    config = TrainConfig(max_epochs=25, batch_size=16, patience=25, lr=1e-2, progress=False)
+    config = TrainConfig(max_epochs=25, batch_size=16, patience=25, lr=1e-2, progress_bar=False)
     train_recommender(sasrec, sequences, NUM_ITEMS, config, CPU)
     metrics = evaluate(sasrec, sequences, NUM_ITEMS, "test", CPU)
     assert metrics["mrr@10"] > 0.9 > popularity["mrr@10"]
@@ -145,7 +145,9 @@ def test_sasrec_and_teacher_learn_a_predictable_sequence():
     torch.manual_seed(0)
     table = sasrec.item_vectors.detach().clone()
     teacher = Recommender(
-        RecommenderConfig.teacher(NUM_ITEMS, 16, hidden=16, layers=2, heads=2, max_len=8),
+        RecommenderConfig.teacher(
+            NUM_ITEMS, 16, hidden_size=16, num_layers=2, num_heads=2, max_len=8
+        ),
         item_table=table,
     )
     train_recommender(teacher, sequences, NUM_ITEMS, config, CPU)

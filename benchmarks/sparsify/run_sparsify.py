@@ -41,13 +41,14 @@ from torch import Tensor
 # The project's reader, so both coders see the same rows in the same order; it needs torch,
 # pyarrow and transformers (all in this venv), not dagster.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from recsae_pipeline.activations.shards import SHARD_GLOB, iter_activation_batches  # noqa: E402
+from recsae_pipeline.activations.shards import iter_activation_batches  # noqa: E402
 from recsae_pipeline.sae.training import (  # noqa: E402
     SaeTrainConfig,
     _training_batches,
     is_heldout,
 )
 from recsae_pipeline.storage.atomic import write_json  # noqa: E402
+from recsae_pipeline.storage.registry import SHARD_GLOB  # noqa: E402
 
 LOG_EVERY = 100
 """Steps between training-curve points, as `SaeTrainConfig.log_every`."""

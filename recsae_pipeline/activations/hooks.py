@@ -20,7 +20,7 @@ from recsae_pipeline.models.recommender import Recommender
 
 def layer_block(model: Recommender, layer: int) -> nn.Module:
     """Decoder block `layer` (1-based) of the model's backbone."""
-    layers = model.config.layers
+    layers = model.config.num_layers
     if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= layers:
         raise ValueError(f"layer={layer!r}; pick 1..{layers} (1 = output of the first block)")
     return model.layers[layer - 1]

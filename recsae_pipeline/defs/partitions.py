@@ -12,6 +12,20 @@ DEFAULT_TARGETS = {"sasrec": (1, 2), "student": (1, 2)}
 feature_partitions = dg.StaticPartitionsDefinition(
     [partition_key(m, layer) for m, layers in DEFAULT_TARGETS.items() for layer in layers]
 )
+"""Every (model, layer): the partitions of the SAE and everything after it."""
+
+model_partitions = {
+    model: dg.StaticPartitionsDefinition([partition_key(model, layer) for layer in layers])
+    for model, layers in DEFAULT_TARGETS.items()
+}
+"""model -> its own (model, layer) keys: the partitions of that model's activations asset, so
+that retraining one model never touches another model's partitions."""
+
+
+def own_partitions(model: str) -> dg.StaticPartitionMapping:
+    """Each of `model`'s keys maps to the same key downstream; other models' keys map to none."""
+    keys = model_partitions[model].get_partition_keys()
+    return dg.StaticPartitionMapping({key: key for key in keys})
 
 
 def model_layer(key: str) -> tuple[str, int]:

@@ -10,8 +10,10 @@ import dagster as dg
 import torch
 from pydantic import Field, PrivateAttr
 
-from recsae_pipeline.data.validation import DEFAULT_MIN_TIMESTAMP, QualityBounds
+from recsae_pipeline.data.validation import QualityBounds
+from recsae_pipeline.defs.config import knob, to_domain
 from recsae_pipeline.distributed.ddp import resolve_device
+from recsae_pipeline.interp.llm import LLMSettings
 from recsae_pipeline.storage.registry import ArtifactPaths, default_data_dir
 from recsae_pipeline.storage.remote import Mirror, SyncReport, default_cache_dir, local_root
 from recsae_pipeline.storage.warehouse import refresh_views
@@ -101,22 +103,20 @@ class StorageRoot(dg.ConfigurableResource):
 class DataQuality(dg.ConfigurableResource):
     """Bounds used by the Great Expectations suites behind the blocking asset checks."""
 
-    min_timestamp: int = Field(
-        default=DEFAULT_MIN_TIMESTAMP, description="Earliest plausible timestamp (s)."
+    min_timestamp: int = knob(QualityBounds, "min_timestamp", "Earliest plausible timestamp (s).")
+    max_timestamp: int | None = knob(
+        QualityBounds, "max_timestamp", "Latest plausible timestamp; unset: now + 1 day."
     )
-    max_timestamp: int | None = Field(
-        default=None, description="Latest plausible timestamp; unset: now + 1 day."
+    min_rating: float = knob(QualityBounds, "min_rating")
+    max_rating: float = knob(QualityBounds, "max_rating")
+    min_sequence_length: int = knob(
+        QualityBounds, "min_sequence_length", "Shortest sequence allowed after filtering."
     )
-    min_rating: float = 0.0
-    max_rating: float = 10.0
-    min_sequence_length: int = Field(
-        default=3, description="Shortest sequence allowed after filtering."
-    )
-    batch_rows: int = Field(default=2_000_000, description="Rows per GX batch (bounds memory).")
+    batch_rows: int = knob(QualityBounds, "batch_rows", "Rows per GX batch (bounds memory).")
 
     @property
     def bounds(self) -> QualityBounds:
-        return QualityBounds(**self.model_dump())
+        return to_domain(self, QualityBounds)
 
 
 class TorchDevice(dg.ConfigurableResource):
@@ -131,7 +131,10 @@ class TorchDevice(dg.ConfigurableResource):
     def torch_device(self) -> torch.device:
         if self.threads:
             torch.set_num_threads(self.threads)
-        return resolve_device(self.device)
+        try:
+            return resolve_device(self.device)
+        except ValueError as err:  # no such device here: a configuration problem
+            raise dg.Failure(str(err)) from err
 
 
 class LLM(dg.ConfigurableResource):
@@ -145,19 +148,16 @@ class LLM(dg.ConfigurableResource):
         default=None, description="e.g. https://api.openai.com/v1, http://localhost:8000/v1 (vLLM)."
     )
     model: str | None = Field(default=None, description="Model name as the endpoint knows it.")
-    api_key_env: str = Field(default="OPENAI_API_KEY", description="Env var holding the key.")
-    timeout_s: float = 60.0
-    max_retries: int = 4
-    max_concurrency: int = 4
-    temperature: float | None = 0.0
-    max_output_tokens: int = 800
-    token_limit_param: str = Field(
-        default="max_tokens",
-        description="max_tokens | max_completion_tokens (OpenAI reasoning models).",
-    )
-    json_mode: bool = Field(default=True, description="Send response_format json_object.")
-    price_per_1k_input: float = 0.0
-    price_per_1k_output: float = 0.0
+    api_key_env: str = knob(LLMSettings, "api_key_env")
+    timeout_s: float = knob(LLMSettings, "timeout_s")
+    max_retries: int = knob(LLMSettings, "max_retries")
+    max_concurrency: int = knob(LLMSettings, "max_concurrency")
+    temperature: float | None = knob(LLMSettings, "temperature")
+    max_output_tokens: int = knob(LLMSettings, "max_output_tokens")
+    token_limit_param: str = knob(LLMSettings, "token_limit_param")
+    json_mode: bool = knob(LLMSettings, "json_mode")
+    price_per_1k_input: float = knob(LLMSettings, "price_per_1k_input")
+    price_per_1k_output: float = knob(LLMSettings, "price_per_1k_output")
 
     @property
     def kind(self) -> str:
@@ -167,29 +167,14 @@ class LLM(dg.ConfigurableResource):
             return "openai" if self.base_url else "offline"
         return self.backend
 
-    def settings(self):  # -> LLMSettings (imported lazily: openai is only needed for that path)
-        from recsae_pipeline.interp.llm import LLMSettings
-
+    def settings(self) -> LLMSettings:
         if not self.base_url or not self.model:
             raise dg.Failure(
                 "LLM backend `openai` needs `base_url` and `model` in the `llm` resource config "
                 "(e.g. base_url: https://api.openai.com/v1, model: gpt-4o-mini), with the key "
                 f"in ${self.api_key_env}."
             )
-        return LLMSettings(
-            base_url=self.base_url,
-            model=self.model,
-            api_key_env=self.api_key_env,
-            timeout_s=self.timeout_s,
-            max_retries=self.max_retries,
-            max_concurrency=self.max_concurrency,
-            temperature=self.temperature,
-            max_output_tokens=self.max_output_tokens,
-            token_limit_param=self.token_limit_param,  # type: ignore[arg-type]
-            json_mode=self.json_mode,
-            price_per_1k_input=self.price_per_1k_input,
-            price_per_1k_output=self.price_per_1k_output,
-        )
+        return to_domain(self, LLMSettings)
 
     def policy_factory(self) -> Callable[[], Any]:
         """A maker of fresh explainer policies (one per feature and method, so that usage

@@ -29,7 +29,7 @@ from recsae_pipeline.data.ingest import (
 )
 from recsae_pipeline.data.validation import QualityBounds
 from recsae_pipeline.defs.assets.data import RawInteractionsConfig, TabularOptions
-from recsae_pipeline.defs.jobs import ingest_job, retrain_job
+from recsae_pipeline.defs.jobs import activations_jobs, ingest_job, partition_jobs, retrain_job
 from recsae_pipeline.defs.resources import DataQuality, StorageRoot
 
 if TYPE_CHECKING:
@@ -61,8 +61,8 @@ def _take_drop(path: Path, folder: DropFolder, sha: str, bounds: QualityBounds) 
 
     Idempotent after a crash between the two steps: rows already appended for this content
     are reused, not written twice."""
-    previous = sorted(folder.appended.glob(f"*-{sha[:16]}.parquet"))
-    appended = previous[0] if previous else folder.appended / f"{utc_stamp()}-{sha[:16]}.parquet"
+    previous = folder.appended_drops(f"*-{sha[:16]}")
+    appended = previous[0] if previous else folder.appended_drop(f"{utc_stamp()}-{sha[:16]}")
     if not previous:
         read_drop(path, appended, bounds)
     dest = folder.accepted / f"{appended.stem}-{path.name}"
@@ -186,7 +186,7 @@ def run_failure_alert(context: dg.RunFailureSensorContext, storage: StorageRoot)
     ] or [context.failure_event.message or ""]
     line = failure_line(run.run_id, run.job_name, errors)
     context.log.error(f"run {run.run_id} of job {run.job_name} failed: {line.split(chr(9))[-1]}")
-    log = storage.paths.reports_dir / "failures.log"
+    log = storage.paths.report("failures", ".log")
     log.parent.mkdir(parents=True, exist_ok=True)
     # One write() of one line in O_APPEND mode: concurrent alerts never interleave within a
     # line, and a crash loses at most that line, never earlier ones (no temp-file rename).
@@ -197,26 +197,40 @@ def run_failure_alert(context: dg.RunFailureSensorContext, storage: StorageRoot)
 def build_features_after_retrain_sensor(
     features_job: dg.UnresolvedAssetJobDefinition, partition_keys: Sequence[str]
 ) -> dg.SensorDefinition:
-    """After a successful `retrain` or `ingest_and_retrain` run, one `features` run per
-    (model, layer) partition, so a retrain reaches every downstream asset. Partitions whose
-    models did not change skip their work (content-hash data versions)."""
+    """After a successful `retrain` or `ingest_and_retrain` run, one activations run per
+    (model, layer) partition; after each of those, the `features` run of its partition, so a
+    retrain reaches every downstream asset. Partitions whose models did not change skip
+    their work (content-hash data versions)."""
+    activation_jobs = {job.name: job for job in activations_jobs.values()}
 
     @dg.run_status_sensor(
         name="features_after_retrain",
         run_status=dg.DagsterRunStatus.SUCCESS,
-        monitored_jobs=[retrain_job, ingest_job],
-        request_job=features_job,
+        monitored_jobs=[retrain_job, ingest_job, *activation_jobs.values()],
+        request_jobs=[*activation_jobs.values(), features_job],
         default_status=dg.DefaultSensorStatus.RUNNING,
-        description="When `retrain` or `ingest_and_retrain` succeeds, request the `features` "
-        "job for every (model, layer) partition.",
+        description="When `retrain` or `ingest_and_retrain` succeeds, request each (model, "
+        "layer) partition's activations job; when one of those succeeds, its `features` job.",
     )
     def features_after_retrain(context: dg.RunStatusSensorContext) -> Iterator[dg.RunRequest]:
-        run_id = context.dagster_run.run_id
-        for key in partition_keys:
+        run = context.dagster_run
+        if run.job_name in activation_jobs:
+            key = run.tags["dagster/partition"]
+            after = run.tags.get("recsae/after_run", run.run_id)
             yield dg.RunRequest(
-                run_key=f"{run_id}:{key}",
+                run_key=f"{after}:{key}:{features_job.name}",
+                job_name=features_job.name,
                 partition_key=key,
-                tags={"recsae/after_run": run_id},
+                tags={"recsae/after_run": after},
+            )
+            return
+        for key in partition_keys:
+            job_name, _ = partition_jobs(key)
+            yield dg.RunRequest(
+                run_key=f"{run.run_id}:{key}",
+                job_name=job_name,
+                partition_key=key,
+                tags={"recsae/after_run": run.run_id},
             )
 
     return features_after_retrain

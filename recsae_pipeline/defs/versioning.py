@@ -33,15 +33,13 @@ from recsae_pipeline.storage.registry import ArtifactPaths, parse_partition_key
 
 FORCE_TAG = "recsae/force"
 SKIPPED_TAG = "recsae/skipped"
-VERSIONS_DIR = ".versions"
-NO_PARTITION = "_"
 
 Outputs = Callable[[ArtifactPaths, str | None], Iterable[Path]]
 """(paths, partition key) -> the files or directories an asset writes."""
 
 
 def version_file(root: Path, asset: str, partition: str | None) -> Path:
-    return root / VERSIONS_DIR / asset / f"{partition or NO_PARTITION}.json"
+    return ArtifactPaths(root).version_record(asset, partition)
 
 
 def read_version(root: Path, asset: str, partition: str | None) -> dict[str, Any] | None:
@@ -94,17 +92,30 @@ def _settings(value: Any) -> Any:
 
 
 def _ancestors(context: dg.AssetExecutionContext) -> dict[str, str | None]:
-    """asset -> partition to read, for every ancestor the run's asset graph knows."""
+    """asset -> partition to read, for every ancestor of this partition: parents through
+    their partition mappings, so a partition whose mapping reaches no partition of a parent
+    (another model's activations) does not depend on that parent or its ancestors."""
     key = context.asset_key
     partition = context.partition_key if context.has_partition_key else None
     try:
         graph = context.repository_def.asset_graph
-        keys = graph.get_ancestor_asset_keys(key)
-        partitioned = {k: graph.get(k).partitions_def is not None for k in keys}
-    except Exception:  # no repository (direct invocation): the declared deps only
-        keys = context.assets_def.asset_deps[key]
-        partitioned = dict.fromkeys(keys, True)
-    return {k.to_user_string(): (partition if partitioned[k] else None) for k in keys}
+    except Exception:
+        try:  # `dg.materialize` has no repository; its job's graph holds every asset passed
+            graph = context.job_def.asset_layer.asset_graph
+        except Exception:  # no job (direct invocation): the declared deps only
+            keys = context.assets_def.asset_deps[key]
+            return {k.to_user_string(): partition for k in keys}
+    found: dict[str, str | None] = {}
+    frontier = [(key, partition)]
+    while frontier:
+        child, child_partition = frontier.pop()
+        parents = graph.get_parents_partitions(child, child_partition).parent_partitions
+        for parent in parents:
+            name = parent.asset_key.to_user_string()
+            if parent.asset_key != key and name not in found:
+                found[name] = parent.partition_key
+                frontier.append((parent.asset_key, parent.partition_key))
+    return found
 
 
 def provenance(
@@ -128,6 +139,22 @@ def provenance(
     }
 
 
+def _refuse_blocked_upstream(context: dg.AssetExecutionContext, root: Path) -> None:
+    """Dagster stops a blocking check's downstream steps only within one run; across runs (the
+    per-model activations run before `features`) the ancestors' version records say whether
+    their latest materialization failed a blocking check, and then this one must not run."""
+    for asset, partition in sorted(_ancestors(context).items()):
+        record = read_version(root, asset, partition) or read_version(root, asset, None) or {}
+        for check in record.get("checks", []):
+            if check.get("blocking") and not check["passed"]:
+                where = f"{asset}[{partition}]" if partition else asset
+                raise dg.Failure(
+                    f"{context.asset_key.to_user_string()}: upstream {where} failed its blocking "
+                    f"check `{check['check_name']}` in run {record.get('run_id')}: "
+                    f"{check['description']}. Fix the cause and rematerialize {asset} first."
+                )
+
+
 def _provenance_hash(record: dict[str, Any] | None) -> str | None:
     if record is None:
         return None
@@ -148,10 +175,11 @@ def _serialize_metadata(metadata: Any) -> str:
     return dg.serialize_value(normalize_metadata(dict(metadata or {})))
 
 
-def _serialize_check(result: dg.AssetCheckResult) -> dict[str, Any]:
+def _serialize_check(result: dg.AssetCheckResult, blocking: set[str]) -> dict[str, Any]:
     return {
         "check_name": result.check_name,
         "passed": result.passed,
+        "blocking": result.check_name in blocking,
         "severity": result.severity.value,
         "description": result.description,
         "metadata": _serialize_metadata(result.metadata),
@@ -223,11 +251,13 @@ def content_versioned(
                 )
                 return _replayed(previous, context.asset_key)
 
+            _refuse_blocked_upstream(context, root)
             result = fn(context, **kwargs)
             if not isinstance(result, dg.MaterializeResult):
                 raise TypeError(f"{asset}: content_versioned needs a MaterializeResult")
             started = time.perf_counter()
             version = content_hash(root, out)
+            blocking = {s.name for s in context.assets_def.check_specs if s.blocking}
             record = {
                 "asset": asset,
                 "partition": partition,
@@ -236,7 +266,7 @@ def content_versioned(
                 "files": file_stats(root, out),
                 "run_id": context.run_id,
                 "metadata": _serialize_metadata(result.metadata),
-                "checks": [_serialize_check(c) for c in result.check_results or []],
+                "checks": [_serialize_check(c, blocking) for c in result.check_results or []],
             }
             write_json(record, version_file(root, asset, partition))
             context.log.debug(

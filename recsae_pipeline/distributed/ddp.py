@@ -14,7 +14,6 @@ import os
 from collections.abc import Iterator
 from typing import Any, TypeVar
 
-import dagster as dg
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -52,12 +51,10 @@ def launched_by_torchrun() -> bool:
 
 
 def rank_device(spec: str = "auto") -> torch.device:
-    """This rank's device: `cuda:LOCAL_RANK` when CUDA is asked for (or `auto` finds it), else CPU."""
-    cuda = spec.startswith("cuda") or (spec == "auto" and torch.cuda.is_available())
-    if not cuda:
-        return torch.device(spec if spec != "auto" else "cpu")
-    if not torch.cuda.is_available():
-        raise RuntimeError(f"device {spec!r} asked for CUDA, but torch sees none; use cpu")
+    """This rank's device: `resolve_device(spec)`, with CUDA pinned to `cuda:LOCAL_RANK`."""
+    device = resolve_device(spec)
+    if device.type != "cuda":
+        return device
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     torch.cuda.set_device(device)
     return device
@@ -161,7 +158,7 @@ def resolve_device(spec: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(spec)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise dg.Failure(
+        raise ValueError(
             f"device {spec!r} was requested but CUDA is not available here; use `auto` or `cpu`."
         )
     if (
@@ -169,5 +166,5 @@ def resolve_device(spec: str) -> torch.device:
         and device.index is not None
         and device.index >= torch.cuda.device_count()
     ):
-        raise dg.Failure(f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s) exist.")
+        raise ValueError(f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s) exist.")
     return device

@@ -32,7 +32,7 @@ METHODS = ("baseline", "sage")
 
 
 def select_features(
-    rows: list[dict], n_frequent: int, n_random: int, n_concept: int, seed: int
+    rows: list[dict], n_frequent: int = 10, n_random: int = 10, n_concept: int = 10, seed: int = 0
 ) -> list[int]:
     """The `n_frequent` most frequent features, the `n_concept` with the best planted-concept
     AUC (synthetic data), and a seeded random sample of `n_random` other active ones."""

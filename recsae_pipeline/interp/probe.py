@@ -8,8 +8,8 @@ import numpy as np
 import torch
 
 from recsae_pipeline.activations.hooks import read_hidden
+from recsae_pipeline.data.batching import pad_right
 from recsae_pipeline.models.recommender import Recommender
-from recsae_pipeline.models.training import pad_right
 from recsae_pipeline.sae.model import TopKSae
 
 

@@ -14,7 +14,7 @@ import duckdb
 import numpy as np
 
 from recsae_pipeline.storage.registry import ArtifactPaths
-from recsae_pipeline.storage.sql import sql_literal as _sql
+from recsae_pipeline.storage.sql import read_parquet
 
 EXPLAIN_USERS = 0
 
@@ -53,18 +53,18 @@ class FeatureData:
         self.max_len = max_len
         """The model's max_len: earlier positions of longer users were never seen."""
         self.model, self.layer, self.feature = model, layer, feature
-        self.table = paths.partition_dir("feature_activations", model, layer) / "part-00000.parquet"
+        self.table = paths.partition(model, layer).feature_activations
         if not self.table.exists():
             raise FileNotFoundError(
                 f"{self.table} is missing; materialize `feature_activations` for {model}.layer{layer}"
             )
         self._con = duckdb.connect()
         self._con.execute(
-            f"CREATE TEMP TABLE acts AS SELECT user_idx, position, value FROM read_parquet({_sql(self.table)}) "
+            f"CREATE TEMP TABLE acts AS SELECT user_idx, position, value FROM {read_parquet(self.table)} "
             f"WHERE feature = {int(feature)}"
         )
         self._con.execute(
-            f"CREATE TEMP VIEW seqs AS SELECT user_idx, items FROM read_parquet({_sql(paths.sequences)})"
+            f"CREATE TEMP VIEW seqs AS SELECT user_idx, items FROM {read_parquet(paths.sequences)}"
         )
 
     def close(self) -> None:

@@ -62,17 +62,17 @@ class DistillationLoss(nn.Module):
 
     def __init__(self, teacher: Recommender, student: Recommender, config: DistillConfig) -> None:
         super().__init__()
-        if teacher.config.hidden != student.config.hidden:
+        if teacher.config.hidden_size != student.config.hidden_size:
             raise ValueError(
-                f"teacher hidden {teacher.config.hidden} != student hidden "
-                f"{student.config.hidden}; SLMRec aligns states of equal width"
+                f"teacher hidden_size {teacher.config.hidden_size} != student hidden_size "
+                f"{student.config.hidden_size}; SLMRec aligns states of equal width"
             )
         self.config = config
         self.teacher = teacher.requires_grad_(False).eval()
-        self.blocks = aligned_blocks(student.config.layers, teacher.config.layers)
-        heads = student.config.layers - 1 if config.distill else 0
+        self.blocks = aligned_blocks(student.config.num_layers, teacher.config.num_layers)
+        heads = student.config.num_layers - 1 if config.distill else 0
         self.heads = nn.ModuleList(
-            nn.Linear(student.config.hidden, student.config.d_item, bias=False)
+            nn.Linear(student.config.hidden_size, student.config.d_item, bias=False)
             for _ in range(heads)
         )
 

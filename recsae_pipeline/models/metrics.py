@@ -1,4 +1,6 @@
-"""Ranking metrics: full ranking with seen items filtered (RecBole) and SLMRec's sampled protocol.
+"""Ranking metrics: full ranking with seen items filtered (RecBole) and SLMRec's sampled
+protocol; and every ROC AUC of the package (`pairwise_auc`, `sparse_auc`, `dense_auc`), here at
+the lowest layer that the SAE statistics and the explainers share.
 
 Ranks are 0-based and tie-safe: a target's rank counts every other candidate scoring >= it,
 so a collapsed model with all-equal scores gets the worst rank, never the best (SLMRec's
@@ -113,3 +115,60 @@ def pairwise_auc(high: list[float], low: list[float], empty: float = 0.5) -> flo
         return empty
     h, lo = np.asarray(high)[:, None], np.asarray(low)[None, :]
     return float(((h > lo).sum() + 0.5 * (h == lo).sum()) / (h.size * lo.size))
+
+
+def _auc_from_rank_sums(rank_sums: Tensor, n_pos: Tensor, n_rows: int) -> Tensor:
+    n_neg = n_rows - n_pos
+    return (rank_sums - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg).clamp(min=1)
+
+
+def sparse_auc(
+    values: Tensor, indices: Tensor, labels: Tensor, n_latents: int, chunk: int = 8
+) -> Tensor:
+    """ROC AUC [n_latents, C] of each feature's activation (0 where it is not in the top-k)
+    at detecting each label column of `labels` (bool [R, C]); exact, with the rows where a
+    feature is zero counted as one tie group (Mann-Whitney with average ranks).
+
+    Works on the nonzero entries only: O(R * k) memory, not O(R * n_latents)."""
+    n_rows = len(labels)
+    active = values > 0
+    rows = torch.arange(n_rows).unsqueeze(1).expand_as(indices)[active]
+    feature = indices[active]
+    value = values[active]
+    order = torch.argsort(value, stable=True)
+    order = order[torch.argsort(feature[order], stable=True)]
+    feature, rows = feature[order], rows[order]
+    counts = torch.bincount(feature, minlength=n_latents)
+    starts = torch.cumsum(counts, 0) - counts
+    zeros = (n_rows - counts).double()
+    rank = zeros[feature] + (torch.arange(len(feature)) - starts[feature] + 1).double()
+    labels_f = labels.double()
+    n_pos = labels_f.sum(0)  # [C]
+    out = torch.empty(n_latents, labels.shape[1], dtype=torch.float64)
+    for start in range(0, labels.shape[1], chunk):
+        cols = slice(start, start + chunk)
+        entry_labels = labels_f[rows, cols]  # [E, c]
+        pos_nonzero = torch.zeros(n_latents, entry_labels.shape[1], dtype=torch.float64)
+        pos_nonzero.index_add_(0, feature, entry_labels)
+        rank_nonzero = torch.zeros_like(pos_nonzero)
+        rank_nonzero.index_add_(0, feature, entry_labels * rank.unsqueeze(1))
+        pos_zero = n_pos[cols] - pos_nonzero
+        rank_sums = pos_zero * (zeros.unsqueeze(1) + 1) / 2 + rank_nonzero
+        out[:, cols] = _auc_from_rank_sums(rank_sums, n_pos[cols], n_rows)
+    return out.float()
+
+
+def dense_auc(x: Tensor, labels: Tensor) -> Tensor:
+    """ROC AUC [d, C] of each column of x [R, d] at detecting each label column (bool [R, C]);
+    the '-' sign of a column has AUC 1 - this. Ties among continuous values are ignored."""
+    n_rows = len(x)
+    ranks = torch.empty_like(x, dtype=torch.float64)
+    order = torch.argsort(x, dim=0)
+    ranks.scatter_(
+        0,
+        order,
+        torch.arange(1, n_rows + 1, dtype=torch.float64).unsqueeze(1).expand_as(x).contiguous(),
+    )
+    labels_f = labels.double()
+    rank_sums = ranks.T @ labels_f  # [d, C]
+    return _auc_from_rank_sums(rank_sums, labels_f.sum(0), n_rows).float()

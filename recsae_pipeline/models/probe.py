@@ -26,22 +26,16 @@ class LayerScore(NamedTuple):
     """Test metrics of a linear head trained on this layer's frozen, normed state."""
 
 
-def final_norm(model: Recommender) -> nn.Module:
-    """The backbone's last normalisation (Llama `norm`, GPT-2 `ln_f`)."""
-    return model.backbone.norm if model.config.backbone == "llama" else model.backbone.ln_f
-
-
 class _LayerScorer:
     """Scores the next item from layer `layer` through `head` (a Linear hidden -> d_item)."""
 
     def __init__(self, model: Recommender, layer: int, head: nn.Module) -> None:
         self.model, self.layer, self.head = model, layer, head
-        self.config = model.config
 
     def user(self, states: tuple[Tensor, ...]) -> Tensor:
         h = states[self.layer]
         # transformers applies the final norm to the last entry already.
-        return self.head(h if self.layer == len(states) - 1 else final_norm(self.model)(h))
+        return self.head(h if self.layer == len(states) - 1 else self.model.final_norm(h))
 
     @torch.no_grad()
     def predict(self, items: Tensor) -> Tensor:
@@ -56,17 +50,18 @@ def layer_scores(
     sequences: list[np.ndarray],
     num_items: int,
     device: torch.device,
-    probe_epochs: int = 3,
+    probe_epochs: int = 2,
     batch_size: int = 128,
     lr: float = 3e-3,
     seed: int = 0,
 ) -> list[LayerScore]:
     """Readout and trained-probe test metrics for every layer 1..L of the teacher."""
     teacher = teacher.to(device).eval().requires_grad_(False)
-    layers = teacher.config.layers
+    layers = teacher.config.num_layers
     generator = torch.Generator().manual_seed(seed)
     heads = nn.ModuleList(
-        nn.Linear(teacher.config.hidden, teacher.config.d_item, bias=False) for _ in range(layers)
+        nn.Linear(teacher.config.hidden_size, teacher.config.d_item, bias=False)
+        for _ in range(layers)
     )
     with torch.no_grad():
         for head in heads:  # start every probe from the teacher's own head

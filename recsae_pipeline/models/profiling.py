@@ -10,7 +10,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from recsae_pipeline.models.training import Scorer, pad_right, split_examples
+from recsae_pipeline.data.batching import pad_right, split_examples
+from recsae_pipeline.models.training import NextItemScorer
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -51,7 +52,7 @@ class _PeakRss:
 
 @torch.no_grad()
 def profile_inference(
-    scorer: Scorer,
+    scorer: NextItemScorer,
     sequences: list[np.ndarray],
     device: torch.device,
     max_len: int,

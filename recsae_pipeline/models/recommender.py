@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, replace
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -24,61 +24,83 @@ _BACKBONES: dict[str, type[PreTrainedModel]] = {"gpt2": GPT2Model, "llama": Llam
 
 @dataclass(frozen=True)
 class RecommenderConfig:
-    """Every knob of a recommender; `num_items` excludes padding, so tables have num_items + 1 rows."""
+    """Every knob of a recommender, SASRec+ defaults; `num_items` excludes padding, so tables
+    have num_items + 1 rows."""
 
     num_items: int
     kind: Kind = "sasrec"
     max_len: int = 50
-    hidden: int = 64
-    layers: int = 2
-    heads: int = 1
+    """Inputs keep their last max_len items."""
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 1
     ffn_mult: int = 4
+    """MLP width as a multiple of hidden_size."""
     dropout: float = 0.2
     d_item: int = 64
     backbone: BackboneName = "gpt2"
     pretrained_path: str | None = None
     """Local `transformers` checkpoint directory for the backbone; its own sizes win over
-    heads/ffn_mult, `hidden` must match, and only its first `layers` layers are kept."""
+    num_heads/ffn_mult, `hidden_size` must match, and only its first `num_layers` layers are
+    kept."""
 
     def __post_init__(self) -> None:
         if self.num_items < 1:
             raise ValueError(f"num_items={self.num_items}; a catalogue needs at least one item")
-        if self.layers < 1 or self.max_len < 1:
-            raise ValueError(f"layers={self.layers}, max_len={self.max_len}; both must be >= 1")
+        if self.num_layers < 1 or self.max_len < 1:
+            raise ValueError(
+                f"num_layers={self.num_layers}, max_len={self.max_len}; both must be >= 1"
+            )
         if self.kind not in ("sasrec", "teacher", "student"):
             raise ValueError(f"kind={self.kind!r}; use 'sasrec', 'teacher' or 'student'")
         if self.backbone not in _BACKBONES:
             raise ValueError(f"backbone={self.backbone!r}; use one of {sorted(_BACKBONES)}")
-        if self.kind == "sasrec" and self.d_item != self.hidden:
+        if self.kind == "sasrec" and self.d_item != self.hidden_size:
             raise ValueError(
                 f"sasrec ties its item table to the backbone: d_item={self.d_item} must equal "
-                f"hidden={self.hidden}"
+                f"hidden_size={self.hidden_size}"
             )
-        if self.pretrained_path is None and self.hidden % self.heads:
-            raise ValueError(f"hidden={self.hidden} is not divisible by heads={self.heads}")
+        if self.pretrained_path is None and self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}"
+            )
 
     @classmethod
     def sasrec(cls, num_items: int, **overrides) -> RecommenderConfig:
-        """SASRec+ defaults: hidden 64, 2 GPT-2 blocks, 1 head, dropout 0.2, learned positions."""
+        """SASRec+: the class defaults (hidden 64, 2 GPT-2 blocks, 1 head, dropout 0.2), the
+        item table tied to the backbone width."""
+        overrides.setdefault("d_item", overrides.get("hidden_size", cls.hidden_size))
         return cls(num_items=num_items, **overrides)
 
     @classmethod
     def teacher(cls, num_items: int, d_item: int, **overrides) -> RecommenderConfig:
-        """SLMRec-style teacher: 8 Llama layers, hidden 128, 4 heads, FFN 4x, over frozen items."""
-        defaults = dict(kind="teacher", hidden=128, layers=8, heads=4, backbone="llama")
-        return cls(num_items=num_items, d_item=d_item, **(defaults | overrides))
+        """SLMRec-style teacher over frozen item vectors: `TEACHER_DEFAULTS`, then `overrides`."""
+        return cls(num_items=num_items, d_item=d_item, **(TEACHER_DEFAULTS | overrides))
+
+
+TEACHER_DEFAULTS: dict[str, Any] = {
+    "kind": "teacher",
+    "backbone": "llama",
+    "hidden_size": 64,
+    "num_layers": 8,
+    "num_heads": 2,
+    "ffn_mult": 2,
+    "dropout": 0.1,
+}
+"""The teacher's architecture: 8 Llama layers of width 64, sized so the embedded data trains
+in minutes on a CPU (configs/gpu-large.yaml widens it)."""
 
 
 class RecommenderOutput(NamedTuple):
     user: Tensor
     """User vectors at every position, [B, T, d_item]; scores = user @ item table^T."""
     hidden_states: tuple[Tensor, ...] | None
-    """layers + 1 states [B, T, hidden] when requested: 0 = backbone input (GPT-2: with
+    """num_layers + 1 states [B, T, hidden_size] when requested: 0 = backbone input (GPT-2: with
     positions), l = output of layer l, but the last entry is after the final norm."""
 
 
 def build_backbone(config: RecommenderConfig) -> PreTrainedModel:
-    """A fresh backbone from the config, or the first `layers` layers of a local checkpoint."""
+    """A fresh backbone from the config, or the first `num_layers` layers of a local checkpoint."""
     model_cls = _BACKBONES[config.backbone]
     if config.pretrained_path is not None:
         backbone = model_cls.from_pretrained(
@@ -86,29 +108,29 @@ def build_backbone(config: RecommenderConfig) -> PreTrainedModel:
             local_files_only=True,
             use_safetensors=True,
             dtype=torch.float32,
-            num_hidden_layers=config.layers,
+            num_hidden_layers=config.num_layers,
         )
-        if backbone.config.hidden_size != config.hidden:
+        if backbone.config.hidden_size != config.hidden_size:
             raise ValueError(
                 f"checkpoint {config.pretrained_path} has hidden size "
-                f"{backbone.config.hidden_size}, config.hidden={config.hidden}; set them equal"
+                f"{backbone.config.hidden_size}, config.hidden_size={config.hidden_size}; set them equal"
             )
-        if backbone.config.num_hidden_layers != config.layers:
+        if backbone.config.num_hidden_layers != config.num_layers:
             raise ValueError(
                 f"checkpoint {config.pretrained_path} has {backbone.config.num_hidden_layers} "
-                f"layers, fewer than config.layers={config.layers}"
+                f"layers, fewer than config.num_layers={config.num_layers}"
             )
         # Items enter as inputs_embeds, so the token table is dead weight (32000 rows for Llama-2).
-        backbone.set_input_embeddings(nn.Embedding(1, config.hidden))
+        backbone.set_input_embeddings(nn.Embedding(1, config.hidden_size))
         backbone.config.vocab_size = 1
         return backbone
     common = dict(vocab_size=1, bos_token_id=None, eos_token_id=None, pad_token_id=None)
     if config.backbone == "gpt2":
         backbone_config = GPT2Config(
-            n_embd=config.hidden,
-            n_layer=config.layers,
-            n_head=config.heads,
-            n_inner=config.ffn_mult * config.hidden,
+            n_embd=config.hidden_size,
+            n_layer=config.num_layers,
+            n_head=config.num_heads,
+            n_inner=config.ffn_mult * config.hidden_size,
             n_positions=config.max_len,
             activation_function="gelu",
             resid_pdrop=config.dropout,
@@ -118,11 +140,11 @@ def build_backbone(config: RecommenderConfig) -> PreTrainedModel:
         )
     else:
         backbone_config = LlamaConfig(
-            hidden_size=config.hidden,
-            num_hidden_layers=config.layers,
-            num_attention_heads=config.heads,
-            num_key_value_heads=config.heads,
-            intermediate_size=config.ffn_mult * config.hidden,
+            hidden_size=config.hidden_size,
+            num_hidden_layers=config.num_layers,
+            num_attention_heads=config.num_heads,
+            num_key_value_heads=config.num_heads,
+            intermediate_size=config.ffn_mult * config.hidden_size,
             max_position_embeddings=config.max_len,
             attention_dropout=config.dropout,
             **common,
@@ -168,8 +190,8 @@ class Recommender(nn.Module):
                     f"({rows}, {config.d_item}), got {shape}"
                 )
             self.register_buffer("item_table", item_table.detach().clone().float())
-            self.item_in = nn.Linear(config.d_item, config.hidden)
-            self.user_head = nn.Linear(config.hidden, config.d_item, bias=False)
+            self.item_in = nn.Linear(config.d_item, config.hidden_size)
+            self.user_head = nn.Linear(config.hidden_size, config.d_item, bias=False)
             self.drop = nn.Dropout(config.dropout)
 
     @property
@@ -218,15 +240,17 @@ class Recommender(nn.Module):
         return self.scores(user[torch.arange(len(items), device=items.device), lengths - 1])
 
 
-def student_from_teacher(teacher: Recommender, layers: int = 2) -> Recommender:
-    """A student with the teacher's first `layers` layers; every shared weight is copied."""
+def student_from_teacher(teacher: Recommender, num_layers: int = 2) -> Recommender:
+    """A student with the teacher's first `num_layers` layers; every shared weight is copied."""
     if teacher.config.kind != "teacher":
         raise ValueError(f"expected a teacher, got kind={teacher.config.kind!r}")
-    if not 1 <= layers <= teacher.config.layers:
-        raise ValueError(f"layers={layers}; pick 1..{teacher.config.layers} (the teacher's depth)")
-    config = replace(teacher.config, kind="student", layers=layers, pretrained_path=None)
+    if not 1 <= num_layers <= teacher.config.num_layers:
+        raise ValueError(
+            f"num_layers={num_layers}; pick 1..{teacher.config.num_layers} (the teacher's depth)"
+        )
+    config = replace(teacher.config, kind="student", num_layers=num_layers, pretrained_path=None)
     backbone_config = copy.deepcopy(teacher.backbone.config)
-    backbone_config.num_hidden_layers = layers
+    backbone_config.num_hidden_layers = num_layers
     backbone = type(teacher.backbone)(backbone_config)
     student = Recommender(config, item_table=teacher.item_vectors, backbone=backbone)
     teacher_state = teacher.state_dict()

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import chain
-from typing import Literal, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from recsae_pipeline.data.batching import Split, pad_right, split_examples
 from recsae_pipeline.distributed import ddp
 from recsae_pipeline.models.metrics import (
     filter_seen,
@@ -29,9 +30,7 @@ from recsae_pipeline.models.metrics import (
     sampled_ranks,
     target_ranks,
 )
-from recsae_pipeline.models.recommender import Recommender
-
-Split = Literal["valid", "test"]
+from recsae_pipeline.models.recommender import Recommender, RecommenderConfig
 
 
 @dataclass(frozen=True)
@@ -47,11 +46,16 @@ class TrainConfig:
     patience: int = 10
     eval_batch_size: int = 512
     seed: int = 0
-    progress: bool = True
+    progress_bar: bool = True
+    """tqdm bar over batches on stderr (only when it is a terminal)."""
 
     def __post_init__(self) -> None:
         if self.max_epochs < 1 or self.batch_size < 1 or self.patience < 1:
             raise ValueError(f"max_epochs, batch_size and patience must be >= 1, got {self}")
+
+
+LLAMA_TRAINING = TrainConfig(lr=2e-3, max_epochs=12, patience=3)
+"""The Llama-backbone models' schedule (teacher and students): fewer epochs at a higher lr."""
 
 
 class EpochReport(NamedTuple):
@@ -79,7 +83,9 @@ class TrainResult(NamedTuple):
     history: list[EpochReport]
 
 
-class Scorer(Protocol):
+class NextItemScorer(Protocol):
+    """Anything that scores every item as the next one after right-padded sequences."""
+
     def predict(self, items: Tensor) -> Tensor: ...
 
 
@@ -111,15 +117,6 @@ class _ModelAndLoss(nn.Module):
         return self.loss_fn(self.model, items, targets)
 
 
-def pad_right(sequences: list[np.ndarray], length: int | None = None) -> Tensor:
-    """An int64 [len(sequences), length] tensor, each row its sequence followed by zeros."""
-    length = max((len(s) for s in sequences), default=0) if length is None else length
-    padded = np.zeros((len(sequences), length), dtype=np.int64)
-    for row, sequence in enumerate(sequences):
-        padded[row, : len(sequence)] = sequence
-    return torch.from_numpy(padded)
-
-
 def training_windows(sequence: np.ndarray, max_len: int) -> list[np.ndarray]:
     """Windows of at most max_len + 1 items cut from the end of the training part (items[:-2]),
     overlapping by one item, so every training item after the first is a target exactly once
@@ -142,21 +139,14 @@ def train_examples(sequences: list[np.ndarray], max_len: int) -> tuple[Tensor, T
     )
 
 
-def split_examples(
-    sequences: list[np.ndarray], split: Split, max_len: int
-) -> tuple[list[np.ndarray], np.ndarray, list[np.ndarray]]:
-    """(inputs cut to max_len, targets, full histories) for the validation or test split."""
-    if split not in ("valid", "test"):
-        raise ValueError(f"split={split!r}; use 'valid' or 'test'")
-    end = -2 if split == "valid" else -1
-    histories = [s[:end] for s in sequences]
-    targets = np.array([s[end] for s in sequences], dtype=np.int64)
-    return [h[-max_len:] for h in histories], targets, histories
+def input_length(scorer: NextItemScorer) -> int:
+    """How many last items a scorer reads: a recommender's max_len, else the default one."""
+    return scorer.config.max_len if isinstance(scorer, Recommender) else RecommenderConfig.max_len
 
 
 @torch.no_grad()
 def evaluate(
-    scorer: Scorer,
+    scorer: NextItemScorer,
     sequences: list[np.ndarray],
     num_items: int,
     split: Split,
@@ -169,8 +159,7 @@ def evaluate(
 ) -> dict[str, float]:
     """Full-ranking HR/NDCG/MRR@10/20 with seen items filtered, plus SLMRec's sampled metrics
     (prefixed `sampled_`, negatives seeded by `seed`) unless sampled=False."""
-    if max_len is None:
-        max_len = scorer.config.max_len if isinstance(scorer, Recommender) else 50
+    max_len = input_length(scorer) if max_len is None else max_len
     inputs, targets, histories = split_examples(sequences, split, max_len)
     negatives = sample_negatives(sequences, num_items, seed=seed) if sampled else None
     was_training = isinstance(scorer, nn.Module) and scorer.training
@@ -255,7 +244,7 @@ def train_recommender(
                 batches,
                 desc=f"epoch {epoch}",
                 leave=False,
-                disable=None if config.progress and ddp.is_main() else True,
+                disable=None if config.progress_bar and ddp.is_main() else True,
             )  # None: only on a terminal
             for step, index in enumerate(bar):
                 index = ddp.shard(index)

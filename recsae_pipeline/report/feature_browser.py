@@ -23,8 +23,8 @@ import pyarrow.parquet as pq
 from recsae_pipeline.data.catalog import Catalog
 from recsae_pipeline.interp.windows import Window
 from recsae_pipeline.storage.atomic import atomic_path
-from recsae_pipeline.storage.registry import ArtifactPaths
-from recsae_pipeline.storage.sql import sql_literal as _sql
+from recsae_pipeline.storage.registry import BROWSER_INDEX_FILE, ArtifactPaths
+from recsae_pipeline.storage.sql import read_parquet
 
 WINDOW_RADIUS = 5
 HISTOGRAM_BINS = 30
@@ -67,10 +67,10 @@ def write_browser(
     """Write the site for one (model, layer) to `out_dir` (replaced atomically): pages for the
     explained features plus the most frequent active ones, up to `max_features` in all."""
     started = time.perf_counter()
-    stats_dir = paths.partition_dir("feature_stats", model, layer)
-    activations = paths.partition_dir("feature_activations", model, layer) / "part-00000.parquet"
+    partition = paths.partition(model, layer)
+    activations = partition.feature_activations
     for path, asset in (
-        (stats_dir / "features.parquet", "feature_stats"),
+        (partition.feature_stats, "feature_stats"),
         (activations, "feature_activations"),
         (paths.sequences, "sequences"),
     ):
@@ -78,16 +78,11 @@ def write_browser(
             raise FileNotFoundError(
                 f"{path} is missing; materialize `{asset}` for {model}.layer{layer}"
             )
-    stats = {r["feature"]: r for r in pq.read_table(stats_dir / "features.parquet").to_pylist()}
-    explanations = _optional_rows(
-        paths.partition_dir("explanations", model, layer) / "explanations.parquet"
-    )
-    scores = _optional_rows(
-        paths.partition_dir("explanation_scores", model, layer) / "scores.parquet"
-    )
-    steering_dir = paths.partition_dir("steering", model, layer)
-    steering = _optional_rows(steering_dir / "points.parquet")
-    steering_summary = _optional_rows(steering_dir / "summary.parquet")
+    stats = {r["feature"]: r for r in pq.read_table(partition.feature_stats).to_pylist()}
+    explanations = _optional_rows(partition.explanations)
+    scores = _optional_rows(partition.explanation_scores)
+    steering = _optional_rows(partition.steering_points)
+    steering_summary = _optional_rows(partition.steering_summary)
 
     explained = sorted({int(r["feature"]) for r in explanations or []} & stats.keys())
     frequent = sorted(
@@ -95,7 +90,7 @@ def write_browser(
         key=lambda r: (-r["frequency"], r["feature"]),
     )
     features = explained + [r["feature"] for r in frequent[: max(0, max_features - len(explained))]]
-    enrichment = _enrichment(stats_dir / "enrichment.parquet", features)
+    enrichment = _enrichment(partition.feature_enrichment, features)
     reads = _read_activations(activations, features, top_windows)
     windows = _windows(paths, model, reads)
     catalog = Catalog.load(paths)
@@ -119,7 +114,6 @@ def write_browser(
         )
         for f in features
     }
-    partition = f"{model}.layer{layer}"
     missing = [
         name
         for name, rows in (
@@ -137,12 +131,12 @@ def write_browser(
                 features[i - 1] if i else None,
                 features[i + 1] if i + 1 < len(features) else None,
             )
-            html = render_feature_page(pages[f], catalog, partition, neighbours)
+            html = render_feature_page(pages[f], catalog, partition.key, neighbours)
             (tmp / "features" / f"{f}.html").write_text(html, encoding="utf-8")
-        (tmp / "index.html").write_text(
-            render_index(list(pages.values()), partition, missing), encoding="utf-8"
+        (tmp / BROWSER_INDEX_FILE).write_text(
+            render_index(list(pages.values()), partition.key, missing), encoding="utf-8"
         )
-    return BrowserReport(len(features), out_dir / "index.html", time.perf_counter() - started)
+    return BrowserReport(len(features), out_dir / BROWSER_INDEX_FILE, time.perf_counter() - started)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -157,14 +151,13 @@ def _enrichment(path: Path, features: list[int]) -> dict[int, list[dict[str, Any
     if not features or not path.exists():
         return {}
     rows = duckdb.execute(
-        f"""SELECT * FROM read_parquet({_sql(path)})
+        f"""SELECT * FROM {read_parquet(path)}
             WHERE kind = 'feature' AND unit IN ({",".join(map(str, features))})
             QUALIFY row_number() OVER (PARTITION BY unit ORDER BY purity DESC, family, value) <= {ENRICHMENT_ROWS}
             ORDER BY unit, purity DESC, family, value"""
     ).fetchall()
     columns = [
-        d[0]
-        for d in duckdb.execute(f"DESCRIBE SELECT * FROM read_parquet({_sql(path)})").fetchall()
+        d[0] for d in duckdb.execute(f"DESCRIBE SELECT * FROM {read_parquet(path)}").fetchall()
     ]
     out: dict[int, list[dict[str, Any]]] = {}
     for row in rows:
@@ -191,7 +184,7 @@ def _read_activations(
         for feature in features:
             con.execute(
                 f"CREATE OR REPLACE TEMP TABLE acts AS SELECT user_idx, position, value "
-                f"FROM read_parquet({_sql(table)}) WHERE feature = {int(feature)}"
+                f"FROM {read_parquet(table)} WHERE feature = {int(feature)}"
             )
             histogram = _histogram(con)
             con.execute(
@@ -232,7 +225,7 @@ def _histogram(con: duckdb.DuckDBPyConnection) -> list[tuple[float, float, int]]
 
 def _max_len(paths: ArtifactPaths, model: str) -> int | None:
     """The model's context length: earlier positions of longer users were never encoded."""
-    config = paths.model_dir(model) / "config.json"
+    config = paths.model_config(model)
     try:
         return int(json.loads(config.read_text())["recommender"]["max_len"])
     except (OSError, KeyError, TypeError, ValueError):
@@ -248,7 +241,7 @@ def _windows(
     if users:
         sequences = dict(
             duckdb.execute(
-                f"SELECT user_idx, items FROM read_parquet({_sql(paths.sequences)}) "
+                f"SELECT user_idx, items FROM {read_parquet(paths.sequences)} "
                 f"WHERE user_idx IN ({','.join(map(str, users))})"
             ).fetchall()
         )

@@ -26,15 +26,16 @@ from typing import NamedTuple
 import duckdb
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
-from recsae_pipeline.activations.shards import SHARD_GLOB, iter_in_file_order, partition_rows
-from recsae_pipeline.data.sequences import item_popularity_sql
+from recsae_pipeline.activations.shards import iter_in_file_order, partition_rows
+from recsae_pipeline.data.catalog import Catalog
+from recsae_pipeline.models.metrics import dense_auc, sparse_auc
 from recsae_pipeline.sae.model import TopKSae
-from recsae_pipeline.storage.atomic import PARQUET_COMPRESSION, atomic_path, scratch_dir
-from recsae_pipeline.storage.sql import sql_literal as _sql_str
+from recsae_pipeline.storage.atomic import copy_to_parquet, parquet_writer, scratch_dir
+from recsae_pipeline.storage.registry import ArtifactPaths
+from recsae_pipeline.storage.sql import read_parquet, sql_literal
 
 FEATURE_ACTIVATION_SCHEMA = pa.schema(
     [
@@ -45,12 +46,6 @@ FEATURE_ACTIVATION_SCHEMA = pa.schema(
         ("value", pa.float32()),
     ]
 )
-FEATURE_FILE = "part-00000.parquet"
-ATTRIBUTE_FAMILIES = ("genre", "decade", "popularity", "franchise")
-
-
-def _shards_sql(partition_dir: Path) -> str:
-    return f"read_parquet({_sql_str(Path(partition_dir) / SHARD_GLOB)})"
 
 
 class FeatureActivationReport(NamedTuple):
@@ -90,9 +85,7 @@ def write_feature_activations(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with scratch_dir(out_path.parent) as scratch:
         unsorted = Path(scratch) / "unsorted.parquet"
-        with pq.ParquetWriter(
-            unsorted, FEATURE_ACTIVATION_SCHEMA, compression=PARQUET_COMPRESSION
-        ) as writer:
+        with parquet_writer(unsorted, FEATURE_ACTIVATION_SCHEMA) as writer:
             for batch in iter_in_file_order(
                 partition_dir, columns=("activation", "user_idx", "position", "item_idx")
             ):
@@ -119,13 +112,14 @@ def write_feature_activations(
                     on_progress(rows, total)
         con = duckdb.connect()
         try:
-            con.execute(f"SET temp_directory = {_sql_str(scratch)}")
-            with atomic_path(out_path) as tmp:
-                con.execute(
-                    f"COPY (SELECT * FROM read_parquet({_sql_str(unsorted)}) "
-                    "ORDER BY feature, value DESC, user_idx, position) "
-                    f"TO {_sql_str(tmp)} (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 131072)"
-                )
+            con.execute(f"SET temp_directory = {sql_literal(scratch)}")
+            copy_to_parquet(
+                con,
+                f"SELECT * FROM {read_parquet(unsorted)} "
+                "ORDER BY feature, value DESC, user_idx, position",
+                out_path,
+                row_group_size=131_072,
+            )
         finally:
             con.close()
     return FeatureActivationReport(
@@ -140,41 +134,10 @@ def write_feature_activations(
 # ----------------------------------------------------------------------------- attributes
 
 
-def item_attributes(
-    con: duckdb.DuckDBPyConnection, items_path: Path, item_map_path: Path, sequences_path: Path
-) -> None:
-    """Create the temp table `attrs(item_idx, family, value)` in `con`: genres, decade,
-    popularity band and franchise (when the catalog has one) of every indexed item.
-
-    Popularity bands split the interactions of `sequences` in thirds: `head` = the most
-    popular items holding the first third of all interactions, `tail` = the least popular
-    holding the last third."""
-    columns = {
-        r[0]
-        for r in con.execute(
-            f"DESCRIBE SELECT * FROM read_parquet({_sql_str(items_path)})"
-        ).fetchall()
-    }
-    franchise = (
-        "UNION ALL SELECT item_idx, 'franchise', franchise FROM catalog WHERE franchise IS NOT NULL AND franchise <> ''"
-        if "franchise" in columns
-        else ""
-    )
-    con.execute(
-        f"""
-        CREATE OR REPLACE TEMP TABLE attrs AS
-        WITH catalog AS (
-            SELECT m.item_idx, c.* FROM read_parquet({_sql_str(items_path)}) c
-            JOIN read_parquet({_sql_str(item_map_path)}) m USING (item_id)
-        ), popularity AS ({item_popularity_sql(sequences_path)}
-        )
-        SELECT item_idx, 'genre' AS family, unnest(genres) AS value FROM catalog
-        UNION ALL SELECT item_idx, 'decade', CAST((year // 10) * 10 AS VARCHAR) || 's'
-            FROM catalog WHERE year IS NOT NULL
-        UNION ALL SELECT item_idx, 'popularity', band FROM popularity
-        {franchise}
-        """
-    )
+def item_attributes(con: duckdb.DuckDBPyConnection, catalog: Catalog) -> None:
+    """Register `attrs(item_idx, family, value)` in `con`: every indexed item's attributes
+    (`Item.attributes`: genres, decade, popularity band, franchise)."""
+    con.register("attrs", catalog.attribute_table())
 
 
 # ----------------------------------------------------------------------------- top items
@@ -188,7 +151,7 @@ def feature_top_items(con: duckdb.DuckDBPyConnection, feature_path: Path, top_n:
         f"""
         CREATE OR REPLACE TEMP TABLE top_items AS
         SELECT feature AS unit, '+' AS sign, item_idx, max(value) AS value
-        FROM read_parquet({_sql_str(feature_path)}) GROUP BY feature, item_idx
+        FROM {read_parquet(feature_path)} GROUP BY feature, item_idx
         QUALIFY row_number() OVER (PARTITION BY feature ORDER BY max(value) DESC, item_idx) <= {int(top_n)}
         """
     )
@@ -345,63 +308,6 @@ def sample_rows(
     )
 
 
-def _auc_from_rank_sums(rank_sums: Tensor, n_pos: Tensor, n_rows: int) -> Tensor:
-    n_neg = n_rows - n_pos
-    return (rank_sums - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg).clamp(min=1)
-
-
-def sparse_auc(
-    values: Tensor, indices: Tensor, labels: Tensor, n_latents: int, chunk: int = 8
-) -> Tensor:
-    """ROC AUC [n_latents, C] of each feature's activation (0 where it is not in the top-k)
-    at detecting each label column of `labels` (bool [R, C]); exact, with the rows where a
-    feature is zero counted as one tie group (Mann-Whitney with average ranks).
-
-    Works on the nonzero entries only: O(R * k) memory, not O(R * n_latents)."""
-    n_rows = len(labels)
-    active = values > 0
-    rows = torch.arange(n_rows).unsqueeze(1).expand_as(indices)[active]
-    feature = indices[active]
-    value = values[active]
-    order = torch.argsort(value, stable=True)
-    order = order[torch.argsort(feature[order], stable=True)]
-    feature, rows = feature[order], rows[order]
-    counts = torch.bincount(feature, minlength=n_latents)
-    starts = torch.cumsum(counts, 0) - counts
-    zeros = (n_rows - counts).double()
-    rank = zeros[feature] + (torch.arange(len(feature)) - starts[feature] + 1).double()
-    labels_f = labels.double()
-    n_pos = labels_f.sum(0)  # [C]
-    out = torch.empty(n_latents, labels.shape[1], dtype=torch.float64)
-    for start in range(0, labels.shape[1], chunk):
-        cols = slice(start, start + chunk)
-        entry_labels = labels_f[rows, cols]  # [E, c]
-        pos_nonzero = torch.zeros(n_latents, entry_labels.shape[1], dtype=torch.float64)
-        pos_nonzero.index_add_(0, feature, entry_labels)
-        rank_nonzero = torch.zeros_like(pos_nonzero)
-        rank_nonzero.index_add_(0, feature, entry_labels * rank.unsqueeze(1))
-        pos_zero = n_pos[cols] - pos_nonzero
-        rank_sums = pos_zero * (zeros.unsqueeze(1) + 1) / 2 + rank_nonzero
-        out[:, cols] = _auc_from_rank_sums(rank_sums, n_pos[cols], n_rows)
-    return out.float()
-
-
-def dense_auc(x: Tensor, labels: Tensor) -> Tensor:
-    """ROC AUC [d, C] of each column of x [R, d] at detecting each label column (bool [R, C]);
-    the '-' sign of a column has AUC 1 - this. Ties among continuous values are ignored."""
-    n_rows = len(x)
-    ranks = torch.empty_like(x, dtype=torch.float64)
-    order = torch.argsort(x, dim=0)
-    ranks.scatter_(
-        0,
-        order,
-        torch.arange(1, n_rows + 1, dtype=torch.float64).unsqueeze(1).expand_as(x).contiguous(),
-    )
-    labels_f = labels.double()
-    rank_sums = ranks.T @ labels_f  # [d, C]
-    return _auc_from_rank_sums(rank_sums, labels_f.sum(0), n_rows).float()
-
-
 def concept_labels(
     con: duckdb.DuckDBPyConnection,
     sample: RowSample,
@@ -427,14 +333,14 @@ def concept_labels(
         WITH seq AS (
             SELECT user_idx, unnest(items) AS item_idx, unnest(timestamps) AS ts,
                    unnest(generate_series(0, len(items) - 1)) AS position
-            FROM read_parquet({_sql_str(sequences_path)})
+            FROM {read_parquet(sequences_path)}
             WHERE user_idx IN (SELECT DISTINCT user_idx FROM sample_rows)
         ), labelled AS (
             SELECT seq.user_idx, seq.position, g.mechanism
             FROM seq
-            JOIN read_parquet({_sql_str(user_map_path)}) u USING (user_idx)
-            JOIN read_parquet({_sql_str(item_map_path)}) i USING (item_idx)
-            JOIN read_parquet({_sql_str(ground_truth_path)}) g
+            JOIN {read_parquet(user_map_path)} u USING (user_idx)
+            JOIN {read_parquet(item_map_path)} i USING (item_idx)
+            JOIN {read_parquet(ground_truth_path)} g
               ON g.user_id = u.user_id AND g.item_id = i.item_id AND g.timestamp = seq.ts
         )
         SELECT s.row, l.mechanism FROM sample_rows s JOIN labelled l USING (user_idx, position)
@@ -454,17 +360,6 @@ def concept_labels(
 # ----------------------------------------------------------------------------- all together
 
 
-@dataclass(frozen=True)
-class StatsInputs:
-    """Paths `compute_feature_stats` reads (catalog, maps, sequences, optional ground truth)."""
-
-    items: Path
-    item_map: Path
-    user_map: Path
-    sequences: Path
-    ground_truth: Path | None = None
-
-
 @dataclass
 class FeatureStats:
     features: pa.Table
@@ -482,23 +377,27 @@ class FeatureStats:
 
 def compute_feature_stats(
     sae: TopKSae,
-    partition_dir: Path,
-    feature_path: Path,
-    inputs: StatsInputs,
+    paths: ArtifactPaths,
+    model: str,
+    layer: int,
     device: torch.device | str,
     top_n: int = 50,
     min_support: int = 20,
     max_sample_rows: int = 500_000,
     min_positives: int = 20,
 ) -> FeatureStats:
-    """Statistics of every SAE feature and raw hidden dimension of one partition (see the
-    module docstring); the sparse table `feature_path` comes from `write_feature_activations`."""
+    """Statistics of every SAE feature and raw hidden dimension of partition (model, layer)
+    (see the module docstring), from its activations, its sparse feature-activation table
+    (`write_feature_activations`), the catalog and, when present, the planted ground truth."""
+    partition = paths.partition(model, layer)
+    partition_dir, feature_path = partition.activations, partition.feature_activations
+    catalog = Catalog.load(paths)
     con = duckdb.connect()
     try:
-        item_attributes(con, inputs.items, inputs.item_map, inputs.sequences)
+        item_attributes(con, catalog)
         con.execute(
             f"CREATE TEMP TABLE base_items AS SELECT DISTINCT item_idx "
-            f"FROM {_shards_sql(partition_dir)}"
+            f"FROM {read_parquet(partition.activation_shards)}"
         )
         total_rows = partition_rows(partition_dir)
         feature_top_items(con, feature_path, top_n)
@@ -507,19 +406,17 @@ def compute_feature_stats(
         neuron_enrichment = enrichment(con, "neuron_top", "base_items", min_support)
         feature_mono = monosemanticity(feature_enrichment)
         con.register("feature_mono", feature_mono)
+        con.register("titles", catalog.title_table())
         features = con.sql(
             f"""
             WITH basic AS (
                 SELECT feature, count(*) AS n_active, avg(value) AS mean_activation,
                        max(value) AS max_activation
-                FROM read_parquet({_sql_str(feature_path)}) GROUP BY feature
+                FROM {read_parquet(feature_path)} GROUP BY feature
             ), items_ranked AS (
                 SELECT unit AS feature, item_idx,
                        row_number() OVER (PARTITION BY unit ORDER BY value DESC, item_idx) AS r
                 FROM top_items
-            ), titles AS (
-                SELECT m.item_idx, c.title FROM read_parquet({_sql_str(inputs.items)}) c
-                JOIN read_parquet({_sql_str(inputs.item_map)}) m USING (item_id)
             ), top_items AS (
                 SELECT feature, list(item_idx ORDER BY r) AS top_items,
                        list(COALESCE(title, CAST(item_idx AS VARCHAR)) ORDER BY r) AS top_titles
@@ -545,16 +442,16 @@ def compute_feature_stats(
         neurons = monosemanticity(neuron_enrichment)
         concepts = None
         sample_size = 0
-        if inputs.ground_truth is not None and Path(inputs.ground_truth).exists():
+        if paths.ground_truth.exists():
             sample = sample_rows(sae, partition_dir, max_sample_rows, device)
             sample_size = len(sample.user_idx)
             names, labels = concept_labels(
                 con,
                 sample,
-                inputs.ground_truth,
-                inputs.sequences,
-                inputs.user_map,
-                inputs.item_map,
+                paths.ground_truth,
+                paths.sequences,
+                paths.user_map,
+                paths.item_map,
                 min_positives,
             )
             if names:

@@ -20,9 +20,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from recsae_pipeline.storage.atomic import atomic_path
+from recsae_pipeline.storage.registry import SAE_CONFIG_FILE, SAE_WEIGHTS_FILE
 
-WEIGHTS_FILE = "sae.safetensors"
-CONFIG_FILE = "config.json"
 THRESHOLD_MOMENTUM = 0.99
 
 
@@ -316,25 +315,25 @@ class TopKSae(nn.Module):
         tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
         with atomic_path(path) as tmp:
             tmp.mkdir()
-            save_file(tensors, tmp / WEIGHTS_FILE)
-            (tmp / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+            save_file(tensors, tmp / SAE_WEIGHTS_FILE)
+            (tmp / SAE_CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
         return path
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu") -> TopKSae:
         """Read a directory written by `save` (plain safetensors + JSON)."""
         path = Path(path)
-        if not (path / WEIGHTS_FILE).is_file() or not (path / CONFIG_FILE).is_file():
+        if not (path / SAE_WEIGHTS_FILE).is_file() or not (path / SAE_CONFIG_FILE).is_file():
             raise FileNotFoundError(
-                f"{path} lacks {WEIGHTS_FILE} or {CONFIG_FILE}; write it with TopKSae.save"
+                f"{path} lacks {SAE_WEIGHTS_FILE} or {SAE_CONFIG_FILE}; write it with TopKSae.save"
             )
-        raw = json.loads((path / CONFIG_FILE).read_text())
+        raw = json.loads((path / SAE_CONFIG_FILE).read_text())
         raw.setdefault("whitening_shrinkage", None)  # saved before whitening: hidden basis
         known = {f.name for f in fields(SaeConfig)}
         if unknown := sorted(set(raw) - known):
-            raise ValueError(f"{path / CONFIG_FILE} has unknown keys {unknown}; known: {known}")
+            raise ValueError(f"{path / SAE_CONFIG_FILE} has unknown keys {unknown}; known: {known}")
         sae = cls(SaeConfig(**raw), device=device)
-        state = load_file(path / WEIGHTS_FILE, device=str(device))
+        state = load_file(path / SAE_WEIGHTS_FILE, device=str(device))
         for name in ("whitening", "unwhitening"):  # absent before whitening: the identity
             state.setdefault(name, getattr(sae, name))
         sae.load_state_dict(state)

@@ -24,9 +24,10 @@ import torch
 from torch import Tensor
 
 from recsae_pipeline.activations.hooks import edit_hidden, read_hidden
+from recsae_pipeline.data.batching import pad_right, split_examples
+from recsae_pipeline.data.catalog import Catalog
 from recsae_pipeline.models.metrics import filter_seen, ndcg_at_k, target_ranks
 from recsae_pipeline.models.recommender import Recommender
-from recsae_pipeline.models.training import pad_right, split_examples
 from recsae_pipeline.sae.model import TopKSae
 
 Edit = Callable[[Tensor], Tensor]
@@ -133,7 +134,7 @@ def last_block_states(model: Recommender, users: SteeringUsers, batch_size: int 
     out = []
     for start in range(0, len(users.targets), batch_size):
         items = users.inputs[start : start + batch_size]
-        hidden = read_hidden(model, items, model.config.layers)
+        hidden = read_hidden(model, items, model.config.num_layers)
         last = (items > 0).sum(1) - 1
         out.append(hidden[torch.arange(len(items), device=items.device), last])
     return torch.cat(out)
@@ -144,10 +145,20 @@ def run_edit(
 ) -> tuple[Tensor, Tensor]:
     """`top_k_and_ranks` with `edit` at `layer`: on the cached last-block states when the
     layer is the last one, else through a full forward pass with the edit hooked in."""
-    if last_block is not None and layer == model.config.layers:
+    if last_block is not None and layer == model.config.num_layers:
         return top_k_and_ranks(model, users, edit=edit, last_block=last_block)
     with edit_hidden(model, layer, edit):
         return top_k_and_ranks(model, users)
+
+
+def genre_items(catalog: Catalog, genres: Sequence[str], num_items: int) -> dict[str, Tensor]:
+    """genre -> bool [num_items + 1] flags of the indexed items carrying it."""
+    flags = {g: torch.zeros(num_items + 1, dtype=torch.bool) for g in genres}
+    for item in catalog.items.values():
+        for genre in item.genres:
+            if genre in flags:
+                flags[genre][item.idx] = True
+    return flags
 
 
 def genre_share(top: Tensor, genre_items: Tensor) -> float:
@@ -181,7 +192,7 @@ def steering_sweep(
 ) -> list[SteeringPoint]:
     """For each genre -> (feature, feature's max activation): the baseline, every
     alpha = scale * max activation added, and the feature clamped to 0."""
-    last_block = last_block_states(model, users) if layer == model.config.layers else None
+    last_block = last_block_states(model, users) if layer == model.config.num_layers else None
     top, ranks = top_k_and_ranks(model, users)
     base_ndcg = ndcg_at_k(ranks, 10)
     points = []

@@ -30,7 +30,7 @@ class SaeTrainConfig:
     lr: float | None = None
     """Adam learning rate; None = 2e-4 / sqrt(n_latents / 2**14), as in sparsify."""
     batch_size: int = 4096
-    rows_seen: int = 2_000_000
+    rows_seen: int = 500_000
     """Training rows in total; the partition is passed over as many times as needed."""
     seed: int = 0
     """Seeds the SAE init and the shuffle (epoch e reads with seed + e)."""

@@ -10,11 +10,12 @@ import numpy as np
 import torch
 
 from recsae_pipeline.activations.hooks import edit_hidden
+from recsae_pipeline.data.catalog import Catalog
 from recsae_pipeline.models.artifacts import load_recommender
 from recsae_pipeline.sae.model import TopKSae
 from recsae_pipeline.sae.steering import add_direction, clamp_to_zero
 from recsae_pipeline.storage.registry import ArtifactPaths, parse_partition_key
-from recsae_pipeline.storage.sql import sql_literal as _sql
+from recsae_pipeline.storage.sql import read_parquet
 
 
 @dataclass(frozen=True)
@@ -53,15 +54,15 @@ def _user(paths: ArtifactPaths, user_id: str) -> tuple[int, np.ndarray]:
                 f"{path} is missing; materialize the pipeline first (see README)"
             )
     row = duckdb.execute(
-        f"""SELECT s.user_idx, s.items FROM read_parquet({_sql(paths.user_map)}) u
-            JOIN read_parquet({_sql(paths.sequences)}) s USING (user_idx) WHERE u.user_id = ?""",
+        f"""SELECT s.user_idx, s.items FROM {read_parquet(paths.user_map)} u
+            JOIN {read_parquet(paths.sequences)} s USING (user_idx) WHERE u.user_id = ?""",
         [user_id],
     ).fetchone()
     if row is None:
         examples = [
             r[0]
             for r in duckdb.execute(
-                f"SELECT user_id FROM read_parquet({_sql(paths.user_map)}) ORDER BY user_idx LIMIT 3"
+                f"SELECT user_id FROM {read_parquet(paths.user_map)} ORDER BY user_idx LIMIT 3"
             ).fetchall()
         ]
         raise KeyError(
@@ -71,29 +72,49 @@ def _user(paths: ArtifactPaths, user_id: str) -> tuple[int, np.ndarray]:
     return int(row[0]), np.asarray(row[1], dtype=np.int64)
 
 
-def _catalog(
-    paths: ArtifactPaths, item_idx: list[int]
-) -> dict[int, tuple[str, int | None, list[str]]]:
-    rows = duckdb.execute(
-        f"""SELECT m.item_idx, c.title, c.year, c.genres FROM read_parquet({_sql(paths.items)}) c
-            JOIN read_parquet({_sql(paths.item_map)}) m USING (item_id)
-            WHERE m.item_idx IN (SELECT unnest(?::INTEGER[]))""",
-        [item_idx],
-    ).fetchall()
-    return {int(i): (t, y, list(g or [])) for i, t, y, g in rows}
-
-
 def _feature_info(paths: ArtifactPaths, model: str, layer: int, feature: int) -> FeatureInfo:
-    stats = paths.partition_dir("feature_stats", model, layer) / "features.parquet"
+    stats = paths.partition(model, layer).feature_stats
     if not stats.exists():
         return FeatureInfo(feature, None, None, [])
     row = duckdb.execute(
-        f"SELECT max_activation, best_attribute, top_titles FROM read_parquet({_sql(stats)}) WHERE feature = ?",
+        f"SELECT max_activation, best_attribute, top_titles FROM {read_parquet(stats)} WHERE feature = ?",
         [feature],
     ).fetchone()
     if row is None:
         return FeatureInfo(feature, None, None, [])
     return FeatureInfo(feature, row[0], row[1], list(row[2] or []))
+
+
+@dataclass(frozen=True)
+class Steer:
+    """One steered feature: add `alpha` x its decoder direction. With `relative`, `alpha` is a
+    multiple of the feature's max activation (`feature_stats`), the unit `steering_eval` sweeps."""
+
+    feature: int
+    alpha: float
+    relative: bool = False
+
+
+def absolute_alphas(
+    paths: ArtifactPaths, sae_key: str, steer: list[Steer]
+) -> list[tuple[int, float, FeatureInfo]]:
+    """(feature, alpha in hidden-state units, its stats) per steer; relative alphas are
+    multiplied by the feature's max activation, as `steering_eval` does."""
+    model_name, layer = parse_partition_key(sae_key)
+    out = []
+    for s in steer:
+        info = _feature_info(paths, model_name, layer, s.feature)
+        if not s.relative:
+            out.append((s.feature, s.alpha, info))
+        elif info.max_activation:
+            out.append((s.feature, s.alpha * info.max_activation, info))
+        else:
+            raise ValueError(
+                f"feature {s.feature} has no max activation in the feature_stats of {sae_key} "
+                f"({paths.partition_dir('feature_stats', model_name, layer)}); materialize "
+                f"`feature_stats` for that partition, or give an absolute alpha ({s.feature}={s.alpha:g})"
+            )
+    return out
 
 
 @torch.no_grad()
@@ -113,8 +134,9 @@ def recommend(
     steer, clamp = steer or [], clamp or []
     user_idx, items = _user(paths, user_id)
     model = load_recommender(paths.model_dir(model_name), device).eval()
-    sae_path = paths.partition_dir("sae", model_name, layer)
-    if (steer or clamp) and not (sae_path / "sae.safetensors").exists():
+    partition = paths.partition(model_name, layer)
+    sae_path = partition.sae
+    if (steer or clamp) and not partition.sae_weights.exists():
         raise FileNotFoundError(
             f"{sae_path} holds no SAE; materialize the `sae` asset for partition {sae_key} first"
         )
@@ -142,13 +164,16 @@ def recommend(
             stack.enter_context(edit_hidden(model, layer, clamp_to_zero(sae, feature)))
         after = top()
     last = items[-5:][::-1].tolist()
-    catalog = _catalog(paths, [i for i, _ in before + after] + last)
+    catalog = Catalog.load(paths)
 
     def rows(pairs: list[tuple[int, float]]) -> list[Recommended]:
         out = []
-        for rank, (item, score) in enumerate(pairs, start=1):
-            title, year, genres = catalog.get(item, (f"item {item}", None, []))
-            out.append(Recommended(rank, item, title, year, genres, score))
+        for rank, (idx, score) in enumerate(pairs, start=1):
+            item = catalog.items.get(idx)
+            if item is None:
+                out.append(Recommended(rank, idx, f"item {idx}", None, [], score))
+            else:
+                out.append(Recommended(rank, idx, item.title, item.year, list(item.genres), score))
         return out
 
     features = [

@@ -1,7 +1,9 @@
-"""Artifact paths and atomic writes: a crash never leaves a half-written artifact behind.
+"""Atomic writes: a crash never leaves a half-written artifact behind.
 
 Every writer here writes to a temporary sibling first and renames it into place, so a
-reader (or a later run) only ever sees the previous complete artifact or the new one.
+reader (or a later run) only ever sees the previous complete artifact or the new one. Every
+Parquet file of the store is written here (`write_parquet`, `parquet_writer`,
+`copy_to_parquet`), so the codec is set in one place.
 """
 
 from __future__ import annotations
@@ -16,8 +18,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from recsae_pipeline.storage.sql import sql_literal
 
 PARQUET_COMPRESSION = "zstd"
 
@@ -56,11 +61,33 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp.unlink()
 
 
-def write_parquet(table: pa.Table, path: str | Path, row_group_size: int = 131_072) -> Path:
-    """Write a whole table atomically (zstd)."""
+def write_parquet(table: pa.Table, path: str | Path, row_group_size: int | None = 131_072) -> Path:
+    """Write a whole table atomically (zstd); `row_group_size=None` is pyarrow's default."""
     path = Path(path)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression=PARQUET_COMPRESSION, row_group_size=row_group_size)
+    return path
+
+
+def parquet_writer(path: str | Path, schema: pa.Schema) -> pq.ParquetWriter:
+    """A streaming writer (zstd) for a file inside an `atomic_path` or a scratch directory."""
+    return pq.ParquetWriter(path, schema, compression=PARQUET_COMPRESSION)
+
+
+def copy_to_parquet(
+    con: duckdb.DuckDBPyConnection,
+    select_sql: str,
+    path: str | Path,
+    row_group_size: int | None = None,
+) -> Path:
+    """`COPY (select_sql) TO path` as Parquet (zstd), atomically; `row_group_size=None` is
+    DuckDB's default."""
+    path = Path(path)
+    options = f"FORMAT parquet, COMPRESSION {PARQUET_COMPRESSION}"
+    if row_group_size is not None:
+        options += f", ROW_GROUP_SIZE {int(row_group_size)}"
+    with atomic_path(path) as tmp:
+        con.execute(f"COPY ({select_sql}) TO {sql_literal(tmp)} ({options})")
     return path
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from recsae_pipeline.storage.atomic import atomic_path, write_json
+from recsae_pipeline.storage.registry import DUCKDB_FILE
 
 try:
     import fcntl
@@ -39,7 +40,7 @@ CACHE_DIR_ENV = "RECSAE_CACHE_DIR"
 MANIFEST = ".recsae-mirror.json"
 LOCK = ".recsae-mirror.lock"
 # The DuckDB catalog names local paths of the cache, so it is rebuilt per cache, never shared.
-LOCAL_ONLY = frozenset({"recsae.duckdb", "recsae.duckdb.wal", MANIFEST, LOCK})
+LOCAL_ONLY = frozenset({DUCKDB_FILE, f"{DUCKDB_FILE}.wal", MANIFEST, LOCK})
 LOCAL_PROTOCOLS = ("file", "local")
 PACKAGES = {
     "s3": "s3fs",

@@ -12,58 +12,25 @@ import duckdb
 
 from recsae_pipeline.storage.atomic import atomic_path
 from recsae_pipeline.storage.registry import ArtifactPaths
-from recsae_pipeline.storage.sql import sql_literal as _quote
+from recsae_pipeline.storage.sql import indexed_catalog_sql, read_parquet
+
+HIVE_TYPES = "{'model': VARCHAR, 'layer': INTEGER}"
 
 
 def view_definitions(paths: ArtifactPaths) -> dict[str, str]:
-    """View name -> SQL, for the artifacts that exist on disk."""
+    """View name -> SQL, for the tables of `paths.tables()` that exist on disk."""
     views = {}
-    candidates = {
-        "interactions": paths.raw_interactions,
-        "ground_truth": paths.ground_truth,
-        "items": paths.items,
-        "sequences": paths.sequences,
-        "item_map": paths.item_map,
-        "user_map": paths.user_map,
-        "recommender_eval": paths.recommender_eval,
-        "layer_probe": paths.layer_probe,
-    }
-    for name, path in candidates.items():
-        if path.exists():
-            views[name] = f"SELECT * FROM read_parquet({_quote(path)})"
-    shards = paths.root / "activations"
-    if any(shards.glob("model=*/layer=*/part-*.parquet")):
-        # One view over every (model, layer) partition; `model` and `layer` come from the paths.
-        views["activations"] = (
-            f"SELECT * FROM read_parquet({_quote(shards / 'model=*' / 'layer=*' / 'part-*.parquet')}, "
-            "hive_partitioning = true, hive_types = {'model': VARCHAR, 'layer': INTEGER})"
-        )
-    # Per-(model, layer) tables: one view each over every partition's file.
-    partitioned = {
-        "feature_activations": ("feature_activations", "part-*.parquet"),
-        "feature_stats": ("feature_stats", "features.parquet"),
-        "neuron_stats": ("feature_stats", "neurons.parquet"),
-        "feature_enrichment": ("feature_stats", "enrichment.parquet"),
-        "planted_concepts": ("feature_stats", "concepts.parquet"),
-        "steering_points": ("steering", "points.parquet"),
-        "steering_summary": ("steering", "summary.parquet"),
-        "explanations": ("explanations", "explanations.parquet"),
-        "explanation_scores": ("explanation_scores", "scores.parquet"),
-        "explanation_summary": ("explanation_scores", "summary.parquet"),
-    }
-    for name, (artifact, file) in partitioned.items():
-        base = paths.root / artifact
-        if any(base.glob(f"model=*/layer=*/{file}")):
-            views[name] = (
-                f"SELECT * FROM read_parquet({_quote(base / 'model=*' / 'layer=*' / file)}, "
-                "hive_partitioning = true, hive_types = {'model': VARCHAR, 'layer': INTEGER})"
-            )
+    for name, table in paths.tables().items():
+        if not table.partitioned:
+            if table.path.exists():
+                views[name] = f"SELECT * FROM {read_parquet(table.path)}"
+        elif any(paths.root.glob(str(table.path.relative_to(paths.root)))):
+            # One view over every (model, layer) partition; `model` and `layer` from the paths.
+            scan = read_parquet(table.path, hive_partitioning=True, hive_types=HIVE_TYPES)
+            views[name] = f"SELECT * FROM {scan}"
     if "items" in views and "item_map" in views:
         # Catalog rows with their model index, the join most queries want.
-        views["items"] = (
-            f"SELECT m.item_idx, c.* FROM read_parquet({_quote(paths.items)}) c "
-            f"LEFT JOIN read_parquet({_quote(paths.item_map)}) m USING (item_id)"
-        )
+        views["items"] = indexed_catalog_sql(paths.items, paths.item_map, keep_unindexed=True)
     return views
 
 

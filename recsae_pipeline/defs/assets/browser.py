@@ -2,10 +2,10 @@
 statistics, explanations, scores and steering, opened from disk without a server."""
 
 import dagster as dg
-from pydantic import Field
 
 from recsae_pipeline.defs.assets.explanations import explanation_scores
 from recsae_pipeline.defs.assets.features import steering_eval
+from recsae_pipeline.defs.config import knob
 from recsae_pipeline.defs.partitions import feature_partitions, model_layer
 from recsae_pipeline.defs.resources import StorageRoot
 from recsae_pipeline.defs.versioning import content_versioned, partition_output
@@ -15,11 +15,12 @@ GROUP = "browser"
 
 
 class FeatureBrowserConfig(dg.Config):
-    max_features: int = Field(
-        default=200,
-        description="Pages: every explained feature, then the most frequent, up to this many.",
+    max_features: int = knob(
+        write_browser,
+        "max_features",
+        "Pages: every explained feature, then the most frequent, up to this many.",
     )
-    top_windows: int = Field(default=10, description="Top windows (one per user) per page.")
+    top_windows: int = knob(write_browser, "top_windows", "Top windows (one per user) per page.")
 
 
 @dg.asset(
@@ -39,7 +40,7 @@ def feature_browser(
 ) -> dg.MaterializeResult:
     model_name, layer = model_layer(context.partition_key)
     paths = storage.paths
-    out = paths.partition_dir("browser", model_name, layer)
+    out = paths.partition(model_name, layer).browser
     try:
         report = write_browser(
             paths, model_name, layer, out, config.max_features, config.top_windows

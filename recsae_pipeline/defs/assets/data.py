@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from recsae_pipeline.data.catalog import build_catalog
-from recsae_pipeline.data.ingest import InteractionColumns, _sql_str
+from recsae_pipeline.data.ingest import InteractionColumns
 from recsae_pipeline.data.sequences import SequenceConfig, build_sequences
 from recsae_pipeline.data.sources import (
     MovieLensSource,
@@ -26,21 +26,24 @@ from recsae_pipeline.data.validation import (
     validate_raw_interactions,
     validate_sequences,
 )
+from recsae_pipeline.defs.config import knob, to_domain
 from recsae_pipeline.defs.resources import DataQuality, StorageRoot
 from recsae_pipeline.defs.versioning import content_versioned
 from recsae_pipeline.report.plots import new_figure, save_figure
+from recsae_pipeline.storage.sql import read_parquet
 
 GROUP = "data"
 
 
 class SyntheticOptions(dg.Config):
-    """Size and seed of the embedded synthetic movie log (defaults: ~100k interactions)."""
+    """Size and seed of the embedded synthetic movie log (defaults: ~100k interactions); the
+    generator's other knobs keep `SyntheticConfig`'s defaults."""
 
-    n_users: int = 3000
-    n_items: int = 1500
-    mean_sequence_length: float = 33.0
-    n_franchises: int = 60
-    seed: int = 0
+    n_users: int = knob(SyntheticConfig, "n_users")
+    n_items: int = knob(SyntheticConfig, "n_items")
+    mean_sequence_length: float = knob(SyntheticConfig, "mean_sequence_length")
+    n_franchises: int = knob(SyntheticConfig, "n_franchises", "Each with 2-5 ordered installments.")
+    seed: int = knob(SyntheticConfig, "seed")
 
 
 class MovieLensOptions(dg.Config):
@@ -61,18 +64,18 @@ class RecBoleOptions(dg.Config):
 
 class TabularOptions(dg.Config):
     path: str = Field(default="", description="CSV or Parquet file of interactions.")
-    user_column: str = "user_id"
-    item_column: str = "item_id"
-    timestamp_column: str = "timestamp"
-    rating_column: str | None = "rating"
-    timestamp_unit: Literal["s", "ms", "datetime"] = "s"
-    delimiter: str = ","
-    encoding: str = "utf-8"
+    user_column: str = knob(InteractionColumns, "user_id")
+    item_column: str = knob(InteractionColumns, "item_id")
+    timestamp_column: str = knob(InteractionColumns, "timestamp")
+    rating_column: str | None = knob(InteractionColumns, "rating")
+    timestamp_unit: Literal["s", "ms", "datetime"] = knob(InteractionColumns, "timestamp_unit")
+    delimiter: str = knob(TabularSource, "delimiter")
+    encoding: str = knob(TabularSource, "encoding")
     items_path: str | None = Field(default=None, description="Optional CSV/Parquet item file.")
-    title_column: str | None = "title"
-    year_column: str | None = "year"
-    genres_column: str | None = "genres"
-    genres_separator: str = "|"
+    title_column: str | None = knob(TabularSource, "item_title_column")
+    year_column: str | None = knob(TabularSource, "item_year_column")
+    genres_column: str | None = knob(TabularSource, "item_genres_column")
+    genres_separator: str = knob(TabularSource, "genres_separator")
 
 
 class RawInteractionsConfig(dg.Config):
@@ -86,7 +89,7 @@ class RawInteractionsConfig(dg.Config):
 
     def to_source(self) -> Source:
         if self.source == "synthetic":
-            return SyntheticSource(SyntheticConfig(**self.synthetic.model_dump()))
+            return SyntheticSource(to_domain(self.synthetic, SyntheticConfig))
         if self.source == "movielens":
             return MovieLensSource(Path(self.movielens.path), self.movielens.download)
         if self.source == "recbole":
@@ -138,7 +141,7 @@ def raw_interactions(
     storage.refresh_duckdb()
     users, items, t_min, t_max = duckdb.execute(
         f"SELECT count(DISTINCT user_id), count(DISTINCT item_id), min(timestamp), max(timestamp) "
-        f"FROM read_parquet({_sql_str(str(paths.raw_interactions))})"
+        f"FROM {read_parquet(paths.raw_interactions)}"
     ).fetchone()  # type: ignore[misc]
     context.log.info(
         f"ingested {report.rows:,} interactions of {users:,} users and {items:,} items"
@@ -180,14 +183,14 @@ def item_catalog(context: dg.AssetExecutionContext, storage: StorageRoot) -> dg.
 class SequencesConfig(dg.Config):
     """k-core filter and rating threshold applied before the leave-one-out split."""
 
-    user_core: int = Field(
-        default=5, description="Keep users with at least this many interactions."
+    user_core: int = knob(
+        SequenceConfig, "user_core", "Keep users with at least this many interactions."
     )
-    item_core: int = Field(
-        default=5, description="Keep items with at least this many interactions."
+    item_core: int = knob(
+        SequenceConfig, "item_core", "Keep items with at least this many interactions."
     )
-    min_rating: float | None = Field(
-        default=None, description="Keep interactions rated at least this."
+    min_rating: float | None = knob(
+        SequenceConfig, "min_rating", "Keep interactions rated at least this."
     )
 
 
@@ -204,9 +207,7 @@ def sequences(
     context: dg.AssetExecutionContext, config: SequencesConfig, storage: StorageRoot
 ) -> dg.MaterializeResult:
     paths = storage.paths
-    stats = build_sequences(
-        paths, SequenceConfig(config.user_core, config.item_core, config.min_rating)
-    )
+    stats = build_sequences(paths, to_domain(config, SequenceConfig))
     storage.refresh_duckdb()
     fig, ax = new_figure()
     lows = [f"{lo}-{hi}" if hi > lo else str(lo) for lo, hi, _ in stats.length_histogram]
@@ -215,7 +216,7 @@ def sequences(
     ax.set_xlabel("sequence length (items)")
     ax.set_ylabel("users")
     ax.set_title(f"{stats.users:,} users, median length {stats.length_percentiles['p50']:.0f}")
-    histogram = save_figure(fig, paths.reports_dir / "sequence_lengths.png")
+    histogram = save_figure(fig, paths.report("sequence_lengths"))
     context.log.info(
         f"{stats.users:,} users x {stats.items:,} items, {stats.interactions:,} interactions "
         f"({stats.raw_interactions - stats.interactions:,} removed by filtering)"

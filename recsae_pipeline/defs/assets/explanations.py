@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from recsae_pipeline.data.catalog import Catalog
-from recsae_pipeline.defs.assets.features import feature_stats, feature_stats_dir
+from recsae_pipeline.defs.assets.features import feature_stats
+from recsae_pipeline.defs.config import knob, to_domain
 from recsae_pipeline.defs.partitions import feature_partitions, model_layer
 from recsae_pipeline.defs.progress import throttled_log
 from recsae_pipeline.defs.resources import LLM, StorageRoot, TorchDevice
@@ -25,33 +26,35 @@ from recsae_pipeline.interp.explain import (
 )
 from recsae_pipeline.interp.sage import Explanation, Limits
 from recsae_pipeline.report.plots import new_figure, save_figure
-from recsae_pipeline.storage.atomic import atomic_path
-from recsae_pipeline.storage.registry import ArtifactPaths
+from recsae_pipeline.storage.atomic import atomic_path, write_parquet
+from recsae_pipeline.storage.registry import TRANSCRIPTS_DIR, ArtifactPaths
 
 GROUP = "explanations"
 
 
 def explanations_dir(paths: ArtifactPaths, model: str, layer: int) -> Path:
-    return paths.partition_dir("explanations", model, layer)
+    return paths.partition(model, layer).explanations_dir
 
 
 class ExplanationsConfig(dg.Config):
-    n_frequent: int = Field(default=10, description="The most frequent features.")
-    n_concept: int = Field(
-        default=10, description="The features with the best planted-concept AUC (synthetic data)."
+    n_frequent: int = knob(select_features, "n_frequent", "The most frequent features.")
+    n_concept: int = knob(
+        select_features,
+        "n_concept",
+        "The features with the best planted-concept AUC (synthetic data).",
     )
-    n_random: int = Field(
-        default=10, description="A seeded random sample of other active features."
+    n_random: int = knob(
+        select_features, "n_random", "A seeded random sample of other active features."
     )
     features: list[int] | None = Field(
         default=None, description="Explicit feature ids (overrides the above)."
     )
-    max_tests_per_hypothesis: int = 3
-    max_sweeps: int = 4
-    max_reviews: int = 2
-    max_llm_calls: int = Field(default=60, description="Per feature and method.")
-    max_tokens: int = Field(default=400_000, description="Per feature and method.")
-    seed: int = 0
+    max_tests_per_hypothesis: int = knob(Limits, "max_tests_per_hypothesis")
+    max_sweeps: int = knob(Limits, "max_sweeps")
+    max_reviews: int = knob(Limits, "max_reviews")
+    max_llm_calls: int = knob(Limits, "max_llm_calls", "Per feature and method.")
+    max_tokens: int = knob(Limits, "max_tokens", "Per feature and method.")
+    seed: int = knob(select_features, "seed")
 
 
 @dg.asset(
@@ -75,19 +78,11 @@ def explanations(
 ) -> dg.MaterializeResult:
     model_name, layer = model_layer(context.partition_key)
     paths = storage.paths
-    stats = pq.read_table(
-        feature_stats_dir(paths, model_name, layer) / "features.parquet"
-    ).to_pylist()
+    stats = pq.read_table(paths.partition(model_name, layer).feature_stats).to_pylist()
     features = config.features or select_features(
         stats, config.n_frequent, config.n_random, config.n_concept, config.seed
     )
-    limits = Limits(
-        max_tests_per_hypothesis=config.max_tests_per_hypothesis,
-        max_sweeps=config.max_sweeps,
-        max_reviews=config.max_reviews,
-        max_llm_calls=config.max_llm_calls,
-        max_tokens=config.max_tokens,
-    )
+    limits = to_domain(config, Limits)
     log = throttled_log(context)
 
     def progress(done: int, total: int, e: Explanation) -> None:
@@ -102,15 +97,17 @@ def explanations(
         tmp.mkdir(parents=True)
         explained = explain_features(
             paths, model_name, layer, features, llm.policy_factory(), device.torch_device,
-            tmp / "transcripts", limits, METHODS, config.seed, progress,
+            tmp / TRANSCRIPTS_DIR, limits, METHODS, config.seed, progress,
         )  # fmt: skip
         rows = []
         for e in explained:
             row = e.as_row()
             if row["transcript"]:  # point at the final location, not the temp directory
-                row["transcript"] = str(out / "transcripts" / Path(row["transcript"]).name)
+                transcripts = paths.partition(model_name, layer).transcripts
+                row["transcript"] = str(transcripts / Path(row["transcript"]).name)
             rows.append(row)
-        pq.write_table(pa.Table.from_pylist(rows), tmp / "explanations.parquet", compression="zstd")
+        name = paths.partition(model_name, layer).explanations.name
+        write_parquet(pa.Table.from_pylist(rows), tmp / name, row_group_size=None)
     storage.refresh_duckdb()
     sage_rows = [r for r in rows if r["method"] == "sage"]
     table = ["| feature | method | label |", "|---|---|---|"]
@@ -140,12 +137,14 @@ def explanations(
 
 
 class ExplanationScoresConfig(dg.Config):
-    n_generated: int = Field(default=10, description="Sequences the scorer writes per explanation.")
+    n_generated: int = knob(
+        score_features, "n_generated", "Sequences the scorer writes per explanation."
+    )
     min_concept_auc: float = Field(
         default=0.9,
         description="Features whose best planted-concept AUC reaches this are checked for naming it.",
     )
-    seed: int = 0
+    seed: int = knob(score_features, "seed")
 
 
 @dg.asset(
@@ -174,7 +173,7 @@ def explanation_scores(
 ) -> dg.MaterializeResult:
     model_name, layer = model_layer(context.partition_key)
     paths = storage.paths
-    source = explanations_dir(paths, model_name, layer) / "explanations.parquet"
+    source = paths.partition(model_name, layer).explanations
     rows = pq.read_table(source).to_pylist()
     explained = [Explanation.from_row(r) for r in rows]
     log = throttled_log(context)
@@ -185,9 +184,7 @@ def explanation_scores(
     )  # fmt: skip
     stats = {
         r["feature"]: r
-        for r in pq.read_table(
-            feature_stats_dir(paths, model_name, layer) / "features.parquet"
-        ).to_pylist()
+        for r in pq.read_table(paths.partition(model_name, layer).feature_stats).to_pylist()
     }
     catalog = Catalog.load(paths)
     for score, e in zip(scores, explained, strict=True):
@@ -206,12 +203,14 @@ def explanation_scores(
         score["llm_cost_usd"] = e.usage.get("cost_usd", 0.0)
         score["seconds"] = e.seconds
         score["scorer_usage"] = str(score["scorer_usage"])
-    out = paths.partition_dir("explanation_scores", model_name, layer)
+    part = paths.partition(model_name, layer)
+    out = part.explanation_scores_dir
     summary = _summary(scores)
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
-        pq.write_table(pa.Table.from_pylist(scores), tmp / "scores.parquet", compression="zstd")
-        pq.write_table(pa.Table.from_pylist(summary), tmp / "summary.parquet", compression="zstd")
+        scores_table, summary_table = pa.Table.from_pylist(scores), pa.Table.from_pylist(summary)
+        write_parquet(scores_table, tmp / part.explanation_scores.name, row_group_size=None)
+        write_parquet(summary_table, tmp / part.explanation_summary.name, row_group_size=None)
     storage.refresh_duckdb()
     by_method = {s["method"]: s for s in summary}
     sage, base = by_method.get("sage"), by_method.get("baseline")
@@ -236,7 +235,7 @@ def explanation_scores(
     plot = _scores_plot(
         scores,
         context.partition_key,
-        paths.reports_dir / f"explanation_scores_{model_name}_layer{layer}.png",
+        part.report("explanation_scores"),
     )
     check = dg.AssetCheckResult(
         check_name="sage_beats_baseline",

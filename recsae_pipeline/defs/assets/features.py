@@ -4,30 +4,31 @@ statistics with the monosemanticity comparison against raw neurons, and steering
 from pathlib import Path
 
 import dagster as dg
-import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from pydantic import Field
 
-from recsae_pipeline.activations.shards import partition_dir, partition_rows
+from recsae_pipeline.data.catalog import Catalog
 from recsae_pipeline.data.sequences import read_sequences
 from recsae_pipeline.defs.assets.sae import sae, sae_dir
+from recsae_pipeline.defs.checks import check_result
+from recsae_pipeline.defs.config import knob
 from recsae_pipeline.defs.partitions import feature_partitions, model_layer
 from recsae_pipeline.defs.progress import throttled_log
 from recsae_pipeline.defs.resources import StorageRoot, TorchDevice
 from recsae_pipeline.defs.versioning import content_versioned, partition_output
 from recsae_pipeline.models.artifacts import load_recommender
 from recsae_pipeline.report.plots import new_figure, save_figure
+from recsae_pipeline.sae.evaluation import encoding_check
 from recsae_pipeline.sae.features import (
-    FEATURE_FILE,
-    StatsInputs,
     compute_feature_stats,
     write_feature_activations,
 )
 from recsae_pipeline.sae.model import TopKSae
 from recsae_pipeline.sae.steering import (
+    genre_items,
     genre_targets,
     steering_sweep,
     steering_users,
@@ -35,25 +36,26 @@ from recsae_pipeline.sae.steering import (
 )
 from recsae_pipeline.storage.atomic import atomic_path, write_parquet
 from recsae_pipeline.storage.registry import ArtifactPaths
+from recsae_pipeline.storage.sql import sql_literal
 
 GROUP = "features"
 
 
 def feature_activations_path(paths: ArtifactPaths, model: str, layer: int) -> Path:
-    return paths.partition_dir("feature_activations", model, layer) / FEATURE_FILE
+    return paths.partition(model, layer).feature_activations
 
 
 def feature_stats_dir(paths: ArtifactPaths, model: str, layer: int) -> Path:
-    return paths.partition_dir("feature_stats", model, layer)
+    return paths.partition(model, layer).feature_stats_dir
 
 
 def steering_dir(paths: ArtifactPaths, model: str, layer: int) -> Path:
-    return paths.partition_dir("steering", model, layer)
+    return paths.partition(model, layer).steering_dir
 
 
 def _load_sae(paths: ArtifactPaths, model: str, layer: int, device: torch.device) -> TopKSae:
     directory = sae_dir(paths, model, layer)
-    if not (directory / "sae.safetensors").exists():
+    if not paths.partition(model, layer).sae_weights.exists():
         raise dg.Failure(
             f"{directory} holds no sae.safetensors; materialize the `sae` asset for partition "
             f"{model}.layer{layer} first (`recsae materialize` runs every partition)."
@@ -87,7 +89,7 @@ def feature_activations(
     paths = storage.paths
     dev = device.torch_device
     trained = _load_sae(paths, model_name, layer, dev)
-    shards = partition_dir(paths.root, model_name, layer)
+    shards = paths.partition(model_name, layer).activations
     out = feature_activations_path(paths, model_name, layer)
     log = throttled_log(context)
 
@@ -96,29 +98,9 @@ def feature_activations(
 
     report = write_feature_activations(trained, shards, out, dev, on_progress=progress)
     storage.refresh_duckdb()
-    rows_in, n_codes, max_per_row, bad = duckdb.execute(
-        f"""SELECT (SELECT count(*) FROM (SELECT DISTINCT user_idx, position FROM read_parquet('{out}'))),
-                   count(*), (SELECT max(c) FROM (SELECT count(*) c FROM read_parquet('{out}') GROUP BY user_idx, position)),
-                   count(*) FILTER (WHERE NOT isfinite(value) OR value <= 0)
-            FROM read_parquet('{out}')"""
-    ).fetchone()  # type: ignore[misc]
-    expected = partition_rows(shards)
-    problems = []
-    if report.rows != expected:
-        problems.append(f"encoded {report.rows} rows, the partition has {expected}")
-    if max_per_row is not None and max_per_row > trained.config.k:
-        problems.append(f"a row has {max_per_row} entries > k={trained.config.k}")
-    if bad:
-        problems.append(f"{bad} entries not finite or <= 0")
-    check = dg.AssetCheckResult(
-        check_name="every_row_encoded",
-        passed=not problems,
-        description="; ".join(problems)
-        or f"{report.rows:,} rows encoded, {rows_in:,} with an active feature",
-        metadata={"rows": report.rows, "rows_with_entries": rows_in, "entries": n_codes},
-    )
+    check = encoding_check(out, shards, report.rows, trained.config.k)
     return dg.MaterializeResult(
-        check_results=[check],
+        check_results=[check_result("every_row_encoded", check)],
         metadata={
             "path": dg.MetadataValue.path(str(out)),
             "dagster/row_count": report.entries,
@@ -132,25 +114,32 @@ def feature_activations(
             "seconds": dg.MetadataValue.float(round(report.seconds, 2)),
             "example_sql": dg.MetadataValue.md(
                 "```sql\nSELECT f.value, i.title FROM feature_activations f JOIN items i USING (item_idx)\n"
-                f"WHERE model = '{model_name}' AND layer = {layer} AND feature = 0\nORDER BY value DESC LIMIT 10\n```"
+                f"WHERE model = {sql_literal(model_name)} AND layer = {layer} AND feature = 0\nORDER BY value DESC LIMIT 10\n```"
             ),
         },
     )
 
 
 class FeatureStatsConfig(dg.Config):
-    top_n: int = Field(
-        default=50,
-        description="Distinct top items per unit behind enrichment and monosemanticity.",
+    top_n: int = knob(
+        compute_feature_stats,
+        "top_n",
+        "Distinct top items per unit behind enrichment and monosemanticity.",
     )
-    min_support: int = Field(
-        default=20, description="Units with fewer top items get no enrichment or score."
+    min_support: int = knob(
+        compute_feature_stats,
+        "min_support",
+        "Units with fewer top items get no enrichment or score.",
     )
-    max_sample_rows: int = Field(
-        default=500_000, description="Rows (whole users) behind the planted-concept AUCs."
+    max_sample_rows: int = knob(
+        compute_feature_stats,
+        "max_sample_rows",
+        "Rows (whole users) behind the planted-concept AUCs.",
     )
-    min_positives: int = Field(
-        default=20, description="Planted concepts with fewer positive sampled rows are skipped."
+    min_positives: int = knob(
+        compute_feature_stats,
+        "min_positives",
+        "Planted concepts with fewer positive sampled rows are skipped.",
     )
 
 
@@ -183,18 +172,11 @@ def feature_stats(
     paths = storage.paths
     dev = device.torch_device
     trained = _load_sae(paths, model_name, layer, dev)
-    inputs = StatsInputs(
-        items=paths.items,
-        item_map=paths.item_map,
-        user_map=paths.user_map,
-        sequences=paths.sequences,
-        ground_truth=paths.ground_truth if paths.ground_truth.exists() else None,
-    )
     stats = compute_feature_stats(
         trained,
-        partition_dir(paths.root, model_name, layer),
-        feature_activations_path(paths, model_name, layer),
-        inputs,
+        paths,
+        model_name,
+        layer,
         dev,
         top_n=config.top_n,
         min_support=config.min_support,
@@ -204,21 +186,20 @@ def feature_stats(
     out = feature_stats_dir(paths, model_name, layer)
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
-        pq.write_table(stats.features, tmp / "features.parquet", compression="zstd")
-        pq.write_table(stats.neurons, tmp / "neurons.parquet", compression="zstd")
-        pq.write_table(stats.enrichment, tmp / "enrichment.parquet", compression="zstd")
+        part = paths.partition(model_name, layer)
+        write_parquet(stats.features, tmp / part.feature_stats.name, row_group_size=None)
+        write_parquet(stats.neurons, tmp / part.neuron_stats.name, row_group_size=None)
+        write_parquet(stats.enrichment, tmp / part.feature_enrichment.name, row_group_size=None)
         if stats.concepts is not None:
-            pq.write_table(stats.concepts, tmp / "concepts.parquet", compression="zstd")
+            write_parquet(stats.concepts, tmp / part.planted_concepts.name, row_group_size=None)
     storage.refresh_duckdb()
 
     feature_scores = _valid(stats.features.column("monosemanticity").to_numpy(zero_copy_only=False))
     neuron_scores = _valid(stats.neurons.column("monosemanticity").to_numpy(zero_copy_only=False))
     sae_median = float(np.median(feature_scores)) if len(feature_scores) else float("nan")
     neuron_median = float(np.median(neuron_scores)) if len(neuron_scores) else float("nan")
-    reports = paths.reports_dir
-    tag = f"{model_name}_layer{layer}"
     histogram = _monosemanticity_plot(
-        feature_scores, neuron_scores, context.partition_key, reports / f"monosemanticity_{tag}.png"
+        feature_scores, neuron_scores, context.partition_key, part.report("monosemanticity")
     )
     metadata: dict = {
         "path": dg.MetadataValue.path(str(out)),
@@ -242,7 +223,7 @@ def feature_stats(
             ),
             "concept_sample_rows": stats.sample_rows,
             "planted_concept_auc": dg.MetadataValue.md(
-                _concept_plot(concepts, context.partition_key, reports / f"concepts_{tag}.png")
+                _concept_plot(concepts, context.partition_key, part.report("concepts"))
             ),
         }
     context.log.info(
@@ -327,11 +308,11 @@ class SteeringConfig(dg.Config):
     min_top_items: int = Field(
         default=40, description="A genre's feature must have at least this many top items."
     )
-    max_ndcg_loss: float = Field(default=0.2, description="Target: NDCG@10 loss bound.")
-    required_ratio: float = Field(
-        default=3.0, description="Target: multiple of the genre's top-10 share."
+    max_ndcg_loss: float = knob(summarize, "max_ndcg_loss", "Target: NDCG@10 loss bound.")
+    required_ratio: float = knob(
+        summarize, "required_ratio", "Target: multiple of the genre's top-10 share."
     )
-    seed: int = 0
+    seed: int = knob(steering_users, "seed")
 
 
 @dg.asset(
@@ -363,10 +344,10 @@ def steering_eval(
     dev = device.torch_device
     trained = _load_sae(paths, model_name, layer, dev)
     model = load_recommender(paths.model_dir(model_name), dev).eval()
-    stats_dir = feature_stats_dir(paths, model_name, layer)
-    features = pq.read_table(stats_dir / "features.parquet", columns=["feature", "max_activation"])
+    part = paths.partition(model_name, layer)
+    features = pq.read_table(part.feature_stats, columns=["feature", "max_activation"])
     max_activation = {r["feature"]: r["max_activation"] or 0.0 for r in features.to_pylist()}
-    enrichment = pq.read_table(stats_dir / "enrichment.parquet").to_pylist()
+    enrichment = pq.read_table(part.feature_enrichment).to_pylist()
     targets = genre_targets(enrichment, max_activation, config.min_top_items)
     if not targets:
         raise dg.Failure(
@@ -374,7 +355,7 @@ def steering_eval(
             "enriched for any genre; lower `min_top_items` or check that the catalog has genres."
         )
     sequences, num_items = read_sequences(paths.sequences)
-    genre_items = _genre_items(paths, list(targets), num_items)
+    flags = genre_items(Catalog.load(paths), list(targets), num_items)
     users = steering_users(sequences, model.config.max_len, dev, config.max_users, config.seed)
     log = throttled_log(context)
 
@@ -386,7 +367,7 @@ def steering_eval(
         layer,
         trained,
         targets,
-        genre_items,
+        flags,
         users,
         config.alpha_scales,
         on_progress=progress,
@@ -395,15 +376,15 @@ def steering_eval(
     out = steering_dir(paths, model_name, layer)
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
-        write_parquet(pa.Table.from_pylist([p._asdict() for p in points]), tmp / "points.parquet")
         write_parquet(
-            pa.Table.from_pylist([o._asdict() for o in outcomes]), tmp / "summary.parquet"
+            pa.Table.from_pylist([p._asdict() for p in points]), tmp / part.steering_points.name
+        )
+        write_parquet(
+            pa.Table.from_pylist([o._asdict() for o in outcomes]), tmp / part.steering_summary.name
         )
     storage.refresh_duckdb()
     met = sum(o.met for o in outcomes)
-    plot = _steering_plot(
-        points, context.partition_key, paths.reports_dir / f"steering_{model_name}_layer{layer}.png"
-    )
+    plot = _steering_plot(points, context.partition_key, part.report("steering"))
     table = [
         "| genre | feature | base share | best share (x) | NDCG loss | clamped share |",
         "|---|---|---|---|---|---|",
@@ -440,21 +421,6 @@ def steering_eval(
             "share_vs_ndcg": dg.MetadataValue.md(plot),
         },
     )
-
-
-def _genre_items(
-    paths: ArtifactPaths, genres: list[str], num_items: int
-) -> dict[str, torch.Tensor]:
-    """genre -> bool [num_items + 1] flags of the indexed items carrying it."""
-    rows = duckdb.execute(
-        f"""SELECT m.item_idx, g FROM read_parquet('{paths.items}') c
-            JOIN read_parquet('{paths.item_map}') m USING (item_id), unnest(c.genres) AS t(g)"""
-    ).fetchall()
-    flags = {g: torch.zeros(num_items + 1, dtype=torch.bool) for g in genres}
-    for item_idx, genre in rows:
-        if genre in flags:
-            flags[genre][item_idx] = True
-    return flags
 
 
 def _steering_plot(points: list, title: str, path: Path) -> str:

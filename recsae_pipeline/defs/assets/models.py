@@ -1,9 +1,10 @@
 """Model assets: SASRec baseline, LLM-architecture teacher, SLMRec student (and its CE-only
 ablation), the teacher's layer probe and the evaluation table, with their checks."""
 
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import dagster as dg
 import numpy as np
@@ -12,72 +13,73 @@ import torch
 from pydantic import Field
 
 from recsae_pipeline.data.sequences import read_sequences
-from recsae_pipeline.defs.assets.data import sequences
+from recsae_pipeline.defs.checks import check_result
+from recsae_pipeline.defs.config import knob, to_domain
 from recsae_pipeline.defs.pipes import launch
 from recsae_pipeline.defs.resources import StorageRoot, TorchDevice
 from recsae_pipeline.defs.versioning import content_versioned
 from recsae_pipeline.distributed.ranks import train_result
 from recsae_pipeline.models.artifacts import load_recommender, read_metrics, save_recommender
+from recsae_pipeline.models.comparison import comparison_rows, distillation_summary
 from recsae_pipeline.models.distillation import DistillConfig, train_student
 from recsae_pipeline.models.metrics import PopularityScorer
 from recsae_pipeline.models.probe import layer_scores
-from recsae_pipeline.models.profiling import profile_inference
-from recsae_pipeline.models.recommender import Recommender, RecommenderConfig, student_from_teacher
+from recsae_pipeline.models.recommender import (
+    TEACHER_DEFAULTS,
+    Recommender,
+    RecommenderConfig,
+    student_from_teacher,
+)
 from recsae_pipeline.models.training import (
+    LLAMA_TRAINING,
     EpochReport,
+    NextItemScorer,
     TrainConfig,
     TrainResult,
     evaluate,
     train_recommender,
 )
+from recsae_pipeline.models.validation import beats_popularity, close_to_teacher, finite_weights
 from recsae_pipeline.report.plots import new_figure, save_figure
 from recsae_pipeline.storage.atomic import write_json, write_parquet
 
 GROUP = "models"
 MODELS = ("sasrec", "teacher", "student", "student_ce")
+TEACHER_TOLERANCE = 0.05
+"""Default of the student's warning bound: test NDCG@10 at most this fraction below the teacher's."""
 
 
 class TrainingOptions(dg.Config):
     """Optimisation knobs shared by every model (AdamW, clipping, early stopping on valid NDCG@10)."""
 
-    max_epochs: int = Field(
-        default=200, description="Upper bound; early stopping usually ends sooner."
+    max_epochs: int = knob(
+        TrainConfig, "max_epochs", "Upper bound; early stopping usually ends sooner."
     )
-    patience: int = Field(
-        default=10, description="Epochs without a better validation NDCG@10 before stopping."
+    patience: int = knob(
+        TrainConfig, "patience", "Epochs without a better validation NDCG@10 before stopping."
     )
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    grad_clip: float = 1.0
-    seed: int = 0
-    progress_bar: bool = Field(
-        default=True, description="tqdm bar over batches on stderr (only when it is a terminal)."
+    batch_size: int = knob(TrainConfig, "batch_size")
+    lr: float = knob(TrainConfig, "lr")
+    weight_decay: float = knob(TrainConfig, "weight_decay")
+    warmup_steps: int = knob(TrainConfig, "warmup_steps")
+    grad_clip: float = knob(TrainConfig, "grad_clip")
+    seed: int = knob(TrainConfig, "seed")
+    progress_bar: bool = knob(
+        TrainConfig, "progress_bar", "tqdm bar over batches on stderr (only when it is a terminal)."
     )
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig(
-            max_epochs=self.max_epochs,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            weight_decay=self.weight_decay,
-            warmup_steps=self.warmup_steps,
-            grad_clip=self.grad_clip,
-            patience=self.patience,
-            seed=self.seed,
-            progress=self.progress_bar,
-        )
+        return to_domain(self, TrainConfig)
 
 
 class SasrecConfig(TrainingOptions):
     """SASRec+ (hidden 64, 2 blocks): item table learned end to end."""
 
-    hidden: int = 64
-    layers: int = 2
-    heads: int = 1
-    dropout: float = 0.2
-    max_len: int = Field(default=50, description="Inputs keep their last max_len items.")
+    hidden_size: int = knob(RecommenderConfig, "hidden_size")
+    num_layers: int = knob(RecommenderConfig, "num_layers")
+    num_heads: int = knob(RecommenderConfig, "num_heads")
+    dropout: float = knob(RecommenderConfig, "dropout")
+    max_len: int = knob(RecommenderConfig, "max_len", "Inputs keep their last max_len items.")
     launcher: Literal["in_process", "torchrun"] = Field(
         default="in_process",
         description="torchrun: train in an external DDP process launched through Dagster Pipes.",
@@ -91,39 +93,40 @@ class TeacherConfig(TrainingOptions):
     Defaults are sized so the embedded data trains in minutes on a CPU; see configs/ for the
     GPU-sized setting (hidden 128+, longer training)."""
 
-    hidden: int = 64
-    layers: int = 8
-    heads: int = 2
-    ffn_mult: int = Field(default=2, description="Llama MLP width as a multiple of hidden.")
-    dropout: float = 0.1
-    max_len: int = 50
-    lr: float = 2e-3
-    max_epochs: int = 12
-    patience: int = 3
-    pretrained_path: str | None = Field(
-        default=None,
-        description="Local `transformers` checkpoint directory for the backbone (never a hub id).",
+    hidden_size: int = knob(TEACHER_DEFAULTS, "hidden_size")
+    num_layers: int = knob(TEACHER_DEFAULTS, "num_layers")
+    num_heads: int = knob(TEACHER_DEFAULTS, "num_heads")
+    ffn_mult: int = knob(
+        TEACHER_DEFAULTS, "ffn_mult", "Llama MLP width as a multiple of hidden_size."
+    )
+    dropout: float = knob(TEACHER_DEFAULTS, "dropout")
+    max_len: int = knob(RecommenderConfig, "max_len")
+    lr: float = knob(LLAMA_TRAINING, "lr")
+    max_epochs: int = knob(LLAMA_TRAINING, "max_epochs")
+    patience: int = knob(LLAMA_TRAINING, "patience")
+    pretrained_path: str | None = knob(
+        RecommenderConfig,
+        "pretrained_path",
+        "Local `transformers` checkpoint directory for the backbone (never a hub id).",
     )
 
 
 class StudentConfig(TrainingOptions):
     """The teacher's first layers, trained with SLMRec's loss (or CE only for the ablation)."""
 
-    layers: int = Field(default=2, description="Student depth; must divide the teacher's.")
-    lambda_cosine: float = 1.0
-    lambda_l2: float = 0.1
-    lambda_supervision: float = 0.1
-    lr: float = 2e-3
-    max_epochs: int = 12
-    patience: int = 3
+    num_layers: int = knob(
+        student_from_teacher, "num_layers", "Student depth; must divide the teacher's."
+    )
+    lambda_cosine: float = knob(DistillConfig, "lambda_cosine")
+    lambda_l2: float = knob(DistillConfig, "lambda_l2")
+    lambda_supervision: float = knob(DistillConfig, "lambda_supervision")
+    lr: float = knob(LLAMA_TRAINING, "lr")
+    max_epochs: int = knob(LLAMA_TRAINING, "max_epochs")
+    patience: int = knob(LLAMA_TRAINING, "patience")
     teacher_tolerance: float = Field(
-        default=0.05,
+        default=TEACHER_TOLERANCE,
         description="Warn when test NDCG@10 falls more than this fraction below the teacher's.",
     )
-
-
-def _data(storage: StorageRoot) -> tuple[list[np.ndarray], int]:
-    return read_sequences(storage.paths.sequences)
 
 
 def _epoch_logger(context: dg.AssetExecutionContext, name: str):
@@ -195,7 +198,7 @@ def _finish(
         **(extra or {}),
     }
     path = save_recommender(model, storage.paths.model_dir(name), metrics)
-    curve = _curve(result, name, storage.paths.reports_dir / f"training_{name}.png")
+    curve = _curve(result, name, storage.paths.report(f"training_{name}"))
     context.log.info(
         f"{name}: test NDCG@10 {test['ndcg@10']:.4f}, HR@10 {test['hr@10']:.4f}; saved to {path}"
     )
@@ -221,183 +224,170 @@ def _finish(
     )
 
 
-@dg.asset(
-    group_name=GROUP,
-    code_version="1",
-    kinds={"pytorch", "safetensors"},
-    deps=[sequences],
-    description="SASRec+ baseline: small GPT-2-block backbone, item table learned end to end, "
-    "full-softmax cross-entropy at every position, early stopping on validation NDCG@10.",
-)
-@content_versioned(lambda paths, _: [paths.model_dir("sasrec")])
-def sasrec(
+class Trained(NamedTuple):
+    model: Recommender
+    result: TrainResult
+    metrics: dict[str, Any]
+    """Saved in metrics.json beside the test metrics and the training history."""
+    metadata: dict[str, Any]
+    """Materialization metadata beyond `_finish`'s (what torchrun's rank 0 reported)."""
+
+
+Data = tuple[list[np.ndarray], int]
+Trainer = Callable[[dg.AssetExecutionContext, Any, StorageRoot, torch.device, Data], Trained]
+
+
+def _train_sasrec(
     context: dg.AssetExecutionContext,
     config: SasrecConfig,
     storage: StorageRoot,
-    device: TorchDevice,
-) -> dg.MaterializeResult:
-    seqs, num_items = _data(storage)
-    dev = device.torch_device
+    device: torch.device,
+    data: Data,
+) -> Trained:
+    seqs, num_items = data
     torch.manual_seed(config.seed)
-    model = Recommender(
-        RecommenderConfig.sasrec(
-            num_items,
-            hidden=config.hidden,
-            d_item=config.hidden,
-            layers=config.layers,
-            heads=config.heads,
-            dropout=config.dropout,
-            max_len=config.max_len,
-        )
+    model_config = RecommenderConfig.sasrec(
+        num_items,
+        **config.model_dump(
+            include={"hidden_size", "num_layers", "num_heads", "dropout", "max_len"}
+        ),
     )
-    launched = {}  # metadata rank 0 reported through Pipes
-    if config.launcher == "torchrun":
-        out = storage.paths.model_dir("sasrec")
-        extras = {
-            "sequences": str(storage.paths.sequences),
-            "out": str(out),
-            "model": asdict(model.config),
-            "train": asdict(config.train_config()),
-        }
-        message, launched = launch(context, "sasrec", extras, config.nproc_per_node, dev.type)
-        model, result = load_recommender(out, dev), train_result(message)
-    else:
+    if config.launcher == "in_process":
+        model = Recommender(model_config)
+        on_epoch = _epoch_logger(context, "sasrec")
         result = train_recommender(
-            model,
-            seqs,
-            num_items,
-            config.train_config(),
-            dev,
-            on_epoch=_epoch_logger(context, "sasrec"),
+            model, seqs, num_items, config.train_config(), device, on_epoch=on_epoch
         )
-    done = _finish(context, "sasrec", model, result, storage, dev, (seqs, num_items))
-    return dg.MaterializeResult(metadata={**launched, **done.metadata})
+        return Trained(model, result, {}, {})
+    out = storage.paths.model_dir("sasrec")
+    extras = {
+        "sequences": str(storage.paths.sequences),
+        "out": str(out),
+        "model": asdict(model_config),
+        "train": asdict(config.train_config()),
+    }
+    message, launched = launch(context, "sasrec", extras, config.nproc_per_node, device.type)
+    return Trained(load_recommender(out, device), train_result(message), {}, launched)
 
 
-@dg.asset(
-    group_name=GROUP,
-    code_version="1",
-    kinds={"pytorch", "safetensors"},
-    deps=[sasrec],
-    description="Teacher: deep Llama-architecture backbone (default 8 layers); items enter as a "
-    "learned projection of the frozen SASRec item vectors, scores against that table.",
-)
-@content_versioned(lambda paths, _: [paths.model_dir("teacher")])
-def teacher(
+def _train_teacher(
     context: dg.AssetExecutionContext,
     config: TeacherConfig,
     storage: StorageRoot,
-    device: TorchDevice,
-) -> dg.MaterializeResult:
-    seqs, num_items = _data(storage)
-    dev = device.torch_device
-    item_table = load_recommender(storage.paths.model_dir("sasrec"), dev).item_vectors.detach()
+    device: torch.device,
+    data: Data,
+) -> Trained:
+    seqs, num_items = data
+    sasrec = load_recommender(storage.paths.model_dir("sasrec"), device)
+    item_table = sasrec.item_vectors.detach()
     torch.manual_seed(config.seed)
-    model = Recommender(
-        RecommenderConfig.teacher(
-            num_items,
-            d_item=item_table.shape[1],
-            hidden=config.hidden,
-            layers=config.layers,
-            heads=config.heads,
-            ffn_mult=config.ffn_mult,
-            dropout=config.dropout,
-            max_len=config.max_len,
-            pretrained_path=config.pretrained_path,
-        ),
-        item_table=item_table,
+    architecture = {"hidden_size", "num_layers", "num_heads", "ffn_mult", "dropout", "max_len"}
+    model_config = RecommenderConfig.teacher(
+        num_items,
+        d_item=item_table.shape[1],
+        pretrained_path=config.pretrained_path,
+        **config.model_dump(include=architecture),
     )
+    model = Recommender(model_config, item_table=item_table)
+    on_epoch = _epoch_logger(context, "teacher")
     result = train_recommender(
-        model,
-        seqs,
-        num_items,
-        config.train_config(),
-        dev,
-        on_epoch=_epoch_logger(context, "teacher"),
+        model, seqs, num_items, config.train_config(), device, on_epoch=on_epoch
     )
-    return _finish(
-        context,
-        "teacher",
-        model,
-        result,
-        storage,
-        dev,
-        (seqs, num_items),
-        {"pretrained_path": config.pretrained_path},
+    return Trained(model, result, {"pretrained_path": config.pretrained_path}, {})
+
+
+def _student_trainer(name: str, distill: bool) -> Trainer:
+    def train(
+        context: dg.AssetExecutionContext,
+        config: StudentConfig,
+        storage: StorageRoot,
+        device: torch.device,
+        data: Data,
+    ) -> Trained:
+        seqs, num_items = data
+        teacher = load_recommender(storage.paths.model_dir("teacher"), device)
+        model = student_from_teacher(teacher, num_layers=config.num_layers)
+        distill_config = to_domain(config, DistillConfig, distill=distill)
+        result = train_student(
+            model, teacher, seqs, num_items, config.train_config(), distill_config, device,
+            on_epoch=_epoch_logger(context, name),
+        )  # fmt: skip
+        metrics = {
+            "distill": distill,
+            "teacher_tolerance": config.teacher_tolerance,
+            "distill_config": asdict(distill_config),
+        }
+        return Trained(model, result, metrics, {})
+
+    return train
+
+
+class ModelSpec(NamedTuple):
+    name: str
+    config: type[TrainingOptions]
+    upstream: str
+    train: Trainer
+    description: str
+
+
+MODEL_SPECS = (
+    ModelSpec(
+        "sasrec", SasrecConfig, "sequences", _train_sasrec,
+        "SASRec+ baseline: small GPT-2-block backbone, item table learned end to end, "
+        "full-softmax cross-entropy at every position, early stopping on validation NDCG@10.",
+    ),
+    ModelSpec(
+        "teacher", TeacherConfig, "sasrec", _train_teacher,
+        "Teacher: deep Llama-architecture backbone (default 8 layers); items enter as a "
+        "learned projection of the frozen SASRec item vectors, scores against that table.",
+    ),
+    ModelSpec(
+        "student", StudentConfig, "teacher", _student_trainer("student", distill=True),
+        "SLMRec student: the teacher's first layers, trained with CE + cosine and L2 "
+        "alignment of block hidden states to the teacher + next-item heads on intermediate blocks.",
+    ),
+    ModelSpec(
+        "student_ce", StudentConfig, "teacher", _student_trainer("student_ce", distill=False),
+        "Ablation: the same student, initialised the same way, trained on cross-entropy only.",
+    ),
+)  # fmt: skip
+
+
+def model_asset(spec: ModelSpec) -> dg.AssetsDefinition:
+    """The asset that trains `spec.name`, evaluates it on test and saves its directory."""
+
+    @dg.asset(
+        name=spec.name,
+        group_name=GROUP,
+        code_version="1",
+        kinds={"pytorch", "safetensors"},
+        deps=[spec.upstream],
+        description=spec.description,
     )
+    @content_versioned(lambda paths, _: [paths.model_dir(spec.name)])
+    def train_model(
+        context: dg.AssetExecutionContext,
+        config: spec.config,  # type: ignore[valid-type]
+        storage: StorageRoot,
+        device: TorchDevice,
+    ) -> dg.MaterializeResult:
+        data = read_sequences(storage.paths.sequences)
+        dev = device.torch_device
+        trained = spec.train(context, config, storage, dev, data)
+        done = _finish(
+            context, spec.name, trained.model, trained.result, storage, dev, data, trained.metrics
+        )
+        return dg.MaterializeResult(metadata={**trained.metadata, **done.metadata})
+
+    return train_model
 
 
-def _student(
-    context: dg.AssetExecutionContext,
-    name: str,
-    config: StudentConfig,
-    distill: bool,
-    storage: StorageRoot,
-    device: TorchDevice,
-) -> dg.MaterializeResult:
-    seqs, num_items = _data(storage)
-    dev = device.torch_device
-    trained_teacher = load_recommender(storage.paths.model_dir("teacher"), dev)
-    model = student_from_teacher(trained_teacher, layers=config.layers)
-    distill_config = DistillConfig(
-        distill, config.lambda_cosine, config.lambda_l2, config.lambda_supervision
-    )
-    result = train_student(
-        model,
-        trained_teacher,
-        seqs,
-        num_items,
-        config.train_config(),
-        distill_config,
-        dev,
-        on_epoch=_epoch_logger(context, name),
-    )
-    extra = {
-        "distill": distill,
-        "teacher_tolerance": config.teacher_tolerance,
-        "distill_config": distill_config.__dict__,
-    }
-    return _finish(context, name, model, result, storage, dev, (seqs, num_items), extra)
-
-
-@dg.asset(
-    group_name=GROUP,
-    code_version="1",
-    kinds={"pytorch", "safetensors"},
-    deps=["teacher"],
-    description="SLMRec student: the teacher's first layers, trained with CE + cosine and L2 "
-    "alignment of block hidden states to the teacher + next-item heads on intermediate blocks.",
-)
-@content_versioned(lambda paths, _: [paths.model_dir("student")])
-def student(
-    context: dg.AssetExecutionContext,
-    config: StudentConfig,
-    storage: StorageRoot,
-    device: TorchDevice,
-) -> dg.MaterializeResult:
-    return _student(context, "student", config, True, storage, device)
-
-
-@dg.asset(
-    group_name=GROUP,
-    code_version="1",
-    kinds={"pytorch", "safetensors"},
-    deps=["teacher"],
-    description="Ablation: the same student, initialised the same way, trained on cross-entropy only.",
-)
-@content_versioned(lambda paths, _: [paths.model_dir("student_ce")])
-def student_ce(
-    context: dg.AssetExecutionContext,
-    config: StudentConfig,
-    storage: StorageRoot,
-    device: TorchDevice,
-) -> dg.MaterializeResult:
-    return _student(context, "student_ce", config, False, storage, device)
+sasrec, teacher, student, student_ce = (model_asset(spec) for spec in MODEL_SPECS)
 
 
 class LayerProbeConfig(dg.Config):
-    probe_epochs: int = Field(default=2, description="Epochs of the per-layer linear probes.")
-    seed: int = 0
+    probe_epochs: int = knob(layer_scores, "probe_epochs", "Epochs of the per-layer linear probes.")
+    seed: int = knob(layer_scores, "seed")
 
 
 @dg.asset(
@@ -415,7 +405,7 @@ def layer_probe(
     storage: StorageRoot,
     device: TorchDevice,
 ) -> dg.MaterializeResult:
-    seqs, num_items = _data(storage)
+    seqs, num_items = read_sequences(storage.paths.sequences)
     dev = device.torch_device
     model = load_recommender(storage.paths.model_dir("teacher"), dev)
     scores = layer_scores(
@@ -446,7 +436,7 @@ def layer_probe(
     ax.set_xticks(layers)
     ax.legend(fontsize=8)
     ax.set_title("Next-item quality by layer")
-    plot = save_figure(fig, storage.paths.reports_dir / "layer_probe.png")
+    plot = save_figure(fig, storage.paths.report("layer_probe"))
     storage.refresh_duckdb()
     table = "| layer | probe NDCG@10 | readout NDCG@10 |\n|---|---|---|\n" + "\n".join(
         f"| {r['layer']} | {r['probe_ndcg@10']:.4f} | {r['readout_ndcg@10']:.4f} |" for r in rows
@@ -473,51 +463,32 @@ def layer_probe(
 def recommender_eval(
     context: dg.AssetExecutionContext, storage: StorageRoot, device: TorchDevice
 ) -> dg.MaterializeResult:
-    seqs, num_items = _data(storage)
+    seqs, num_items = read_sequences(storage.paths.sequences)
     dev = device.torch_device
-    rows = []
-    scorers: dict[str, Any] = {"popularity": PopularityScorer(seqs, num_items)}
+    scorers: dict[str, NextItemScorer] = {"popularity": PopularityScorer(seqs, num_items)}
+    saved: dict[str, dict[str, Any]] = {}
     for name in MODELS:
         scorers[name] = load_recommender(storage.paths.model_dir(name), dev)
-    for name, scorer in scorers.items():
-        # Models were scored on test when trained (and a reload reproduces that exactly).
-        saved = read_metrics(storage.paths.model_dir(name)) if name != "popularity" else {}
-        test = saved.get("test") or evaluate(scorer, seqs, num_items, "test", dev)
-        cost = profile_inference(
-            scorer, seqs, dev, max_len=getattr(getattr(scorer, "config", None), "max_len", 50)
-        )
-        rows.append(
-            {
-                "model": name,
-                **{k: v for k, v in test.items()},
-                "params": saved.get("params", 0),
-                "layers": getattr(getattr(scorer, "config", None), "layers", 0),
-                "train_seconds": saved.get("train_seconds", 0.0),
-                "best_epoch": saved.get("best_epoch", 0),
-                "ms_per_1000_users": cost.ms_per_1000_users,
-                "peak_inference_mb": cost.peak_memory_mb,
-            }
-        )
+        saved[name] = read_metrics(storage.paths.model_dir(name))
+
+    def log(row: dict[str, Any]) -> None:
         context.log.info(
-            f"{name}: test NDCG@10 {test['ndcg@10']:.4f}, {cost.ms_per_1000_users:.0f} ms / 1000 users"
+            f"{row['model']}: test NDCG@10 {row['ndcg@10']:.4f}, "
+            f"{row['ms_per_1000_users']:.0f} ms / 1000 users"
         )
+
+    rows = comparison_rows(scorers, saved, seqs, num_items, dev, on_row=log)
     path = write_parquet(pa.Table.from_pylist(rows), storage.paths.recommender_eval)
-    write_json(rows, storage.paths.reports_dir / "recommender_eval.json")
+    write_json(rows, storage.paths.report("recommender_eval", ".json"))
     storage.refresh_duckdb()
-    by_name = {r["model"]: r for r in rows}
-    teacher_row, student_row = by_name["teacher"], by_name["student"]
-    summary = {
-        "student_speedup_vs_teacher": teacher_row["ms_per_1000_users"]
-        / max(student_row["ms_per_1000_users"], 1e-9),
-        "student_relative_ndcg10_loss": 1
-        - student_row["ndcg@10"] / max(teacher_row["ndcg@10"], 1e-12),
-        "distilled_minus_ce_only_ndcg10": student_row["ndcg@10"] - by_name["student_ce"]["ndcg@10"],
-    }
+    summary = distillation_summary(rows)
     return dg.MaterializeResult(
         metadata={
             "path": dg.MetadataValue.path(str(path)),
             "table": dg.MetadataValue.md(_eval_markdown(rows)),
-            "plots": dg.MetadataValue.md(_eval_plots(rows, storage.paths.reports_dir)),
+            "plots": dg.MetadataValue.md(
+                _eval_plots(rows, storage.paths.report("recommender_eval"))
+            ),
             **{k: dg.MetadataValue.float(round(v, 4)) for k, v in summary.items()},
         }
     )
@@ -546,7 +517,7 @@ def _eval_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join([head, sep, *lines]) + note
 
 
-def _eval_plots(rows: list[dict[str, Any]], reports: Path) -> str:
+def _eval_plots(rows: list[dict[str, Any]], path: Path) -> str:
     fig, (left, right) = new_figure(9, 3.5, ncols=2)
     names = [r["model"] for r in rows]
     left.bar(names, [r["ndcg@10"] for r in rows], color="#4c72b0")
@@ -566,7 +537,7 @@ def _eval_plots(rows: list[dict[str, Any]], reports: Path) -> str:
         )
     right.set_xlabel("inference ms per 1,000 users")
     right.set_ylabel("test NDCG@10")
-    return save_figure(fig, reports / "recommender_eval.png")
+    return save_figure(fig, path)
 
 
 def _model_checks(name: str) -> list[dg.AssetChecksDefinition]:
@@ -576,22 +547,12 @@ def _model_checks(name: str) -> list[dg.AssetChecksDefinition]:
         blocking=True,
         description=f"{name} beats popularity on validation NDCG@10.",
     )
-    def beats_popularity(storage: StorageRoot, device: TorchDevice) -> dg.AssetCheckResult:
-        seqs, num_items = _data(storage)
-        popular = evaluate(
-            PopularityScorer(seqs, num_items),
-            seqs,
-            num_items,
-            "valid",
-            device.torch_device,
-            sampled=False,
-        )["ndcg@10"]
-        ours = read_metrics(storage.paths.model_dir(name))["valid"]["ndcg@10"]
-        return dg.AssetCheckResult(
-            passed=ours > popular,
-            description=f"valid NDCG@10 {ours:.4f} vs popularity {popular:.4f}",
-            metadata={"model_valid_ndcg@10": ours, "popularity_valid_ndcg@10": popular},
+    def popularity_check(storage: StorageRoot, device: TorchDevice) -> dg.AssetCheckResult:
+        seqs, num_items = read_sequences(storage.paths.sequences)
+        outcome = beats_popularity(
+            storage.paths.model_dir(name), seqs, num_items, device.torch_device
         )
+        return check_result(None, outcome)
 
     @dg.asset_check(
         asset=name,
@@ -599,16 +560,10 @@ def _model_checks(name: str) -> list[dg.AssetChecksDefinition]:
         blocking=True,
         description=f"No NaN or Inf in any {name} weight.",
     )
-    def finite_weights(storage: StorageRoot) -> dg.AssetCheckResult:
-        model = load_recommender(storage.paths.model_dir(name), torch.device("cpu"))
-        bad = [k for k, v in model.state_dict().items() if not torch.isfinite(v).all()]
-        return dg.AssetCheckResult(
-            passed=not bad,
-            description="all finite" if not bad else f"non-finite: {', '.join(bad)}",
-            metadata={"tensors": len(model.state_dict()), "non_finite": len(bad)},
-        )
+    def finite_check(storage: StorageRoot) -> dg.AssetCheckResult:
+        return check_result(None, finite_weights(storage.paths.model_dir(name)))
 
-    return [beats_popularity, finite_weights]
+    return [popularity_check, finite_check]
 
 
 @dg.asset_check(
@@ -617,20 +572,10 @@ def _model_checks(name: str) -> list[dg.AssetChecksDefinition]:
     description="The student's test NDCG@10 is within the configured tolerance of the teacher's (warning only).",
 )
 def student_close_to_teacher(storage: StorageRoot) -> dg.AssetCheckResult:
-    ours = read_metrics(storage.paths.model_dir("student"))
-    theirs = read_metrics(storage.paths.model_dir("teacher"))
-    loss = 1 - ours["test"]["ndcg@10"] / max(theirs["test"]["ndcg@10"], 1e-12)
-    tolerance = ours.get("teacher_tolerance", 0.05)
-    return dg.AssetCheckResult(
-        passed=loss <= tolerance,
-        severity=dg.AssetCheckSeverity.WARN,
-        description=f"relative NDCG@10 loss {loss:+.1%} (tolerance {tolerance:.0%})",
-        metadata={
-            "student_ndcg@10": ours["test"]["ndcg@10"],
-            "teacher_ndcg@10": theirs["test"]["ndcg@10"],
-            "relative_loss": loss,
-        },
-    )
+    student_dir = storage.paths.model_dir("student")
+    tolerance = read_metrics(student_dir).get("teacher_tolerance", TEACHER_TOLERANCE)
+    outcome = close_to_teacher(student_dir, storage.paths.model_dir("teacher"), tolerance)
+    return check_result(None, outcome, severity=dg.AssetCheckSeverity.WARN)
 
 
 model_checks = [check for name in MODELS for check in _model_checks(name)] + [

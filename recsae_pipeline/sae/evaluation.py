@@ -1,0 +1,130 @@
+"""How good a trained SAE is: held-out reconstruction and sparsity, and recommendation quality
+with its reconstruction spliced in at its layer (RecSAE), against zero-ablating that layer."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import duckdb
+import numpy as np
+import torch
+
+from recsae_pipeline.activations.hooks import edit_hidden
+from recsae_pipeline.activations.shards import partition_rows
+from recsae_pipeline.models.recommender import Recommender
+from recsae_pipeline.models.training import evaluate
+from recsae_pipeline.models.validation import CheckOutcome, from_problems
+from recsae_pipeline.sae.model import TopKSae
+from recsae_pipeline.storage.sql import read_parquet
+
+ABLATION_GAP = 1e-9
+"""Below this NDCG@10 cost of zero-ablating the layer, "fraction recovered" is undefined."""
+
+
+@dataclass(frozen=True)
+class SaeBounds:
+    """Bounds of the SAE's blocking checks."""
+
+    max_fvu: float = 0.10
+    """Held-out FVU at most this."""
+    max_dead_fraction: float = 0.02
+    """Share of latents never active on held-out rows at most this."""
+    min_recovered: float = 0.9
+    """Fraction of NDCG@10 recovered when spliced, at least this."""
+
+
+class SpliceQuality(NamedTuple):
+    original: float
+    """Test NDCG@10 of the model as trained."""
+    spliced: float
+    """Test NDCG@10 with the SAE's reconstruction replacing the layer's output."""
+    zero_ablated: float
+    """Test NDCG@10 with the layer's output replaced by zeros."""
+
+    @property
+    def fraction_recovered(self) -> float:
+        """(spliced - ablated) / (original - ablated); NaN when ablating costs nothing."""
+        gap = self.original - self.zero_ablated
+        return (self.spliced - self.zero_ablated) / gap if gap > ABLATION_GAP else math.nan
+
+
+def splice_quality(
+    model: Recommender,
+    layer: int,
+    sae: TopKSae,
+    sequences: list[np.ndarray],
+    num_items: int,
+    device: torch.device,
+) -> SpliceQuality:
+    """Test NDCG@10 (full ranking, no sampled metrics) as trained, spliced and zero-ablated."""
+
+    def ndcg() -> float:
+        return evaluate(model, sequences, num_items, "test", device, sampled=False)["ndcg@10"]
+
+    original = ndcg()
+    with edit_hidden(model, layer, sae.reconstruct):
+        spliced = ndcg()
+    with edit_hidden(model, layer, torch.zeros_like):
+        ablated = ndcg()
+    return SpliceQuality(original, spliced, ablated)
+
+
+def reconstruction_check(heldout: dict[str, float], bounds: SaeBounds) -> CheckOutcome:
+    """Held-out FVU and dead fraction within `bounds`."""
+    return CheckOutcome(
+        heldout["fvu"] <= bounds.max_fvu and heldout["dead_fraction"] <= bounds.max_dead_fraction,
+        f"held-out FVU {heldout['fvu']:.4f} (<= {bounds.max_fvu}), dead "
+        f"{heldout['dead_fraction']:.2%} (<= {bounds.max_dead_fraction:.0%})",
+        {k: heldout[k] for k in ("fvu", "dead_fraction", "l0")},
+    )
+
+
+def splice_check(quality: SpliceQuality, bounds: SaeBounds) -> CheckOutcome:
+    """Enough of NDCG@10 recovered when spliced; when zero-ablating the layer costs nothing,
+    the spliced NDCG@10 within 1% of the original instead."""
+    original, spliced, ablated = quality
+    recovered = quality.fraction_recovered
+    if original - ablated > ABLATION_GAP:
+        passed = recovered >= bounds.min_recovered
+        description = f"{recovered:.1%} of NDCG@10 recovered (>= {bounds.min_recovered:.0%})"
+    else:
+        passed = spliced >= original - 0.01 * abs(original)
+        description = (
+            f"zero-ablating the layer does not lower NDCG@10 ({ablated:.4f} vs {original:.4f}); "
+            f"spliced {spliced:.4f}"
+        )
+    metadata = {
+        "original": original,
+        "spliced": spliced,
+        "zero_ablated": ablated,
+        "fraction_recovered": recovered,
+    }
+    return CheckOutcome(passed, description, metadata)
+
+
+def encoding_check(feature_path: Path, partition_dir: Path, rows: int, k: int) -> CheckOutcome:
+    """The sparse code at `feature_path` has one code per activation row of `partition_dir`
+    (`rows` encoded), at most `k` entries per row, every value finite and > 0."""
+    source = read_parquet(feature_path)
+    rows_in, entries, max_per_row, bad = duckdb.execute(
+        f"""SELECT (SELECT count(*) FROM (SELECT DISTINCT user_idx, position FROM {source})),
+                   count(*),
+                   (SELECT max(c) FROM (SELECT count(*) c FROM {source} GROUP BY user_idx, position)),
+                   count(*) FILTER (WHERE NOT isfinite(value) OR value <= 0)
+            FROM {source}"""
+    ).fetchone()  # type: ignore[misc]
+    expected = partition_rows(partition_dir)
+    problems = []
+    if rows != expected:
+        problems.append(f"encoded {rows} rows, the partition has {expected}")
+    if max_per_row is not None and max_per_row > k:
+        problems.append(f"a row has {max_per_row} entries > k={k}")
+    if bad:
+        problems.append(f"{bad} entries not finite or <= 0")
+    metadata: dict[str, Any] = {"rows": rows, "rows_with_entries": rows_in, "entries": entries}
+    return from_problems(
+        problems, f"{rows:,} rows encoded, {rows_in:,} with an active feature", metadata
+    )

@@ -1,0 +1,163 @@
+"""Every knob has one default: each asset Config and resource field equals the default of the
+domain object it configures (a dataclass, pydantic model, preset or keyword argument)."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import dagster as dg
+import pytest
+
+from recsae_pipeline.data.ingest import InteractionColumns
+from recsae_pipeline.data.sequences import SequenceConfig
+from recsae_pipeline.data.sources import MovieLensSource, RecBoleSource, TabularSource
+from recsae_pipeline.data.synthetic import SyntheticConfig
+from recsae_pipeline.data.validation import QualityBounds
+from recsae_pipeline.defs import resources
+from recsae_pipeline.defs.assets import (
+    activations,
+    browser,
+    data,
+    explanations,
+    features,
+    models,
+    sae,
+)
+from recsae_pipeline.defs.config import domain_default, knob
+from recsae_pipeline.interp.explain import score_features, select_features
+from recsae_pipeline.interp.llm import LLMSettings
+from recsae_pipeline.interp.sage import Limits
+from recsae_pipeline.models.distillation import DistillConfig
+from recsae_pipeline.models.probe import layer_scores
+from recsae_pipeline.models.recommender import (
+    TEACHER_DEFAULTS,
+    RecommenderConfig,
+    student_from_teacher,
+)
+from recsae_pipeline.models.training import LLAMA_TRAINING, TrainConfig
+from recsae_pipeline.report.feature_browser import write_browser
+from recsae_pipeline.sae.evaluation import SaeBounds
+from recsae_pipeline.sae.features import compute_feature_stats
+from recsae_pipeline.sae.model import SaeConfig
+from recsae_pipeline.sae.steering import steering_users, summarize
+from recsae_pipeline.sae.training import SaeTrainConfig, train_sae
+
+ASSET_MODULES = [data, models, activations, sae, features, explanations, browser, resources]
+LAUNCHER = {"launcher", "nproc_per_node"}
+
+# Config class -> (domain sources, first that has the name wins; config field -> domain
+# name where they differ; fields only the pipeline has, which no domain object defaults).
+DOMAIN: dict[type, tuple[list[Any], dict[str, str], set[str]]] = {
+    data.SyntheticOptions: ([SyntheticConfig], {}, set()),
+    data.MovieLensOptions: ([MovieLensSource], {}, {"path"}),
+    data.RecBoleOptions: ([RecBoleSource], {}, {"path"}),
+    data.TabularOptions: (
+        [InteractionColumns, TabularSource],
+        {
+            "user_column": "user_id",
+            "item_column": "item_id",
+            "timestamp_column": "timestamp",
+            "rating_column": "rating",
+            "title_column": "item_title_column",
+            "year_column": "item_year_column",
+            "genres_column": "item_genres_column",
+        },
+        {"path"},
+    ),
+    data.RawInteractionsConfig: (
+        [],
+        {},
+        {"source", "synthetic", "movielens", "recbole", "tabular"},
+    ),
+    data.SequencesConfig: ([SequenceConfig], {}, set()),
+    models.TrainingOptions: ([TrainConfig], {}, set()),
+    models.SasrecConfig: ([TrainConfig, RecommenderConfig], {}, LAUNCHER),
+    models.TeacherConfig: ([TEACHER_DEFAULTS, LLAMA_TRAINING, RecommenderConfig], {}, set()),
+    models.StudentConfig: (
+        [LLAMA_TRAINING, DistillConfig, student_from_teacher],
+        {},
+        {"teacher_tolerance"},
+    ),
+    models.LayerProbeConfig: ([layer_scores], {}, set()),
+    activations.ActivationsConfig: ([activations.write_activations], {}, set()),
+    sae.SaeAssetConfig: ([SaeConfig, SaeTrainConfig, train_sae, SaeBounds], {}, LAUNCHER),
+    features.FeatureStatsConfig: ([compute_feature_stats], {}, set()),
+    # steering_users' max_users=None means every user; the asset caps the sweep's cost.
+    features.SteeringConfig: (
+        [summarize, steering_users],
+        {},
+        {"alpha_scales", "min_top_items", "max_users"},
+    ),
+    explanations.ExplanationsConfig: ([select_features, Limits], {}, {"features"}),
+    explanations.ExplanationScoresConfig: ([score_features], {}, {"min_concept_auc"}),
+    browser.FeatureBrowserConfig: ([write_browser], {}, set()),
+    resources.DataQuality: ([QualityBounds], {}, set()),
+    resources.LLM: ([LLMSettings], {}, {"backend", "base_url", "model"}),
+    resources.TorchDevice: ([], {}, {"device", "threads"}),
+    resources.StorageRoot: ([], {}, {"path", "cache_dir", "mirror"}),
+}
+
+
+def _default(field: Any) -> Any:
+    return field.get_default(call_default_factory=True)
+
+
+def mismatches(config_cls: type, sources: list[Any], names: dict[str, str], own: set[str]):
+    """(field, config default, domain default or a reason) for every field that disagrees."""
+    out = []
+    for name, field in config_cls.model_fields.items():
+        if name in own:
+            continue
+        domain_name = names.get(name, name)
+        for source in sources:
+            try:
+                expected = domain_default(source, domain_name)
+            except (KeyError, AttributeError):
+                continue
+            if _default(field) != expected:
+                out.append((name, _default(field), expected))
+            break
+        else:
+            out.append((name, _default(field), "no domain default: add one or list it as own"))
+    return out
+
+
+@pytest.mark.parametrize("config_cls", list(DOMAIN), ids=lambda c: c.__name__)
+def test_config_defaults_equal_the_domain_defaults(config_cls):
+    assert mismatches(config_cls, *DOMAIN[config_cls]) == []
+
+
+def test_every_config_class_is_listed():
+    found = {
+        cls
+        for module in ASSET_MODULES
+        for _, cls in inspect.getmembers(module, inspect.isclass)
+        if issubclass(cls, dg.Config | dg.ConfigurableResource)
+        and cls.__module__ == module.__name__
+    }
+    assert found - set(DOMAIN) == set(), "add the new Config class to DOMAIN with its sources"
+
+
+def test_a_default_that_drifts_from_the_domain_is_reported():
+    class Drifted(dg.Config):
+        lr: float = 5e-4  # TrainConfig says 1e-3
+        batch_size: int = knob(TrainConfig, "batch_size")
+        orphan: int = 3
+
+    assert mismatches(Drifted, [TrainConfig], {}, set()) == [
+        ("lr", 5e-4, 1e-3),
+        ("orphan", 3, "no domain default: add one or list it as own"),
+    ]
+
+
+def test_the_pipeline_and_the_python_api_build_the_same_objects():
+    """What benchmarks and the torchrun ranks construct with no arguments is what the assets
+    run with by default."""
+    assert models.TrainingOptions().train_config() == TrainConfig()
+    assert models.TeacherConfig().train_config() == LLAMA_TRAINING
+    teacher = RecommenderConfig.teacher(100, d_item=64)
+    assert {k: getattr(teacher, k) for k in TEACHER_DEFAULTS} == {
+        k: getattr(models.TeacherConfig(), k, TEACHER_DEFAULTS[k]) for k in TEACHER_DEFAULTS
+    }
+    assert sae.SaeAssetConfig().rows_seen == SaeTrainConfig().rows_seen == 500_000
