@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-import torch
 
 from recsae_pipeline.storage.registry import ArtifactPaths
+from recsae_pipeline_tests.torch_support import one_thread
 
 if TYPE_CHECKING:
     from recsae_pipeline_tests.support import TinyStore
@@ -30,13 +30,11 @@ def write_text(path: Path, text: str | bytes) -> Path:
     return path
 
 
-@pytest.fixture
-def one_thread():
+@pytest.fixture(name="one_thread")
+def one_thread_fixture() -> Iterator[None]:
     """Tiny models run fastest on one thread, and leave the other core to the rest."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="session")

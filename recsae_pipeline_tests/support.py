@@ -5,20 +5,19 @@ from __future__ import annotations
 
 import copy
 import shutil
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
-import torch
 
 from recsae_pipeline.defs.assets.activations import activation_assets
 from recsae_pipeline.defs.definitions import ASSET_MODULES, defs
 from recsae_pipeline.defs.jobs import partition_jobs
 from recsae_pipeline.defs.resources import LLM, DataQuality, StorageRoot, TorchDevice
 from recsae_pipeline.storage.registry import parse_partition_key
+from recsae_pipeline_tests.torch_support import one_thread
 
 KEY = "sasrec.layer2"
 """The partition the whole per-partition chain runs for (activations to the browser)."""
@@ -200,17 +199,6 @@ def activations_asset(key: str) -> str:
     """The name of the activations asset that holds partition `key`."""
     model, _ = parse_partition_key(key)
     return activation_assets[model].key.to_user_string()
-
-
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """Tiny models train several times faster on one thread, most of all on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def ops_config(base: dict, *ops: str, **updates: dict) -> dict:

@@ -23,9 +23,9 @@ from recsae_pipeline.activations.shards import (
 from recsae_pipeline.data.batching import pad_right
 from recsae_pipeline.models.recommender import Recommender, RecommenderConfig
 from recsae_pipeline.storage.registry import ArtifactPaths
+from recsae_pipeline_tests.torch_support import CPU
 
 NUM_ITEMS, MAX_LEN, LAYERS = 30, 8, 2
-CPU = torch.device("cpu")
 ATOL = 1e-7  # shards vs a fresh single-user forward pass (states ~0.03; seen diffs ~2e-9)
 
 

@@ -24,7 +24,8 @@ from recsae_pipeline.report.feature_browser import (
     write_browser,
 )
 from recsae_pipeline.storage.registry import ArtifactPaths
-from recsae_pipeline_tests.support import KEY, TinyStore, materialize, one_thread
+from recsae_pipeline_tests.support import KEY, TinyStore, materialize
+from recsae_pipeline_tests.torch_support import one_thread
 
 HOSTILE = "<script>alert('x')</script> & Sons"
 PARTITION = Path("browser") / "model=sasrec" / "layer=2"

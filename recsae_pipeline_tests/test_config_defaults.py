@@ -9,22 +9,17 @@ from typing import Any
 import dagster as dg
 import pytest
 
+from recsae_pipeline.activations.shards import write_activations
 from recsae_pipeline.data.ingest import InteractionColumns
 from recsae_pipeline.data.sequences import SequenceConfig
 from recsae_pipeline.data.sources import MovieLensSource, RecBoleSource, TabularSource
 from recsae_pipeline.data.synthetic import SyntheticConfig
 from recsae_pipeline.data.validation import QualityBounds
 from recsae_pipeline.defs import resources
-from recsae_pipeline.defs.assets import (
-    activations,
-    browser,
-    data,
-    explanations,
-    features,
-    models,
-    sae,
-)
+from recsae_pipeline.defs.assets.models import TeacherConfig, TrainingOptions
+from recsae_pipeline.defs.assets.sae import SaeAssetConfig
 from recsae_pipeline.defs.config import domain_default, knob
+from recsae_pipeline.defs.definitions import ASSET_MODULES
 from recsae_pipeline.interp.explain import score_features, select_features
 from recsae_pipeline.interp.llm import LLMSettings
 from recsae_pipeline.interp.sage import Limits
@@ -43,16 +38,22 @@ from recsae_pipeline.sae.model import SaeConfig
 from recsae_pipeline.sae.steering import steering_users, summarize
 from recsae_pipeline.sae.training import SaeTrainConfig, train_sae
 
-ASSET_MODULES = [data, models, activations, sae, features, explanations, browser, resources]
+CONFIGS = {
+    cls.__name__: cls
+    for module in [*ASSET_MODULES, resources]
+    for _, cls in inspect.getmembers(module, inspect.isclass)
+    if issubclass(cls, dg.Config | dg.ConfigurableResource) and cls.__module__ == module.__name__
+}
+"""Every Config and resource class the Definitions' modules declare, by name."""
 LAUNCHER = {"launcher", "nproc_per_node"}
 
-# Config class -> (domain sources, first that has the name wins; config field -> domain
+# Config class name -> (domain sources, first that has the name wins; config field -> domain
 # name where they differ; fields only the pipeline has, which no domain object defaults).
-DOMAIN: dict[type, tuple[list[Any], dict[str, str], set[str]]] = {
-    data.SyntheticOptions: ([SyntheticConfig], {}, set()),
-    data.MovieLensOptions: ([MovieLensSource], {}, {"path"}),
-    data.RecBoleOptions: ([RecBoleSource], {}, {"path"}),
-    data.TabularOptions: (
+DOMAIN: dict[str, tuple[list[Any], dict[str, str], set[str]]] = {
+    "SyntheticOptions": ([SyntheticConfig], {}, set()),
+    "MovieLensOptions": ([MovieLensSource], {}, {"path"}),
+    "RecBoleOptions": ([RecBoleSource], {}, {"path"}),
+    "TabularOptions": (
         [InteractionColumns, TabularSource],
         {
             "user_column": "user_id",
@@ -65,37 +66,38 @@ DOMAIN: dict[type, tuple[list[Any], dict[str, str], set[str]]] = {
         },
         {"path"},
     ),
-    data.RawInteractionsConfig: (
+    "RawInteractionsConfig": (
         [],
         {},
         {"source", "synthetic", "movielens", "recbole", "tabular"},
     ),
-    data.SequencesConfig: ([SequenceConfig], {}, set()),
-    models.TrainingOptions: ([TrainConfig], {}, set()),
-    models.SasrecConfig: ([TrainConfig, RecommenderConfig], {}, LAUNCHER),
-    models.TeacherConfig: ([TEACHER_DEFAULTS, LLAMA_TRAINING, RecommenderConfig], {}, set()),
-    models.StudentConfig: (
+    "SequencesConfig": ([SequenceConfig], {}, set()),
+    "TrainingOptions": ([TrainConfig], {}, set()),
+    "LlamaTrainingOptions": ([LLAMA_TRAINING], {}, set()),
+    "SasrecConfig": ([TrainConfig, RecommenderConfig], {}, LAUNCHER),
+    "TeacherConfig": ([TEACHER_DEFAULTS, LLAMA_TRAINING, RecommenderConfig], {}, set()),
+    "StudentConfig": (
         [LLAMA_TRAINING, DistillConfig, student_from_teacher],
         {},
         {"teacher_tolerance"},
     ),
-    models.LayerProbeConfig: ([layer_scores], {}, set()),
-    activations.ActivationsConfig: ([activations.write_activations], {}, set()),
-    sae.SaeAssetConfig: ([SaeConfig, SaeTrainConfig, train_sae, SaeBounds], {}, LAUNCHER),
-    features.FeatureStatsConfig: ([compute_feature_stats], {}, set()),
+    "LayerProbeConfig": ([layer_scores], {}, set()),
+    "ActivationsConfig": ([write_activations], {}, set()),
+    "SaeAssetConfig": ([SaeConfig, SaeTrainConfig, train_sae, SaeBounds], {}, LAUNCHER),
+    "FeatureStatsConfig": ([compute_feature_stats], {}, set()),
     # steering_users' max_users=None means every user; the asset caps the sweep's cost.
-    features.SteeringConfig: (
+    "SteeringConfig": (
         [summarize, steering_users],
         {},
         {"alpha_scales", "min_top_items", "max_users"},
     ),
-    explanations.ExplanationsConfig: ([select_features, Limits], {}, {"features"}),
-    explanations.ExplanationScoresConfig: ([score_features], {}, {"min_concept_auc"}),
-    browser.FeatureBrowserConfig: ([write_browser], {}, set()),
-    resources.DataQuality: ([QualityBounds], {}, set()),
-    resources.LLM: ([LLMSettings], {}, {"backend", "base_url", "model"}),
-    resources.TorchDevice: ([], {}, {"device", "threads"}),
-    resources.StorageRoot: ([], {}, {"path", "cache_dir", "mirror"}),
+    "ExplanationsConfig": ([select_features, Limits], {}, {"features"}),
+    "ExplanationScoresConfig": ([score_features], {}, {"min_concept_auc"}),
+    "FeatureBrowserConfig": ([write_browser], {}, set()),
+    "DataQuality": ([QualityBounds], {}, set()),
+    "LLM": ([LLMSettings], {}, {"backend", "base_url", "model"}),
+    "TorchDevice": ([], {}, {"device", "threads"}),
+    "StorageRoot": ([], {}, {"path", "cache_dir", "mirror"}),
 }
 
 
@@ -123,20 +125,16 @@ def mismatches(config_cls: type, sources: list[Any], names: dict[str, str], own:
     return out
 
 
-@pytest.mark.parametrize("config_cls", list(DOMAIN), ids=lambda c: c.__name__)
-def test_config_defaults_equal_the_domain_defaults(config_cls):
-    assert mismatches(config_cls, *DOMAIN[config_cls]) == []
+@pytest.mark.parametrize("name", list(DOMAIN))
+def test_config_defaults_equal_the_domain_defaults(name):
+    assert name in CONFIGS, f"{name} is in DOMAIN but no module of the Definitions declares it"
+    assert mismatches(CONFIGS[name], *DOMAIN[name]) == []
 
 
 def test_every_config_class_is_listed():
-    found = {
-        cls
-        for module in ASSET_MODULES
-        for _, cls in inspect.getmembers(module, inspect.isclass)
-        if issubclass(cls, dg.Config | dg.ConfigurableResource)
-        and cls.__module__ == module.__name__
-    }
-    assert found - set(DOMAIN) == set(), "add the new Config class to DOMAIN with its sources"
+    assert set(CONFIGS) - set(DOMAIN) == set(), (
+        "add the new Config class to DOMAIN with its sources"
+    )
 
 
 def test_a_default_that_drifts_from_the_domain_is_reported():
@@ -154,10 +152,10 @@ def test_a_default_that_drifts_from_the_domain_is_reported():
 def test_the_pipeline_and_the_python_api_build_the_same_objects():
     """What benchmarks and the torchrun ranks construct with no arguments is what the assets
     run with by default."""
-    assert models.TrainingOptions().train_config() == TrainConfig()
-    assert models.TeacherConfig().train_config() == LLAMA_TRAINING
+    assert TrainingOptions().train_config() == TrainConfig()
+    assert TeacherConfig().train_config() == LLAMA_TRAINING
     teacher = RecommenderConfig.teacher(100, d_item=64)
     assert {k: getattr(teacher, k) for k in TEACHER_DEFAULTS} == {
-        k: getattr(models.TeacherConfig(), k, TEACHER_DEFAULTS[k]) for k in TEACHER_DEFAULTS
+        k: getattr(TeacherConfig(), k, TEACHER_DEFAULTS[k]) for k in TEACHER_DEFAULTS
     }
-    assert sae.SaeAssetConfig().rows_seen == SaeTrainConfig().rows_seen == 500_000
+    assert SaeAssetConfig().rows_seen == SaeTrainConfig().rows_seen == 500_000

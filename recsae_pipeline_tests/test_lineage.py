@@ -17,6 +17,7 @@ from recsae_pipeline_tests.support import (
     KEY,
     MODELS_CONFIG,
     STUDENT_KEY,
+    TinyStore,
     ops_config,
     resources,
 )
@@ -42,16 +43,21 @@ def _run(root: Path, instance: dg.DagsterInstance, selection: list[str], run_con
     }
 
 
-def test_retraining_the_student_leaves_sasrec_partitions_fresh_and_skipped(tmp_path):
+def test_retraining_the_student_leaves_sasrec_partitions_fresh_and_skipped(
+    tiny_store: TinyStore, tmp_path: Path
+) -> None:
+    # A copy of the shared store and a new instance: these runs replay the recorded versions
+    # (nothing changed), which is all the instance needs to know every data version.
+    root = tiny_store.copy_to(tmp_path / "store")
     instance = dg.DagsterInstance.ephemeral()
-    _run(tmp_path, instance, MODELS, MODELS_CONFIG)
-    _run(tmp_path, instance, ["sasrec_activations"], MODELS_CONFIG, KEY)
-    _run(tmp_path, instance, ["student_activations"], MODELS_CONFIG, STUDENT_KEY)
-    _run(tmp_path, instance, ["sae"], FEATURES_CONFIG, KEY)
+    _run(root, instance, MODELS, MODELS_CONFIG)
+    _run(root, instance, ["sasrec_activations"], MODELS_CONFIG, KEY)
+    _run(root, instance, ["student_activations"], MODELS_CONFIG, STUDENT_KEY)
+    _run(root, instance, ["sae"], FEATURES_CONFIG, KEY)
 
     student_before = read_student_version(instance)
     _run(
-        tmp_path,
+        root,
         instance,
         ["student"],
         ops_config(MODELS_CONFIG, *MODELS_CONFIG["ops"], student={"lr": 1e-2}),
@@ -69,14 +75,14 @@ def test_retraining_the_student_leaves_sasrec_partitions_fresh_and_skipped(tmp_p
     assert status("student_activations", STUDENT_KEY) == StaleStatus.STALE
 
     sasrec_side = {
-        **_run(tmp_path, instance, ["sasrec_activations"], MODELS_CONFIG, KEY),
-        **_run(tmp_path, instance, ["sae"], FEATURES_CONFIG, KEY),
+        **_run(root, instance, ["sasrec_activations"], MODELS_CONFIG, KEY),
+        **_run(root, instance, ["sae"], FEATURES_CONFIG, KEY),
     }
     assert {k: m.tags.get(SKIPPED_TAG) for k, m in sasrec_side.items()} == {
         "sasrec_activations": "true",
         "sae": "true",
     }
-    student_side = _run(tmp_path, instance, ["student_activations"], MODELS_CONFIG, STUDENT_KEY)
+    student_side = _run(root, instance, ["student_activations"], MODELS_CONFIG, STUDENT_KEY)
     assert SKIPPED_TAG not in student_side["student_activations"].tags
 
 

@@ -6,17 +6,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaModel
 
 from recsae_pipeline.models.artifacts import load_recommender, read_metrics, save_recommender
-from recsae_pipeline.models.recommender import (
-    Recommender,
-    RecommenderConfig,
-    student_from_teacher,
-)
+from recsae_pipeline.models.recommender import Recommender, RecommenderConfig, student_from_teacher
 from recsae_pipeline.models.training import TrainConfig, evaluate, train_recommender
+from recsae_pipeline_tests.torch_support import CPU, save_llama_checkpoint
 
-CPU = torch.device("cpu")
 NUM_ITEMS = 20
 
 
@@ -59,18 +54,7 @@ def test_loaded_sasrec_reproduces_its_metrics_exactly(tmp_path):
 
 def test_teacher_from_a_checkpoint_and_its_student_load_without_the_checkpoint(tmp_path):
     checkpoint_dir = tmp_path / "llama"
-    LlamaModel(
-        LlamaConfig(
-            hidden_size=16,
-            intermediate_size=24,
-            num_hidden_layers=4,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            vocab_size=10,
-            bos_token_id=None,
-            eos_token_id=None,
-        )
-    ).save_pretrained(checkpoint_dir)
+    save_llama_checkpoint(checkpoint_dir, num_layers=4, intermediate_size=24, vocab_size=10)
     sasrec = trained_sasrec()
     config = RecommenderConfig.teacher(
         NUM_ITEMS, 16, hidden_size=16, num_layers=4, max_len=8, pretrained_path=str(checkpoint_dir)

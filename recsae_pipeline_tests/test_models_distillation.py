@@ -11,14 +11,10 @@ from recsae_pipeline.models.distillation import (
     aligned_blocks,
     train_student,
 )
-from recsae_pipeline.models.recommender import (
-    Recommender,
-    RecommenderConfig,
-    student_from_teacher,
-)
+from recsae_pipeline.models.recommender import Recommender, RecommenderConfig, student_from_teacher
 from recsae_pipeline.models.training import NextItemLoss, TrainConfig
+from recsae_pipeline_tests.torch_support import CPU
 
-CPU = torch.device("cpu")
 NUM_ITEMS = 20
 
 

@@ -6,14 +6,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaModel
 
 from recsae_pipeline.data.batching import pad_right
-from recsae_pipeline.models.recommender import (
-    Recommender,
-    RecommenderConfig,
-    student_from_teacher,
-)
+from recsae_pipeline.models.recommender import Recommender, RecommenderConfig, student_from_teacher
+from recsae_pipeline_tests.torch_support import save_llama_checkpoint
 
 NUM_ITEMS = 20
 
@@ -128,19 +124,7 @@ def test_sasrec_item_table_is_learned_and_teacher_table_frozen():
 
 def test_teacher_loads_first_layers_of_a_local_llama_checkpoint(tmp_path):
     torch.manual_seed(1)
-    checkpoint = LlamaModel(
-        LlamaConfig(
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=3,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            vocab_size=50,
-            bos_token_id=None,
-            eos_token_id=None,
-        )
-    )
-    checkpoint.save_pretrained(tmp_path)
+    checkpoint = save_llama_checkpoint(tmp_path, num_layers=3, intermediate_size=32, vocab_size=50)
     assert (tmp_path / "model.safetensors").is_file()
 
     teacher = tiny_teacher(num_layers=2, pretrained_path=str(tmp_path))

@@ -16,8 +16,8 @@ from recsae_pipeline.models.training import (
     train_examples,
     train_recommender,
 )
+from recsae_pipeline_tests.torch_support import CPU
 
-CPU = torch.device("cpu")
 NUM_ITEMS = 30
 
 

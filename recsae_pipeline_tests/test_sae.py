@@ -20,9 +20,7 @@ from safetensors.torch import load_file, save_file
 from recsae_pipeline.activations.shards import activation_schema
 from recsae_pipeline.sae.model import SaeConfig, TopKSae
 from recsae_pipeline.sae.training import SaeTrainConfig, evaluate_sae, train_sae
-
-CPU = torch.device("cpu")
-
+from recsae_pipeline_tests.torch_support import CPU
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

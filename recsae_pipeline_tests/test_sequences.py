@@ -33,6 +33,14 @@ def write_raw(paths: ArtifactPaths, rows: list[tuple[str, str, int, float | None
     pq.write_table(table, paths.raw_interactions)
 
 
+def in_order(sequences: dict[str, str | list[str]]) -> list[tuple[str, str, int, float]]:
+    """Raw rows of each user's items at timestamps 0, 1, ..., rated 5 (an id per letter in a
+    string)."""
+    return [
+        (user, item, t, 5.0) for user, items in sequences.items() for t, item in enumerate(items)
+    ]
+
+
 def sequences_by_user(paths: ArtifactPaths) -> dict[str, list[str]]:
     item_ids = {r["item_idx"]: r["item_id"] for r in pq.read_table(paths.item_map).to_pylist()}
     users = {r["user_idx"]: r["user_id"] for r in pq.read_table(paths.user_map).to_pylist()}
@@ -67,10 +75,7 @@ def test_chronological_with_stable_tie_break_and_padding_free_indices(paths: Art
 
 
 def test_k_core_is_iterative(paths: ArtifactPaths) -> None:
-    rows = [("u1", i, t, 5.0) for t, i in enumerate("abcd")]
-    rows += [(u, i, t, 5.0) for u in ("u2", "u3") for t, i in enumerate("abc")]
-    rows += [("u4", i, t, 5.0) for t, i in enumerate("def")]
-    write_raw(paths, rows)
+    write_raw(paths, in_order({"u1": "abcd", "u2": "abc", "u3": "abc", "u4": "def"}))
     stats = build_sequences(paths, SequenceConfig(user_core=3, item_core=2))
     # e, f (1 each) go -> u4 keeps only d -> u4 goes -> d has 1 left -> d goes; u1 keeps a b c.
     assert sequences_by_user(paths) == {"u1": list("abc"), "u2": list("abc"), "u3": list("abc")}
@@ -94,20 +99,8 @@ def test_rating_threshold(paths: ArtifactPaths) -> None:
 
 
 def test_item_index_is_by_popularity(paths: ArtifactPaths) -> None:
-    write_raw(
-        paths,
-        [
-            ("u1", "rare", 1, 5),
-            ("u1", "hit", 2, 5),
-            ("u1", "mid", 3, 5),
-            ("u2", "hit", 1, 5),
-            ("u2", "mid", 2, 5),
-            ("u2", "x", 3, 5),
-            ("u3", "hit", 1, 5),
-            ("u3", "y", 2, 5),
-            ("u3", "z", 3, 5),
-        ],
-    )
+    users = {"u1": ["rare", "hit", "mid"], "u2": ["hit", "mid", "x"], "u3": ["hit", "y", "z"]}
+    write_raw(paths, in_order(users))
     build_sequences(paths, SequenceConfig(user_core=3, item_core=1))
     order = [r["item_id"] for r in pq.read_table(paths.item_map).to_pylist()]
     assert order[:2] == ["hit", "mid"]
@@ -118,11 +111,7 @@ def test_split_positions_and_reader(paths: ArtifactPaths) -> None:
     np.testing.assert_array_equal(split_positions(np.array([3, 4]))[2], [2, 3])
     with pytest.raises(ValueError):
         split_positions(2)
-    write_raw(
-        paths,
-        [("u1", i, t, 5) for t, i in enumerate("abc")]
-        + [("u2", i, t, 5) for t, i in enumerate("cab")],
-    )
+    write_raw(paths, in_order({"u1": "abc", "u2": "cab"}))
     build_sequences(paths, SequenceConfig(user_core=3, item_core=1))
     seqs, num_items = read_sequences(paths.sequences)
     assert num_items == 3 and len(seqs) == 2 and all(s.dtype == np.int32 for s in seqs)
@@ -135,7 +124,7 @@ def test_user_core_below_split_minimum_is_refused(paths: ArtifactPaths) -> None:
 
 
 def test_failed_rebuild_keeps_previous_sequences(tmp_path: Path, paths: ArtifactPaths) -> None:
-    write_raw(paths, [("u1", i, t, 5) for t, i in enumerate("abc")])
+    write_raw(paths, in_order({"u1": "abc"}))
     build_sequences(paths, SequenceConfig(user_core=3, item_core=1))
     before = paths.sequences.read_bytes()
     with pytest.raises(DataSourceError):

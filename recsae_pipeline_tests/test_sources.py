@@ -33,16 +33,29 @@ def read(path: Path) -> list[dict]:
     return pq.read_table(path).to_pylist()
 
 
+def items_by_id(paths: ArtifactPaths) -> dict[str, dict]:
+    return {r["item_id"]: r for r in read(paths.raw_items)}
+
+
+def write_files(root: Path, files: dict[str, str | bytes]) -> Path:
+    """A dataset folder holding `files` (name: content); returns `root`."""
+    for name, content in files.items():
+        write_text(root / name, content)
+    return root
+
+
 def test_movielens_100k_layout(tmp_path: Path, paths: ArtifactPaths) -> None:
-    root = tmp_path / "ml-100k"
-    write_text(root / "u.data", "196\t242\t3\t881250949\n186\t302\t3\t891717742\n")
     flags_toy = "|".join(["0", "0", "0", "1", "1", "1"] + ["0"] * 13)
     flags_gold = "|".join(["0", "1", "1"] + ["0"] * 13 + ["1", "0", "0"])
     item = (
         f"242|Kolya (1996)|24-Jan-1997||http://x|{flags_toy}\n"
         f"302|L.A. Confidential (1997)|01-Jan-1997||http://y|{flags_gold}\n"
     )
-    write_text(root / "u.item", item.encode("latin-1"))
+    files = {
+        "u.data": "196\t242\t3\t881250949\n186\t302\t3\t891717742\n",
+        "u.item": item.encode("latin-1"),
+    }
+    root = write_files(tmp_path / "ml-100k", files)
     report = ingest(MovieLensSource(root), paths)
     assert report.rows == 2
     assert pq.read_schema(paths.raw_interactions).equals(RAW_SCHEMA)
@@ -52,7 +65,7 @@ def test_movielens_100k_layout(tmp_path: Path, paths: ArtifactPaths) -> None:
         "timestamp": 881250949,
         "rating": 3.0,
     }
-    items = {r["item_id"]: r for r in read(paths.raw_items)}
+    items = items_by_id(paths)
     assert items["242"]["title"] == "Kolya"
     assert items["242"]["year"] == 1996
     assert items["242"]["genres"] == ["Animation", "Children's", "Comedy"]
@@ -62,52 +75,49 @@ def test_movielens_100k_layout(tmp_path: Path, paths: ArtifactPaths) -> None:
 def test_movielens_1m_layout_is_double_colon_and_latin1(
     tmp_path: Path, paths: ArtifactPaths
 ) -> None:
-    root = tmp_path / "ml-1m"
-    write_text(root / "ratings.dat", "1::1193::5::978300760\n1::661::3::978302109\n")
-    write_text(
-        root / "movies.dat",
-        "1193::Café Society (1975)::Drama\n661::James and the Giant Peach (1996)::Animation|Children's|Musical\n".encode(
-            "latin-1"
-        ),
+    movies = (
+        "1193::Café Society (1975)::Drama\n"
+        "661::James and the Giant Peach (1996)::Animation|Children's|Musical\n"
     )
+    files = {
+        "ratings.dat": "1::1193::5::978300760\n1::661::3::978302109\n",
+        "movies.dat": movies.encode("latin-1"),
+    }
+    root = write_files(tmp_path / "ml-1m", files)
     ingest(MovieLensSource(root), paths)
     assert [r["item_id"] for r in read(paths.raw_interactions)] == ["1193", "661"]
-    items = {r["item_id"]: r for r in read(paths.raw_items)}
+    items = items_by_id(paths)
     assert items["1193"]["title"] == "Café Society"
     assert items["661"]["genres"] == ["Animation", "Children's", "Musical"]
 
 
 def test_movielens_csv_layout_quotes_and_no_genres(tmp_path: Path, paths: ArtifactPaths) -> None:
-    root = tmp_path / "ml-latest-small"
-    write_text(
-        root / "ratings.csv",
-        "userId,movieId,rating,timestamp\n1,1,4.0,964982703\n1,3,4.5,964981247\n",
-    )
-    write_text(
-        root / "movies.csv",
-        'movieId,title,genres\n1,"American President, The (1995)",Comedy|Drama|Romance\n3,Untitled,(no genres listed)\n',
-    )
+    files = {
+        "ratings.csv": "userId,movieId,rating,timestamp\n1,1,4.0,964982703\n1,3,4.5,964981247\n",
+        "movies.csv": 'movieId,title,genres\n1,"American President, The (1995)",Comedy|Drama|Romance\n'
+        "3,Untitled,(no genres listed)\n",
+    }
+    root = write_files(tmp_path / "ml-latest-small", files)
     ingest(MovieLensSource(root), paths)
     assert read(paths.raw_interactions)[1]["rating"] == 4.5
-    items = {r["item_id"]: r for r in read(paths.raw_items)}
+    items = items_by_id(paths)
     assert items["1"]["title"] == "American President, The"
     assert items["1"]["year"] == 1995
     assert items["3"]["year"] is None and items["3"]["genres"] == []
 
 
 def test_recbole_atomic_files(tmp_path: Path, paths: ArtifactPaths) -> None:
-    root = tmp_path / "tiny"
-    write_text(
-        root / "tiny.inter",
-        "user_id:token\titem_id:token\trating:float\ttimestamp:float\n7\t1\t3\t881250949\n7\t2\t4\t881250950.0\n",
-    )
-    write_text(
-        root / "tiny.item",
-        "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n1\tToy Story\t1995\tAnimation Children's Comedy\n2\tGoldenEye\t1995\tAction Adventure Thriller\n",
-    )
+    inter = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+    item = "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"
+    files = {
+        "tiny.inter": inter + "7\t1\t3\t881250949\n7\t2\t4\t881250950.0\n",
+        "tiny.item": item + "1\tToy Story\t1995\tAnimation Children's Comedy\n"
+        "2\tGoldenEye\t1995\tAction Adventure Thriller\n",
+    }
+    root = write_files(tmp_path / "tiny", files)
     ingest(RecBoleSource(root), paths)
     assert [r["timestamp"] for r in read(paths.raw_interactions)] == [881250949, 881250950]
-    items = {r["item_id"]: r for r in read(paths.raw_items)}
+    items = items_by_id(paths)
     assert items["1"] == {
         "item_id": "1",
         "title": "Toy Story",
@@ -139,7 +149,7 @@ def test_tabular_csv_with_column_mapping_and_item_file(
     ingest(source, paths)
     rows = read(paths.raw_interactions)
     assert rows[0] == {"user_id": "c1", "item_id": "A", "timestamp": 1704189600, "rating": None}
-    items = {r["item_id"]: r for r in read(paths.raw_items)}
+    items = items_by_id(paths)
     assert items["A"] == {
         "item_id": "A",
         "title": "Alpha",

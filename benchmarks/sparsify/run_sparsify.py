@@ -3,8 +3,8 @@
 Run with benchmarks/sparsify/.venv/bin/python (made by setup_env.sh); benchmarks/sae.py calls
 it. It trains on exactly the batches `train_sae` trains on (the project's reader and seed:
 non-held-out users, shuffled; the first batch is read before the clock starts, later reads
-inside it, as in `train_sae`), then scores the coder on the held-out users' rows with the
-same definitions as `evaluate_sae`.
+inside it, as in `train_sae`), then scores the coder on the held-out users' rows with
+`evaluate_sae` itself (through `SparsifyCoder`).
 
 sparsify's Trainer needs a Hugging Face model and a token dataset, so this loop mirrors what
 `Trainer.fit` (sparsify 1.3.3; loss_fn="fvu", optimizer="adam", one coder, no accumulation)
@@ -31,21 +31,21 @@ import itertools
 import math
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
-# The project's reader, so both coders see the same rows in the same order; it needs torch,
-# pyarrow and transformers (all in this venv), not dagster.
+# The project's batches and evaluation, so both coders see the same rows in the same order and
+# are scored alike; they need torch, pyarrow and transformers (all in this venv), not dagster.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from recsae_pipeline.activations.shards import iter_activation_batches  # noqa: E402
 from recsae_pipeline.sae.training import (  # noqa: E402
     SaeTrainConfig,
     _training_batches,
-    is_heldout,
+    evaluate_sae,
 )
 from recsae_pipeline.storage.atomic import write_json  # noqa: E402
 from recsae_pipeline.storage.registry import SHARD_GLOB  # noqa: E402
@@ -54,55 +54,39 @@ LOG_EVERY = 100
 """Steps between training-curve points, as `SaeTrainConfig.log_every`."""
 
 
-@torch.no_grad()
-def heldout_metrics(
-    reconstruct: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]],
-    partition_dir: Path,
-    n_latents: int,
-    device: torch.device | str,
-    heldout_users_modulo: int = 10,
-    batch_size: int = 4096,
-) -> dict[str, float]:
-    """`evaluate_sae`'s figures for any coder; `reconstruct(x)` -> (x̂, latent values, ids).
+class SparsifyCoder:
+    """sparsify's SparseCoder seen as `evaluate_sae` reads a coder (config.d_in,
+    config.n_latents, encode -> (values, indices), decode, train/eval), encoding and decoding
+    under the bf16 autocast that `SparseCoder.forward` runs them in on CUDA."""
 
-    fvu = total squared error / total variance around the mean of all held-out rows; l0 =
-    mean nonzero latents per row; dead_fraction = share of latents never nonzero on them."""
-    device = torch.device(device)
-    rows, nonzeros = 0, 0
-    squared_error = torch.zeros((), dtype=torch.float64, device=device)
-    sum_x: Tensor | None = None
-    sum_sq = torch.zeros((), dtype=torch.float64, device=device)
-    fired = torch.zeros(n_latents, dtype=torch.bool, device=device)
-    for batch in iter_activation_batches(
-        partition_dir,
-        batch_size,
-        shuffle_buffer_rows=batch_size,
-        columns=("activation", "user_idx"),
-    ):
-        x = batch["activation"][is_heldout(batch["user_idx"], heldout_users_modulo)]
-        if not len(x):
-            continue
-        x = x.to(device)
-        x_hat, values, indices = reconstruct(x)
-        squared_error += (x - x_hat).double().pow(2).sum()
-        sum_x = x.double().sum(0) if sum_x is None else sum_x + x.double().sum(0)
-        sum_sq += x.double().pow(2).sum()
-        active = values != 0
-        nonzeros += int(active.sum())
-        fired[indices[active]] = True
-        rows += len(x)
-    if sum_x is None:
-        raise ValueError(
-            f"{partition_dir} has no rows of held-out users (user_idx % {heldout_users_modulo}"
-            " == 0); lower --heldout-users-modulo or add users"
-        )
-    variance = sum_sq - sum_x.pow(2).sum() / rows
-    return {
-        "rows": rows,
-        "fvu": float(squared_error / variance),
-        "l0": nonzeros / rows,
-        "dead_fraction": 1.0 - float(fired.float().mean()),
-    }
+    def __init__(self, coder: Any, d_in: int) -> None:
+        self.coder = coder
+        self.config = SimpleNamespace(d_in=d_in, n_latents=coder.num_latents)
+
+    @property
+    def training(self) -> bool:
+        return self.coder.training
+
+    def train(self, mode: bool = True) -> SparsifyCoder:
+        self.coder.train(mode)
+        return self
+
+    def eval(self) -> SparsifyCoder:
+        return self.train(False)
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        with _forward_autocast():
+            out = self.coder.encode(x)
+        return out.top_acts, out.top_indices
+
+    def decode(self, values: Tensor, indices: Tensor) -> Tensor:
+        with _forward_autocast():
+            return self.coder.decode(values, indices)
+
+
+def _forward_autocast() -> torch.autocast:
+    # The decorator on sparsify 1.3.3's SparseCoder.forward, which reconstructs in training.
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.cuda.is_bf16_supported())
 
 
 def activation_width(partition_dir: Path) -> int:
@@ -162,17 +146,8 @@ def train_sparsify(args: argparse.Namespace) -> dict:
     if not math.isfinite(curve[-1]["fvu"]):
         raise FloatingPointError(f"sparsify's training fvu={curve[-1]['fvu']}; lower --lr ({lr:g})")
 
-    def reconstruct(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        out = sae(x)
-        return out.sae_out, out.latent_acts, out.latent_indices
-
-    heldout = heldout_metrics(
-        reconstruct,
-        args.partition,
-        sae.num_latents,
-        device,
-        args.heldout_users_modulo,
-        args.batch_size,
+    heldout = evaluate_sae(
+        SparsifyCoder(sae, d_in), args.partition, device, args.heldout_users_modulo, args.batch_size
     )
     return {
         "implementation": "eai-sparsify-" + importlib.metadata.version("eai-sparsify"),

@@ -139,6 +139,8 @@ def _write_catalog(con: duckdb.DuckDBPyConnection, select_sql: str, out: Path) -
 
 _YEAR_FROM_TITLE = r"regexp_extract(title, '\((\d{4})\)\s*$', 1)"
 _TITLE_WITHOUT_YEAR = r"trim(regexp_replace(title, '\s*\(\d{4}\)\s*$', ''))"
+_HEADERLESS_RATINGS = {"ml-100k": ("u.data", "\t"), "ml-1m": ("ratings.dat", "::")}
+"""The older MovieLens layouts' ratings file and delimiter; the newer ones have ratings.csv."""
 
 
 def movielens_variant(path: Path) -> str:
@@ -197,14 +199,14 @@ def _ingest_movielens(
     if source.download and not root.exists():
         root = download_movielens(source.download, root.parent)
     variant = movielens_variant(root)
+    if variant in _HEADERLESS_RATINGS:
+        file, delimiter = _HEADERLESS_RATINGS[variant]
+        columns = ["user_id", "item_id", "rating", "timestamp"]
+        ratings = DelimitedFile(root / file, delimiter, header=False, columns=columns)
+    else:
+        ratings = DelimitedFile(root / "ratings.csv", ",", header=True)
+    rel = delimited_relation(con, ratings)
     if variant == "ml-100k":
-        ratings = DelimitedFile(
-            root / "u.data",
-            "\t",
-            header=False,
-            columns=["user_id", "item_id", "rating", "timestamp"],
-        )
-        rel = delimited_relation(con, ratings)
         movies = DelimitedFile(
             root / "u.item", "|", header=False, encoding="latin-1", quote="\x01",
             columns=["item_id", "title", "release_date", "video_release_date", "url", *ML100K_GENRES],
@@ -220,15 +222,8 @@ def _ingest_movielens(
             "TRY_CAST(right(release_date, 4) AS SMALLINT)) AS year, "
             f"list_filter([{flags}], lambda g: g IS NOT NULL) AS genres FROM {mrel}"
         )
-        files = [ratings.path, movies.path]
     else:
         if variant == "ml-1m":
-            ratings = DelimitedFile(
-                root / "ratings.dat",
-                "::",
-                header=False,
-                columns=["user_id", "item_id", "rating", "timestamp"],
-            )
             movies = DelimitedFile(
                 root / "movies.dat",
                 "::",
@@ -238,9 +233,7 @@ def _ingest_movielens(
                 columns=["item_id", "title", "genres"],
             )
         else:
-            ratings = DelimitedFile(root / "ratings.csv", ",", header=True)
             movies = DelimitedFile(root / "movies.csv", ",", header=True)
-        rel = delimited_relation(con, ratings)
         if variant != "ml-1m":
             require_columns(con, rel, ratings.path, ["userId", "movieId", "rating", "timestamp"])
             rel = f"(SELECT userId AS user_id, movieId AS item_id, rating, timestamp FROM {rel})"
@@ -253,7 +246,7 @@ def _ingest_movielens(
             "list_filter(string_split(genres, '|'), lambda g: g <> '(no genres listed)') AS genres "
             f"FROM {mrel}"
         )
-        files = [ratings.path, movies.path]
+    files = [ratings.path, movies.path]
     rows = write_interactions(con, rel, files[0], InteractionColumns(), paths.raw_interactions)
     _write_catalog(con, catalog, paths.raw_items)
     return IngestReport(

@@ -19,3 +19,17 @@ def throttled_log(
             context.log.info(message)
 
     return log
+
+
+def partition_progress(
+    context: dg.AssetExecutionContext, template: str
+) -> Callable[[int, int], None]:
+    """`on_progress(done, total)` logging `template.format(done=, total=)` after the partition
+    key, throttled as `throttled_log`."""
+    log = throttled_log(context)
+
+    def progress(done: int, total: int) -> None:
+        line = template.format(done=done, total=total)
+        log(f"{context.partition_key}: {line}", done == total)
+
+    return progress

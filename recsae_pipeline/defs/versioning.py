@@ -29,7 +29,7 @@ import dagster as dg
 from dagster._core.definitions.metadata import normalize_metadata
 
 from recsae_pipeline.storage.atomic import write_json
-from recsae_pipeline.storage.registry import ArtifactPaths, parse_partition_key
+from recsae_pipeline.storage.registry import ArtifactPaths
 
 FORCE_TAG = "recsae/force"
 SKIPPED_TAG = "recsae/skipped"
@@ -207,11 +207,6 @@ def _replayed(record: dict[str, Any], key: dg.AssetKey) -> dg.MaterializeResult:
         data_version=dg.DataVersion(record["data_version"]),
         tags={SKIPPED_TAG: "true"},
     )
-
-
-def partition_output(artifact: str) -> Outputs:
-    """The outputs of a per-(model, layer) asset: its hive partition directory."""
-    return lambda paths, key: [paths.partition_dir(artifact, *parse_partition_key(key or ""))]
 
 
 def content_versioned(

@@ -84,13 +84,19 @@ class CallRecord:
     replies: list[str] = field(default_factory=list)
     """Raw reply texts, one per billed request (two when a correction was needed)."""
     parsed: dict[str, Any] | None = None
+    """The reply validated against the purpose's schema; None when no reply validated."""
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    """Tokens as the server billed them, over every request of the call."""
     cost_usd: float = 0.0
+    """From the tokens and the settings' prices per 1k tokens (0 for a local server)."""
     seconds: float = 0.0
     retries: int = 0
+    """Requests repeated after a connection error, a timeout, a rate limit or a server error."""
     corrected: bool = False
+    """True when a corrective turn (the schema error quoted back) was needed."""
     error: str | None = None
+    """Why the call failed after its retries, or None."""
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -103,7 +109,9 @@ class Usage:
     calls: int = 0
     retries: int = 0
     corrections: int = 0
+    """Calls whose first reply failed the schema and needed a corrective turn."""
     failures: int = 0
+    """Calls that ended in an LLMError (the explainer then concludes with what it knows)."""
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0

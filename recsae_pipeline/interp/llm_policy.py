@@ -171,27 +171,6 @@ class WindowPredictions(BaseModel):
 # ----------------------------------------------------------------------------- helpers
 
 
-def _ask(
-    chat: OpenAIChat,
-    system: str,
-    user: str,
-    schema: type[T],
-    purpose: str,
-    on_call: OnCall | None,
-) -> T:
-    """One self-contained request: a system prompt and one user message."""
-    messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
-    try:
-        reply, record = chat.complete_json(messages, schema, purpose=purpose)
-    except LLMError as err:
-        if on_call is not None and err.record is not None:
-            on_call(err.record)
-        raise
-    if on_call is not None:
-        on_call(record)
-    return reply
-
-
 def _ref(item: Item) -> str:
     """How a prompt names an item so that `Catalog.resolve` reads it back."""
     return f"{item.title} ({item.year})" if item.year is not None else item.title
@@ -287,27 +266,47 @@ def _hypothesis_record(ctx: FeatureContext, h: Hypothesis) -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- policy
+class _ChatBacked:
+    """A role played by a language model: its chat, its name, the chat's usage, and `on_call`,
+    which receives every `CallRecord` (prompts, raw replies, tokens), e.g. for a transcript."""
 
-
-class LLMPolicy:
-    """SAGE's decisions by a language model; `on_call` receives every `CallRecord`
-    (prompts, raw replies, tokens), e.g. to write it into the feature's transcript."""
-
-    def __init__(
-        self, chat: OpenAIChat, catalog_hint_items: int = 30, on_call: OnCall | None = None
-    ) -> None:
+    def __init__(self, chat: OpenAIChat, on_call: OnCall | None) -> None:
         self.chat = chat
-        self.catalog_hint_items = catalog_hint_items
         self.on_call = on_call
         self.name = f"llm:{chat.name}"
 
     def usage(self) -> dict[str, float]:
         return self.chat.usage.as_dict()
 
+    def _request(self, system: str, user: str, schema: type[T], purpose: str) -> T:
+        """One self-contained request: a system prompt and one user message."""
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+        try:
+            reply, record = self.chat.complete_json(messages, schema, purpose=purpose)
+        except LLMError as err:
+            if self.on_call is not None and err.record is not None:
+                self.on_call(err.record)
+            raise
+        if self.on_call is not None:
+            self.on_call(record)
+        return reply
+
+
+# ----------------------------------------------------------------------------- policy
+
+
+class LLMPolicy(_ChatBacked):
+    """SAGE's decisions by a language model; `on_call` receives every `CallRecord`
+    (prompts, raw replies, tokens), e.g. to write it into the feature's transcript."""
+
+    def __init__(
+        self, chat: OpenAIChat, catalog_hint_items: int = 30, on_call: OnCall | None = None
+    ) -> None:
+        super().__init__(chat, on_call)
+        self.catalog_hint_items = catalog_hint_items
+
     def _ask(self, task: str, user: str, schema: type[T], purpose: str) -> T:
-        system = f"{DOMAIN}\n\n{HYPOTHESIS_GUIDE}\n\n{task}"
-        return _ask(self.chat, system, user, schema, purpose, self.on_call)
+        return self._request(f"{DOMAIN}\n\n{HYPOTHESIS_GUIDE}\n\n{task}", user, schema, purpose)
 
     # -- states
 
@@ -480,9 +479,7 @@ class LLMPolicy:
             lines.append("<end>")
             blocks.append("\n".join(lines))
         user = "\n\n".join(blocks) + "\n\nWhat does the feature fire on?"
-        return _ask(
-            self.chat, ONE_SHOT_TASK, user, FinalReply, f"baseline f{ctx.feature}", self.on_call
-        )
+        return self._request(ONE_SHOT_TASK, user, FinalReply, f"baseline f{ctx.feature}")
 
 
 # ----------------------------------------------------------------------------- scorer
@@ -512,7 +509,7 @@ def vocabulary_items(catalog: Catalog, n: int = 60, seed: int = 0) -> list[Item]
     return sorted(chosen.values(), key=lambda i: (i.genres[:1], i.popularity_rank))
 
 
-class LLMScorer:
+class LLMScorer(_ChatBacked):
     """Generative and predictive readings of an explanation by a language model, which sees
     the explanation and items only (never exemplars, activations or the explainer's notes)."""
 
@@ -523,14 +520,9 @@ class LLMScorer:
         vocabulary_size: int = 60,
         on_call: OnCall | None = None,
     ) -> None:
-        self.chat = chat
+        super().__init__(chat, on_call)
         self.windows_per_call = windows_per_call
         self.vocabulary_size = vocabulary_size
-        self.on_call = on_call
-        self.name = f"llm:{chat.name}"
-
-    def usage(self) -> dict[str, float]:
-        return self.chat.usage.as_dict()
 
     def generate(self, explanation: str, n: int, scoring: ScoringSet) -> list[SequenceSpec]:
         catalog = scoring.catalog
@@ -549,10 +541,7 @@ class LLMScorer:
                 )
             )
         system = f"{SCORER_DOMAIN}\n\n{GENERATE_TASK.format(n=n)}"
-        reply = _ask(
-            self.chat, system, "\n\n".join(sections), GeneratedSequences, "score generate",
-            self.on_call,
-        )  # fmt: skip
+        reply = self._request(system, "\n\n".join(sections), GeneratedSequences, "score generate")
         return [
             SequenceSpec(items=s.items, target_position=s.target_position, expect="high")
             for s in reply.sequences[:n]
@@ -577,10 +566,8 @@ class LLMScorer:
             lines += [f"  {p}: {catalog.render(i)}" for p, i in enumerate(w.items)]
             blocks.append("\n".join(lines))
         system = f"{SCORER_DOMAIN}\n\n{PREDICT_TASK}"
-        reply = _ask(
-            self.chat, system, "\n\n".join(blocks), WindowPredictions,
-            f"score predict {len(windows)} windows", self.on_call,
-        )  # fmt: skip
+        purpose = f"score predict {len(windows)} windows"
+        reply = self._request(system, "\n\n".join(blocks), WindowPredictions, purpose)
         by_window = {p.window: p.activations for p in reply.windows}
         out = []
         for k, w in enumerate(windows, start=1):

@@ -266,18 +266,16 @@ def run_sage(
         final = FinalReply(label="unexplained", description=f"The explainer failed: {err}")
     transcript.write(State.FINAL, reply=final)
     transcript.write(State.DONE, usage=policy.usage())
-    return Explanation(
-        feature=ctx.feature,
-        method="sage",
-        backend=policy.name,
-        label=final.label,
-        description=final.description,
+    return _explanation(
+        ctx,
+        "sage",
+        policy,
+        final,
+        transcript,
+        started,
         hypotheses=[h.summary() for h in hypotheses],
         experiments=experiments,
         sequences_run=ctx.probe.runs,
-        seconds=time.perf_counter() - started,
-        usage=policy.usage(),
-        transcript=None if transcript.path is None else str(transcript.path),
         stopped_by=stopped_by,
     )
 
@@ -292,16 +290,33 @@ def run_baseline(
                      exemplars=ctx.exemplars.render(ctx.catalog, n=10))  # fmt: skip
     reply = policy.one_shot(ctx)
     transcript.write(State.FINAL, reply=reply)
+    return _explanation(ctx, "baseline", policy, reply, transcript, started)
+
+
+def _explanation(
+    ctx: FeatureContext,
+    method: Literal["sage", "baseline"],
+    policy: Policy,
+    reply: FinalReply,
+    transcript: Transcript,
+    started: float,
+    hypotheses: list[dict] | None = None,
+    experiments: int = 0,
+    sequences_run: int = 0,
+    stopped_by: str = "done",
+) -> Explanation:
+    """`reply` as `method`'s `Explanation`: the policy's usage, the seconds since `started`."""
     return Explanation(
         feature=ctx.feature,
-        method="baseline",
+        method=method,
         backend=policy.name,
         label=reply.label,
         description=reply.description,
-        hypotheses=[],
-        experiments=0,
-        sequences_run=0,
+        hypotheses=hypotheses or [],
+        experiments=experiments,
+        sequences_run=sequences_run,
         seconds=time.perf_counter() - started,
         usage=policy.usage(),
         transcript=None if transcript.path is None else str(transcript.path),
+        stopped_by=stopped_by,
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Protocol, overload
 
 DEFAULT_DATA_DIR = "data"
 DATA_DIR_ENV = "RECSAE_DATA_DIR"
@@ -56,6 +56,35 @@ def shard_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
 
+class _Joins(Protocol):
+    def _join(self, *parts: str) -> Path: ...
+
+
+class _At:
+    """A path attribute: `parts` joined below the owner's base folder by its `_join`."""
+
+    def __init__(self, *parts: str) -> None:
+        self.parts = parts
+
+    @overload
+    def __get__(self, obj: None, owner: type) -> _At: ...
+    @overload
+    def __get__(self, obj: _Joins, owner: type) -> Path: ...
+    def __get__(self, obj: _Joins | None, owner: type) -> _At | Path:
+        return self if obj is None else obj._join(*self.parts)
+
+
+class _PartitionTable(_At):
+    """A `PartitionPaths` attribute: the file of the `PARTITIONED_TABLES` view named like it."""
+
+    def __init__(self, view: str | None = None) -> None:
+        super().__init__()
+        self.view = view
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.parts = PARTITIONED_TABLES[self.view or name]
+
+
 class Table(NamedTuple):
     """Where one Parquet table lives, for its DuckDB view."""
 
@@ -72,59 +101,29 @@ class ArtifactPaths:
 
     root: Path
 
-    @property
-    def raw_dir(self) -> Path:
-        return self.root / "raw"
+    raw_dir = _At("raw")
+    raw_interactions = _At("raw", "interactions.parquet")
+    raw_items = _At("raw", "items.parquet")
+    """The catalog as the source delivered it; `item_catalog` normalises it."""
+    ground_truth = _At("raw", "ground_truth.parquet")
+    """Planted mechanism per interaction (synthetic source only)."""
+    items = _At("catalog", "items.parquet")
+    sequences_dir = _At("sequences")
+    sequences = _At("sequences", "sequences.parquet")
+    item_map = _At("sequences", "item_map.parquet")
+    user_map = _At("sequences", "user_map.parquet")
+    reports_dir = _At("reports")
+    duckdb = _At(DUCKDB_FILE)
+    versions_dir = _At(VERSIONS_DIR)
+    recommender_eval = _At("models", "recommender_eval.parquet")
+    layer_probe = _At("models", "layer_probe.parquet")
 
-    @property
-    def raw_interactions(self) -> Path:
-        return self.raw_dir / "interactions.parquet"
-
-    @property
-    def raw_items(self) -> Path:
-        """The catalog as the source delivered it; `item_catalog` normalises it."""
-        return self.raw_dir / "items.parquet"
-
-    @property
-    def ground_truth(self) -> Path:
-        """Planted mechanism per interaction (synthetic source only)."""
-        return self.raw_dir / "ground_truth.parquet"
-
-    @property
-    def items(self) -> Path:
-        return self.root / "catalog" / "items.parquet"
-
-    @property
-    def sequences_dir(self) -> Path:
-        return self.root / "sequences"
-
-    @property
-    def sequences(self) -> Path:
-        return self.sequences_dir / "sequences.parquet"
-
-    @property
-    def item_map(self) -> Path:
-        return self.sequences_dir / "item_map.parquet"
-
-    @property
-    def user_map(self) -> Path:
-        return self.sequences_dir / "user_map.parquet"
-
-    @property
-    def reports_dir(self) -> Path:
-        return self.root / "reports"
+    def _join(self, *parts: str) -> Path:
+        return self.root.joinpath(*parts)
 
     def report(self, name: str, suffix: str = ".png") -> Path:
         """`reports/<name><suffix>`: a plot or result table for people."""
         return self.reports_dir / f"{name}{suffix}"
-
-    @property
-    def duckdb(self) -> Path:
-        return self.root / DUCKDB_FILE
-
-    @property
-    def versions_dir(self) -> Path:
-        return self.root / VERSIONS_DIR
 
     def version_record(self, asset: str, partition: str | None) -> Path:
         """`.versions/<asset>/<partition or _>.json`: an asset's data version and provenance."""
@@ -141,14 +140,6 @@ class ArtifactPaths:
 
     def model_metrics(self, name: str) -> Path:
         return self.model_dir(name) / METRICS_FILE
-
-    @property
-    def recommender_eval(self) -> Path:
-        return self.root / "models" / "recommender_eval.parquet"
-
-    @property
-    def layer_probe(self) -> Path:
-        return self.root / "models" / "layer_probe.parquet"
 
     @property
     def drop_folder(self) -> DropFolderPaths:
@@ -201,111 +192,39 @@ class PartitionPaths:
     def dir(self, artifact: str) -> Path:
         return self.root / artifact / f"model={self.model}" / f"layer={self.layer}"
 
-    def _table(self, view: str) -> Path:
-        artifact, file = PARTITIONED_TABLES[view]
-        return self.dir(artifact) / file
+    def _join(self, artifact: str, *parts: str) -> Path:
+        return self.dir(artifact).joinpath(*parts)
 
-    @property
-    def activations(self) -> Path:
-        """The folder of activation shards (`SHARD_GLOB`, named by `shard_name`)."""
-        return self.dir("activations")
-
-    @property
-    def activation_shards(self) -> Path:
-        """The glob over this partition's activation shards."""
-        return self._table("activations")
-
-    @property
-    def sae(self) -> Path:
-        return self.dir("sae")
-
-    @property
-    def sae_weights(self) -> Path:
-        return self.sae / SAE_WEIGHTS_FILE
-
-    @property
-    def sae_config(self) -> Path:
-        return self.sae / SAE_CONFIG_FILE
-
-    @property
-    def sae_metrics(self) -> Path:
-        return self.sae / METRICS_FILE
-
-    @property
-    def feature_activations(self) -> Path:
-        """The sparse feature-activation table (one file, sorted by feature)."""
-        return self._table("feature_activations")
-
-    @property
-    def feature_stats_dir(self) -> Path:
-        return self.dir("feature_stats")
-
-    @property
-    def feature_stats(self) -> Path:
-        return self._table("feature_stats")
-
-    @property
-    def neuron_stats(self) -> Path:
-        return self._table("neuron_stats")
-
-    @property
-    def feature_enrichment(self) -> Path:
-        return self._table("feature_enrichment")
-
-    @property
-    def planted_concepts(self) -> Path:
-        return self._table("planted_concepts")
-
-    @property
-    def steering_dir(self) -> Path:
-        return self.dir("steering")
-
-    @property
-    def steering_points(self) -> Path:
-        return self._table("steering_points")
-
-    @property
-    def steering_summary(self) -> Path:
-        return self._table("steering_summary")
-
-    @property
-    def explanations_dir(self) -> Path:
-        return self.dir("explanations")
-
-    @property
-    def explanations(self) -> Path:
-        return self._table("explanations")
-
-    @property
-    def transcripts(self) -> Path:
-        """The explainers' JSONL transcripts, one per feature and method."""
-        return self.explanations_dir / TRANSCRIPTS_DIR
-
-    @property
-    def cli_transcripts(self) -> Path:
-        """Transcripts of `recsae explain` runs, outside the asset's folder."""
-        return self.dir("explanations_cli")
-
-    @property
-    def explanation_scores_dir(self) -> Path:
-        return self.dir("explanation_scores")
-
-    @property
-    def explanation_scores(self) -> Path:
-        return self._table("explanation_scores")
-
-    @property
-    def explanation_summary(self) -> Path:
-        return self._table("explanation_summary")
-
-    @property
-    def browser(self) -> Path:
-        """The static feature-browser site."""
-        return self.dir("browser")
-
-    @property
-    def browser_index(self) -> Path:
-        return self.browser / BROWSER_INDEX_FILE
+    activations = _At("activations")
+    """The folder of activation shards (`SHARD_GLOB`, named by `shard_name`)."""
+    activation_shards = _PartitionTable("activations")
+    """The glob over this partition's activation shards."""
+    sae = _At("sae")
+    sae_weights = _At("sae", SAE_WEIGHTS_FILE)
+    sae_config = _At("sae", SAE_CONFIG_FILE)
+    sae_metrics = _At("sae", METRICS_FILE)
+    feature_activations = _PartitionTable()
+    """The sparse feature-activation table (one file, sorted by feature)."""
+    feature_stats_dir = _At("feature_stats")
+    feature_stats = _PartitionTable()
+    neuron_stats = _PartitionTable()
+    feature_enrichment = _PartitionTable()
+    planted_concepts = _PartitionTable()
+    steering_dir = _At("steering")
+    steering_points = _PartitionTable()
+    steering_summary = _PartitionTable()
+    explanations_dir = _At("explanations")
+    explanations = _PartitionTable()
+    transcripts = _At("explanations", TRANSCRIPTS_DIR)
+    """The explainers' JSONL transcripts, one per feature and method."""
+    cli_transcripts = _At("explanations_cli")
+    """Transcripts of `recsae explain` runs, outside the asset's folder."""
+    explanation_scores_dir = _At("explanation_scores")
+    explanation_scores = _PartitionTable()
+    explanation_summary = _PartitionTable()
+    browser = _At("browser")
+    """The static feature-browser site."""
+    browser_index = _At("browser", BROWSER_INDEX_FILE)
 
     def report(self, kind: str) -> Path:
         """`reports/<kind>_<model>_layer<l>.png`."""
@@ -318,29 +237,15 @@ class DropFolderPaths:
 
     root: Path
 
-    @property
-    def incoming(self) -> Path:
-        return self.root / "incoming"
+    incoming = _At()
+    appended = _At("appended")
+    accepted = _At("accepted")
+    quarantine = _At("quarantine")
+    merged_interactions = _At("merged", "interactions.parquet")
+    merged_items = _At("merged", "items.parquet")
 
-    @property
-    def appended(self) -> Path:
-        return self.incoming / "appended"
-
-    @property
-    def accepted(self) -> Path:
-        return self.incoming / "accepted"
-
-    @property
-    def quarantine(self) -> Path:
-        return self.incoming / "quarantine"
-
-    @property
-    def merged_interactions(self) -> Path:
-        return self.incoming / "merged" / "interactions.parquet"
-
-    @property
-    def merged_items(self) -> Path:
-        return self.incoming / "merged" / "items.parquet"
+    def _join(self, *parts: str) -> Path:
+        return self.root.joinpath("incoming", *parts)
 
     def appended_drop(self, tag: str) -> Path:
         """`appended/<tag>.parquet`: one valid drop's rows in the raw-interactions contract."""

@@ -12,13 +12,13 @@ from recsae_pipeline.defs.checks import check_result
 from recsae_pipeline.defs.config import knob
 from recsae_pipeline.defs.partitions import (
     DEFAULT_TARGETS,
-    model_layer,
     model_partitions,
     own_partitions,
+    partition_asset,
+    partition_of,
 )
-from recsae_pipeline.defs.progress import throttled_log
+from recsae_pipeline.defs.progress import partition_progress
 from recsae_pipeline.defs.resources import StorageRoot, TorchDevice
-from recsae_pipeline.defs.versioning import content_versioned, partition_output
 from recsae_pipeline.models.artifacts import load_recommender
 
 GROUP = "activations"
@@ -37,48 +37,38 @@ def activations_asset(model_name: str) -> dg.AssetsDefinition:
     per (model, layer); it depends on that model alone."""
     name = f"{model_name}_activations"
 
-    @dg.asset(
+    @partition_asset(
+        "activations",
         name=name,
-        group_name=GROUP,
-        code_version="1",
+        group=GROUP,
         kinds={"parquet", "duckdb", "pytorch"},
         partitions_def=model_partitions[model_name],
         deps=[model_name],
-        check_specs=[
-            dg.AssetCheckSpec(
-                "complete_and_finite",
-                asset=name,
-                blocking=True,
-                description="Row count equals the non-padding positions of `sequences` (within "
-                "max_len), no NaN/Inf, and the width equals the model's hidden size.",
-            )
-        ],
+        checks={
+            "complete_and_finite": "Row count equals the non-padding positions of `sequences` "
+            "(within max_len), no NaN/Inf, and the width equals the model's hidden size."
+        },
+        blocking=True,
         description=f"Hidden states of {model_name} at one layer from its own forward pass "
         "(forward hook on the block), for every non-padding position and split: "
         f"activations/model={model_name}/layer=<l>/part-*.parquet.",
     )
-    @content_versioned(partition_output("activations"))
     def write_partition(
         context: dg.AssetExecutionContext,
         config: ActivationsConfig,
         storage: StorageRoot,
         device: TorchDevice,
     ) -> dg.MaterializeResult:
-        _, layer = model_layer(context.partition_key)
-        paths = storage.paths
+        part = partition_of(context, storage.paths)
         dev = device.torch_device
-        sequences, _ = read_sequences(paths.sequences)
-        model = load_recommender(paths.model_dir(model_name), dev)
-        out = paths.partition(model_name, layer).activations
-        log = throttled_log(context)
-
-        def progress(done: int, total: int) -> None:
-            log(f"{context.partition_key}: {done:,}/{total:,} users", done == total)
-
+        sequences, _ = read_sequences(storage.paths.sequences)
+        model = load_recommender(storage.paths.model_dir(model_name), dev)
+        out = part.activations
         report = write_activations(
-            model, sequences, layer, out, dev,
+            model, sequences, part.layer, out, dev,
             batch_users=config.batch_users, rows_per_shard=config.rows_per_shard,
-            row_group_rows=config.row_group_rows, on_progress=progress,
+            row_group_rows=config.row_group_rows,
+            on_progress=partition_progress(context, "{done:,}/{total:,} users"),
         )  # fmt: skip
         storage.refresh_duckdb()
         context.log.info(
@@ -92,7 +82,7 @@ def activations_asset(model_name: str) -> dg.AssetsDefinition:
                 "path": dg.MetadataValue.path(str(out)),
                 "dagster/row_count": report.rows,
                 "model": model_name,
-                "layer": layer,
+                "layer": part.layer,
                 "dim": report.dim,
                 "shards": report.shards,
                 "megabytes": dg.MetadataValue.float(round(report.bytes / 2**20, 2)),

@@ -6,9 +6,8 @@ import dagster as dg
 from recsae_pipeline.defs.assets.explanations import explanation_scores
 from recsae_pipeline.defs.assets.features import steering_eval
 from recsae_pipeline.defs.config import knob
-from recsae_pipeline.defs.partitions import feature_partitions, model_layer
+from recsae_pipeline.defs.partitions import partition_asset, partition_of
 from recsae_pipeline.defs.resources import StorageRoot
-from recsae_pipeline.defs.versioning import content_versioned, partition_output
 from recsae_pipeline.report.feature_browser import write_browser
 
 GROUP = "browser"
@@ -23,27 +22,28 @@ class FeatureBrowserConfig(dg.Config):
     top_windows: int = knob(write_browser, "top_windows", "Top windows (one per user) per page.")
 
 
-@dg.asset(
-    group_name=GROUP,
-    code_version="1",
+@partition_asset(
+    "browser",
+    group=GROUP,
     kinds={"html"},
-    partitions_def=feature_partitions,
     deps=[explanation_scores, steering_eval],
     description="A static HTML site: an index of features sortable by frequency, "
     "monosemanticity and explanation scores, and one page per feature with its explanations "
     "(SAGE hypotheses and verdicts), top windows, activation histogram, attribute enrichment "
     "and steering effect. browser/model=<m>/layer=<l>/index.html; open it from disk.",
 )
-@content_versioned(partition_output("browser"))
 def feature_browser(
     context: dg.AssetExecutionContext, config: FeatureBrowserConfig, storage: StorageRoot
 ) -> dg.MaterializeResult:
-    model_name, layer = model_layer(context.partition_key)
-    paths = storage.paths
-    out = paths.partition(model_name, layer).browser
+    part = partition_of(context, storage.paths)
     try:
         report = write_browser(
-            paths, model_name, layer, out, config.max_features, config.top_windows
+            storage.paths,
+            part.model,
+            part.layer,
+            part.browser,
+            config.max_features,
+            config.top_windows,
         )
     except FileNotFoundError as error:
         raise dg.Failure(str(error)) from error

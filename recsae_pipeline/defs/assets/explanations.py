@@ -12,11 +12,11 @@ from pydantic import Field
 
 from recsae_pipeline.data.catalog import Catalog
 from recsae_pipeline.defs.assets.features import feature_stats
+from recsae_pipeline.defs.checks import check_result
 from recsae_pipeline.defs.config import knob, to_domain
-from recsae_pipeline.defs.partitions import feature_partitions, model_layer
-from recsae_pipeline.defs.progress import throttled_log
+from recsae_pipeline.defs.partitions import partition_asset, partition_of
+from recsae_pipeline.defs.progress import partition_progress, throttled_log
 from recsae_pipeline.defs.resources import LLM, StorageRoot, TorchDevice
-from recsae_pipeline.defs.versioning import content_versioned, partition_output
 from recsae_pipeline.interp.explain import (
     METHODS,
     concept_named,
@@ -25,15 +25,12 @@ from recsae_pipeline.interp.explain import (
     select_features,
 )
 from recsae_pipeline.interp.sage import Explanation, Limits
+from recsae_pipeline.models.validation import CheckOutcome
 from recsae_pipeline.report.plots import new_figure, save_figure
 from recsae_pipeline.storage.atomic import atomic_path, write_parquet
-from recsae_pipeline.storage.registry import TRANSCRIPTS_DIR, ArtifactPaths
+from recsae_pipeline.storage.registry import TRANSCRIPTS_DIR
 
 GROUP = "explanations"
-
-
-def explanations_dir(paths: ArtifactPaths, model: str, layer: int) -> Path:
-    return paths.partition(model, layer).explanations_dir
 
 
 class ExplanationsConfig(dg.Config):
@@ -57,18 +54,16 @@ class ExplanationsConfig(dg.Config):
     seed: int = knob(select_features, "seed")
 
 
-@dg.asset(
-    group_name=GROUP,
-    code_version="1",
+@partition_asset(
+    "explanations",
+    group=GROUP,
     kinds={"parquet"},
-    partitions_def=feature_partitions,
     deps=[feature_stats],
     description="SAGE (hypotheses, experiments on crafted item sequences, verdicts, review) and "
     "the one-shot baseline on the configured features: label, description, hypotheses with "
     "verdicts, experiments, backend, LLM calls/tokens/cost, and a JSONL transcript per "
     "feature and method. explanations/model=<m>/layer=<l>/.",
 )
-@content_versioned(partition_output("explanations"))
 def explanations(
     context: dg.AssetExecutionContext,
     config: ExplanationsConfig,
@@ -76,9 +71,8 @@ def explanations(
     device: TorchDevice,
     llm: LLM,
 ) -> dg.MaterializeResult:
-    model_name, layer = model_layer(context.partition_key)
-    paths = storage.paths
-    stats = pq.read_table(paths.partition(model_name, layer).feature_stats).to_pylist()
+    part = partition_of(context, storage.paths)
+    stats = pq.read_table(part.feature_stats).to_pylist()
     features = config.features or select_features(
         stats, config.n_frequent, config.n_random, config.n_concept, config.seed
     )
@@ -91,23 +85,21 @@ def explanations(
             done == total,
         )
 
-    out = explanations_dir(paths, model_name, layer)
+    out = part.explanations_dir
     started = time.perf_counter()
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
         explained = explain_features(
-            paths, model_name, layer, features, llm.policy_factory(), device.torch_device,
-            tmp / TRANSCRIPTS_DIR, limits, METHODS, config.seed, progress,
+            storage.paths, part.model, part.layer, features, llm.policy_factory(),
+            device.torch_device, tmp / TRANSCRIPTS_DIR, limits, METHODS, config.seed, progress,
         )  # fmt: skip
         rows = []
         for e in explained:
             row = e.as_row()
             if row["transcript"]:  # point at the final location, not the temp directory
-                transcripts = paths.partition(model_name, layer).transcripts
-                row["transcript"] = str(transcripts / Path(row["transcript"]).name)
+                row["transcript"] = str(part.transcripts / Path(row["transcript"]).name)
             rows.append(row)
-        name = paths.partition(model_name, layer).explanations.name
-        write_parquet(pa.Table.from_pylist(rows), tmp / name, row_group_size=None)
+        write_parquet(pa.Table.from_pylist(rows), tmp / part.explanations.name, row_group_size=None)
     storage.refresh_duckdb()
     sage_rows = [r for r in rows if r["method"] == "sage"]
     table = ["| feature | method | label |", "|---|---|---|"]
@@ -147,23 +139,17 @@ class ExplanationScoresConfig(dg.Config):
     seed: int = knob(score_features, "seed")
 
 
-@dg.asset(
-    group_name=GROUP,
-    code_version="1",
+@partition_asset(
+    "explanation_scores",
+    group=GROUP,
     kinds={"parquet"},
-    partitions_def=feature_partitions,
     deps=[explanations],
-    check_specs=[
-        dg.AssetCheckSpec(
-            "sage_beats_baseline",
-            asset="explanation_scores",
-            description="SAGE's mean generative accuracy and mean predictive r above the baseline's.",
-        ),
-    ],  # fmt: skip
+    checks={
+        "sage_beats_baseline": "SAGE's mean generative accuracy and mean predictive r above the baseline's."
+    },
     description="Generative accuracy, predictive Pearson r and detection AUC of every "
     "explanation (the scorer sees only the text), per feature and a per-method summary.",
 )
-@content_versioned(partition_output("explanation_scores"))
 def explanation_scores(
     context: dg.AssetExecutionContext,
     config: ExplanationScoresConfig,
@@ -171,22 +157,15 @@ def explanation_scores(
     device: TorchDevice,
     llm: LLM,
 ) -> dg.MaterializeResult:
-    model_name, layer = model_layer(context.partition_key)
-    paths = storage.paths
-    source = paths.partition(model_name, layer).explanations
-    rows = pq.read_table(source).to_pylist()
-    explained = [Explanation.from_row(r) for r in rows]
-    log = throttled_log(context)
+    part = partition_of(context, storage.paths)
+    explained = [Explanation.from_row(r) for r in pq.read_table(part.explanations).to_pylist()]
     scores = score_features(
-        paths, model_name, layer, explained, llm.scorer_factory(), device.torch_device,
-        config.seed, config.n_generated,
-        on_progress=lambda done, total: log(f"{context.partition_key}: scored {done}/{total}", done == total),
+        storage.paths, part.model, part.layer, explained, llm.scorer_factory(),
+        device.torch_device, config.seed, config.n_generated,
+        on_progress=partition_progress(context, "scored {done}/{total}"),
     )  # fmt: skip
-    stats = {
-        r["feature"]: r
-        for r in pq.read_table(paths.partition(model_name, layer).feature_stats).to_pylist()
-    }
-    catalog = Catalog.load(paths)
+    stats = {r["feature"]: r for r in pq.read_table(part.feature_stats).to_pylist()}
+    catalog = Catalog.load(storage.paths)
     for score, e in zip(scores, explained, strict=True):
         concept = stats.get(e.feature, {}).get("best_concept")
         auc = stats.get(e.feature, {}).get("concept_auc")
@@ -203,7 +182,6 @@ def explanation_scores(
         score["llm_cost_usd"] = e.usage.get("cost_usd", 0.0)
         score["seconds"] = e.seconds
         score["scorer_usage"] = str(score["scorer_usage"])
-    part = paths.partition(model_name, layer)
     out = part.explanation_scores_dir
     summary = _summary(scores)
     with atomic_path(out) as tmp:
@@ -232,19 +210,13 @@ def explanation_scores(
             f"{s['mean_detection_auc']:.3f} | {named} | {s['llm_calls']} | {s['llm_tokens']} | "
             f"{s['llm_cost_usd']:.4f} | {s['seconds']:.1f} |"
         )
-    plot = _scores_plot(
-        scores,
-        context.partition_key,
-        part.report("explanation_scores"),
+    plot = _scores_plot(scores, context.partition_key, part.report("explanation_scores"))
+    description = " vs ".join(
+        f"{s['method']}: gen {s['mean_generative_accuracy']:.3f}, r {s['mean_predictive_r']:.3f}"
+        for s in summary
     )
-    check = dg.AssetCheckResult(
-        check_name="sage_beats_baseline",
-        passed=passed,
-        severity=dg.AssetCheckSeverity.WARN,
-        description=" vs ".join(
-            f"{s['method']}: gen {s['mean_generative_accuracy']:.3f}, r {s['mean_predictive_r']:.3f}"
-            for s in summary
-        ),
+    check = check_result(
+        "sage_beats_baseline", CheckOutcome(passed, description, {}), dg.AssetCheckSeverity.WARN
     )
     return dg.MaterializeResult(
         check_results=[check],

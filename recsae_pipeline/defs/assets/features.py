@@ -12,14 +12,14 @@ from pydantic import Field
 
 from recsae_pipeline.data.catalog import Catalog
 from recsae_pipeline.data.sequences import read_sequences
-from recsae_pipeline.defs.assets.sae import sae, sae_dir
+from recsae_pipeline.defs.assets.sae import sae
 from recsae_pipeline.defs.checks import check_result
 from recsae_pipeline.defs.config import knob
-from recsae_pipeline.defs.partitions import feature_partitions, model_layer
-from recsae_pipeline.defs.progress import throttled_log
+from recsae_pipeline.defs.partitions import partition_asset, partition_of
+from recsae_pipeline.defs.progress import partition_progress
 from recsae_pipeline.defs.resources import StorageRoot, TorchDevice
-from recsae_pipeline.defs.versioning import content_versioned, partition_output
 from recsae_pipeline.models.artifacts import load_recommender
+from recsae_pipeline.models.validation import CheckOutcome
 from recsae_pipeline.report.plots import new_figure, save_figure
 from recsae_pipeline.sae.evaluation import encoding_check
 from recsae_pipeline.sae.features import (
@@ -35,67 +35,42 @@ from recsae_pipeline.sae.steering import (
     summarize,
 )
 from recsae_pipeline.storage.atomic import atomic_path, write_parquet
-from recsae_pipeline.storage.registry import ArtifactPaths
+from recsae_pipeline.storage.registry import PartitionPaths
 from recsae_pipeline.storage.sql import sql_literal
 
 GROUP = "features"
 
 
-def feature_activations_path(paths: ArtifactPaths, model: str, layer: int) -> Path:
-    return paths.partition(model, layer).feature_activations
-
-
-def feature_stats_dir(paths: ArtifactPaths, model: str, layer: int) -> Path:
-    return paths.partition(model, layer).feature_stats_dir
-
-
-def steering_dir(paths: ArtifactPaths, model: str, layer: int) -> Path:
-    return paths.partition(model, layer).steering_dir
-
-
-def _load_sae(paths: ArtifactPaths, model: str, layer: int, device: torch.device) -> TopKSae:
-    directory = sae_dir(paths, model, layer)
-    if not paths.partition(model, layer).sae_weights.exists():
+def _load_sae(part: PartitionPaths, device: torch.device) -> TopKSae:
+    if not part.sae_weights.exists():
         raise dg.Failure(
-            f"{directory} holds no sae.safetensors; materialize the `sae` asset for partition "
-            f"{model}.layer{layer} first (`recsae materialize` runs every partition)."
+            f"{part.sae} holds no sae.safetensors; materialize the `sae` asset for partition "
+            f"{part.key} first (`recsae materialize` runs every partition)."
         )
-    return TopKSae.load(directory, device)
+    return TopKSae.load(part.sae, device)
 
 
-@dg.asset(
-    group_name=GROUP,
-    code_version="1",
+@partition_asset(
+    "feature_activations",
+    group=GROUP,
     kinds={"parquet", "duckdb"},
-    partitions_def=feature_partitions,
     deps=[sae],
-    check_specs=[
-        dg.AssetCheckSpec(
-            "every_row_encoded",
-            asset="feature_activations",
-            blocking=True,
-            description="One code per activation row, at most k entries per row, all values finite and > 0.",
-        )
-    ],  # fmt: skip
+    checks={
+        "every_row_encoded": "One code per activation row, at most k entries per row, all values finite and > 0."
+    },
+    blocking=True,
     description="The SAE code of every activation row, sparse: user_idx, position, item_idx, "
     "feature, value (only the top-k per row), sorted by feature then value; DuckDB view "
     "`feature_activations` with `model` and `layer` columns.",
 )
-@content_versioned(partition_output("feature_activations"))
 def feature_activations(
     context: dg.AssetExecutionContext, storage: StorageRoot, device: TorchDevice
 ) -> dg.MaterializeResult:
-    model_name, layer = model_layer(context.partition_key)
-    paths = storage.paths
+    part = partition_of(context, storage.paths)
     dev = device.torch_device
-    trained = _load_sae(paths, model_name, layer, dev)
-    shards = paths.partition(model_name, layer).activations
-    out = feature_activations_path(paths, model_name, layer)
-    log = throttled_log(context)
-
-    def progress(done: int, total: int) -> None:
-        log(f"{context.partition_key}: encoded {done:,}/{total:,} rows", done == total)
-
+    trained = _load_sae(part, dev)
+    shards, out = part.activations, part.feature_activations
+    progress = partition_progress(context, "encoded {done:,}/{total:,} rows")
     report = write_feature_activations(trained, shards, out, dev, on_progress=progress)
     storage.refresh_duckdb()
     check = encoding_check(out, shards, report.rows, trained.config.k)
@@ -114,7 +89,7 @@ def feature_activations(
             "seconds": dg.MetadataValue.float(round(report.seconds, 2)),
             "example_sql": dg.MetadataValue.md(
                 "```sql\nSELECT f.value, i.title FROM feature_activations f JOIN items i USING (item_idx)\n"
-                f"WHERE model = {sql_literal(model_name)} AND layer = {layer} AND feature = 0\nORDER BY value DESC LIMIT 10\n```"
+                f"WHERE model = {sql_literal(part.model)} AND layer = {part.layer} AND feature = 0\nORDER BY value DESC LIMIT 10\n```"
             ),
         },
     )
@@ -143,50 +118,42 @@ class FeatureStatsConfig(dg.Config):
     )
 
 
-@dg.asset(
-    group_name=GROUP,
-    code_version="1",
+@partition_asset(
+    "feature_stats",
+    group=GROUP,
     kinds={"parquet", "duckdb"},
-    partitions_def=feature_partitions,
     deps=[feature_activations],
-    check_specs=[
-        dg.AssetCheckSpec(
-            "sae_more_monosemantic_than_neurons",
-            asset="feature_stats",
-            description="Median monosemanticity of SAE features above that of raw hidden dimensions (both signs).",
-        ),
-    ],  # fmt: skip
+    checks={
+        "sae_more_monosemantic_than_neurons": "Median monosemanticity of SAE features above that of raw hidden dimensions (both signs)."
+    },
     description="Per SAE feature: frequency, mean/max activation, top items, attribute "
     "enrichment (genre, decade, popularity band, franchise) and a monosemanticity score; the "
     "same score for the raw hidden dimensions in both signs; on synthetic data, the best "
     "feature's AUC for each planted concept. feature_stats/model=<m>/layer=<l>/*.parquet.",
 )
-@content_versioned(partition_output("feature_stats"))
 def feature_stats(
     context: dg.AssetExecutionContext,
     config: FeatureStatsConfig,
     storage: StorageRoot,
     device: TorchDevice,
 ) -> dg.MaterializeResult:
-    model_name, layer = model_layer(context.partition_key)
-    paths = storage.paths
+    part = partition_of(context, storage.paths)
     dev = device.torch_device
-    trained = _load_sae(paths, model_name, layer, dev)
+    trained = _load_sae(part, dev)
     stats = compute_feature_stats(
         trained,
-        paths,
-        model_name,
-        layer,
+        storage.paths,
+        part.model,
+        part.layer,
         dev,
         top_n=config.top_n,
         min_support=config.min_support,
         max_sample_rows=config.max_sample_rows,
         min_positives=config.min_positives,
     )
-    out = feature_stats_dir(paths, model_name, layer)
+    out = part.feature_stats_dir
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
-        part = paths.partition(model_name, layer)
         write_parquet(stats.features, tmp / part.feature_stats.name, row_group_size=None)
         write_parquet(stats.neurons, tmp / part.neuron_stats.name, row_group_size=None)
         write_parquet(stats.enrichment, tmp / part.feature_enrichment.name, row_group_size=None)
@@ -230,13 +197,12 @@ def feature_stats(
         f"{context.partition_key}: median monosemanticity SAE {sae_median:.3f} vs neurons "
         f"{neuron_median:.3f} ({len(feature_scores)} features, {len(neuron_scores)} neuron signs)"
     )
-    check = dg.AssetCheckResult(
-        check_name="sae_more_monosemantic_than_neurons",
-        passed=bool(sae_median > neuron_median),
-        severity=dg.AssetCheckSeverity.WARN,
-        description=f"median SAE {sae_median:.3f} vs neurons {neuron_median:.3f}",
-        metadata={"sae_median": sae_median, "neuron_median": neuron_median},
+    outcome = CheckOutcome(
+        sae_median > neuron_median,
+        f"median SAE {sae_median:.3f} vs neurons {neuron_median:.3f}",
+        {"sae_median": sae_median, "neuron_median": neuron_median},
     )
+    check = check_result("sae_more_monosemantic_than_neurons", outcome, dg.AssetCheckSeverity.WARN)
     return dg.MaterializeResult(check_results=[check], metadata=metadata)
 
 
@@ -315,36 +281,29 @@ class SteeringConfig(dg.Config):
     seed: int = knob(steering_users, "seed")
 
 
-@dg.asset(
-    group_name=GROUP,
-    code_version="1",
+@partition_asset(
+    "steering",
+    group=GROUP,
     kinds={"parquet", "pytorch"},
-    partitions_def=feature_partitions,
     deps=[feature_stats],
-    check_specs=[
-        dg.AssetCheckSpec(
-            "steering_triples_genre_share",
-            asset="steering_eval",
-            description="For most genres, adding the genre's feature at least triples its top-10 share within the NDCG@10 loss bound.",
-        ),
-    ],  # fmt: skip
+    checks={
+        "steering_triples_genre_share": "For most genres, adding the genre's feature at least triples its top-10 share within the NDCG@10 loss bound."
+    },
     description="Per genre: the feature most enriched for it, added along its decoder direction "
     "(alpha swept) and clamped to 0 at the SAE's layer; genre share of the top 10 and NDCG@10 "
     "on test users. steering/model=<m>/layer=<l>/{points,summary}.parquet.",
 )
-@content_versioned(partition_output("steering"))
 def steering_eval(
     context: dg.AssetExecutionContext,
     config: SteeringConfig,
     storage: StorageRoot,
     device: TorchDevice,
 ) -> dg.MaterializeResult:
-    model_name, layer = model_layer(context.partition_key)
+    part = partition_of(context, storage.paths)
     paths = storage.paths
     dev = device.torch_device
-    trained = _load_sae(paths, model_name, layer, dev)
-    model = load_recommender(paths.model_dir(model_name), dev).eval()
-    part = paths.partition(model_name, layer)
+    trained = _load_sae(part, dev)
+    model = load_recommender(paths.model_dir(part.model), dev).eval()
     features = pq.read_table(part.feature_stats, columns=["feature", "max_activation"])
     max_activation = {r["feature"]: r["max_activation"] or 0.0 for r in features.to_pylist()}
     enrichment = pq.read_table(part.feature_enrichment).to_pylist()
@@ -357,23 +316,12 @@ def steering_eval(
     sequences, num_items = read_sequences(paths.sequences)
     flags = genre_items(Catalog.load(paths), list(targets), num_items)
     users = steering_users(sequences, model.config.max_len, dev, config.max_users, config.seed)
-    log = throttled_log(context)
-
-    def progress(done: int, total: int) -> None:
-        log(f"{context.partition_key}: steered {done}/{total} genres", done == total)
-
+    progress = partition_progress(context, "steered {done}/{total} genres")
     points = steering_sweep(
-        model,
-        layer,
-        trained,
-        targets,
-        flags,
-        users,
-        config.alpha_scales,
-        on_progress=progress,
+        model, part.layer, trained, targets, flags, users, config.alpha_scales, on_progress=progress
     )
     outcomes = summarize(points, config.max_ndcg_loss, config.required_ratio)
-    out = steering_dir(paths, model_name, layer)
+    out = part.steering_dir
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
         write_parquet(
@@ -398,14 +346,13 @@ def steering_eval(
         f"{context.partition_key}: {met}/{len(outcomes)} genres at >= {config.required_ratio:g}x "
         f"top-10 share within {config.max_ndcg_loss:.0%} NDCG@10 loss"
     )
-    check = dg.AssetCheckResult(
-        check_name="steering_triples_genre_share",
-        passed=met > len(outcomes) / 2,
-        severity=dg.AssetCheckSeverity.WARN,
-        description=f"{met}/{len(outcomes)} genres reach {config.required_ratio:g}x share within "
+    outcome = CheckOutcome(
+        met > len(outcomes) / 2,
+        f"{met}/{len(outcomes)} genres reach {config.required_ratio:g}x share within "
         f"{config.max_ndcg_loss:.0%} NDCG@10 loss",
-        metadata={"genres_met": met, "genres": len(outcomes)},
+        {"genres_met": met, "genres": len(outcomes)},
     )
+    check = check_result("steering_triples_genre_share", outcome, dg.AssetCheckSeverity.WARN)
     return dg.MaterializeResult(
         check_results=[check],
         metadata={

@@ -42,6 +42,7 @@ from recsae_pipeline.models.training import (
 from recsae_pipeline.models.validation import beats_popularity, close_to_teacher, finite_weights
 from recsae_pipeline.report.plots import new_figure, save_figure
 from recsae_pipeline.storage.atomic import write_json, write_parquet
+from recsae_pipeline.storage.registry import ArtifactPaths
 
 GROUP = "models"
 MODELS = ("sasrec", "teacher", "student", "student_ce")
@@ -87,7 +88,15 @@ class SasrecConfig(TrainingOptions):
     nproc_per_node: int = Field(default=2, description="torchrun ranks (processes or GPUs).")
 
 
-class TeacherConfig(TrainingOptions):
+class LlamaTrainingOptions(TrainingOptions):
+    """The Llama-backbone models (teacher and students) train on `LLAMA_TRAINING`'s schedule."""
+
+    lr: float = knob(LLAMA_TRAINING, "lr")
+    max_epochs: int = knob(LLAMA_TRAINING, "max_epochs")
+    patience: int = knob(LLAMA_TRAINING, "patience")
+
+
+class TeacherConfig(LlamaTrainingOptions):
     """A deep Llama-architecture backbone over a projection of the frozen SASRec item vectors.
 
     Defaults are sized so the embedded data trains in minutes on a CPU; see configs/ for the
@@ -101,9 +110,6 @@ class TeacherConfig(TrainingOptions):
     )
     dropout: float = knob(TEACHER_DEFAULTS, "dropout")
     max_len: int = knob(RecommenderConfig, "max_len")
-    lr: float = knob(LLAMA_TRAINING, "lr")
-    max_epochs: int = knob(LLAMA_TRAINING, "max_epochs")
-    patience: int = knob(LLAMA_TRAINING, "patience")
     pretrained_path: str | None = knob(
         RecommenderConfig,
         "pretrained_path",
@@ -111,7 +117,7 @@ class TeacherConfig(TrainingOptions):
     )
 
 
-class StudentConfig(TrainingOptions):
+class StudentConfig(LlamaTrainingOptions):
     """The teacher's first layers, trained with SLMRec's loss (or CE only for the ablation)."""
 
     num_layers: int = knob(
@@ -120,9 +126,6 @@ class StudentConfig(TrainingOptions):
     lambda_cosine: float = knob(DistillConfig, "lambda_cosine")
     lambda_l2: float = knob(DistillConfig, "lambda_l2")
     lambda_supervision: float = knob(DistillConfig, "lambda_supervision")
-    lr: float = knob(LLAMA_TRAINING, "lr")
-    max_epochs: int = knob(LLAMA_TRAINING, "max_epochs")
-    patience: int = knob(LLAMA_TRAINING, "patience")
     teacher_tolerance: float = Field(
         default=TEACHER_TOLERANCE,
         description="Warn when test NDCG@10 falls more than this fraction below the teacher's.",
@@ -165,19 +168,36 @@ def _curve(result: TrainResult, name: str, path: Path) -> str:
     return save_figure(fig, path)
 
 
-def _finish(
-    context: dg.AssetExecutionContext,
-    name: str,
-    model: Recommender,
-    result: TrainResult,
-    storage: StorageRoot,
-    device: torch.device,
-    data: tuple[list[np.ndarray], int],
-    extra: dict[str, Any] | None = None,
-) -> dg.MaterializeResult:
+class TrainInputs(NamedTuple):
+    """What every model trainer reads: the step, the store, the torch device, the sequences."""
+
+    context: dg.AssetExecutionContext
+    paths: ArtifactPaths
+    device: torch.device
+    sequences: list[np.ndarray]
+    num_items: int
+
+    def load(self, name: str) -> Recommender:
+        """The saved model `name` (an upstream asset) on the device."""
+        return load_recommender(self.paths.model_dir(name), self.device)
+
+
+class Trained(NamedTuple):
+    model: Recommender
+    result: TrainResult
+    metrics: dict[str, Any]
+    """Saved in metrics.json beside the test metrics and the training history."""
+    metadata: dict[str, Any]
+    """Materialization metadata beyond `_finish`'s (what torchrun's rank 0 reported)."""
+
+
+Trainer = Callable[[Any, TrainInputs], Trained]
+
+
+def _finish(inputs: TrainInputs, name: str, trained: Trained) -> dg.MaterializeResult:
     """Evaluate on test, save the model directory atomically, return metadata for the UI."""
-    seqs, num_items = data
-    test = evaluate(model, seqs, num_items, "test", device)
+    model, result = trained.model, trained.result
+    test = evaluate(model, inputs.sequences, inputs.num_items, "test", inputs.device)
     metrics = {
         "valid": result.best_valid,
         "test": test,
@@ -195,15 +215,16 @@ def _finish(
             }
             for r in result.history
         ],
-        **(extra or {}),
+        **trained.metrics,
     }
-    path = save_recommender(model, storage.paths.model_dir(name), metrics)
-    curve = _curve(result, name, storage.paths.report(f"training_{name}"))
-    context.log.info(
+    path = save_recommender(model, inputs.paths.model_dir(name), metrics)
+    curve = _curve(result, name, inputs.paths.report(f"training_{name}"))
+    inputs.context.log.info(
         f"{name}: test NDCG@10 {test['ndcg@10']:.4f}, HR@10 {test['hr@10']:.4f}; saved to {path}"
     )
     return dg.MaterializeResult(
         metadata={
+            **trained.metadata,
             "path": dg.MetadataValue.path(str(path)),
             "params": metrics["params"],
             "best_epoch": result.best_epoch,
@@ -224,93 +245,59 @@ def _finish(
     )
 
 
-class Trained(NamedTuple):
-    model: Recommender
-    result: TrainResult
-    metrics: dict[str, Any]
-    """Saved in metrics.json beside the test metrics and the training history."""
-    metadata: dict[str, Any]
-    """Materialization metadata beyond `_finish`'s (what torchrun's rank 0 reported)."""
-
-
-Data = tuple[list[np.ndarray], int]
-Trainer = Callable[[dg.AssetExecutionContext, Any, StorageRoot, torch.device, Data], Trained]
-
-
-def _train_sasrec(
-    context: dg.AssetExecutionContext,
-    config: SasrecConfig,
-    storage: StorageRoot,
-    device: torch.device,
-    data: Data,
-) -> Trained:
-    seqs, num_items = data
+def _train_sasrec(config: SasrecConfig, inputs: TrainInputs) -> Trained:
     torch.manual_seed(config.seed)
     model_config = RecommenderConfig.sasrec(
-        num_items,
+        inputs.num_items,
         **config.model_dump(
             include={"hidden_size", "num_layers", "num_heads", "dropout", "max_len"}
         ),
     )
     if config.launcher == "in_process":
         model = Recommender(model_config)
-        on_epoch = _epoch_logger(context, "sasrec")
         result = train_recommender(
-            model, seqs, num_items, config.train_config(), device, on_epoch=on_epoch
-        )
+            model, inputs.sequences, inputs.num_items, config.train_config(), inputs.device,
+            on_epoch=_epoch_logger(inputs.context, "sasrec"),
+        )  # fmt: skip
         return Trained(model, result, {}, {})
-    out = storage.paths.model_dir("sasrec")
     extras = {
-        "sequences": str(storage.paths.sequences),
-        "out": str(out),
+        "sequences": str(inputs.paths.sequences),
+        "out": str(inputs.paths.model_dir("sasrec")),
         "model": asdict(model_config),
         "train": asdict(config.train_config()),
     }
-    message, launched = launch(context, "sasrec", extras, config.nproc_per_node, device.type)
-    return Trained(load_recommender(out, device), train_result(message), {}, launched)
+    message, launched = launch(
+        inputs.context, "sasrec", extras, config.nproc_per_node, inputs.device.type
+    )
+    return Trained(inputs.load("sasrec"), train_result(message), {}, launched)
 
 
-def _train_teacher(
-    context: dg.AssetExecutionContext,
-    config: TeacherConfig,
-    storage: StorageRoot,
-    device: torch.device,
-    data: Data,
-) -> Trained:
-    seqs, num_items = data
-    sasrec = load_recommender(storage.paths.model_dir("sasrec"), device)
-    item_table = sasrec.item_vectors.detach()
+def _train_teacher(config: TeacherConfig, inputs: TrainInputs) -> Trained:
+    item_table = inputs.load("sasrec").item_vectors.detach()
     torch.manual_seed(config.seed)
     architecture = {"hidden_size", "num_layers", "num_heads", "ffn_mult", "dropout", "max_len"}
     model_config = RecommenderConfig.teacher(
-        num_items,
+        inputs.num_items,
         d_item=item_table.shape[1],
         pretrained_path=config.pretrained_path,
         **config.model_dump(include=architecture),
     )
     model = Recommender(model_config, item_table=item_table)
-    on_epoch = _epoch_logger(context, "teacher")
     result = train_recommender(
-        model, seqs, num_items, config.train_config(), device, on_epoch=on_epoch
-    )
+        model, inputs.sequences, inputs.num_items, config.train_config(), inputs.device,
+        on_epoch=_epoch_logger(inputs.context, "teacher"),
+    )  # fmt: skip
     return Trained(model, result, {"pretrained_path": config.pretrained_path}, {})
 
 
 def _student_trainer(name: str, distill: bool) -> Trainer:
-    def train(
-        context: dg.AssetExecutionContext,
-        config: StudentConfig,
-        storage: StorageRoot,
-        device: torch.device,
-        data: Data,
-    ) -> Trained:
-        seqs, num_items = data
-        teacher = load_recommender(storage.paths.model_dir("teacher"), device)
+    def train(config: StudentConfig, inputs: TrainInputs) -> Trained:
+        teacher = inputs.load("teacher")
         model = student_from_teacher(teacher, num_layers=config.num_layers)
         distill_config = to_domain(config, DistillConfig, distill=distill)
         result = train_student(
-            model, teacher, seqs, num_items, config.train_config(), distill_config, device,
-            on_epoch=_epoch_logger(context, name),
+            model, teacher, inputs.sequences, inputs.num_items, config.train_config(),
+            distill_config, inputs.device, on_epoch=_epoch_logger(inputs.context, name),
         )  # fmt: skip
         metrics = {
             "distill": distill,
@@ -371,13 +358,9 @@ def model_asset(spec: ModelSpec) -> dg.AssetsDefinition:
         storage: StorageRoot,
         device: TorchDevice,
     ) -> dg.MaterializeResult:
-        data = read_sequences(storage.paths.sequences)
-        dev = device.torch_device
-        trained = spec.train(context, config, storage, dev, data)
-        done = _finish(
-            context, spec.name, trained.model, trained.result, storage, dev, data, trained.metrics
-        )
-        return dg.MaterializeResult(metadata={**trained.metadata, **done.metadata})
+        sequences, num_items = read_sequences(storage.paths.sequences)
+        inputs = TrainInputs(context, storage.paths, device.torch_device, sequences, num_items)
+        return _finish(inputs, spec.name, spec.train(config, inputs))
 
     return train_model
 

@@ -12,11 +12,10 @@ from recsae_pipeline.data.sequences import read_sequences
 from recsae_pipeline.defs.assets.activations import activation_deps
 from recsae_pipeline.defs.checks import check_result
 from recsae_pipeline.defs.config import knob, to_domain
-from recsae_pipeline.defs.partitions import feature_partitions, model_layer
+from recsae_pipeline.defs.partitions import partition_asset, partition_of
 from recsae_pipeline.defs.pipes import launch
 from recsae_pipeline.defs.progress import throttled_log
 from recsae_pipeline.defs.resources import StorageRoot, TorchDevice
-from recsae_pipeline.defs.versioning import content_versioned, partition_output
 from recsae_pipeline.distributed.ranks import sae_result
 from recsae_pipeline.models.artifacts import load_recommender
 from recsae_pipeline.report.plots import new_figure, save_figure
@@ -29,7 +28,6 @@ from recsae_pipeline.sae.evaluation import (
 from recsae_pipeline.sae.model import SaeConfig
 from recsae_pipeline.sae.training import SaeTrainConfig, train_sae
 from recsae_pipeline.storage.atomic import write_json
-from recsae_pipeline.storage.registry import ArtifactPaths
 
 GROUP = "sae"
 
@@ -65,45 +63,29 @@ class SaeAssetConfig(dg.Config):
     nproc_per_node: int = Field(default=2, description="torchrun ranks (processes or GPUs).")
 
 
-def sae_dir(paths: ArtifactPaths, model: str, layer: int) -> Path:
-    return paths.partition(model, layer).sae
-
-
-@dg.asset(
-    group_name=GROUP,
-    code_version="1",
+@partition_asset(
+    "sae",
+    group=GROUP,
     kinds={"pytorch", "safetensors"},
-    partitions_def=feature_partitions,
     deps=activation_deps(),
-    check_specs=[
-        dg.AssetCheckSpec(
-            "reconstruction_and_sparsity",
-            asset="sae",
-            blocking=True,
-            description="Held-out FVU and dead fraction within the configured bounds.",
-        ),
-        dg.AssetCheckSpec(
-            "spliced_quality_recovered",
-            asset="sae",
-            blocking=True,
-            description="Splicing the reconstruction into the model recovers enough of NDCG@10 (vs zero-ablating the layer).",
-        ),
-    ],
+    checks={
+        "reconstruction_and_sparsity": "Held-out FVU and dead fraction within the configured bounds.",
+        "spliced_quality_recovered": "Splicing the reconstruction into the model recovers enough of NDCG@10 (vs zero-ablating the layer).",
+    },
+    blocking=True,
     description="TopK SAE on one (model, layer) of activations: sae.safetensors + config.json + "
     "metrics.json + training curve under sae/model=<m>/layer=<l>/; loadable with TopKSae.load.",
 )
-@content_versioned(partition_output("sae"))
 def sae(
     context: dg.AssetExecutionContext,
     config: SaeAssetConfig,
     storage: StorageRoot,
     device: TorchDevice,
 ) -> dg.MaterializeResult:
-    model_name, layer = model_layer(context.partition_key)
+    part = partition_of(context, storage.paths)
     dev = device.torch_device
-    shards = storage.paths.partition(model_name, layer).activations
-    out = sae_dir(storage.paths, model_name, layer)
-    model = load_recommender(storage.paths.model_dir(model_name), dev)
+    shards, out = part.activations, part.sae
+    model = load_recommender(storage.paths.model_dir(part.model), dev)
     sae_config = to_domain(config, SaeConfig, d_in=model.config.hidden_size)
     train_config = to_domain(config, SaeTrainConfig)
     log = throttled_log(context)
@@ -134,7 +116,7 @@ def sae(
         )
     result.sae.save(out)
     sequences, num_items = read_sequences(storage.paths.sequences)
-    quality = splice_quality(model, layer, result.sae, sequences, num_items, dev)
+    quality = splice_quality(model, part.layer, result.sae, sequences, num_items, dev)
     heldout, recovered = result.heldout, quality.fraction_recovered
     metrics = {
         "heldout": heldout,
@@ -148,12 +130,8 @@ def sae(
         "lr": result.lr,
         "curve": [p._asdict() for p in result.curve],
     }
-    write_json(metrics, storage.paths.partition(model_name, layer).sae_metrics)
-    curve = _curve_plot(
-        result.curve,
-        context.partition_key,
-        storage.paths.partition(model_name, layer).report("sae"),
-    )
+    write_json(metrics, part.sae_metrics)
+    curve = _curve_plot(result.curve, context.partition_key, part.report("sae"))
     context.log.info(
         f"{context.partition_key}: FVU {heldout['fvu']:.4f}, L0 {heldout['l0']:.1f}, dead {heldout['dead_fraction']:.1%}; "
         f"NDCG@10 {quality.original:.4f} -> spliced {quality.spliced:.4f} (zero-ablated "
