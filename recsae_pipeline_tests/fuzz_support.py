@@ -485,23 +485,11 @@ def check_case(case: Case, workdir: Path) -> Failure | None:
     return None
 
 
-# Breaks the fuzzing found (issue 13, item 3: "any other corruption"); each is pinned by an
-# xfail(strict=True) test in test_fuzz_readers.py. A regex over `str(failure)` -> input class.
-KNOWN_BREAKS = {
-    r"^tabular/.* \S+\.parquet: _duckdb\.": "corrupt Parquet file",
-    r"^movielens/ml-(100k|1m) .*_duckdb\.InvalidInputException.*Expected Number of Columns":
-        "extra field on a headerless MovieLens line",
-    r"^movielens/.*_duckdb\.InvalidInputException.*not latin-1 encoded":
-        "byte 0x80-0x9f in a latin-1 MovieLens file",
-    r"^movielens/.*_duckdb\.InvalidInputException.*unterminated quote":
-        "\\x01 (the quote character) in a MovieLens item line",
-    r"^recbole/\S+ x\.item: builtins\.KeyError": "RecBole .item without an item_id field",
-    r": partial write \(raw interactions replaced, then refused\)":
-        "item file refused after the interactions were published",
-    r": catalog build _duckdb\.BinderException.*file_row_number":
-        "item file with a column named file_row_number",
-    r": accepted, but non-finite rating": "NaN, infinite or float-overflowing rating",
-}  # fmt: skip
+# Breaks the fuzzing found and not fixed yet (issue 13, item 3: "any other corruption"): a
+# regex over `str(failure)` -> input class, each pinned by an xfail(strict=True) test in
+# test_fuzz_readers.py. Every class found so far is fixed; test_fuzz_readers.py::BREAKS keeps
+# their repros as regression tests.
+KNOWN_BREAKS: dict[str, str] = {}
 
 
 def known_break(failure: Failure) -> str | None:

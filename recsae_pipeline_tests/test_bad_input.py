@@ -9,8 +9,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from recsae_pipeline.data.dropfolder import read_drop
 from recsae_pipeline.data.ingest import DataSourceError, InteractionColumns
 from recsae_pipeline.data.sources import MovieLensSource, TabularSource, ingest
+from recsae_pipeline.data.validation import QualityBounds
 from recsae_pipeline.storage.registry import ArtifactPaths
 from recsae_pipeline_tests.conftest import write_text
 
@@ -130,3 +132,33 @@ def test_bad_rating_and_unmapped_rating(tmp_path: Path, paths: ArtifactPaths) ->
     expect_error(f, paths, "field `rating` is not a number in 1 of 4 rows", "rating_column: null")
     ingest_csv(f, paths, columns=InteractionColumns(rating=None))
     assert pq.read_table(paths.raw_interactions).num_rows == 4
+
+
+def test_unknown_or_unsupported_encoding_is_named(tmp_path: Path, paths: ArtifactPaths) -> None:
+    f = write_text(tmp_path / "a.csv", GOOD)
+    expect_error(
+        f, paths, "`encoding` 'klingon' is not an encoding", "'latin-1'", encoding="klingon"
+    )
+    expect_error(f, paths, "'cp1252' is not one the CSV reader supports", encoding="cp1252")
+
+
+def test_nul_byte_inside_an_item_id_is_refused(tmp_path: Path, paths: ArtifactPaths) -> None:
+    """Issue 13: a NUL in the middle of an id was stored as part of it."""
+    f = write_text(tmp_path / "a.csv", GOOD + "u3,i\x009,1700000300,4\n")
+    expect_error(
+        f,
+        paths,
+        r"field `item_id` holds control character U\+0000 in 1 of 4 rows",
+        r"first at data row 4: 'i\\x009'",
+        r"remove control characters \(C0 other than tab, and DEL\)",
+    )
+    assert not paths.raw_interactions.exists()
+
+
+def test_dropped_file_with_a_control_character_is_refused_unwritten(tmp_path: Path) -> None:
+    """The drop folder reads drops with the same screening; nothing is written for a refused one."""
+    drop = write_text(tmp_path / "drop.csv", GOOD.replace("u2", "u\x1b2"))
+    out = tmp_path / "appended" / "drop.parquet"
+    with pytest.raises(DataSourceError, match=r"field `user_id` holds control character U\+001B"):
+        read_drop(drop, out, QualityBounds())
+    assert not out.exists()

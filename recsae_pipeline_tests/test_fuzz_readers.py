@@ -2,7 +2,7 @@
 that meet the raw contracts, with nothing half-written (issue 13, items 3 and 6).
 
 The properties live in `fuzz_support.check_case`; `benchmarks/fuzz_readers.py` runs them with
-thousands of examples. Breaks the fuzzing found are pinned below as strict xfails.
+thousands of examples. Each break the fuzzing found is pinned below by its smallest input.
 """
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ import tempfile
 from datetime import timedelta
 from pathlib import Path
 
+import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import HealthCheck, Phase, event, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from recsae_pipeline.data.ingest import DataSourceError
@@ -24,7 +25,6 @@ from recsae_pipeline.storage.registry import ArtifactPaths
 from recsae_pipeline_tests import fuzz_support
 from recsae_pipeline_tests.fuzz_support import (
     CONTROL_CHARACTERS,
-    KNOWN_BREAKS,
     READERS,
     Case,
     Failure,
@@ -167,7 +167,6 @@ def expect_control_character_refused(
         assert re.search(pattern, message), f"{pattern!r} not in: {message}"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13: control-character screening not implemented yet")
 @pytest.mark.parametrize(("layout", "name", "row", "col", "column"), CONTROL_CASES)
 def test_control_character_is_refused_naming_file_column_and_row(
     layout: str, name: str, row: int, col: int, column: str, tmp_path: Path
@@ -177,8 +176,7 @@ def test_control_character_is_refused_naming_file_column_and_row(
     expect_control_character_refused(case, tmp_path, column, row, char)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13: control-character screening not implemented yet")
-@settings(FUZZ, max_examples=20, phases=[Phase.generate])  # it fails today: skip explaining
+@settings(FUZZ, max_examples=20)
 @given(
     spec=st.sampled_from(CONTROL_CASES),
     char=st.sampled_from([c for c in CONTROL_CHARACTERS if c not in "\n\r"]),  # not row breaks
@@ -202,55 +200,106 @@ def test_tab_inside_a_title_is_kept(tmp_path: Path) -> None:
 
 # --- breaks found by the fuzzing: each input class, with a minimal input --------------------
 #
-# Each asserts the property on the smallest input of its class; they fail today (strict xfail),
-# and `known_break` lets the fuzz tests above through on these classes until they are fixed.
+# Each broke the property before it was fixed (a raw DuckDB error, a KeyError, a catalog
+# Binder error, a partial write, or a NaN accepted); each now ends in a `DataSourceError`
+# naming the file (the property) whose message says what is wrong (the pattern).
 
 BREAKS = {
-    "corrupt Parquet file": ("parquet", "interactions.parquet", b"PAR1"),
-    "corrupt Parquet item file": ("csv+parquet items", "items.parquet", b"\x00"),
+    "corrupt Parquet file": ("parquet", "interactions.parquet", b"PAR1", "too small to be a Parquet"),
+    "corrupt Parquet item file": ("csv+parquet items", "items.parquet", b"\x00", "cannot be read"),
+    "Parquet file cut short": ("parquet", "interactions.parquet", None, "cannot be read"),
     "extra field on a headerless MovieLens line": (
         "ml-100k", "u.data", b"196\t242\t3\t881250949\tx\n",
+        "line 1 has 5 fields where 4 are expected. Restore the original GroupLens file",
     ),
     "extra field on a MovieLens ml-1m movies.dat line": (
-        "ml-1m", "movies.dat", b"1193::Heat (1995)::Drama::x\n",
+        "ml-1m", "movies.dat", b"1193::Heat (1995)::Drama::x\n", "line 1 has 4 fields where 3",
     ),
     "byte 0x80-0x9f in a latin-1 MovieLens file": (
         "ml-1m", "movies.dat", b"1193::Heat\x85 (1995)::Drama\n",
+        r"byte 0x85 at byte offset 10 \(line 1\) is a C1 control code.*re-save it as UTF-8",
     ),
     "\\x01 (the quote character) in a MovieLens item line": (
         "ml-100k", "u.item", b"242|\x01Kolya (1996)\n",
+        "field `title` holds control character U\\+0001 in 1 of 1 rows",
     ),
-    "RecBole .item without an item_id field": ("recbole", "x.item", b"movie_title:token_seq\nKolya\n"),
+    "RecBole .item without an item_id field": (
+        "recbole", "x.item", b"movie_title:token_seq\nKolya\n",
+        "no `item_id` field .*`item_id:token`",
+    ),
     "item file refused after the interactions were published (tabular)": (
-        "csv", "items.csv", b"title\nHeat\n",
+        "csv", "items.csv", b"title\nHeat\n", "no column 'item_id'",
     ),
-    "item file refused after the interactions were published (RecBole)": ("recbole", "x.item", b""),
+    "item file refused after the interactions were published (RecBole)": (
+        "recbole", "x.item", b"", r"empty \(0 bytes\)",
+    ),
     "item file with a column named file_row_number": (
         "csv", "items.csv", b"item_id,title,file_row_number\ni1,Heat,1\n",
+        "column 'file_row_number' has a name the pipeline adds.*rename it",
     ),
-    "NaN rating": ("csv", "interactions.csv", b"user_id,item_id,timestamp,rating\nu1,i1,1700000000,nan\n"),
+    "item file with a column named interactions": (
+        "csv", "items.csv", b"item_id,title,interactions\ni1,Heat,1\n", "column 'interactions'",
+    ),
+    "NaN rating": (
+        "csv", "interactions.csv", b"user_id,item_id,timestamp,rating\nu1,i1,1700000000,nan\n",
+        "field `rating` is not a number in 1 of 1 rows \\(first at data row 1: 'nan'\\)",
+    ),
     "rating overflowing float32 (1e308 -> inf)": (
         "csv", "interactions.csv", b"user_id,item_id,timestamp,rating\nu1,i1,1700000000,1e308\n",
+        "field `rating` is not a number.*'1e308'.*finite",
+    ),
+    "infinite rating": (
+        "tsv", "interactions.tsv", b"user_id\titem_id\ttimestamp\trating\nu1\ti1\t1700000000\t-inf\n",
+        "field `rating` is not a number",
+    ),
+    "NUL byte inside an item id": (
+        "csv", "interactions.csv", b"user_id,item_id,timestamp,rating\nu1,i\x001,1700000000,4\n",
+        "field `item_id` holds control character U\\+0000 in 1 of 1 rows \\(first at data row 1: "
+        "'i\\\\x001'\\)",
     ),
 }  # fmt: skip
 
 
-def test_every_tolerated_break_has_a_failing_repro(tmp_path: Path) -> None:
-    """Each class `known_break` lets through is hit by a repro below, and each repro fails
-    today as a known class; when a fix lands this fails too: drop the class from both lists."""
-    hit = set()
-    for input_class, (layout, name, data) in BREAKS.items():
-        failure = check(case_of(layout, base_files(layout), name, data, input_class), tmp_path)
-        assert failure is not None and known_break(failure), (input_class, failure)
-        hit.add(known_break(failure))
-    assert hit == set(KNOWN_BREAKS.values())
+def test_the_property_catches_every_class_when_the_fix_is_undone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`check_case` reports a reader that lets a DuckDB error escape or publishes the
+    interactions before refusing the items: the repros below can fail."""
+
+    def raw_error(source, paths):
+        raise duckdb.InvalidInputException("CSV Error on Line: 1")
+
+    def partial(source, paths):
+        paths.raw_interactions.write_bytes(b"new")
+        raise DataSourceError(str(source.items_path))
+
+    for reader, signature in (
+        (raw_error, "_duckdb.InvalidInputException"),
+        (partial, "partial write"),
+    ):
+        monkeypatch.setattr(fuzz_support, "ingest", reader)
+        layout, name, data, _ = BREAKS[
+            "item file refused after the interactions were published (tabular)"
+        ]
+        failure = check(case_of(layout, base_files(layout), name, data, "x"), tmp_path)
+        assert failure is not None and signature in failure.signature, failure
 
 
-@pytest.mark.parametrize(
-    "input_class",
-    [pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=f"input class: {c}")) for c in sorted(BREAKS)],
-)  # fmt: skip
-def test_break_found_by_fuzzing(input_class: str, tmp_path: Path) -> None:
-    layout, name, data = BREAKS[input_class]
-    failure = check(case_of(layout, base_files(layout), name, data, input_class), tmp_path)
-    assert failure is None, failure
+@pytest.mark.parametrize("input_class", sorted(BREAKS))
+def test_break_found_by_fuzzing_is_refused_naming_the_file(
+    input_class: str, tmp_path: Path
+) -> None:
+    layout, name, data, pattern = BREAKS[input_class]
+    files = base_files(layout)
+    if data is None:  # cut a valid file in half
+        data = next(f for f in files if f.name == name).render()
+        data = data[: len(data) // 2]
+    case = case_of(layout, files, name, data, input_class)
+    assert check(case, tmp_path) is None
+    src = Path(tempfile.mkdtemp(dir=tmp_path))
+    for file_name, content in case.files:
+        (src / file_name).write_bytes(content)
+    with pytest.raises(DataSourceError) as info:
+        ingest(case.source(src), ArtifactPaths(src / "store"))
+    assert str(src / name) in str(info.value)
+    assert re.search(pattern, str(info.value)), str(info.value)

@@ -25,6 +25,9 @@ from recsae_pipeline.storage.registry import ArtifactPaths
 from recsae_pipeline.storage.sql import indexed_catalog_sql, read_parquet, sql_identifier
 
 MIN_YEAR, MAX_YEAR = 1870, 2100
+# Columns the catalog SQL below (and the item map join) add to the source's item table; an
+# item file's extra attribute may not carry one of these names (the readers refuse it).
+RESERVED_ITEM_COLUMNS = ("file_row_number", "interactions", "item_idx", "_dup", "_trimmed")
 ATTRIBUTE_FAMILIES = ("genre", "decade", "popularity", "franchise")
 
 
@@ -46,8 +49,8 @@ def build_catalog(paths: ArtifactPaths) -> dict[str, Any]:
         extra_sql = "".join(f", r.{sql_identifier(c)}" for c in extras)
         select = f"""
             WITH ranked AS (
-                SELECT *, row_number() OVER (PARTITION BY item_id ORDER BY file_row_number) AS dup,
-                       list_transform(COALESCE(genres, []), lambda g: trim(g)) AS trimmed
+                SELECT *, row_number() OVER (PARTITION BY item_id ORDER BY file_row_number) AS _dup,
+                       list_transform(COALESCE(genres, []), lambda g: trim(g)) AS _trimmed
                 FROM {raw_items} WHERE item_id IS NOT NULL
             ), counts AS (
                 SELECT item_id, count(*) AS interactions
@@ -55,11 +58,11 @@ def build_catalog(paths: ArtifactPaths) -> dict[str, Any]:
             )
             SELECT r.item_id, COALESCE(nullif(trim(r.title), ''), r.item_id) AS title,
                    CAST(CASE WHEN r.year BETWEEN {MIN_YEAR} AND {MAX_YEAR} THEN r.year END AS SMALLINT) AS year,
-                   list_filter(r.trimmed, lambda g, i: g <> '' AND list_position(r.trimmed, g) = i) AS genres  -- dedupe, keep order
+                   list_filter(r._trimmed, lambda g, i: g <> '' AND list_position(r._trimmed, g) = i) AS genres  -- dedupe, keep order
                    {extra_sql},
                    COALESCE(c.interactions, 0) AS interactions
             FROM ranked r LEFT JOIN counts c USING (item_id)
-            WHERE r.dup = 1 ORDER BY r.file_row_number
+            WHERE r._dup = 1 ORDER BY r.file_row_number
         """
         copy_to_parquet(con, select, paths.items)
         items, with_year, with_genres, duplicates, genres = con.execute(

@@ -35,6 +35,7 @@ from recsae_pipeline.data.ingest import (
     InteractionColumns,
     check_file,
     delimited_relation,
+    read_errors,
     require_columns,
     write_interactions,
 )
@@ -125,19 +126,17 @@ def read_drop(path: Path, out: Path, bounds: QualityBounds) -> int:
         staged = ArtifactPaths(Path(scratch))
         con = duckdb.connect()
         try:
-            rel = _drop_relation(con, path)
-            have = require_columns(
-                con, rel, path, DROP_COLUMNS,
-                fix="A drop needs a header with user_id, item_id, timestamp (whole seconds since "
-                "1970) and optionally rating; rename the columns and drop the file again.",
-            )  # fmt: skip
-            columns = InteractionColumns(rating="rating" if "rating" in have else None)
-            rows = write_interactions(con, rel, path, columns, staged.raw_interactions)
-        except duckdb.Error as err:
-            raise DataSourceError(
-                f"{path} cannot be read: {str(err).splitlines()[0]}. Re-export it as a CSV with "
-                "a header row, or as Parquet, and drop it again."
-            ) from None
+            with read_errors(
+                path, "Re-export it as a CSV with a header row, or as Parquet, and drop it again."
+            ):
+                rel = _drop_relation(con, path)
+                have = require_columns(
+                    con, rel, path, DROP_COLUMNS,
+                    fix="A drop needs a header with user_id, item_id, timestamp (whole seconds "
+                    "since 1970) and optionally rating; rename the columns and drop the file again.",
+                )  # fmt: skip
+                columns = InteractionColumns(rating="rating" if "rating" in have else None)
+                rows = write_interactions(con, rel, path, columns, staged.raw_interactions)
         finally:
             con.close()
         outcome = validate_raw_interactions(staged, bounds)

@@ -8,7 +8,9 @@ problem raises `DataSourceError` naming the file, the field, how many rows, and 
 from __future__ import annotations
 
 import codecs
-from collections.abc import Sequence
+import contextlib
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -71,8 +73,31 @@ def check_file(path: Path, what: str) -> None:
         )
 
 
+# DuckDB's CSV reader decodes these three natively (Python codec name -> DuckDB's).
+DUCKDB_ENCODINGS = {"utf-8": "utf-8", "iso8859-1": "latin-1", "utf-16": "utf-16"}
+# C1 bytes: Python's latin-1 maps them to U+0080-U+009F, DuckDB's latin-1 refuses the file.
+_LATIN1_C1 = re.compile(rb"[\x80-\x9f]")
+
+
+def duckdb_encoding(path: Path, encoding: str) -> str:
+    """DuckDB's name for `encoding`; raises naming the file when DuckDB cannot read it."""
+    try:
+        name = codecs.lookup(encoding).name
+    except LookupError:
+        name = None
+    if name not in DUCKDB_ENCODINGS and name != "utf-16-le":
+        raise DataSourceError(
+            f"{path}: `encoding` {encoding!r} is "
+            + ("not an encoding" if name is None else "not one the CSV reader supports")
+            + "; set `encoding` in the source config to 'utf-8', 'latin-1' or 'utf-16', or "
+            "re-save the file as UTF-8."
+        )
+    return DUCKDB_ENCODINGS.get(name, "utf-16")
+
+
 def check_encoding(path: Path, encoding: str, chunk_bytes: int = 1 << 20) -> None:
     """Stream the file through an incremental decoder; report the first undecodable byte's line."""
+    latin1 = duckdb_encoding(path, encoding) == "latin-1"
     decoder = codecs.getincrementaldecoder(encoding)()
     line = 1
     offset = 0
@@ -88,6 +113,15 @@ def check_encoding(path: Path, encoding: str, chunk_bytes: int = 1 << 20) -> Non
                     f"{offset + bad} (line {line}) cannot be decoded. Re-save the file as UTF-8, "
                     f"or set `encoding` in the source config (e.g. 'latin-1' for MovieLens ml-1m)."
                 ) from None
+            if latin1 and (c1 := _LATIN1_C1.search(chunk)):
+                bad = c1.start()
+                line += chunk[:bad].count(b"\n")
+                raise DataSourceError(
+                    f"{path} is not plain latin-1: byte 0x{chunk[bad]:02x} at byte offset "
+                    f"{offset + bad} (line {line}) is a C1 control code, not text (the file is "
+                    "probably Windows-1252); re-save it as UTF-8 and set `encoding: utf-8` in the "
+                    "source config, or restore the original file."
+                )
             line += chunk.count(b"\n")
             offset += len(chunk)
     try:
@@ -111,8 +145,10 @@ def delimited_relation(con: duckdb.DuckDBPyConnection, spec: DelimitedFile) -> s
         f"quote={sql_literal(spec.quote)}",
         "auto_detect=false" if spec.columns else "auto_detect=true",
     ]
+    if not spec.quote:
+        options.append("escape=''")
     if spec.encoding.lower().replace("_", "-") not in ("utf-8", "utf8"):
-        options.append(f"encoding={sql_literal(_duckdb_encoding(spec.encoding))}")
+        options.append(f"encoding={sql_literal(duckdb_encoding(spec.path, spec.encoding))}")
     if spec.columns:
         cols = ", ".join(f"{sql_literal(c)}: 'VARCHAR'" for c in spec.columns)
         options.append(f"columns={{{cols}}}")
@@ -127,13 +163,86 @@ def delimited_relation(con: duckdb.DuckDBPyConnection, spec: DelimitedFile) -> s
     return sql
 
 
-def _duckdb_encoding(encoding: str) -> str:
-    name = codecs.lookup(encoding).name
-    return {"iso8859-1": "latin-1", "utf-16-le": "utf-16", "utf-16": "utf-16"}.get(name, name)
+@contextlib.contextmanager
+def read_errors(path: Path, fix: str) -> Iterator[None]:
+    """Turn a DuckDB error while reading `path` (a corrupt Parquet file, a CSV line with too
+    many fields) into a `DataSourceError` naming the file, the line where DuckDB gives one, and `fix`."""
+    try:
+        yield
+    except duckdb.Error as err:
+        text = str(err)
+        line = re.search(r"CSV Error on Line: (\d+)", text)
+        fields = re.search(r"Expected Number of Columns: (\d+) Found: (\d+)", text)
+        if line and fields:
+            problem = f"line {line[1]} has {fields[2]} fields where {fields[1]} are expected"
+        elif line:
+            problem = f"line {line[1]}: {text.splitlines()[0]}"
+        else:
+            problem = text.splitlines()[0] if text else type(err).__name__
+        raise DataSourceError(f"{path} cannot be read: {problem}. {fix}") from None
 
 
 def relation_columns(con: duckdb.DuckDBPyConnection, relation_sql: str) -> list[str]:
     return [row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {relation_sql}").fetchall()]
+
+
+# Issue 13: C0 control characters other than tab, and DEL, are refused in ids, titles and
+# genre names (RE2 escapes, so the SQL literal stays printable).
+CONTROL_CHARACTERS_RE = r"[\x00-\x08\x0A-\x1F\x7F]"
+_CONTROL = re.compile(CONTROL_CHARACTERS_RE)
+
+
+def control_value_sql(column: str, is_list: bool = False) -> str:
+    """SQL for the value of `column` (a text or a list of texts) that holds a control
+    character, NULL when none does; `count()` of it counts the offending rows."""
+    col, pattern = sql_identifier(column), sql_literal(CONTROL_CHARACTERS_RE)
+    if is_list:
+        return f"list_filter({col}, lambda g: regexp_matches(g, {pattern}))[1]"
+    return f"CASE WHEN regexp_matches({col}, {pattern}) THEN {col} END"
+
+
+def raise_control_character(
+    con: duckdb.DuckDBPyConnection,
+    relation_sql: str,
+    path: Path,
+    value_sql: str,
+    field_name: str,
+    count: int,
+    n_rows: int,
+) -> None:
+    """Raise for `count` rows whose `value_sql` holds a control character, with the first."""
+    row, value = con.execute(
+        f"SELECT _row, _value FROM (SELECT row_number() OVER () AS _row, {value_sql} AS _value "
+        f"FROM {relation_sql}) WHERE _value IS NOT NULL LIMIT 1"
+    ).fetchone()  # type: ignore[misc]
+    match = _CONTROL.search(value)
+    code = ord(match.group()) if match else 0
+    raise DataSourceError(
+        f"{path}: field `{field_name}` holds control character U+{code:04X} in {count} of "
+        f"{n_rows} rows (first at data row {row}: {value!r}); remove control characters (C0 "
+        "other than tab, and DEL) from ids, titles and genre names, then re-export the file."
+    )
+
+
+def refuse_control_characters(
+    con: duckdb.DuckDBPyConnection,
+    relation_sql: str,
+    path: Path,
+    fields: Mapping[str, str],
+    lists: Sequence[str] = (),
+) -> None:
+    """One streaming scan of `relation_sql`: raise on a control character in any of `fields`
+    (relation column -> the file's name for it); `lists` are list-of-text columns."""
+    values = {c: control_value_sql(c, c in lists) for c in fields}
+    counts = con.execute(
+        f"SELECT count(*), {', '.join(f'count({v})' for v in values.values())} FROM {relation_sql}"
+    ).fetchone()
+    assert counts is not None
+    for (column, value_sql), count in zip(values.items(), counts[1:], strict=True):
+        if count:
+            raise_control_character(
+                con, relation_sql, path, value_sql, fields[column], count, counts[0]
+            )
 
 
 def _suggest_delimiter(columns: list[str]) -> str:
@@ -230,20 +339,28 @@ def write_interactions(
 def _raise_on_problems(
     con: duckdb.DuckDBPyConnection, path: Path, columns: InteractionColumns
 ) -> None:
+    # NaN, inf and text beyond float32 (TRY_CAST gives inf) are no rating.
+    bad_rating_sql = (
+        "_rating_text IS NOT NULL AND trim(_rating_text) <> '' "
+        "AND (rating IS NULL OR isnan(rating) OR isinf(rating))"
+    )
     counts = con.execute(
-        """
+        f"""
         SELECT count(*) AS n_rows,
                count(*) FILTER (WHERE user_id IS NULL OR user_id = '') AS null_user,
                count(*) FILTER (WHERE item_id IS NULL OR item_id = '') AS null_item,
                count(*) FILTER (WHERE _ts_text IS NULL OR trim(_ts_text) = '') AS null_ts,
                count(*) FILTER (WHERE _ts_text IS NOT NULL AND trim(_ts_text) <> '' AND timestamp IS NULL) AS bad_ts,
                count(*) FILTER (WHERE timestamp < 0) AS negative_ts,
-               count(*) FILTER (WHERE _rating_text IS NOT NULL AND trim(_rating_text) <> '' AND rating IS NULL) AS bad_rating
+               count(*) FILTER (WHERE {bad_rating_sql}) AS bad_rating,
+               count({control_value_sql("user_id")}) AS control_user,
+               count({control_value_sql("item_id")}) AS control_item
         FROM _ingest
         """
     ).fetchone()
     assert counts is not None
-    n_rows, null_user, null_item, null_ts, bad_ts, negative_ts, bad_rating = counts
+    n_rows, null_user, null_item, null_ts, bad_ts, negative_ts, bad_rating = counts[:7]
+    control_user, control_item = counts[7:]
     if n_rows == 0:
         raise DataSourceError(
             f"{path} has no data rows (only a header, or nothing); point the source at a file "
@@ -282,6 +399,13 @@ def _raise_on_problems(
             f"{path}: field `{field_name}` is empty in {count} of {n_rows} rows"
             f"{example(cond, shown)}; {hint}."
         )
+    for field_name, column, count in (
+        (columns.user_id, "user_id", control_user),
+        (columns.item_id, "item_id", control_item),
+    ):
+        if count:
+            value_sql = control_value_sql(column)
+            raise_control_character(con, "_ingest", path, value_sql, field_name, count, n_rows)
     if bad_ts:
         unit = columns.timestamp_unit
         want = (
@@ -303,6 +427,6 @@ def _raise_on_problems(
     if bad_rating:
         raise DataSourceError(
             f"{path}: field `{columns.rating}` is not a number in {bad_rating} of {n_rows} rows"
-            f"{example('_rating_text IS NOT NULL AND rating IS NULL', '_rating_text')}; fix them, or "
-            "map no rating column (`rating_column: null`)."
+            f"{example(bad_rating_sql, '_rating_text')}; ratings are finite numbers within float32 "
+            "(|r| < 3.4e38): fix them, or map no rating column (`rating_column: null`)."
         )

@@ -7,6 +7,7 @@ Sources: `synthetic` (embedded, with planted ground truth), `movielens` (GroupLe
 from __future__ import annotations
 
 import hashlib
+import os
 import urllib.request
 import zipfile
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Literal
 import duckdb
 
 from recsae_pipeline.data import synthetic
+from recsae_pipeline.data.catalog import RESERVED_ITEM_COLUMNS
 from recsae_pipeline.data.ingest import (
     DataSourceError,
     DelimitedFile,
@@ -24,6 +26,9 @@ from recsae_pipeline.data.ingest import (
     TimestampUnit,
     check_file,
     delimited_relation,
+    read_errors,
+    refuse_control_characters,
+    relation_columns,
     require_columns,
     write_interactions,
 )
@@ -31,6 +36,7 @@ from recsae_pipeline.storage.atomic import (
     atomic_path,
     copy_to_parquet,
     parquet_writer,
+    scratch_dir,
     write_parquet,
 )
 from recsae_pipeline.storage.registry import ArtifactPaths
@@ -90,9 +96,27 @@ class TabularSource:
 Source = SyntheticSource | MovieLensSource | RecBoleSource | TabularSource
 
 
+# What an ingestion writes; all of it is staged, and published only once every file passed.
+_RAW_FILES = ("raw_interactions", "raw_items", "ground_truth")
+
+
 def ingest(source: Source, paths: ArtifactPaths) -> IngestReport:
-    """Write `raw/interactions.parquet`, `raw/items.parquet` (and ground truth when synthetic)."""
+    """Write `raw/interactions.parquet`, `raw/items.parquet` (and ground truth when synthetic).
+
+    Every file is written to a scratch directory first and moved into place only when all of
+    them were read and checked: a refused input leaves the previous raw files as they were."""
     paths.raw_dir.mkdir(parents=True, exist_ok=True)
+    with scratch_dir(paths.raw_dir) as scratch:
+        staged = ArtifactPaths(Path(scratch))
+        staged.raw_dir.mkdir()
+        report = _ingest_into(source, staged)
+        for name in _RAW_FILES:
+            if getattr(staged, name).exists():  # same filesystem: each an atomic rename
+                os.replace(getattr(staged, name), getattr(paths, name))
+    return report
+
+
+def _ingest_into(source: Source, paths: ArtifactPaths) -> IngestReport:
     if isinstance(source, SyntheticSource):
         return _ingest_synthetic(source, paths)
     con = duckdb.connect()
@@ -126,15 +150,25 @@ def _ingest_synthetic(source: SyntheticSource, paths: ArtifactPaths) -> IngestRe
     )
 
 
-def _write_catalog(con: duckdb.DuckDBPyConnection, select_sql: str, out: Path) -> None:
-    """Write a catalog SELECT (item_id, title, year, genres, ...) with contract types."""
-    copy_to_parquet(
-        con,
+def _write_catalog(
+    con: duckdb.DuckDBPyConnection,
+    select_sql: str,
+    out: Path,
+    source: Path | None = None,
+    names: dict[str, str] | None = None,
+) -> None:
+    """Write a catalog SELECT (item_id, title, year, genres, ...) with contract types. When it
+    reads the item file `source`, screen it for control characters first; `names` are the
+    file's own names for item_id, title and genres (for the message)."""
+    typed = (
         "SELECT CAST(item_id AS VARCHAR) AS item_id, CAST(title AS VARCHAR) AS title, "
         "CAST(year AS SMALLINT) AS year, CAST(genres AS VARCHAR[]) AS genres, * EXCLUDE "
-        f"(item_id, title, year, genres) FROM ({select_sql})",
-        out,
+        f"(item_id, title, year, genres) FROM ({select_sql})"
     )
+    if source is not None:
+        names = {"item_id": "item_id", "title": "title", "genres": "genres", **(names or {})}
+        refuse_control_characters(con, f"({typed})", source, names, lists=["genres"])
+    copy_to_parquet(con, typed, out)
 
 
 _YEAR_FROM_TITLE = r"regexp_extract(title, '\((\d{4})\)\s*$', 1)"
@@ -192,6 +226,9 @@ def download_movielens(name: str, dest: Path) -> Path:
     return target
 
 
+_MOVIELENS_FIX = "Restore the original GroupLens file (re-download or re-extract the archive)."
+
+
 def _ingest_movielens(
     con: duckdb.DuckDBPyConnection, source: MovieLensSource, paths: ArtifactPaths
 ) -> IngestReport:
@@ -199,16 +236,19 @@ def _ingest_movielens(
     if source.download and not root.exists():
         root = download_movielens(source.download, root.parent)
     variant = movielens_variant(root)
+    columns = InteractionColumns()
     if variant in _HEADERLESS_RATINGS:
         file, delimiter = _HEADERLESS_RATINGS[variant]
-        columns = ["user_id", "item_id", "rating", "timestamp"]
-        ratings = DelimitedFile(root / file, delimiter, header=False, columns=columns)
+        names = ["user_id", "item_id", "rating", "timestamp"]
+        ratings = DelimitedFile(root / file, delimiter, header=False, columns=names)
     else:
         ratings = DelimitedFile(root / "ratings.csv", ",", header=True)
+        columns = InteractionColumns(user_id="userId", item_id="movieId")
     rel = delimited_relation(con, ratings)
+    # The headerless files are read unquoted: a stray quote character is then just text.
     if variant == "ml-100k":
         movies = DelimitedFile(
-            root / "u.item", "|", header=False, encoding="latin-1", quote="\x01",
+            root / "u.item", "|", header=False, encoding="latin-1", quote="",
             columns=["item_id", "title", "release_date", "video_release_date", "url", *ML100K_GENRES],
         )  # fmt: skip
         mrel = delimited_relation(con, movies)
@@ -222,6 +262,7 @@ def _ingest_movielens(
             "TRY_CAST(right(release_date, 4) AS SMALLINT)) AS year, "
             f"list_filter([{flags}], lambda g: g IS NOT NULL) AS genres FROM {mrel}"
         )
+        item_col = "item_id"
     else:
         if variant == "ml-1m":
             movies = DelimitedFile(
@@ -229,14 +270,12 @@ def _ingest_movielens(
                 "::",
                 header=False,
                 encoding="latin-1",
-                quote="\x01",
+                quote="",
                 columns=["item_id", "title", "genres"],
             )
         else:
             movies = DelimitedFile(root / "movies.csv", ",", header=True)
-        if variant != "ml-1m":
             require_columns(con, rel, ratings.path, ["userId", "movieId", "rating", "timestamp"])
-            rel = f"(SELECT userId AS user_id, movieId AS item_id, rating, timestamp FROM {rel})"
         mrel = delimited_relation(con, movies)
         item_col = "movieId" if variant != "ml-1m" else "item_id"
         require_columns(con, mrel, movies.path, [item_col, "title", "genres"])
@@ -246,17 +285,20 @@ def _ingest_movielens(
             "list_filter(string_split(genres, '|'), lambda g: g <> '(no genres listed)') AS genres "
             f"FROM {mrel}"
         )
-    files = [ratings.path, movies.path]
-    rows = write_interactions(con, rel, files[0], InteractionColumns(), paths.raw_interactions)
-    _write_catalog(con, catalog, paths.raw_items)
+    with read_errors(ratings.path, _MOVIELENS_FIX):
+        rows = write_interactions(con, rel, ratings.path, columns, paths.raw_interactions)
+    with read_errors(movies.path, _MOVIELENS_FIX):
+        _write_catalog(con, catalog, paths.raw_items, movies.path, {"item_id": item_col})
     return IngestReport(
-        rows=rows, files=[str(f) for f in files], notes=[f"MovieLens layout {variant}"]
+        rows=rows,
+        files=[str(ratings.path), str(movies.path)],
+        notes=[f"MovieLens layout {variant}"],
     )
 
 
 def _parse_atomic_header(con: duckdb.DuckDBPyConnection, path: Path) -> tuple[str, dict[str, str]]:
     """RecBole atomic files are tab-separated with `name:type` headers; map name -> raw header."""
-    rel = delimited_relation(con, DelimitedFile(path, "\t", header=True, quote="\x01"))
+    rel = delimited_relation(con, DelimitedFile(path, "\t", header=True, quote=""))
     names = {}
     for raw in [r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {rel}").fetchall()]:
         name, _, kind = raw.partition(":")
@@ -269,6 +311,9 @@ def _parse_atomic_header(con: duckdb.DuckDBPyConnection, path: Path) -> tuple[st
     return rel, names
 
 
+_RECBOLE_FIX = "Re-export it as a RecBole atomic file: tab-separated, one `name:type` header line."
+
+
 def _ingest_recbole(
     con: duckdb.DuckDBPyConnection, source: RecBoleSource, paths: ArtifactPaths
 ) -> IngestReport:
@@ -277,21 +322,18 @@ def _ingest_recbole(
     inter = root / f"{name}.inter"
     check_file(inter, "RecBole interaction")
     rel, names = _parse_atomic_header(con, inter)
-    for need in ("user_id", "item_id", "timestamp"):
-        if need not in names:
-            raise DataSourceError(
-                f"{inter} has no `{need}` field (fields: {sorted(names)}); RecBole sequential "
-                f"data needs `{need}:token`/`timestamp:float` columns."
-            )
+    _require_fields(inter, names, ("user_id", "item_id", "timestamp"), "sequential data needs")
     columns = InteractionColumns(
         user_id=names["user_id"], item_id=names["item_id"], timestamp=names["timestamp"],
         rating=names.get("rating"),
     )  # fmt: skip
-    rows = write_interactions(con, rel, inter, columns, paths.raw_interactions)
+    with read_errors(inter, _RECBOLE_FIX):
+        rows = write_interactions(con, rel, inter, columns, paths.raw_interactions)
     files = [str(inter)]
     item_file = root / f"{name}.item"
     if item_file.exists():
         irel, inames = _parse_atomic_header(con, item_file)
+        _require_fields(item_file, inames, ("item_id",), "item files need")
         title = next((inames[k] for k in ("movie_title", "title", "name") if k in inames), None)
         year = next((inames[k] for k in ("release_year", "year") if k in inames), None)
         genre = next(
@@ -310,11 +352,23 @@ def _ingest_recbole(
             + (f"string_split(trim({sql_identifier(genre)}), ' ')" if genre else "[]::VARCHAR[]")
             + f" AS genres FROM {irel}"
         )
-        _write_catalog(con, catalog, paths.raw_items)
+        shown = {"item_id": inames["item_id"], "title": title or "", "genres": genre or ""}
+        with read_errors(item_file, _RECBOLE_FIX):
+            _write_catalog(con, catalog, paths.raw_items, item_file, shown)
         files.append(str(item_file))
     else:
         _write_catalog_from_interactions(con, paths)
     return IngestReport(rows=rows, files=files, notes=[f"RecBole dataset {name}"])
+
+
+def _require_fields(path: Path, names: dict[str, str], need: tuple[str, ...], what: str) -> None:
+    for field_name in need:
+        if field_name not in names:
+            kind = "float" if field_name == "timestamp" else "token"
+            raise DataSourceError(
+                f"{path} has no `{field_name}` field (fields: {sorted(names)}); RecBole "
+                f"{what} the column `{field_name}:{kind}`."
+            )
 
 
 def _write_catalog_from_interactions(con: duckdb.DuckDBPyConnection, paths: ArtifactPaths) -> None:
@@ -327,23 +381,38 @@ def _write_catalog_from_interactions(con: duckdb.DuckDBPyConnection, paths: Arti
     )
 
 
+_TABULAR_FIX = (
+    "Re-export it as a CSV with a header row (check `delimiter` in the source config) or as "
+    "Parquet."
+)
+
+
 def _ingest_tabular(
     con: duckdb.DuckDBPyConnection, source: TabularSource, paths: ArtifactPaths
 ) -> IngestReport:
     path = Path(source.path)
     check_file(path, "interaction")
-    rel = _tabular_relation(con, path, source.delimiter, source.encoding)
-    rows = write_interactions(con, rel, path, source.columns, paths.raw_interactions)
+    with read_errors(path, _TABULAR_FIX):
+        rel = _tabular_relation(con, path, source.delimiter, source.encoding)
+        rows = write_interactions(con, rel, path, source.columns, paths.raw_interactions)
     files = [str(path)]
     if source.items_path is None:
         _write_catalog_from_interactions(con, paths)
         return IngestReport(rows=rows, files=files, notes=["no item file: titles are item ids"])
     items_path = Path(source.items_path)
     check_file(items_path, "item")
+    with read_errors(items_path, _TABULAR_FIX):
+        _write_tabular_catalog(con, source, items_path, paths.raw_items)
+    files.append(str(items_path))
+    return IngestReport(rows=rows, files=files)
+
+
+def _write_tabular_catalog(
+    con: duckdb.DuckDBPyConnection, source: TabularSource, items_path: Path, out: Path
+) -> None:
     irel = _tabular_relation(con, items_path, source.delimiter, source.encoding)
     item_col = source.columns.item_id
-    require_columns(con, irel, items_path, [item_col])
-    present = set(r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {irel}").fetchall())
+    present = set(require_columns(con, irel, items_path, [item_col]))
 
     def col(name: str | None, fallback: str) -> str:
         return sql_identifier(name) if name and name in present else fallback
@@ -354,33 +423,38 @@ def _ingest_tabular(
         if genres == "NULL"
         else f"list_filter(string_split(CAST({genres} AS VARCHAR), {sql_literal(source.genres_separator)}), lambda g: g <> '')"
     )
-    extras = [
-        c
-        for c in present
-        if c
-        not in {
-            item_col,
-            source.item_title_column,
-            source.item_year_column,
-            source.item_genres_column,
-        }
-    ]
-    extra_sql = "".join(f", {sql_identifier(c)}" for c in sorted(extras))
+    mapped = {
+        item_col,
+        source.item_title_column,
+        source.item_year_column,
+        source.item_genres_column,
+    }
+    extras = sorted(c for c in present if c not in mapped)
+    if reserved := [c for c in extras if c in RESERVED_ITEM_COLUMNS]:
+        raise DataSourceError(
+            f"{items_path}: column {', '.join(repr(c) for c in reserved)} has a name the "
+            f"pipeline adds to the catalog itself ({', '.join(RESERVED_ITEM_COLUMNS)}); rename "
+            "it in the item file."
+        )
+    extra_sql = "".join(f", {sql_identifier(c)}" for c in extras)
     catalog = (
         f"SELECT {sql_identifier(item_col)} AS item_id, "
         f"COALESCE({col(source.item_title_column, 'NULL')}, {sql_identifier(item_col)}) AS title, "
         f"TRY_CAST(TRY_CAST({col(source.item_year_column, 'NULL')} AS DOUBLE) AS SMALLINT) AS year, "
         f"{genres_sql} AS genres{extra_sql} FROM {irel}"
     )
-    _write_catalog(con, catalog, paths.raw_items)
-    files.append(str(items_path))
-    return IngestReport(rows=rows, files=files)
+    names = {"item_id": item_col, "title": source.item_title_column or item_col}
+    _write_catalog(
+        con, catalog, out, items_path, {**names, "genres": source.item_genres_column or ""}
+    )
 
 
 def _tabular_relation(
     con: duckdb.DuckDBPyConnection, path: Path, delimiter: str, encoding: str
 ) -> str:
+    """A scan of `path`; a Parquet file's footer is read here, so a corrupt one fails early."""
     if path.suffix.lower() in (".parquet", ".pq"):
+        relation_columns(con, read_parquet(path))
         return read_parquet(path)
     return delimited_relation(con, DelimitedFile(path, delimiter, header=True, encoding=encoding))
 
