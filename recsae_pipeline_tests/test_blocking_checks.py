@@ -18,6 +18,7 @@ from recsae_pipeline.defs.assets.sae import SaeAssetConfig
 from recsae_pipeline.defs.definitions import defs
 from recsae_pipeline.defs.resources import DataQuality
 from recsae_pipeline.defs.versioning import FORCE_TAG
+from recsae_pipeline.models.artifacts import save_recommender
 from recsae_pipeline_tests import support
 from recsae_pipeline_tests.support import (
     KEY,
@@ -95,6 +96,7 @@ def poison(path: Path, tensor: str, value: float) -> None:
 def test_duplicate_rows_fail_the_raw_suite(tiny_store: TinyStore, tmp_path: Path) -> None:
     root = tiny_store.copy_to(tmp_path / "store")
     sequences_before = (root / "sequences" / "sequences.parquet").read_bytes()
+    raw_before = (root / "raw" / "interactions.parquet").read_bytes()
     log = tmp_path / "dup.parquet"
     row = {"user_id": ["u1"], "item_id": ["a"], "timestamp": [1_700_000_000], "rating": [4.0]}
     pq.write_table(pa.table({k: v * 2 for k, v in row.items()}), log)
@@ -106,9 +108,10 @@ def test_duplicate_rows_fail_the_raw_suite(tiny_store: TinyStore, tmp_path: Path
     )
     description = failed_check(result, "raw_interactions", "raw_interactions_expectations")
     assert "failed: expect_compound_columns_to_be_unique" in description
-    assert materialized(result) == {"raw_interactions"}
+    assert materialized(result) == set()  # refused before it was published
     assert_blocked(result, "item_catalog", "sequences")
     assert (root / "sequences" / "sequences.parquet").read_bytes() == sequences_before
+    assert (root / "raw" / "interactions.parquet").read_bytes() == raw_before
 
 
 def test_an_item_missing_from_the_catalog_fails_the_catalog_suite(
@@ -167,13 +170,25 @@ def test_an_untrained_model_fails_beats_popularity(tiny_store: TinyStore, tmp_pa
     assert_blocked(result, "teacher")
 
 
-def test_a_nan_weight_fails_finite_weights(tiny_store: TinyStore, tmp_path: Path) -> None:
-    # A corrupt saved model (the check re-reads the file), checked before the teacher reuses it.
+def test_a_nan_weight_fails_finite_weights(
+    tiny_store: TinyStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A corrupt saved model (the check re-reads the staged file), refused before the teacher
+    # reuses it: the published model stays the previous one.
     root = tiny_store.copy_to(tmp_path / "store")
-    poison(root / "models" / "sasrec" / "model.safetensors", "item_emb.weight", float("nan"))
-    selection = dg.AssetSelection.checks_for_assets("sasrec") | dg.AssetSelection.assets("teacher")
-    result = materialize(root, selection, ops_config(MODELS_CONFIG, "teacher"))
+    weights = root / "models" / "sasrec" / "model.safetensors"
+    before = weights.read_bytes()
+
+    def save_corrupt(*args: object, **kwargs: object) -> Path:
+        path = save_recommender(*args, **kwargs)
+        poison(path / "model.safetensors", "item_emb.weight", float("nan"))
+        return path
+
+    monkeypatch.setattr("recsae_pipeline.defs.assets.models.save_recommender", save_corrupt)
+    config = ops_config(MODELS_CONFIG, "sasrec", "teacher")
+    result = materialize(root, ["sasrec", "teacher"], config)
     description = failed_check(result, "sasrec", "finite_weights")
+    assert weights.read_bytes() == before
     assert "non-finite" in description and "item_emb.weight" in description
     assert_blocked(result, "teacher")
 

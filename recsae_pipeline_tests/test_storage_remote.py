@@ -21,11 +21,7 @@ from recsae_pipeline.storage.remote import MANIFEST, Mirror, default_cache_dir
 from recsae_pipeline_tests.support import DATA_CONFIG
 
 ASSETS = [data.raw_interactions, data.item_catalog, data.sequences]
-CHECKS = [
-    data.raw_interactions_expectations,
-    data.item_catalog_expectations,
-    data.sequences_expectations,
-]
+CHECKS: list[dg.AssetChecksDefinition] = []  # the GX suites are check specs of the assets
 
 
 def tree(root: Path) -> dict[str, bytes]:

@@ -63,10 +63,12 @@ def partition_asset(
     blocking: bool = False,
     name: str | None = None,
     partitions_def: dg.PartitionsDefinition = feature_partitions,
+    stage: bool = True,
 ) -> Callable[[Callable[..., dg.MaterializeResult]], dg.AssetsDefinition]:
     """`@dg.asset` for an asset written per (model, layer) into `artifact`'s hive partition
-    folder, content-versioned over that folder; `checks` (name -> description) are its own,
-    all blocking downstream steps when `blocking`."""
+    folder, content-versioned over that folder and staged until its checks pass (unless
+    `stage=False`); `checks` (name -> description) are its own, all blocking downstream steps
+    when `blocking`."""
 
     def decorate(fn: Callable[..., dg.MaterializeResult]) -> dg.AssetsDefinition:
         asset_name = name or fn.__name__
@@ -83,6 +85,6 @@ def partition_asset(
             deps=deps,
             check_specs=specs,
             description=description,
-        )(content_versioned(partition_output(artifact))(fn))
+        )(content_versioned(partition_output(artifact), stage=stage)(fn))
 
     return decorate

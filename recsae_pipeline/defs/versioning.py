@@ -8,6 +8,11 @@ Every asset wrapped in `content_versioned` records a version file beside the art
   secret) and the data versions of every ancestor asset;
 - the metadata and check results of that materialization.
 
+Each materialization is written into a staging tree and published only when its blocking
+checks pass (`defs.staging`); the record is written after the swap. A record whose hash
+does not match what is on disk (a publish cut short) is never trusted: the asset recomputes,
+and its descendants see no recorded version for it.
+
 A later materialization with the same provenance, whose artifacts still hash the same,
 returns the recorded metadata and check results at once (tagged `recsae/skipped`) instead of
 recomputing. Because versions are content hashes, a retrain that reproduces the same bytes
@@ -28,7 +33,9 @@ from typing import Any
 import dagster as dg
 from dagster._core.definitions.metadata import normalize_metadata
 
+from recsae_pipeline.defs.staging import Stage, discard_leftovers, latest_rejection, refusal
 from recsae_pipeline.storage.atomic import write_json
+from recsae_pipeline.storage.locks import LockTimeout, exclusive
 from recsae_pipeline.storage.registry import ArtifactPaths
 
 FORCE_TAG = "recsae/force"
@@ -128,8 +135,8 @@ def provenance(
         record = read_version(root, asset, partition)
         if record is None and partition is not None:
             record = read_version(root, asset, None)
-        if record is None:
-            return None
+        if record is None or not matches_disk(root, record):
+            return None  # unknown, or not what is on disk (an interrupted publish): recompute
         upstream[asset] = record["data_version"]
     return {
         "code_version": context.assets_def.code_versions_by_key.get(context.asset_key),
@@ -143,15 +150,19 @@ def _refuse_blocked_upstream(context: dg.AssetExecutionContext, root: Path) -> N
     """Dagster stops a blocking check's downstream steps only within one run; across runs (the
     per-model activations run before `features`) the ancestors' version records say whether
     their latest materialization failed a blocking check, and then this one must not run."""
+    paths = ArtifactPaths(root)
     for asset, partition in sorted(_ancestors(context).items()):
         record = read_version(root, asset, partition) or read_version(root, asset, None) or {}
-        for check in record.get("checks", []):
+        refused = latest_rejection(paths, asset, partition) or latest_rejection(paths, asset, None)
+        latest = refused or record
+        for check in latest.get("checks", []):
             if check.get("blocking") and not check["passed"]:
                 where = f"{asset}[{partition}]" if partition else asset
+                kept = f" (refused files kept in {refused['kept']})" if refused else ""
                 raise dg.Failure(
                     f"{context.asset_key.to_user_string()}: upstream {where} failed its blocking "
-                    f"check `{check['check_name']}` in run {record.get('run_id')}: "
-                    f"{check['description']}. Fix the cause and rematerialize {asset} first."
+                    f"check `{check['check_name']}` in run {latest.get('run_id')}: "
+                    f"{check['description']}{kept}. Fix the cause and rematerialize {asset} first."
                 )
 
 
@@ -161,11 +172,19 @@ def _provenance_hash(record: dict[str, Any] | None) -> str | None:
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
-def _unchanged(root: Path, outputs: list[Path], record: dict[str, Any]) -> bool:
-    """Do the artifacts still hold what `record` describes? Stats first, bytes if they moved."""
+def matches_disk(root: Path, record: dict[str, Any], outputs: list[Path] | None = None) -> bool:
+    """Do the artifacts on disk hold what `record` describes (its `outputs`, or the given
+    ones)? Stats first, bytes if they moved; a record that names no hash never matches."""
+    if outputs is None:
+        named = record.get("outputs")
+        if not isinstance(named, list):
+            return False  # a record from before `outputs` was recorded: recompute
+        outputs = [root / p for p in named]
+    if not record.get("data_version") or not isinstance(record.get("files"), dict):
+        return False
     if not all(p.exists() for p in outputs):
         return False
-    if file_stats(root, outputs) == record.get("files"):
+    if file_stats(root, outputs) == record["files"]:
         return True
     return content_hash(root, outputs) == record["data_version"]
 
@@ -209,25 +228,50 @@ def _replayed(record: dict[str, Any], key: dg.AssetKey) -> dg.MaterializeResult:
     )
 
 
+def _unstaged_check(stage: Stage, check: dg.AssetCheckResult) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(
+        asset_key=check.asset_key,
+        check_name=check.check_name,
+        passed=check.passed,
+        severity=check.severity,
+        description=check.description and stage.unstaged(check.description),
+        metadata=stage.unstaged(normalize_metadata(dict(check.metadata or {}))),
+    )
+
+
 def content_versioned(
-    outputs: Outputs, skip: bool = True
+    outputs: Outputs, skip: bool = True, stage: bool = True
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorate an asset's compute function (under `@dg.asset`) so that its data version is
-    the content hash of `outputs`, and a materialization whose provenance and artifacts are
-    unchanged is skipped (`skip=False` for a root asset, whose real input is outside the
-    graph). The function must take a `storage: StorageRoot` resource and return a
-    `dg.MaterializeResult`."""
+    """Decorate an asset's compute function (under `@dg.asset`) so that it is written into a
+    staging tree, published only when its blocking checks pass (`defs.staging`), and its data
+    version is the content hash of `outputs`; a materialization whose provenance and
+    artifacts are unchanged is skipped (`skip=False` for a root asset, whose real input is
+    outside the graph). `stage=False` writes in place (an asset whose files name their own
+    final paths). The function must take a `storage: StorageRoot` resource and return a
+    `dg.MaterializeResult` whose `check_results` hold its blocking checks."""
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         if "storage" not in inspect.signature(fn).parameters:
             raise TypeError(f"{fn.__name__}: content_versioned needs a `storage` resource")
 
         @functools.wraps(fn)
-        def wrapper(context: dg.AssetExecutionContext, **kwargs: Any) -> dg.MaterializeResult:
-            root = kwargs["storage"].paths.root
+        def wrapper(context: dg.AssetExecutionContext, **kwargs: Any) -> Iterator[Any]:
             asset = context.asset_key.to_user_string()
             partition = context.partition_key if context.has_partition_key else None
-            out = list(outputs(kwargs["storage"].paths, partition))
+            lock = kwargs["storage"].paths.write_lock(asset, partition)
+            try:
+                with exclusive(lock, context.run_id, on_wait=context.log.info):
+                    yield from versioned(context, asset, partition, **kwargs)
+            except LockTimeout as err:
+                raise dg.Failure(str(err)) from None
+
+        def versioned(
+            context: dg.AssetExecutionContext, asset: str, partition: str | None, **kwargs: Any
+        ) -> Iterator[Any]:
+            storage = kwargs["storage"]
+            root = storage.paths.root
+            discard_leftovers(storage.paths, asset, partition)  # under the lock: none is live
+            out = list(outputs(storage.paths, partition))
             current = _provenance_hash(provenance(context, root, kwargs))
             previous = read_version(root, asset, partition)
             force = context.run_tags.get(FORCE_TAG, "").lower() in ("1", "true", "yes")
@@ -237,40 +281,58 @@ def content_versioned(
                 and current is not None
                 and previous is not None
                 and previous.get("provenance") == current
-                and _unchanged(root, out, previous)
+                and matches_disk(root, previous, out)
             ):
                 context.log.info(
                     f"{asset}: inputs, config and code unchanged since run "
                     f"{previous.get('run_id')}; reusing its artifacts (tag {FORCE_TAG}=true "
                     "recomputes)"
                 )
-                return _replayed(previous, context.asset_key)
+                yield _replayed(previous, context.asset_key)
+                return
 
             _refuse_blocked_upstream(context, root)
-            result = fn(context, **kwargs)
+            staged = Stage(storage, asset, partition, out) if stage else None
+            result = fn(context, **{**kwargs, "storage": staged.storage if staged else storage})
             if not isinstance(result, dg.MaterializeResult):
                 raise TypeError(f"{asset}: content_versioned needs a MaterializeResult")
-            started = time.perf_counter()
-            version = content_hash(root, out)
             blocking = {s.name for s in context.assets_def.check_specs if s.blocking}
+            checks = list(result.check_results or [])
+            metadata = normalize_metadata(dict(result.metadata or {}))
+            if staged:
+                checks = [_unstaged_check(staged, c) for c in checks]
+                metadata = staged.unstaged(metadata)
+            failed = [c for c in checks if c.check_name in blocking and not c.passed]
+            if failed and staged:
+                serialized = [_serialize_check(c, blocking) for c in checks]
+                kept = staged.reject(context.run_id, serialized)
+                yield from checks  # reported on the asset, then the run fails
+                raise dg.Failure(description=refusal(staged, failed, kept))
+            started = time.perf_counter()
+            hashed = (staged.tree, staged.staged_outputs) if staged else (root, out)
+            version = content_hash(*hashed)
+            files = file_stats(*hashed)
+            if staged:
+                staged.publish()
             record = {
                 "asset": asset,
                 "partition": partition,
                 "data_version": version,
                 "provenance": current,
-                "files": file_stats(root, out),
+                "outputs": [p.relative_to(root).as_posix() for p in out],
+                "files": files,
                 "run_id": context.run_id,
-                "metadata": _serialize_metadata(result.metadata),
-                "checks": [_serialize_check(c, blocking) for c in result.check_results or []],
+                "metadata": _serialize_metadata(metadata),
+                "checks": [_serialize_check(c, blocking) for c in checks],
             }
-            write_json(record, version_file(root, asset, partition))
+            write_json(record, version_file(root, asset, partition))  # after the swap
             context.log.debug(
                 f"{asset}: content hash {version[:12]} in {time.perf_counter() - started:.1f}s"
             )
-            return dg.MaterializeResult(
+            yield dg.MaterializeResult(
                 asset_key=result.asset_key,
-                metadata=result.metadata,
-                check_results=result.check_results,
+                metadata=metadata,
+                check_results=checks,
                 data_version=dg.DataVersion(version),
                 tags=result.tags,
             )

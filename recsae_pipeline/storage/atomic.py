@@ -9,6 +9,8 @@ Parquet file of the store is written here (`write_parquet`, `parquet_writer`,
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import os
 import shutil
@@ -31,29 +33,76 @@ def _temp_sibling(path: Path, suffix: str = "") -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
 
 
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+try:
+    _renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+except (AttributeError, OSError):  # not Linux, or a libc without it
+    _renameat2 = None
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap `a` and `b` in one step (Linux `renameat2(RENAME_EXCHANGE)`); False where the
+    system or filesystem cannot."""
+    if _renameat2 is None:
+        return False
+    if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def replace_path(new: Path, path: Path) -> None:
+    """Move the complete file or directory `new` over `path` (same filesystem). A directory is
+    exchanged with the old one in one step where Linux can, so a reader or a crash sees the
+    old directory or the new one, never neither; elsewhere the old one is moved aside first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not (new.is_dir() and path.is_dir()):
+        os.replace(new, path)
+        return
+    if _exchange(new, path):
+        shutil.rmtree(new, ignore_errors=True)  # now the previous directory
+        return
+    old = _temp_sibling(path, ".old")
+    path.rename(old)
+    try:
+        new.rename(path)
+    except BaseException:
+        old.rename(path)  # put the previous complete artifact back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def publish_tree(tree: Path, root: Path, whole: list[Path]) -> None:
+    """Publish a staged `tree` (laid out like `root`): each of `whole` (artifacts under
+    `root`) replaced in one step, or removed when the tree has none of it; any other staged
+    file (plots) replaced on its own."""
+    for path in whole:
+        staged = tree / path.relative_to(root)
+        if staged.exists():
+            replace_path(staged, path)
+        elif path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    for dirpath, _, filenames in os.walk(tree):
+        for name in sorted(filenames):
+            staged = Path(dirpath) / name
+            replace_path(staged, root / staged.relative_to(tree))
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temp path beside `path`; on success rename it over `path`, on error delete it.
-
-    Works for files and directories; an existing directory is replaced only once the new one
-    is complete (the old one is moved aside first, then removed).
-    """
+    """Yield a temp path beside `path`; on success move it over `path` (`replace_path`), on
+    error delete it. Works for files and directories."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_sibling(path)
     try:
         yield tmp
-        if tmp.is_dir() and path.is_dir():
-            old = _temp_sibling(path, ".old")
-            path.rename(old)
-            try:
-                tmp.rename(path)
-            except BaseException:
-                old.rename(path)  # put the previous complete artifact back
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        replace_path(tmp, path)
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -9,7 +9,7 @@ name; `storage.warehouse` builds the views from it.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Protocol, overload
 
@@ -18,6 +18,12 @@ DATA_DIR_ENV = "RECSAE_DATA_DIR"
 
 DUCKDB_FILE = "recsae.duckdb"
 VERSIONS_DIR = ".versions"
+LOCKS_DIR = ".locks"
+STAGING_DIR = ".staging"
+"""Where a materialization writes before its blocking checks pass (then it is published)."""
+REJECTED_DIR = "rejected"
+"""Where a materialization refused by a blocking check is kept, with the check results."""
+CHECKS_FILE = "checks.json"
 NO_PARTITION = "_"
 """The version record name of an unpartitioned asset."""
 SHARD_GLOB = "part-*.parquet"
@@ -85,6 +91,18 @@ class _PartitionTable(_At):
         self.parts = PARTITIONED_TABLES[self.view or name]
 
 
+Overlay = tuple[tuple[Path, Path], ...]
+"""(published path, staged path) pairs: what a staged materialization writes elsewhere."""
+
+
+def _place(path: Path, overlay: Overlay) -> Path:
+    """`path`, or where it is staged when it lies in one of `overlay`'s published paths."""
+    for published, staged in overlay:
+        if path == published or path.is_relative_to(published):
+            return staged / path.relative_to(published)
+    return path
+
+
 class Table(NamedTuple):
     """Where one Parquet table lives, for its DuckDB view."""
 
@@ -100,6 +118,8 @@ class ArtifactPaths:
     data contracts); `partition(model, layer)` gives a partition's artifacts."""
 
     root: Path
+    overlay: Overlay = field(default=(), compare=False, repr=False)
+    """Set by `staged`: the artifacts being written resolve under the staging tree."""
 
     raw_dir = _At("raw")
     raw_interactions = _At("raw", "interactions.parquet")
@@ -119,7 +139,24 @@ class ArtifactPaths:
     layer_probe = _At("models", "layer_probe.parquet")
 
     def _join(self, *parts: str) -> Path:
-        return self.root.joinpath(*parts)
+        return _place(self.root.joinpath(*parts), self.overlay)
+
+    def staged(self, outputs: list[Path], tree: Path) -> ArtifactPaths:
+        """These paths with `outputs` and `reports/` redirected into `tree` (laid out like the
+        root), where one materialization writes before it is published; inputs stay put."""
+        published = [*outputs, self.root / "reports"]
+        return ArtifactPaths(
+            self.root, tuple((p, tree / p.relative_to(self.root)) for p in published)
+        )
+
+    def staging(self, asset: str, partition: str | None) -> Path:
+        """`.staging/<asset>/<partition or _>/`: the materialization being written."""
+        return self.root / STAGING_DIR / asset / (partition or NO_PARTITION)
+
+    def rejected(self, asset: str, partition: str | None) -> Path:
+        """`rejected/<asset>/<partition or _>/`: the latest materialization a blocking check
+        refused (`<stamp>/` with the staged files and `checks.json`)."""
+        return self.root / REJECTED_DIR / asset / (partition or NO_PARTITION)
 
     def report(self, name: str, suffix: str = ".png") -> Path:
         """`reports/<name><suffix>`: a plot or result table for people."""
@@ -129,8 +166,12 @@ class ArtifactPaths:
         """`.versions/<asset>/<partition or _>.json`: an asset's data version and provenance."""
         return self.versions_dir / asset / f"{partition or NO_PARTITION}.json"
 
+    def write_lock(self, asset: str, partition: str | None) -> Path:
+        """`.locks/<asset>/<partition or _>.lock`: held by the one run writing that artifact."""
+        return self.root / LOCKS_DIR / asset / f"{partition or NO_PARTITION}.lock"
+
     def model_dir(self, name: str) -> Path:
-        return self.root / "models" / name
+        return self._join("models", name)
 
     def model_weights(self, name: str) -> Path:
         return self.model_dir(name) / MODEL_WEIGHTS_FILE
@@ -147,7 +188,7 @@ class ArtifactPaths:
 
     def partition(self, model: str, layer: int) -> PartitionPaths:
         """The artifacts of one (model, layer) partition."""
-        return PartitionPaths(self.root, model, layer)
+        return PartitionPaths(self.root, model, layer, self.overlay)
 
     def partition_dir(self, artifact: str, model: str, layer: int) -> Path:
         """`<root>/<artifact>/model=<m>/layer=<l>`: one partition's folder of `artifact`."""
@@ -177,6 +218,7 @@ class PartitionPaths:
     root: Path
     model: str
     layer: int
+    overlay: Overlay = field(default=(), compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.model or any(c in self.model for c in "/\\="):
@@ -190,7 +232,8 @@ class PartitionPaths:
         return partition_key(self.model, self.layer)
 
     def dir(self, artifact: str) -> Path:
-        return self.root / artifact / f"model={self.model}" / f"layer={self.layer}"
+        folder = self.root / artifact / f"model={self.model}" / f"layer={self.layer}"
+        return _place(folder, self.overlay)
 
     def _join(self, artifact: str, *parts: str) -> Path:
         return self.dir(artifact).joinpath(*parts)
@@ -228,7 +271,8 @@ class PartitionPaths:
 
     def report(self, kind: str) -> Path:
         """`reports/<kind>_<model>_layer<l>.png`."""
-        return ArtifactPaths(self.root).report(f"{kind}_{self.model}_layer{self.layer}")
+        paths = ArtifactPaths(self.root, self.overlay)
+        return paths.report(f"{kind}_{self.model}_layer{self.layer}")
 
 
 @dataclass(frozen=True)

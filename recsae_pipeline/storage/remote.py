@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from recsae_pipeline.storage.atomic import atomic_path, write_json
-from recsae_pipeline.storage.registry import DUCKDB_FILE
+from recsae_pipeline.storage.registry import DUCKDB_FILE, LOCKS_DIR, STAGING_DIR
 
 try:
     import fcntl
@@ -97,8 +97,10 @@ def open_filesystem(url: str, setting: str = "storage.path") -> tuple[AbstractFi
 
 def is_synced(rel: str) -> bool:
     """Whether a path relative to the root is mirrored: never temp files (`.*.tmp*`), scratch
-    directories (`.scratch-*`), the DuckDB catalog and its WAL, or the mirror's own files."""
-    if rel in LOCAL_ONLY:
+    directories (`.scratch-*`), the per-artifact write locks (`.locks/`, local to this
+    machine), materializations being staged (`.staging/`), the DuckDB catalog and its WAL, or
+    the mirror's own files."""
+    if rel in LOCAL_ONLY or rel.split("/")[0] in (LOCKS_DIR, STAGING_DIR):
         return False
     return not any(
         part.startswith(".scratch-") or (part.startswith(".") and ".tmp" in part)

@@ -1,7 +1,8 @@
 """Data assets: raw interactions, the item catalog and sequence datasets, with GX checks."""
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import dagster as dg
 import duckdb
@@ -28,7 +29,7 @@ from recsae_pipeline.data.validation import (
 )
 from recsae_pipeline.defs.config import knob, to_domain
 from recsae_pipeline.defs.resources import DataQuality, StorageRoot
-from recsae_pipeline.defs.versioning import content_versioned
+from recsae_pipeline.defs.versioning import Outputs, content_versioned
 from recsae_pipeline.report.plots import new_figure, save_figure
 from recsae_pipeline.storage.sql import read_parquet
 
@@ -125,16 +126,43 @@ def _table_metadata(path: Path) -> dict[str, dg.MetadataValue]:
     }
 
 
-@dg.asset(
-    group_name=GROUP,
-    code_version="1",
+def _data_asset(
+    outputs: Outputs, check: str, description: str, **asset: Any
+) -> Callable[[Callable[..., dg.MaterializeResult]], dg.AssetsDefinition]:
+    """`@dg.asset` for a data asset, content-versioned over `outputs`, with its blocking GX
+    check `<name>_expectations` (described by `check`) run by the asset on what it staged."""
+
+    def decorate(fn: Callable[..., dg.MaterializeResult]) -> dg.AssetsDefinition:
+        name = fn.__name__
+        spec = dg.AssetCheckSpec(
+            f"{name}_expectations", asset=name, blocking=True, description=check
+        )
+        versioned = content_versioned(outputs, skip=asset.pop("skip", True))(fn)
+        return dg.asset(
+            group_name=GROUP,
+            code_version="1",
+            check_specs=[spec],
+            description=description,
+            **asset,
+        )(versioned)
+
+    return decorate
+
+
+@_data_asset(
+    lambda paths, _: [paths.raw_dir],
+    "GX: schema and types, non-null ids and timestamps, plausible timestamp range, ratings in "
+    "range, no duplicate (user, item, timestamp) rows.",
+    "User-item interaction logs from the configured source, as Parquet (user_id, item_id, "
+    "timestamp, rating); synthetic runs also store the planted ground truth.",
     kinds={"parquet", "duckdb"},
-    description="User-item interaction logs from the configured source, as Parquet "
-    "(user_id, item_id, timestamp, rating); synthetic runs also store the planted ground truth.",
+    skip=False,
 )
-@content_versioned(lambda paths, _: [paths.raw_dir], skip=False)
 def raw_interactions(
-    context: dg.AssetExecutionContext, config: RawInteractionsConfig, storage: StorageRoot
+    context: dg.AssetExecutionContext,
+    config: RawInteractionsConfig,
+    storage: StorageRoot,
+    quality: DataQuality,
 ) -> dg.MaterializeResult:
     paths = storage.paths
     report = ingest(config.to_source(), paths)
@@ -147,6 +175,11 @@ def raw_interactions(
         f"ingested {report.rows:,} interactions of {users:,} users and {items:,} items"
     )
     return dg.MaterializeResult(
+        check_results=[
+            _check_result(
+                "raw_interactions_expectations", validate_raw_interactions(paths, quality.bounds)
+            )
+        ],
         metadata={
             **_table_metadata(paths.raw_interactions),
             "source": config.source,
@@ -159,25 +192,28 @@ def raw_interactions(
             "ground_truth": dg.MetadataValue.path(str(paths.ground_truth))
             if config.source == "synthetic"
             else "none",
-        }
+        },
     )
 
 
-@dg.asset(
-    group_name=GROUP,
-    code_version="1",
+@_data_asset(
+    lambda paths, _: [paths.items],
+    "GX: unique non-null item ids, titles present, plausible years, every interacted item in "
+    "the catalog.",
+    "Item catalog: item_id, title, year, genres, plus the source's extra attributes "
+    "(franchise, installment, ...) and interaction counts.",
     kinds={"parquet"},
     deps=[raw_interactions],
-    description="Item catalog: item_id, title, year, genres, plus the source's extra attributes "
-    "(franchise, installment, ...) and interaction counts.",
 )
-@content_versioned(lambda paths, _: [paths.items])
 def item_catalog(context: dg.AssetExecutionContext, storage: StorageRoot) -> dg.MaterializeResult:
     paths = storage.paths
     summary = build_catalog(paths)
     storage.refresh_duckdb()
     context.log.info(f"catalog of {summary['items']:,} items")
-    return dg.MaterializeResult(metadata={**_table_metadata(paths.items), **summary})
+    return dg.MaterializeResult(
+        check_results=[_check_result("item_catalog_expectations", validate_catalog(paths))],
+        metadata={**_table_metadata(paths.items), **summary},
+    )
 
 
 class SequencesConfig(dg.Config):
@@ -194,17 +230,20 @@ class SequencesConfig(dg.Config):
     )
 
 
-@dg.asset(
-    group_name=GROUP,
-    code_version="1",
+@_data_asset(
+    lambda paths, _: [paths.sequences_dir],
+    "GX: minimum length after filtering, item indices in range (0 = padding never inside), "
+    "chronological order, and no test/validation target inside the training prefix.",
+    "Chronological item sequences per user (item index 0 = padding) with id maps; "
+    "leave-one-out split: last item test, second-last validation.",
     kinds={"parquet"},
     deps=[raw_interactions, item_catalog],
-    description="Chronological item sequences per user (item index 0 = padding) with id maps; "
-    "leave-one-out split: last item test, second-last validation.",
 )
-@content_versioned(lambda paths, _: [paths.sequences_dir])
 def sequences(
-    context: dg.AssetExecutionContext, config: SequencesConfig, storage: StorageRoot
+    context: dg.AssetExecutionContext,
+    config: SequencesConfig,
+    storage: StorageRoot,
+    quality: DataQuality,
 ) -> dg.MaterializeResult:
     paths = storage.paths
     stats = build_sequences(paths, to_domain(config, SequenceConfig))
@@ -222,6 +261,9 @@ def sequences(
         f"({stats.raw_interactions - stats.interactions:,} removed by filtering)"
     )
     return dg.MaterializeResult(
+        check_results=[
+            _check_result("sequences_expectations", validate_sequences(paths, quality.bounds))
+        ],
         metadata={
             **_table_metadata(paths.sequences),
             "users": stats.users,
@@ -242,13 +284,15 @@ def sequences(
                     for lab, (_, _, n) in zip(lows, stats.length_histogram, strict=True)
                 )
             ),
-        }
+        },
     )
 
 
-def _check_result(outcome: SuiteOutcome) -> dg.AssetCheckResult:
+def _check_result(name: str, outcome: SuiteOutcome) -> dg.AssetCheckResult:
+    """The GX suite's outcome as the result of blocking check `name`."""
     failed = [k for k, v in outcome.details.items() if not v["success"]]
     return dg.AssetCheckResult(
+        check_name=name,
         passed=outcome.success,
         severity=dg.AssetCheckSeverity.ERROR,
         description=(
@@ -261,34 +305,3 @@ def _check_result(outcome: SuiteOutcome) -> dg.AssetCheckResult:
             "expectations": dg.MetadataValue.json(outcome.details),
         },
     )
-
-
-@dg.asset_check(
-    asset=raw_interactions,
-    blocking=True,
-    description="GX: schema and types, non-null ids and timestamps, plausible timestamp range, "
-    "ratings in range, no duplicate (user, item, timestamp) rows.",
-)
-def raw_interactions_expectations(
-    storage: StorageRoot, quality: DataQuality
-) -> dg.AssetCheckResult:
-    return _check_result(validate_raw_interactions(storage.paths, quality.bounds))
-
-
-@dg.asset_check(
-    asset=item_catalog,
-    blocking=True,
-    description="GX: unique non-null item ids, titles present, plausible years, every interacted item in the catalog.",
-)
-def item_catalog_expectations(storage: StorageRoot) -> dg.AssetCheckResult:
-    return _check_result(validate_catalog(storage.paths))
-
-
-@dg.asset_check(
-    asset=sequences,
-    blocking=True,
-    description="GX: minimum length after filtering, item indices in range (0 = padding never "
-    "inside), chronological order, and no test/validation target inside the training prefix.",
-)
-def sequences_expectations(storage: StorageRoot, quality: DataQuality) -> dg.AssetCheckResult:
-    return _check_result(validate_sequences(storage.paths, quality.bounds))

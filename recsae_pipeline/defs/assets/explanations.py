@@ -58,6 +58,7 @@ class ExplanationsConfig(dg.Config):
     "explanations",
     group=GROUP,
     kinds={"parquet"},
+    stage=False,  # its table names each transcript's final path; written whole by atomic_path
     deps=[feature_stats],
     description="SAGE (hypotheses, experiments on crafted item sequences, verdicts, review) and "
     "the one-shot baseline on the configured features: label, description, hypotheses with "

@@ -349,6 +349,20 @@ def model_asset(spec: ModelSpec) -> dg.AssetsDefinition:
         code_version="1",
         kinds={"pytorch", "safetensors"},
         deps=[spec.upstream],
+        check_specs=[
+            dg.AssetCheckSpec(
+                "beats_popularity",
+                asset=spec.name,
+                blocking=True,
+                description=f"{spec.name} beats popularity on validation NDCG@10.",
+            ),
+            dg.AssetCheckSpec(
+                "finite_weights",
+                asset=spec.name,
+                blocking=True,
+                description=f"No NaN or Inf in any {spec.name} weight.",
+            ),
+        ],
         description=spec.description,
     )
     @content_versioned(lambda paths, _: [paths.model_dir(spec.name)])
@@ -360,7 +374,16 @@ def model_asset(spec: ModelSpec) -> dg.AssetsDefinition:
     ) -> dg.MaterializeResult:
         sequences, num_items = read_sequences(storage.paths.sequences)
         inputs = TrainInputs(context, storage.paths, device.torch_device, sequences, num_items)
-        return _finish(inputs, spec.name, spec.train(config, inputs))
+        result = _finish(inputs, spec.name, spec.train(config, inputs))
+        saved = storage.paths.model_dir(spec.name)  # re-read from disk, as it is published
+        quality = beats_popularity(saved, sequences, num_items, inputs.device)
+        return dg.MaterializeResult(
+            metadata=result.metadata,
+            check_results=[
+                check_result("beats_popularity", quality),
+                check_result("finite_weights", finite_weights(saved)),
+            ],
+        )
 
     return train_model
 
@@ -523,32 +546,6 @@ def _eval_plots(rows: list[dict[str, Any]], path: Path) -> str:
     return save_figure(fig, path)
 
 
-def _model_checks(name: str) -> list[dg.AssetChecksDefinition]:
-    @dg.asset_check(
-        asset=name,
-        name="beats_popularity",
-        blocking=True,
-        description=f"{name} beats popularity on validation NDCG@10.",
-    )
-    def popularity_check(storage: StorageRoot, device: TorchDevice) -> dg.AssetCheckResult:
-        seqs, num_items = read_sequences(storage.paths.sequences)
-        outcome = beats_popularity(
-            storage.paths.model_dir(name), seqs, num_items, device.torch_device
-        )
-        return check_result(None, outcome)
-
-    @dg.asset_check(
-        asset=name,
-        name="finite_weights",
-        blocking=True,
-        description=f"No NaN or Inf in any {name} weight.",
-    )
-    def finite_check(storage: StorageRoot) -> dg.AssetCheckResult:
-        return check_result(None, finite_weights(storage.paths.model_dir(name)))
-
-    return [popularity_check, finite_check]
-
-
 @dg.asset_check(
     asset=student,
     blocking=False,
@@ -561,6 +558,4 @@ def student_close_to_teacher(storage: StorageRoot) -> dg.AssetCheckResult:
     return check_result(None, outcome, severity=dg.AssetCheckSeverity.WARN)
 
 
-model_checks = [check for name in MODELS for check in _model_checks(name)] + [
-    student_close_to_teacher
-]
+model_checks = [student_close_to_teacher]
