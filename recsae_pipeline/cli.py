@@ -176,9 +176,11 @@ def materialize_runs(
     run; the caller stops iterating to stop. Each job gets the `ops` of `run_config` that it
     has; the whole config is validated (`job_run_configs`) before this returns, so nothing
     runs on a typo."""
-    plan = materialize_plan(features)
-    configs = job_run_configs(run_config, list(dict.fromkeys(job for job, _ in plan)))
-    return _run_plan(plan, configs, instance, force)
+    # Validated against every job a preset can address, so `--skip-features` takes the same
+    # preset as a full run; each job then gets only its own ops.
+    every_job = list(dict.fromkeys(job for job, _ in materialize_plan(features=True)))
+    configs = job_run_configs(run_config, every_job)
+    return _run_plan(materialize_plan(features), configs, instance, force)
 
 
 def _run_plan(

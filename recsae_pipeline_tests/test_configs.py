@@ -62,3 +62,19 @@ def test_a_misspelt_knob_is_rejected(ops: dict, key: str) -> None:
 def test_an_unknown_section_is_rejected() -> None:
     with pytest.raises(ValueError, match=r"unknown top-level key 'op'.*ops, resources"):
         job_run_configs({"op": {}}, JOBS)
+
+
+def test_a_full_preset_is_accepted_with_skip_features(monkeypatch: pytest.MonkeyPatch) -> None:
+    # `recsae materialize -c configs/small.yaml --skip-features` runs only `main`, but the
+    # preset's per-partition ops are still valid: it must not be refused.
+    import dagster as dg
+
+    from recsae_pipeline import cli
+
+    ran: list[str] = []
+    monkeypatch.setattr(cli, "_run_plan", lambda plan, configs, instance, force: ran.extend(
+        job for job, _ in plan) or iter(()))  # fmt: skip
+    (small,) = [p for p in PRESETS if p.stem == "small"]
+    run_config = yaml.safe_load(small.read_text())
+    list(cli.materialize_runs(run_config, dg.DagsterInstance.ephemeral(), features=False))
+    assert ran == ["main"]
