@@ -1,5 +1,6 @@
-"""The pipeline as a user sees it: `recsae materialize -c configs/small.yaml` into a fresh
-DAGSTER_HOME and storage root, the real `dagster dev` on loopback over them, then its GraphQL
+"""The pipeline as a user sees it: `recsae materialize -c <preset>` into a fresh DAGSTER_HOME
+and storage root (the preset is the tests' tiny one: CI materializes configs/small.yaml through
+scripts/ci_checks.py), the real `dagster dev` on loopback over them, then its GraphQL
 API (every asset materialized, every check passed), its UI in headless Chromium (asset
 graph, an asset page's metadata) and the static feature browser from disk.
 
@@ -21,11 +22,13 @@ from typing import Any, NamedTuple
 import dagster as dg
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from recsae_pipeline.defs.definitions import defs
 from recsae_pipeline.defs.partitions import feature_partitions
 from recsae_pipeline.report.feature_browser import HISTOGRAM_BINS
 from recsae_pipeline.storage.registry import ArtifactPaths, parse_partition_key
+from recsae_pipeline_tests import support
 from recsae_pipeline_tests.ui_support import (
     ROOT,
     DagsterDev,
@@ -40,7 +43,6 @@ from recsae_pipeline_tests.ui_support import (
 
 pytestmark = pytest.mark.ui
 
-CONFIG = ROOT / "configs" / "small.yaml"
 MATERIALIZE_TIMEOUT_S = 900
 
 
@@ -76,7 +78,10 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     server = DagsterDev(home, data, logs / "dagster-dev.log")
     server.start()
     try:
-        _materialize(home, data, logs / "materialize.log", server)
+        preset = tmp / "tiny.yaml"
+        ops = {**support.MODELS_CONFIG["ops"], **support.FEATURES_CONFIG["ops"]}
+        preset.write_text(yaml.safe_dump({"ops": ops}))
+        _materialize(home, data, preset, logs / "materialize.log", server)
         server.wait_until_ready()
         server.graphql("mutation { setNuxSeen }")  # no "join the community" modal over pages
         yield Deployment(server, ArtifactPaths(data))
@@ -84,13 +89,13 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         server.stop()
 
 
-def _materialize(home: Path, data: Path, log: Path, server: DagsterDev) -> None:
-    """`recsae materialize -c configs/small.yaml`, stopping early if `server` dies meanwhile."""
+def _materialize(home: Path, data: Path, preset: Path, log: Path, server: DagsterDev) -> None:
+    """`recsae materialize -c <preset>`, stopping early if `server` dies meanwhile."""
     env = {**os.environ, "DAGSTER_HOME": str(home), "RECSAE_DATA_DIR": str(data)}
     recsae = Path(sys.executable).parent / "recsae"
     with log.open("wb") as out:
         run = subprocess.Popen(
-            [str(recsae), "materialize", "-c", str(CONFIG)],
+            [str(recsae), "materialize", "-c", str(preset)],
             cwd=ROOT,
             env=env,
             stdout=out,
