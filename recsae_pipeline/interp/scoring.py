@@ -21,7 +21,7 @@ from recsae_pipeline.data.catalog import Catalog, UnknownItemError
 from recsae_pipeline.interp.experiments import FeatureContext
 from recsae_pipeline.interp.replies import SequenceSpec
 from recsae_pipeline.interp.sage import Explanation
-from recsae_pipeline.interp.spec import Spec, parse_spec
+from recsae_pipeline.interp.spec import parse_spec
 from recsae_pipeline.interp.windows import FeatureData, Window
 from recsae_pipeline.models.metrics import pairwise_auc
 
@@ -238,8 +238,3 @@ class OfflineScorer:
             ]
             for w in windows
         ]
-
-
-def parsed_concept(explanation: str, catalog: Catalog) -> Spec:
-    """What the offline scorer reads out of an explanation (for reports)."""
-    return parse_spec(explanation, catalog)
