@@ -318,20 +318,18 @@ def cmd_explain(args: argparse.Namespace) -> int:
     """Run SAGE (and the baseline) on one feature, print the transcript summary and scores."""
     from recsae_pipeline.defs.resources import LLM
     from recsae_pipeline.distributed.ddp import resolve_device
-    from recsae_pipeline.interp.explain import explain_features, score_features
+    from recsae_pipeline.interp.explain import LoadedPartition, explain_features, score_features
 
     paths = _artifact_paths(args.data_dir)
     try:
         model_name, layer = parse_partition_key(args.sae)
         llm = LLM(backend=args.backend, base_url=args.base_url, model=args.model)
         policy, scorer = llm.policy_factory(), llm.scorer_factory()
-        device = resolve_device(args.device)
         transcripts = paths.partition(model_name, layer).cli_transcripts
         methods = ("baseline", "sage") if args.method == "both" else (args.method,)
-        explained = explain_features(
-            paths, model_name, layer, [args.feature], policy, device, transcripts, methods=methods
-        )
-        scores = score_features(paths, model_name, layer, explained, scorer, device)
+        loaded = LoadedPartition(paths, model_name, layer, resolve_device(args.device))
+        explained = explain_features(loaded, [args.feature], policy, transcripts, methods=methods)
+        scores = score_features(loaded, explained, scorer)
     except (FileNotFoundError, KeyError, ValueError) as err:
         print(f"recsae explain: {err}", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@ every pipeline test reads (built once per session, see `support`)."""
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,6 +15,27 @@ from recsae_pipeline_tests.torch_support import one_thread
 
 if TYPE_CHECKING:
     from recsae_pipeline_tests.support import TinyStore
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the browser tests' deployment now, in the background, when they are to run: its
+    materialize run then overlaps the in-process tests instead of delaying the UI tests."""
+    if not any(item.path.name == "test_ui.py" for item in session.items):
+        return
+    from recsae_pipeline_tests.ui_support import BACKGROUND, BackgroundDeployment, missing_browser
+
+    if missing_browser() is None:
+        background = BackgroundDeployment(Path(tempfile.mkdtemp(prefix="recsae-ui-")))
+        session.config.stash[BACKGROUND] = background
+        background.start()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    from recsae_pipeline_tests.ui_support import BACKGROUND
+
+    background = session.config.stash.get(BACKGROUND, None)
+    if background is not None:
+        background.stop()
 
 
 @pytest.fixture

@@ -12,27 +12,25 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
-import sys
-import time
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import dagster as dg
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
 from recsae_pipeline.defs.definitions import defs
 from recsae_pipeline.defs.partitions import feature_partitions
 from recsae_pipeline.report.feature_browser import HISTOGRAM_BINS
-from recsae_pipeline.storage.registry import ArtifactPaths, parse_partition_key
-from recsae_pipeline_tests import support
+from recsae_pipeline.storage.registry import parse_partition_key
 from recsae_pipeline_tests.ui_support import (
+    BACKGROUND,
     ROOT,
+    BackgroundDeployment,
     DagsterDev,
-    artifacts_dir,
+    Deployment,
     chromium,
     missing_browser,
     poll,
@@ -42,8 +40,6 @@ from recsae_pipeline_tests.ui_support import (
 )
 
 pytestmark = pytest.mark.ui
-
-MATERIALIZE_TIMEOUT_S = 900
 
 
 def _target_checks() -> set[tuple[str, str]]:
@@ -58,62 +54,16 @@ def _target_checks() -> set[tuple[str, str]]:
 TARGET_CHECKS = _target_checks()
 
 
-class Deployment(NamedTuple):
-    server: DagsterDev
-    paths: ArtifactPaths
-    """The storage root every run wrote to and the webserver reads."""
-
-
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    """`dagster dev` starting while `recsae materialize` fills the same instance and root."""
-    tmp = tmp_path_factory.mktemp("ui")
-    home, data = tmp / "home", tmp / "data"
-    home.mkdir()
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    # Create the instance's SQLite storages here, before two processes race to create them.
-    with dg.DagsterInstance.from_config(str(home)):
-        pass
-    logs = artifacts_dir()
-    server = DagsterDev(home, data, logs / "dagster-dev.log")
-    server.start()
-    try:
-        preset = tmp / "tiny.yaml"
-        ops = {**support.MODELS_CONFIG["ops"], **support.FEATURES_CONFIG["ops"]}
-        preset.write_text(yaml.safe_dump({"ops": ops}))
-        _materialize(home, data, preset, logs / "materialize.log", server)
-        server.wait_until_ready()
-        server.graphql("mutation { setNuxSeen }")  # no "join the community" modal over pages
-        yield Deployment(server, ArtifactPaths(data))
-    finally:
-        server.stop()
-
-
-def _materialize(home: Path, data: Path, preset: Path, log: Path, server: DagsterDev) -> None:
-    """`recsae materialize -c <preset>`, stopping early if `server` dies meanwhile."""
-    env = {**os.environ, "DAGSTER_HOME": str(home), "RECSAE_DATA_DIR": str(data)}
-    recsae = Path(sys.executable).parent / "recsae"
-    with log.open("wb") as out:
-        run = subprocess.Popen(
-            [str(recsae), "materialize", "-c", str(preset)],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            deadline = time.monotonic() + MATERIALIZE_TIMEOUT_S
-            while run.poll() is None:
-                server.check_alive()
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"recsae materialize ran over {MATERIALIZE_TIMEOUT_S}s")
-                time.sleep(1)
-        finally:
-            if run.poll() is None:
-                run.kill()
-                run.wait()
-    tail = log.read_text(errors="replace")[-3000:]
-    assert run.returncode == 0, f"recsae materialize failed ({log}):\n{tail}"
+def deployment(request: pytest.FixtureRequest) -> Iterator[Deployment]:
+    """`dagster dev` over the instance and root that `recsae materialize` filled; started in
+    the background when the session began (see conftest), so that it is ready by now."""
+    background = request.config.stash.get(BACKGROUND, None)
+    if background is None:  # e.g. the UI tests selected by keyword after collection
+        background = BackgroundDeployment(Path(tempfile.mkdtemp(prefix="recsae-ui-")))
+        background.start()
+        request.addfinalizer(background.stop)
+    yield background.wait()
 
 
 @pytest.fixture(scope="module")

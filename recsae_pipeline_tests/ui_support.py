@@ -4,6 +4,7 @@ client for it, and a headless Chromium driven by Selenium through the system chr
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -12,9 +13,13 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
+import pytest
 import requests
+import yaml
+
+from recsae_pipeline.storage.registry import ArtifactPaths
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -36,6 +41,7 @@ CHROMIUM_FLAGS = (
 )
 
 T = TypeVar("T")
+MATERIALIZE_TIMEOUT_S = 900
 
 
 def artifacts_dir() -> Path:
@@ -174,6 +180,86 @@ class DagsterDev:
 
     def log_tail(self, chars: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
+
+
+class Deployment(NamedTuple):
+    server: DagsterDev
+    paths: ArtifactPaths
+    """The storage root every run wrote to and the webserver reads."""
+
+
+class BackgroundDeployment:
+    """`dagster dev` starting while `recsae materialize -c <the tests' tiny preset>` fills the
+    same fresh DAGSTER_HOME and storage root under `tmp`, both in the background: `start` at
+    the beginning of the session, `wait` when the UI tests need them, `stop` at the end.
+
+    The materialize run uses one thread (tiny models run fastest on one), so it takes the
+    core the in-process tests leave free."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp, self.home, self.data = tmp, tmp / "home", tmp / "data"
+        logs = artifacts_dir()
+        self.server = DagsterDev(self.home, self.data, logs / "dagster-dev.log")
+        self.log = logs / "materialize.log"
+        self.run: subprocess.Popen[bytes] | None = None
+        self.started = 0.0
+
+    def start(self) -> None:
+        import dagster as dg
+
+        from recsae_pipeline_tests import support
+
+        self.home.mkdir(parents=True)
+        (self.home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+        # Create the instance's SQLite storages here, before two processes race to create them.
+        with dg.DagsterInstance.from_config(str(self.home)):
+            pass
+        self.server.start()
+        preset = self.tmp / "tiny.yaml"
+        ops = {**support.MODELS_CONFIG["ops"], **support.FEATURES_CONFIG["ops"]}
+        preset.write_text(yaml.safe_dump({"ops": ops}))
+        env = {
+            **os.environ,
+            "DAGSTER_HOME": str(self.home),
+            "RECSAE_DATA_DIR": str(self.data),
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+        }
+        recsae = Path(sys.executable).parent / "recsae"
+        with self.log.open("wb") as out:
+            self.run = subprocess.Popen(
+                [str(recsae), "materialize", "-c", str(preset)],
+                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+        self.started = time.monotonic()
+
+    def wait(self) -> Deployment:
+        """Until the materialize run has succeeded and the webserver is ready; fails naming
+        the log of whichever did not."""
+        assert self.run is not None, "start() first"
+        while self.run.poll() is None:
+            self.server.check_alive()
+            if time.monotonic() - self.started > MATERIALIZE_TIMEOUT_S:
+                self.stop()
+                pytest.fail(f"recsae materialize ran over {MATERIALIZE_TIMEOUT_S}s ({self.log})")
+            time.sleep(0.5)
+        tail = self.log.read_text(errors="replace")[-3000:]
+        assert self.run.returncode == 0, f"recsae materialize failed ({self.log}):\n{tail}"
+        self.server.wait_until_ready()
+        self.server.graphql("mutation { setNuxSeen }")  # no "join the community" modal
+        return Deployment(self.server, ArtifactPaths(self.data))
+
+    def stop(self) -> None:
+        if self.run is not None and self.run.poll() is None:
+            self.run.kill()
+            self.run.wait()
+        self.server.stop()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+BACKGROUND = pytest.StashKey[BackgroundDeployment]()
+"""Where conftest keeps the deployment it started when the session began."""
 
 
 WORKSPACE_QUERY = """

@@ -74,8 +74,9 @@ def concept_named(concept: str, explanation: str, catalog: Catalog) -> bool:
     return False
 
 
-class _Loaded:
-    """Catalog, model, SAE and probe of one (model, layer), loaded once."""
+class LoadedPartition:
+    """Catalog, model, SAE and probe of one (model, layer), loaded once and shared by
+    `explain_features` and `score_features`."""
 
     def __init__(
         self, paths: ArtifactPaths, model_name: str, layer: int, device: torch.device | str
@@ -96,12 +97,9 @@ class _Loaded:
 
 
 def explain_features(
-    paths: ArtifactPaths,
-    model_name: str,
-    layer: int,
+    loaded: LoadedPartition,
     features: list[int],
     policy_factory: Callable[[], Policy],
-    device: torch.device | str,
     transcripts_dir: Path | None,
     limits: Limits | None = None,
     methods: tuple[str, ...] = METHODS,
@@ -110,7 +108,6 @@ def explain_features(
 ) -> list[Explanation]:
     """Every method on every feature, each with a fresh policy (so usage is per feature).
     Transcripts go to `transcripts_dir/feature_<f>_<method>.jsonl`."""
-    loaded = _Loaded(paths, model_name, layer, device)
     out: list[Explanation] = []
     total = len(features) * len(methods)
     for feature in features:
@@ -145,19 +142,15 @@ def explain_features(
 
 
 def score_features(
-    paths: ArtifactPaths,
-    model_name: str,
-    layer: int,
+    loaded: LoadedPartition,
     explanations: list[Explanation],
     scorer_factory: Callable[[], Scorer],
-    device: torch.device | str,
     seed: int = 0,
     n_generated: int = 10,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> list[dict]:
     """Score each explanation with a fresh scorer that sees only its text; every method of
     a feature is scored on the same held-out windows (seeded by the feature)."""
-    loaded = _Loaded(paths, model_name, layer, device)
     rows = []
     by_feature: dict[int, list[Explanation]] = {}
     for e in explanations:

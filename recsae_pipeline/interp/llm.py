@@ -102,39 +102,53 @@ class CallRecord:
         return dataclasses.asdict(self)
 
 
-@dataclass
-class Usage:
-    """Running totals over calls; safe to update from several threads."""
+_INT_TOTALS = ("calls", "retries", "corrections", "failures", "prompt_tokens", "completion_tokens")
+_FLOAT_TOTALS = ("cost_usd", "seconds")
 
-    calls: int = 0
-    retries: int = 0
-    corrections: int = 0
-    """Calls whose first reply failed the schema and needed a corrective turn."""
-    failures: int = 0
-    """Calls that ended in an LLMError (the explainer then concludes with what it knows)."""
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost_usd: float = 0.0
-    seconds: float = 0.0
-    """Summed over calls, so more than wall time when calls overlap."""
-    _lock: threading.Lock = field(
-        default_factory=threading.Lock, init=False, repr=False, compare=False
-    )
+
+class Usage:
+    """Running totals over calls; safe to update from several threads.
+
+    `calls`, `retries`, the `corrections` (calls whose first reply failed the schema and
+    needed a corrective turn), the `failures` (calls that ended in an LLMError; the explainer
+    then concludes with what it knows), the billed `prompt_tokens`/`completion_tokens`,
+    `cost_usd`, and `seconds` summed over calls (so more than wall time when calls overlap).
+    """
+
+    def __init__(self, **totals: float) -> None:
+        unknown = sorted(set(totals) - set(_INT_TOTALS) - set(_FLOAT_TOTALS))
+        if unknown:
+            raise TypeError(f"Usage has no total {unknown[0]!r}")
+        self._totals: dict[str, float] = {k: int(totals.get(k, 0)) for k in _INT_TOTALS}
+        self._totals |= {k: float(totals.get(k, 0.0)) for k in _FLOAT_TOTALS}
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> float:
+        totals = self.__dict__.get("_totals", {})
+        if name in totals:
+            return totals[name]
+        raise AttributeError(name)
+
+    def __repr__(self) -> str:
+        return f"Usage({', '.join(f'{k}={v}' for k, v in self.as_dict().items())})"
 
     def add(self, record: CallRecord) -> None:
-        with self._lock:
-            self.calls += 1
-            self.retries += record.retries
-            self.corrections += int(record.corrected)
-            self.failures += int(record.error is not None)
-            self.prompt_tokens += record.prompt_tokens
-            self.completion_tokens += record.completion_tokens
-            self.cost_usd += record.cost_usd
-            self.seconds += record.seconds
+        self.merge(
+            Usage(
+                calls=1,
+                retries=record.retries,
+                corrections=int(record.corrected),
+                failures=int(record.error is not None),
+                prompt_tokens=record.prompt_tokens,
+                completion_tokens=record.completion_tokens,
+                cost_usd=record.cost_usd,
+                seconds=record.seconds,
+            )  # fmt: skip
+        )
 
     def as_dict(self) -> dict[str, int | float]:
         with self._lock:
-            return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+            return dict(self._totals)
 
     def __add__(self, other: Usage) -> Usage:
         a, b = self.as_dict(), other.as_dict()
@@ -145,7 +159,7 @@ class Usage:
         b = other.as_dict()
         with self._lock:
             for k, v in b.items():
-                setattr(self, k, getattr(self, k) + v)
+                self._totals[k] += v
 
 
 class LLMError(RuntimeError):

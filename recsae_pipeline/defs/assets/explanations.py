@@ -19,6 +19,7 @@ from recsae_pipeline.defs.progress import partition_progress, throttled_log
 from recsae_pipeline.defs.resources import LLM, StorageRoot, TorchDevice
 from recsae_pipeline.interp.explain import (
     METHODS,
+    LoadedPartition,
     concept_named,
     explain_features,
     score_features,
@@ -90,9 +91,10 @@ def explanations(
     started = time.perf_counter()
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
+        loaded = LoadedPartition(storage.paths, part.model, part.layer, device.torch_device)
         explained = explain_features(
-            storage.paths, part.model, part.layer, features, llm.policy_factory(),
-            device.torch_device, tmp / TRANSCRIPTS_DIR, limits, METHODS, config.seed, progress,
+            loaded, features, llm.policy_factory(), tmp / TRANSCRIPTS_DIR, limits, METHODS,
+            config.seed, progress,
         )  # fmt: skip
         rows = []
         for e in explained:
@@ -160,9 +162,9 @@ def explanation_scores(
 ) -> dg.MaterializeResult:
     part = partition_of(context, storage.paths)
     explained = [Explanation.from_row(r) for r in pq.read_table(part.explanations).to_pylist()]
+    loaded = LoadedPartition(storage.paths, part.model, part.layer, device.torch_device)
     scores = score_features(
-        storage.paths, part.model, part.layer, explained, llm.scorer_factory(),
-        device.torch_device, config.seed, config.n_generated,
+        loaded, explained, llm.scorer_factory(), config.seed, config.n_generated,
         on_progress=partition_progress(context, "scored {done}/{total}"),
     )  # fmt: skip
     stats = {r["feature"]: r for r in pq.read_table(part.feature_stats).to_pylist()}
