@@ -64,6 +64,13 @@ def test_eval_table_and_probe(tiny_store: TinyStore) -> None:
     by = {r["model"]: r for r in table}
     assert by["student"]["params"] < by["teacher"]["params"]
     assert all(r["ms_per_1000_users"] > 0 for r in table)
+    # Each test user's NDCG@10 per model: their mean is the table's figure, to the last digit.
+    users = pq.read_table(root / "models" / "recommender_eval_users.parquet").to_pandas()
+    n_users = pq.read_metadata(root / "sequences" / "sequences.parquet").num_rows
+    assert users.groupby("model").size().to_dict() == {r["model"]: n_users for r in table}
+    for model, group in users.groupby("model"):
+        assert group["ndcg@10"].mean() == pytest.approx(by[model]["ndcg@10"], abs=1e-12)
+        assert sorted(group["user"]) == list(range(n_users))
     probe = pq.read_table(root / "models" / "layer_probe.parquet").to_pylist()
     teacher_layers = MODELS_CONFIG["ops"]["teacher"]["config"]["num_layers"]
     assert [r["layer"] for r in probe] == list(range(1, teacher_layers + 1))

@@ -8,9 +8,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from recsae_pipeline.data.batching import Split
+from recsae_pipeline.models.metrics import per_user_ndcg
 from recsae_pipeline.models.profiling import profile_inference
 from recsae_pipeline.models.recommender import Recommender
-from recsae_pipeline.models.training import NextItemScorer, evaluate, input_length
+from recsae_pipeline.models.training import NextItemScorer, evaluate, input_length, user_ranks
 
 
 def comparison_rows(
@@ -55,3 +57,23 @@ def distillation_summary(rows: list[dict[str, Any]]) -> dict[str, float]:
         "student_relative_ndcg10_loss": 1 - student["ndcg@10"] / max(teacher["ndcg@10"], 1e-12),
         "distilled_minus_ce_only_ndcg10": student["ndcg@10"] - by_name["student_ce"]["ndcg@10"],
     }
+
+
+def per_user_rows(
+    scorers: Mapping[str, NextItemScorer],
+    sequences: list[np.ndarray],
+    device: torch.device,
+    split: Split = "test",
+) -> dict[str, np.ndarray]:
+    """Columns of one row per (model, user): the user's index in `sequences`, the 0-based rank
+    of their `split` target (seen items filtered) and their NDCG@10 and HR@10."""
+    columns: dict[str, list[np.ndarray]] = {"model": [], "user": [], "rank": [], "ndcg@10": []}
+    for name, scorer in scorers.items():
+        ranks, _ = user_ranks(scorer, sequences, split, device)
+        columns["model"].append(np.full(len(ranks), name, dtype=object))
+        columns["user"].append(np.arange(len(ranks), dtype=np.int32))
+        columns["rank"].append(ranks.numpy().astype(np.int32))
+        columns["ndcg@10"].append(per_user_ndcg(ranks, 10).numpy())
+    out = {k: np.concatenate(v) for k, v in columns.items()}
+    out["hr@10"] = (out["rank"] < 10).astype(np.float64)
+    return out

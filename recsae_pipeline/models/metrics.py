@@ -42,8 +42,14 @@ def hit_rate_at_k(ranks: Tensor, k: int) -> float:
 
 
 def ndcg_at_k(ranks: Tensor, k: int) -> float:
+    return per_user_ndcg(ranks, k).mean().item()
+
+
+def per_user_ndcg(ranks: Tensor, k: int) -> Tensor:
+    """Each user's NDCG@k from the 0-based rank of their one target (float64): what paired
+    comparisons over users resample."""
     gains = 1.0 / torch.log2(ranks.double() + 2.0)
-    return torch.where(ranks < k, gains, 0.0).mean().item()
+    return torch.where(ranks < k, gains, 0.0)
 
 
 def mrr_at_k(ranks: Tensor, k: int | None = None) -> float:

@@ -145,23 +145,21 @@ def input_length(scorer: NextItemScorer) -> int:
 
 
 @torch.no_grad()
-def evaluate(
+def user_ranks(
     scorer: NextItemScorer,
     sequences: list[np.ndarray],
-    num_items: int,
     split: Split,
     device: torch.device,
     max_len: int | None = None,
     batch_size: int = 512,
-    sampled: bool = True,
-    seed: int = 0,
     filter_seen_items: bool = True,
-) -> dict[str, float]:
-    """Full-ranking HR/NDCG/MRR@10/20 with seen items filtered, plus SLMRec's sampled metrics
-    (prefixed `sampled_`, negatives seeded by `seed`) unless sampled=False."""
+    negatives: np.ndarray | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Each user's 0-based full-ranking rank of their `split` target (seen items filtered
+    unless `filter_seen_items` is False), in `sequences` order; with `negatives`, also the
+    sampled-protocol ranks."""
     max_len = input_length(scorer) if max_len is None else max_len
     inputs, targets, histories = split_examples(sequences, split, max_len)
-    negatives = sample_negatives(sequences, num_items, seed=seed) if sampled else None
     was_training = isinstance(scorer, nn.Module) and scorer.training
     if isinstance(scorer, nn.Module):
         scorer.eval()
@@ -180,11 +178,30 @@ def evaluate(
             sampled_rank_batches.append(sampled_ranks(scores, target, negative).cpu())
     if was_training:
         scorer.train()
-    metrics = full_ranking_metrics(torch.cat(full))
-    if negatives is not None:
-        metrics |= {
-            f"sampled_{k}": v for k, v in sampled_metrics(torch.cat(sampled_rank_batches)).items()
-        }
+    return torch.cat(full), (torch.cat(sampled_rank_batches) if negatives is not None else None)
+
+
+def evaluate(
+    scorer: NextItemScorer,
+    sequences: list[np.ndarray],
+    num_items: int,
+    split: Split,
+    device: torch.device,
+    max_len: int | None = None,
+    batch_size: int = 512,
+    sampled: bool = True,
+    seed: int = 0,
+    filter_seen_items: bool = True,
+) -> dict[str, float]:
+    """Full-ranking HR/NDCG/MRR@10/20 with seen items filtered, plus SLMRec's sampled metrics
+    (prefixed `sampled_`, negatives seeded by `seed`) unless sampled=False."""
+    negatives = sample_negatives(sequences, num_items, seed=seed) if sampled else None
+    full, sampled_rank = user_ranks(
+        scorer, sequences, split, device, max_len, batch_size, filter_seen_items, negatives
+    )
+    metrics = full_ranking_metrics(full)
+    if sampled_rank is not None:
+        metrics |= {f"sampled_{k}": v for k, v in sampled_metrics(sampled_rank).items()}
     return metrics
 
 

@@ -136,6 +136,8 @@ class ArtifactPaths:
     duckdb = _At(DUCKDB_FILE)
     versions_dir = _At(VERSIONS_DIR)
     recommender_eval = _At("models", "recommender_eval.parquet")
+    recommender_eval_users = _At("models", "recommender_eval_users.parquet")
+    """Each test user's rank and NDCG@10 under each model: what paired CIs resample."""
     layer_probe = _At("models", "layer_probe.parquet")
 
     def _join(self, *parts: str) -> Path:
@@ -204,6 +206,7 @@ class ArtifactPaths:
             "item_map": Table(self.item_map, False),
             "user_map": Table(self.user_map, False),
             "recommender_eval": Table(self.recommender_eval, False),
+            "recommender_eval_users": Table(self.recommender_eval_users, False),
             "layer_probe": Table(self.layer_probe, False),
         }
         for view, (artifact, file) in PARTITIONED_TABLES.items():

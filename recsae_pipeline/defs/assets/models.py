@@ -20,7 +20,11 @@ from recsae_pipeline.defs.resources import StorageRoot, TorchDevice
 from recsae_pipeline.defs.versioning import content_versioned
 from recsae_pipeline.distributed.ranks import train_result
 from recsae_pipeline.models.artifacts import load_recommender, read_metrics, save_recommender
-from recsae_pipeline.models.comparison import comparison_rows, distillation_summary
+from recsae_pipeline.models.comparison import (
+    comparison_rows,
+    distillation_summary,
+    per_user_rows,
+)
 from recsae_pipeline.models.distillation import DistillConfig, train_student
 from recsae_pipeline.models.metrics import PopularityScorer
 from recsae_pipeline.models.probe import layer_scores
@@ -465,7 +469,7 @@ def layer_probe(
     "full-ranking HR/NDCG/MRR@10/20 (each user's seen items filtered), SLMRec's sampled "
     "protocol (1 positive + 999 seeded negatives), parameters, training time, inference cost.",
 )
-@content_versioned(lambda paths, _: [paths.recommender_eval])
+@content_versioned(lambda paths, _: [paths.recommender_eval, paths.recommender_eval_users])
 def recommender_eval(
     context: dg.AssetExecutionContext, storage: StorageRoot, device: TorchDevice
 ) -> dg.MaterializeResult:
@@ -485,6 +489,8 @@ def recommender_eval(
 
     rows = comparison_rows(scorers, saved, seqs, num_items, dev, on_row=log)
     path = write_parquet(pa.Table.from_pylist(rows), storage.paths.recommender_eval)
+    users = pa.table(per_user_rows(scorers, seqs, dev))
+    write_parquet(users, storage.paths.recommender_eval_users)
     write_json(rows, storage.paths.report("recommender_eval", ".json"))
     storage.refresh_duckdb()
     summary = distillation_summary(rows)
