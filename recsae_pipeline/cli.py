@@ -162,6 +162,7 @@ def materialize_plan(features: bool = True) -> list[tuple[str, str | None]]:
             for key in feature_partitions.get_partition_keys()
             for job in partition_jobs(key)
         ]
+        plan.append(("report", None))
     return plan
 
 
@@ -314,6 +315,32 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Rebuild reports/results.json and results.md from the artifacts (the `results` asset's
+    work, without Dagster) and print the markdown."""
+    from recsae_pipeline.report.results import write_results
+
+    paths = _artifact_paths(args.data_dir)
+    partitions = [parse_partition_key(k) for k in args.partition] if args.partition else None
+    if partitions is None:
+        from recsae_pipeline.defs.partitions import feature_partitions
+
+        partitions = [parse_partition_key(k) for k in feature_partitions.get_partition_keys()]
+    if not paths.recommender_eval.exists() and not any(
+        paths.partition(m, layer).dir("sae").exists() for m, layer in partitions
+    ):
+        print(
+            f"recsae report: nothing to report under {paths.root}: run `recsae materialize` "
+            "first (or pass --data-dir)",
+            file=sys.stderr,
+        )
+        return 2
+    written = write_results(paths, partitions, args.resamples, args.seed)
+    print(written.markdown.read_text(), end="")
+    print(f"recsae report: wrote {written.json} and {written.markdown}", file=sys.stderr)
+    return 0
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     """Run SAGE (and the baseline) on one feature, print the transcript summary and scores."""
     from recsae_pipeline.defs.resources import LLM
@@ -414,6 +441,16 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("-k", type=int, default=10, help="list length")
     rec.add_argument("--device", default="auto", help="auto | cpu | cuda[:n]")
     rec.set_defaults(func=cmd_recommend)
+    rep = sub.add_parser(
+        "report", help="rebuild reports/results.{json,md}: every comparison with its 95%% CI"
+    )
+    rep.add_argument(
+        "--partition", action="append", metavar="MODEL.layerL",
+        help="only these feature partitions (repeatable; default: all)",
+    )  # fmt: skip
+    rep.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples per CI")
+    rep.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    rep.set_defaults(func=cmd_report)
     exp = sub.add_parser("explain", help="explain one SAE feature with SAGE and the baseline")
     exp.add_argument("feature", type=int)
     exp.add_argument("--sae", default="sasrec.layer2", help="SAE partition <model>.layer<l>")

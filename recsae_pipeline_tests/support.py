@@ -63,6 +63,9 @@ FEATURES_CONFIG = {
 }
 
 
+REPORT_CONFIG = {"ops": {"results": {"config": {"resamples": 200}}}}
+
+
 def resources(root: Path, **overrides: Any) -> dict[str, Any]:
     """Every resource the assets use, on `root` and the CPU."""
     return {
@@ -145,6 +148,7 @@ class TinyStore:
     sasrec_activations: dg.ExecuteInProcessResult
     features: dg.ExecuteInProcessResult
     student_activations: dg.ExecuteInProcessResult
+    report: dg.ExecuteInProcessResult
 
     def copy_to(self, path: Path, ignore: Any = None) -> Path:
         """A copy of the store at `path`, for a test that changes it."""
@@ -152,7 +156,10 @@ class TinyStore:
 
     @property
     def runs(self) -> tuple[dg.ExecuteInProcessResult, ...]:
-        return (self.main, self.sasrec_activations, self.features, self.student_activations)
+        return (
+            self.main, self.sasrec_activations, self.features, self.student_activations,
+            self.report,
+        )  # fmt: skip
 
     def run_of(self, asset: str) -> dg.ExecuteInProcessResult:
         """The run that built `asset`."""
@@ -174,13 +181,14 @@ def build_tiny_store(root: Path) -> TinyStore:
 
 def _build(root: Path) -> TinyStore:
     # The jobs `recsae materialize` runs: `main`, then each partition's activations job (each
-    # model's activations have their own partitions) and `features`.
+    # model's activations have their own partitions) and `features`, then `report`.
     main = _execute("main", root, MODELS_CONFIG)
     activations_job, features_job = partition_jobs(KEY)
     activations = _execute(activations_job, root, partition_key=KEY)
     features = _execute(features_job, root, FEATURES_CONFIG, partition_key=KEY)
     student = _execute(partition_jobs(STUDENT_KEY)[0], root, partition_key=STUDENT_KEY)
-    return TinyStore(root, main, activations, features, student)
+    report = _execute("report", root, REPORT_CONFIG)
+    return TinyStore(root, main, activations, features, student, report)
 
 
 def _execute(

@@ -12,6 +12,7 @@ from recsae_pipeline.report.stats import (
     Comparison,
     bootstrap_ci,
     compare,
+    compare_independent,
     spread,
     t_ci,
     verdict,
@@ -78,3 +79,13 @@ def test_verdict_and_spread() -> None:
     assert verdict((-0.1, 0.1)) == NO_DIFFERENCE
     assert verdict((math.nan, math.nan)) == NO_DIFFERENCE
     assert spread([1.0, 2.0, 3.0]) == {"mean": 2.0, "std": 1.0, "min": 1.0, "max": 3.0, "n": 3}
+
+
+def test_independent_medians() -> None:
+    rng = np.random.default_rng(4)
+    a, b = rng.normal(1.0, 0.1, size=400), rng.normal(0.5, 0.1, size=64)
+    c = compare_independent("x", "median", "sae", a, "neurons", b, "features", resamples=500)
+    assert c.ci95[0] < c.difference < c.ci95[1] and c.ci95[0] > 0.4
+    assert (c.n, c.notes["n_a"], c.notes["n_b"]) == (64, 400, 64)
+    same = compare_independent("x", "median", "a", a, "b", a + 0.0, "features", resamples=500)
+    assert same.verdict == NO_DIFFERENCE

@@ -217,6 +217,7 @@ class BackgroundDeployment:
         self.server.start()
         preset = self.tmp / "tiny.yaml"
         ops = {**support.MODELS_CONFIG["ops"], **support.FEATURES_CONFIG["ops"]}
+        ops |= support.REPORT_CONFIG["ops"]
         preset.write_text(yaml.safe_dump({"ops": ops}))
         env = {
             **os.environ,

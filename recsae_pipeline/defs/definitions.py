@@ -12,12 +12,13 @@ from recsae_pipeline.defs.assets import (
     explanations,
     features,
     models,
+    report,
     sae,
 )
 from recsae_pipeline.defs.partitions import feature_partitions
 from recsae_pipeline.defs.resources import LLM, DataQuality, StorageRoot, TorchDevice
 
-ASSET_MODULES = [data, models, activations, sae, features, explanations, browser]
+ASSET_MODULES = [data, models, activations, sae, features, explanations, browser, report]
 
 defs = dg.Definitions(
     assets=dg.load_assets_from_modules(ASSET_MODULES),

@@ -10,15 +10,17 @@ from recsae_pipeline.defs.partitions import feature_partitions, model_partitions
 from recsae_pipeline.storage.registry import parse_partition_key
 
 ACTIVATIONS = dg.AssetSelection.assets(*activation_assets.values())
+REPORT = dg.AssetSelection.assets("results")
+"""Over every partition: runs after all of them (`report` job)."""
 # Everything from the activations on is per (model, layer) partition: the SAEs, their
 # features, steering, explanations and the browser.
-PER_PARTITION = ACTIVATIONS.downstream()
+PER_PARTITION = ACTIVATIONS.downstream() - REPORT
 
 # One process per run: steps share imports (torch, GX) instead of paying them per step, and
 # the heavy steps already use every core through torch.
 main_job = dg.define_asset_job(
     "main",
-    selection=dg.AssetSelection.all() - PER_PARTITION,
+    selection=dg.AssetSelection.all() - PER_PARTITION - REPORT,
     description="Data and models: every unpartitioned asset with its checks. "
     "`recsae materialize` runs this, then, per partition, its model's activations job and "
     "`features`.",
@@ -57,7 +59,7 @@ def partition_jobs(key: str) -> tuple[str, str]:
 
 retrain_job = dg.define_asset_job(
     "retrain",
-    selection=dg.AssetSelection.assets("sequences").downstream() - PER_PARTITION,
+    selection=dg.AssetSelection.assets("sequences").downstream() - PER_PARTITION - REPORT,
     description="Rebuild sequences from the current raw log and retrain every model, the layer "
     "probe and the evaluation (unpartitioned assets; the `features_after_retrain` sensor then "
     "runs each partition's activations and `features` jobs).",
@@ -66,10 +68,26 @@ retrain_job = dg.define_asset_job(
 
 ingest_job = dg.define_asset_job(
     "ingest_and_retrain",
-    selection=dg.AssetSelection.assets("raw_interactions").downstream() - PER_PARTITION,
+    selection=dg.AssetSelection.assets("raw_interactions").downstream() - PER_PARTITION - REPORT,
     description="Re-ingest the raw log (the `new_interactions` sensor points it at the log plus "
     "the new drops), rebuild the catalog and sequences, and retrain everything unpartitioned.",
     executor_def=dg.in_process_executor,
 )
 
-jobs = [main_job, *activations_jobs.values(), features_job, retrain_job, ingest_job]
+report_job = dg.define_asset_job(
+    "report",
+    selection=REPORT,
+    description="After every partition's `features` run: the `results` asset (every headline "
+    "comparison with its 95% CI). `recsae materialize` runs it last; `recsae report` is the "
+    "same from the command line.",
+    executor_def=dg.in_process_executor,
+)
+
+jobs = [
+    main_job,
+    *activations_jobs.values(),
+    features_job,
+    report_job,
+    retrain_job,
+    ingest_job,
+]

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-Unit = Literal["users", "features", "seeds", "genres"]
+Unit = Literal["users", "features", "seeds", "genres", "concepts"]
 NO_DIFFERENCE = "no measurable difference"
 DEFAULT_RESAMPLES = 2000
 
@@ -151,6 +151,50 @@ def compare(
         n_nan=dropped,
         method="Student's t" if unit == "seeds" else f"paired bootstrap ({resamples} resamples)",
         notes=notes,
+    )
+
+
+def compare_independent(
+    name: str,
+    metric: str,
+    a_label: str,
+    a: Sequence[float],
+    b_label: str,
+    b: Sequence[float],
+    unit: Unit,
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+    **notes: Any,
+) -> Comparison:
+    """Medians of two independent samples (SAE features and neurons are different units),
+    the difference of medians and its 95% CI by resampling each sample on its own; n is
+    the smaller sample, both sizes are in `notes`."""
+    x = np.asarray(a, dtype=np.float64)
+    y = np.asarray(b, dtype=np.float64)
+    dropped = int((~np.isfinite(x)).sum() + (~np.isfinite(y)).sum())
+    x, y = x[np.isfinite(x)], y[np.isfinite(y)]
+    if len(x) == 0 or len(y) == 0:
+        ci: tuple[float, float] = (math.nan, math.nan)
+        diff = math.nan
+    else:
+        rng = np.random.default_rng(seed)
+        diffs = np.median(rng.choice(x, (resamples, len(x))), axis=1) - np.median(
+            rng.choice(y, (resamples, len(y))), axis=1
+        )
+        lo, hi = np.percentile(diffs, [2.5, 97.5])
+        ci, diff = (float(lo), float(hi)), float(np.median(x) - np.median(y))
+    return Comparison(
+        name=name,
+        metric=metric,
+        a=Side(a_label, float(np.median(x)) if len(x) else math.nan),
+        b=Side(b_label, float(np.median(y)) if len(y) else math.nan),
+        difference=diff,
+        ci95=ci,
+        n=min(len(x), len(y)),
+        unit=unit,
+        n_nan=dropped,
+        method=f"independent bootstrap of medians ({resamples} resamples)",
+        notes={"n_a": len(x), "n_b": len(y), **notes},
     )
 
 

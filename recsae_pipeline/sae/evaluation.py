@@ -14,8 +14,9 @@ import torch
 
 from recsae_pipeline.activations.hooks import edit_hidden
 from recsae_pipeline.activations.shards import partition_rows
+from recsae_pipeline.models.metrics import per_user_ndcg
 from recsae_pipeline.models.recommender import Recommender
-from recsae_pipeline.models.training import evaluate
+from recsae_pipeline.models.training import user_ranks
 from recsae_pipeline.models.validation import CheckOutcome, from_problems
 from recsae_pipeline.sae.model import TopKSae
 from recsae_pipeline.storage.sql import read_parquet
@@ -43,6 +44,9 @@ class SpliceQuality(NamedTuple):
     """Test NDCG@10 with the SAE's reconstruction replacing the layer's output."""
     zero_ablated: float
     """Test NDCG@10 with the layer's output replaced by zeros."""
+    per_user: dict[str, np.ndarray] | None = None
+    """Each test user's NDCG@10 under `original`, `spliced` and `zero_ablated` (in sequences
+    order): what paired CIs over users resample."""
 
     @property
     def fraction_recovered(self) -> float:
@@ -59,17 +63,20 @@ def splice_quality(
     num_items: int,
     device: torch.device,
 ) -> SpliceQuality:
-    """Test NDCG@10 (full ranking, no sampled metrics) as trained, spliced and zero-ablated."""
+    """Test NDCG@10 (full ranking, no sampled metrics) as trained, spliced and zero-ablated,
+    with each user's figure."""
 
-    def ndcg() -> float:
-        return evaluate(model, sequences, num_items, "test", device, sampled=False)["ndcg@10"]
+    def ndcg() -> torch.Tensor:
+        ranks, _ = user_ranks(model, sequences, "test", device)
+        return per_user_ndcg(ranks, 10)
 
-    original = ndcg()
+    users = {"original": ndcg()}
     with edit_hidden(model, layer, sae.reconstruct):
-        spliced = ndcg()
+        users["spliced"] = ndcg()
     with edit_hidden(model, layer, torch.zeros_like):
-        ablated = ndcg()
-    return SpliceQuality(original, spliced, ablated)
+        users["zero_ablated"] = ndcg()
+    means = [users[k].mean().item() for k in ("original", "spliced", "zero_ablated")]
+    return SpliceQuality(*means, per_user={k: v.numpy() for k, v in users.items()})
 
 
 def reconstruction_check(heldout: dict[str, float], bounds: SaeBounds) -> CheckOutcome:
@@ -85,7 +92,7 @@ def reconstruction_check(heldout: dict[str, float], bounds: SaeBounds) -> CheckO
 def splice_check(quality: SpliceQuality, bounds: SaeBounds) -> CheckOutcome:
     """Enough of NDCG@10 recovered when spliced; when zero-ablating the layer costs nothing,
     the spliced NDCG@10 within 1% of the original instead."""
-    original, spliced, ablated = quality
+    original, spliced, ablated = quality.original, quality.spliced, quality.zero_ablated
     recovered = quality.fraction_recovered
     if original - ablated > ABLATION_GAP:
         passed = recovered >= bounds.min_recovered

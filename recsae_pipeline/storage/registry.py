@@ -44,6 +44,7 @@ PARTITIONED_TABLES: dict[str, tuple[str, str]] = {
     "neuron_stats": ("feature_stats", "neurons.parquet"),
     "feature_enrichment": ("feature_stats", "enrichment.parquet"),
     "planted_concepts": ("feature_stats", "concepts.parquet"),
+    "sae_splice_users": ("sae", "splice_users.parquet"),
     "steering_points": ("steering", "points.parquet"),
     "steering_summary": ("steering", "summary.parquet"),
     "explanations": ("explanations", "explanations.parquet"),
@@ -249,6 +250,8 @@ class PartitionPaths:
     sae_weights = _At("sae", SAE_WEIGHTS_FILE)
     sae_config = _At("sae", SAE_CONFIG_FILE)
     sae_metrics = _At("sae", METRICS_FILE)
+    sae_splice_users = _PartitionTable()
+    """Each test user's NDCG@10 as trained, spliced and zero-ablated."""
     feature_activations = _PartitionTable()
     """The sparse feature-activation table (one file, sorted by feature)."""
     feature_stats_dir = _At("feature_stats")

@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Literal
 
 import dagster as dg
+import numpy as np
+import pyarrow as pa
 from pydantic import Field
 
 from recsae_pipeline.data.sequences import read_sequences
@@ -27,7 +29,7 @@ from recsae_pipeline.sae.evaluation import (
 )
 from recsae_pipeline.sae.model import SaeConfig
 from recsae_pipeline.sae.training import SaeTrainConfig, train_sae
-from recsae_pipeline.storage.atomic import write_json
+from recsae_pipeline.storage.atomic import write_json, write_parquet
 
 GROUP = "sae"
 
@@ -131,6 +133,9 @@ def sae(
         "curve": [p._asdict() for p in result.curve],
     }
     write_json(metrics, part.sae_metrics)
+    assert quality.per_user is not None
+    users = {"user": np.arange(len(quality.per_user["original"]), dtype=np.int32)}
+    write_parquet(pa.table(users | quality.per_user), part.sae_splice_users)
     curve = _curve_plot(result.curve, context.partition_key, part.report("sae"))
     context.log.info(
         f"{context.partition_key}: FVU {heldout['fvu']:.4f}, L0 {heldout['l0']:.1f}, dead {heldout['dead_fraction']:.1%}; "

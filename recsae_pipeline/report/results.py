@@ -1,0 +1,432 @@
+"""Every headline comparison of a run, computed from its artifacts: `results.json` and
+`results.md` under `reports/`.
+
+Each comparison has both sides, the paired difference a - b, its 95% CI, n and the unit
+(`report.stats`). What is compared, per section:
+
+- recommenders (per test user, NDCG@10): student vs CE-only student (the distillation
+  ablation), student vs teacher, teacher vs SASRec, SASRec vs popularity;
+- per (model, layer) partition:
+  - the SAE spliced in vs the model as trained (per user);
+  - SAE features vs neurons on planted concepts (per concept, best unit's AUC) and on the
+    monosemanticity score (median, independent bootstrap);
+  - steering along the SAE feature vs along each baseline direction at the same norm
+    (centroid, best neuron, random): genre-share gain per user, and genres reaching the
+    target; clamping the feature on the users where it is active;
+  - SAGE vs the one-shot baseline (per feature): the headline set (features chosen by
+    frequency and at random) and the concept-selected set, each metric.
+
+A section whose artifacts are missing is listed under `missing` with the file it needs, so
+a partial store gives a partial, honest report.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from recsae_pipeline.report.stats import (
+    DEFAULT_RESAMPLES,
+    Comparison,
+    compare,
+    compare_independent,
+    format_ci,
+)
+from recsae_pipeline.storage.registry import ArtifactPaths, PartitionPaths
+
+RECOMMENDER_PAIRS = (
+    ("student", "student_ce", "distillation ablation: SLMRec student vs the same student trained on CE only"),
+    ("student", "teacher", "student vs its teacher"),
+    ("teacher", "sasrec", "teacher vs SASRec"),
+    ("sasrec", "popularity", "SASRec vs popularity"),
+)  # fmt: skip
+STEERING_BASELINES = ("centroid", "neuron", "random")
+EXPLANATION_METRICS = (
+    ("generative_accuracy", "generative accuracy (label only)"),
+    ("generative_accuracy_description", "generative accuracy (description)"),
+    ("predictive_r", "predictive r"),
+    ("detection_auc", "detection AUC"),
+)
+HEADLINE_SELECTIONS = ("frequent", "random")
+CONCEPT_AUC_BAR = 0.9
+
+
+@dataclass
+class Results:
+    """What `build_results` found: the comparisons, descriptive tables and what was missing."""
+
+    comparisons: list[Comparison] = field(default_factory=list)
+    tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+
+    def as_dict(self, commit: str | None, generated_at: str | None = None) -> dict[str, Any]:
+        return {
+            "commit": commit,
+            "generated_at": generated_at or datetime.now(UTC).isoformat(timespec="seconds"),
+            "comparisons": [c.as_dict() for c in self.comparisons],
+            "tables": self.tables,
+            "missing": self.missing,
+        }
+
+
+def _read(path: Path, results: Results, what: str) -> Any | None:
+    if not path.exists():
+        results.missing.append(f"{what}: {path} not found")
+        return None
+    return pq.read_table(path).to_pandas()
+
+
+def build_results(
+    paths: ArtifactPaths,
+    partitions: Sequence[tuple[str, int]],
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+) -> Results:
+    """Every comparison the artifacts under `paths` support, for `partitions`."""
+    results = Results()
+    _recommenders(paths, results, resamples, seed)
+    for model, layer in partitions:
+        part = paths.partition(model, layer)
+        _splice(part, results, resamples, seed)
+        _sae_vs_neurons(part, results, resamples, seed)
+        _steering(part, results, resamples, seed)
+        _explanations(part, results, resamples, seed)
+    return results
+
+
+def _recommenders(paths: ArtifactPaths, results: Results, resamples: int, seed: int) -> None:
+    table = _read(paths.recommender_eval, results, "recommenders")
+    if table is not None:
+        keep = ["model", "ndcg@10", "hr@10", "params", "layers", "train_seconds"]
+        keep += ["ms_per_1000_users"]
+        results.tables["recommenders"] = table[keep].to_dict("records")
+    users = _read(paths.recommender_eval_users, results, "recommenders per user")
+    if users is None:
+        return
+    by_model = {m: g.sort_values("user")["ndcg@10"].to_numpy() for m, g in users.groupby("model")}
+    for a, b, what in RECOMMENDER_PAIRS:
+        if a in by_model and b in by_model:
+            results.comparisons.append(
+                compare(
+                    f"recommenders: {what}",
+                    "test NDCG@10",
+                    a,
+                    by_model[a],
+                    b,
+                    by_model[b],
+                    "users",
+                    resamples,
+                    seed,
+                    section="recommenders",
+                )  # fmt: skip
+            )
+
+
+def _splice(part: PartitionPaths, results: Results, resamples: int, seed: int) -> None:
+    users = _read(part.sae_splice_users, results, f"{part.key} SAE splice")
+    if users is None:
+        return
+    results.comparisons.append(
+        compare(
+            f"{part.key}: SAE reconstruction spliced in vs the model as trained",
+            "test NDCG@10",
+            "spliced",
+            users["spliced"],
+            "original",
+            users["original"],
+            "users",
+            resamples,
+            seed,
+            section="sae",
+            partition=part.key,
+        )  # fmt: skip
+    )
+
+
+def _sae_vs_neurons(part: PartitionPaths, results: Results, resamples: int, seed: int) -> None:
+    features = _read(part.feature_stats, results, f"{part.key} feature stats")
+    neurons = _read(part.neuron_stats, results, f"{part.key} neuron stats")
+    if features is not None and neurons is not None:
+        active = features[features["n_active"] > 0]["monosemanticity"].to_numpy(np.float64)
+        results.comparisons.append(
+            compare_independent(
+                f"{part.key}: SAE features vs neurons (both signs), monosemanticity",
+                "median purity of the best attribute among top items",
+                "SAE features",
+                active,
+                "neurons",
+                neurons["monosemanticity"].to_numpy(np.float64),
+                "features",
+                resamples,
+                seed,
+                section="sae_vs_neurons",
+                partition=part.key,
+            )  # fmt: skip
+        )
+    if not part.planted_concepts.exists():
+        return  # no ground truth (a real log): nothing planted to detect
+    concepts = pq.read_table(part.planted_concepts).to_pandas()
+    sae_auc = concepts["feature_auc"].to_numpy(np.float64)
+    neuron_auc = concepts["neuron_auc"].to_numpy(np.float64)
+    results.comparisons.append(
+        compare(
+            f"{part.key}: SAE features vs neurons, planted concepts",
+            "best unit's AUC per concept",
+            "SAE features",
+            sae_auc,
+            "neurons",
+            neuron_auc,
+            "concepts",
+            resamples,
+            seed,
+            section="sae_vs_neurons",
+            partition=part.key,
+            detected_at_0_9={
+                "SAE features": int((sae_auc >= CONCEPT_AUC_BAR).sum()),
+                "neurons": int((neuron_auc >= CONCEPT_AUC_BAR).sum()),
+                "concepts": len(concepts),
+            },
+        )  # fmt: skip
+    )
+
+
+def _steering(part: PartitionPaths, results: Results, resamples: int, seed: int) -> None:
+    users_path = part.dir("steering") / "users.parquet"
+    summary_path = part.steering_summary
+    users = _read(users_path, results, f"{part.key} steering per user")
+    summary = _read(summary_path, results, f"{part.key} steering summary")
+    if users is None or summary is None or "direction" not in summary.columns:
+        if summary is not None and "direction" not in summary.columns:
+            results.missing.append(f"{part.key} steering: {summary_path} has no baselines")
+        return
+    reached = summary.pivot_table(index="genre", columns="direction", values="reaches_target")
+    sae_rows = summary[summary["direction"] == "sae"].set_index("genre")
+    none = users[users["direction"] == "none"].set_index(["genre", "user"])["genre_share"]
+    for baseline in STEERING_BASELINES:
+        if baseline not in reached.columns or "sae" not in reached.columns:
+            continue
+        gains: dict[str, list[np.ndarray]] = {"sae": [], baseline: []}
+        for genre, row in sae_rows.iterrows():
+            scale = row["best_scale"]
+            for direction in gains:
+                at = users[
+                    (users["genre"] == genre)
+                    & (users["direction"] == direction)
+                    & np.isclose(users["scale"], scale)
+                ].set_index(["genre", "user"])["genre_share"]
+                gains[direction].append((at - none.loc[at.index]).rename(genre))
+        if not gains["sae"]:
+            continue
+        per_user = {d: _mean_over_genres(series) for d, series in gains.items()}
+        aligned = per_user["sae"].index.intersection(per_user[baseline].index)
+        results.comparisons.append(
+            compare(
+                f"{part.key}: steering along the SAE feature vs the {baseline} direction "
+                "(same layer, same norm, at the SAE's chosen scale)",
+                "gain in the genre's top-10 share, averaged over genres",
+                "SAE feature",
+                per_user["sae"].loc[aligned],
+                baseline,
+                per_user[baseline].loc[aligned],
+                "users",
+                resamples,
+                seed,
+                section="steering",
+                partition=part.key,
+            )  # fmt: skip
+        )
+        both = reached[["sae", baseline]].dropna().astype(float)
+        results.comparisons.append(
+            compare(
+                f"{part.key}: genres steered to the target, SAE feature vs {baseline} direction",
+                "share of genres reaching 3x top-10 share within 20% NDCG@10 loss",
+                "SAE feature",
+                both["sae"],
+                baseline,
+                both[baseline],
+                "genres",
+                resamples,
+                seed,
+                section="steering",
+                partition=part.key,
+                counts={
+                    "SAE feature": int(both["sae"].sum()),
+                    baseline: int(both[baseline].sum()),
+                    "genres": len(both),
+                },
+            )  # fmt: skip
+        )
+    clamp = users[(users["direction"] == "sae_clamp") & users["active"]]
+    if len(clamp):
+        before = none.loc[clamp.set_index(["genre", "user"]).index]
+        results.comparisons.append(
+            compare(
+                f"{part.key}: clamping the genre's SAE feature to 0, on users where it is "
+                "active at their last position",
+                "genre's top-10 share",
+                "clamped",
+                clamp["genre_share"].to_numpy(),
+                "unsteered",
+                before.to_numpy(),
+                "users",
+                resamples,
+                seed,
+                section="steering",
+                partition=part.key,
+                pairs="(genre, active user)",
+                users_all=int(users["user"].nunique()),
+            )  # fmt: skip
+        )
+
+
+def _mean_over_genres(series: list[Any]) -> Any:
+    import pandas as pd
+
+    frame = pd.concat([s.reset_index(level="genre", drop=True) for s in series], axis=1)
+    return frame.mean(axis=1)
+
+
+def _explanations(part: PartitionPaths, results: Results, resamples: int, seed: int) -> None:
+    scores = _read(part.explanation_scores, results, f"{part.key} explanation scores")
+    if scores is None:
+        return
+    if "selection" not in scores.columns:
+        results.missing.append(f"{part.key} explanations: no `selection` column")
+        return
+    subsets = {
+        "headline (features chosen by frequency and at random)": scores["selection"].isin(
+            HEADLINE_SELECTIONS
+        ),
+        "concept-selected features": scores["selection"] == "concept",
+    }
+    for subset, mask in subsets.items():
+        rows = scores[mask]
+        wide = rows.pivot_table(index="feature", columns="method", aggfunc="first")
+        if not {"sage", "baseline"} <= set(rows["method"]):
+            continue
+        for column, metric in EXPLANATION_METRICS:
+            if column not in rows.columns:
+                continue
+            sage, base = wide[column]["sage"], wide[column]["baseline"]
+            results.comparisons.append(
+                compare(
+                    f"{part.key}: SAGE vs the one-shot baseline, {subset}",
+                    metric,
+                    "SAGE",
+                    sage.to_numpy(np.float64),
+                    "baseline",
+                    base.to_numpy(np.float64),
+                    "features",
+                    resamples,
+                    seed,
+                    section="explanations",
+                    partition=part.key,
+                )  # fmt: skip
+            )
+        if "names_concept" in rows.columns:
+            named = wide["names_concept"]
+            both = named[["sage", "baseline"]].dropna()
+            if len(both):
+                results.comparisons.append(
+                    compare(
+                        f"{part.key}: SAGE vs the one-shot baseline, {subset}",
+                        "names the planted concept (features with a concept AUC >= the bar)",
+                        "SAGE",
+                        both["sage"].astype(float),
+                        "baseline",
+                        both["baseline"].astype(float),
+                        "features",
+                        resamples,
+                        seed,
+                        section="explanations",
+                        partition=part.key,
+                    )  # fmt: skip
+                )
+
+
+# ----------------------------------------------------------------------------- markdown
+
+
+def _value(x: float) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
+
+
+def comparisons_markdown(comparisons: Sequence[Comparison]) -> str:
+    """One table: comparison, metric, both sides, a - b with its 95% CI, n, verdict."""
+    lines = [
+        "| comparison | metric | a | b | a - b [95% CI] | n | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in comparisons:
+        nan = f" ({c.n_nan} NaN dropped)" if c.n_nan else ""
+        lines.append(
+            f"| {c.name} | {c.metric} | {c.a.label} {_value(c.a.value)} | "
+            f"{c.b.label} {_value(c.b.value)} | {format_ci(c)} | {c.n} {c.unit}{nan} | "
+            f"{c.verdict} |"
+        )
+    return "\n".join(lines)
+
+
+def results_markdown(results: dict[str, Any]) -> str:
+    """`results.md`: every comparison grouped by section, then what was missing."""
+    comparisons = [Comparison.from_dict(c) for c in results["comparisons"]]
+    out = [
+        "# Results",
+        "",
+        f"Commit `{results['commit']}`, generated {results['generated_at']}. Each row: both "
+        "sides, the paired difference a - b and its 95% CI (paired bootstrap over the unit; "
+        "Student's t over seeds). Where the CI includes zero: no measurable difference.",
+    ]
+    sections: dict[str, list[Comparison]] = {}
+    for c in comparisons:
+        sections.setdefault(str(c.notes.get("section", "other")), []).append(c)
+    for section, rows in sections.items():
+        out += ["", f"## {section}", "", comparisons_markdown(rows)]
+    if results.get("missing"):
+        out += ["", "## Not computed", ""] + [f"- {m}" for m in results["missing"]]
+    return "\n".join(out) + "\n"
+
+
+def current_commit(repo: Path | None = None) -> str | None:
+    """The short git commit of the checkout the code runs from, or None outside one."""
+    import subprocess
+
+    repo = repo or Path(__file__).resolve().parents[2]
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True, text=True, timeout=10, check=True,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+@dataclass(frozen=True)
+class Written:
+    json: Path
+    markdown: Path
+    results: dict[str, Any]
+
+
+def write_results(
+    paths: ArtifactPaths,
+    partitions: Sequence[tuple[str, int]],
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+) -> Written:
+    """`build_results`, written to `reports/results.json` and `reports/results.md`."""
+    from recsae_pipeline.storage.atomic import write_bytes, write_json
+
+    results = build_results(paths, partitions, resamples, seed).as_dict(current_commit())
+    results["resamples"], results["seed"] = resamples, seed
+    json_path = write_json(results, paths.report("results", ".json"))
+    md_path = write_bytes(results_markdown(results).encode(), paths.report("results", ".md"))
+    return Written(json_path, md_path, results)
