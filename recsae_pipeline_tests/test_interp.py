@@ -17,7 +17,7 @@ from recsae_pipeline.interp.experiments import FeatureContext
 from recsae_pipeline.interp.offline_policy import OfflinePolicy
 from recsae_pipeline.interp.sage import Limits, Transcript, run_baseline, run_sage
 from recsae_pipeline.interp.scoring import OfflineScorer, ScoringSet, score_explanation
-from recsae_pipeline.interp.spec import Spec, parse_spec
+from recsae_pipeline.interp.spec import Spec, parse_claims, parse_spec
 from recsae_pipeline.interp.windows import Window
 
 GENRES = ["Horror", "Comedy", "Drama", "Western"]
@@ -195,3 +195,58 @@ def test_an_llm_failure_concludes_with_what_is_known(ctx: FeatureContext) -> Non
     explanation = run_sage(ctx, Flaky())
     assert explanation.stopped_by.startswith("llm error: reply still invalid")
     assert explanation.hypotheses[0]["tests"] == 1 and explanation.label
+
+
+def test_also_starts_an_alternative_claim_not_a_conjunction(ctx: FeatureContext) -> None:
+    catalog = ctx.catalog
+    text = "Fires on Horror films. It also responds to films from the 1950s."
+    assert parse_claims(text, catalog) == [Spec(genre="Horror"), Spec(decade="1950s")]
+    assert parse_spec(text, catalog) == Spec(genre="Horror")  # not Horror films of the 1950s
+    assert parse_claims("Western films OR Comedy films from the 1980s", catalog) == [
+        Spec(genre="Western"),
+        Spec(genre="Comedy", decade="1980s"),
+    ]
+    negated = "Horror films. It stays silent on Comedy or Drama films."
+    assert parse_claims(negated, catalog) == [Spec(genre="Horror")]
+    comedy_50s = next(
+        i for i in catalog.items.values() if i.genres == ("Comedy",) and i.decade == "1950s"
+    )
+    horror_90s = next(
+        i for i in catalog.items.values() if "Horror" in i.genres and i.decade == "1990s"
+    )
+    windows = [
+        Window(1, 0, 0, (comedy_50s.idx,), (0.0,)),
+        Window(3, 0, 0, (horror_90s.idx,), (0.0,)),
+    ]
+    predicted = OfflineScorer().predict(text, windows, scoring(ctx))
+    assert predicted == [[10.0], [10.0]]  # each fully meets one claim (a conjunction: 5 and 5)
+
+
+def test_generative_accuracy_is_scored_from_the_label_alone(ctx: FeatureContext) -> None:
+    sset = scoring(ctx)
+    sage = run_sage(ctx, OfflinePolicy())
+    claim = sage.__class__(
+        **{
+            **sage.__dict__,
+            "label": "Horror films",
+            "description": "Fires on Horror films. It also responds to Western films.",
+        }
+    )
+    scores = score_explanation(claim, ctx, sset, OfflineScorer())
+    assert scores["generative_accuracy"] == 1.0  # every Horror target fires
+    assert scores["generative_accuracy_description"] == 0.5  # half the targets are Westerns
+    assert scores["generated_mean_activation"] > scores["generated_mean_activation_description"]
+
+
+def test_sage_and_the_baseline_read_the_same_exemplars(ctx: FeatureContext, tmp_path: Path) -> None:
+    read = {}
+    for name, run in (("sage", run_sage), ("baseline", run_baseline)):
+        transcript = Transcript(tmp_path / f"{name}.jsonl")
+        run(ctx, OfflinePolicy(), transcript=transcript)
+        transcript.close()
+        first = json.loads((tmp_path / f"{name}.jsonl").read_text().splitlines()[0])
+        read[name] = (first["state"], first["exemplars"], first["scale"])
+    assert read["sage"] == read["baseline"]
+    state, text, _ = read["sage"]
+    assert state == "exemplars" and f"Exemplar {len(ctx.exemplars.windows)} " in text
+    assert "vs the catalog base rate" in text and " · head" in text

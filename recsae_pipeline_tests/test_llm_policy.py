@@ -17,7 +17,12 @@ from recsae_pipeline.data.catalog import Catalog, Item
 from recsae_pipeline.interp.exemplars import Exemplars
 from recsae_pipeline.interp.experiments import FeatureContext
 from recsae_pipeline.interp.llm import CallRecord, LLMSettings, OpenAIChat
-from recsae_pipeline.interp.llm_policy import LLMPolicy, LLMScorer, vocabulary_items
+from recsae_pipeline.interp.llm_policy import (
+    LLMPolicy,
+    LLMScorer,
+    exemplar_evidence,
+    vocabulary_items,
+)
 from recsae_pipeline.interp.probe import FeatureProbe
 from recsae_pipeline.interp.replies import State
 from recsae_pipeline.interp.sage import Limits, Transcript, run_baseline, run_sage
@@ -194,7 +199,7 @@ def responder(request: dict[str, Any]) -> str:
             reply = _verdict(prompt)
         case "ReviewReply":
             reply = {"summary": "H1 and H3 hold; H2 fell", "need_more_testing": False}
-        case "FinalReply" if "<start>" in prompt:
+        case "FinalReply" if "without running experiments" in request["messages"][0]["content"]:
             reply = {"label": BASELINE_LABEL, "description": "Horror titles."}
         case "FinalReply":
             reply = {
@@ -317,28 +322,46 @@ def test_budget_cap_jumps_to_the_final_reply(stub: OpenAIStub) -> None:
     assert [h["tests"] for h in explanation.hypotheses] == [1, 1, 0]
 
 
-def test_baseline_and_llm_scorer_see_only_what_they_should(stub: OpenAIStub) -> None:
+def test_baseline_reads_what_sage_reads_first(stub: OpenAIStub) -> None:
+    """Same exemplars (all of them), base rates, popularity bands, vocabulary and system
+    context: the one-shot prompt differs from SAGE's hypotheses prompt only in its task."""
     ctx = feature_context()
     baseline = run_baseline(ctx, LLMPolicy(chat_for(stub)))
     assert baseline.label == BASELINE_LABEL and baseline.usage["calls"] == 1
+    LLMPolicy(chat_for(stub)).hypotheses(ctx)
     (one_shot,) = requests_for(stub, "FinalReply")
-    lines = one_shot[1]["content"].splitlines()
-    assert "Halloween II (1981) [Horror]\t10" in lines  # the strongest peak, 0.8731
-    assert "Scream 2 (1997) [Horror|Thriller]\t9" in lines  # 0.7919 / 0.8731
+    (hypotheses,) = requests_for(stub, "HypothesesReply")
+    assert one_shot[1]["content"] == hypotheses[1]["content"] == exemplar_evidence(ctx)
+    evidence = one_shot[1]["content"]
+    assert f"Exemplar {len(EXEMPLARS)} " in evidence  # every window, not a top-10 cut
+    assert "  0.873  Halloween II (1981) [Horror] · torso <= peak" in evidence
+    base = ctx.catalog.base_rates["genre:Horror"]
+    assert f"genre:Horror: 1.00 / {base:.2f}" in evidence  # share among the peaks / base rate
+    assert "popularity:torso" in evidence
+    shared = hypotheses[0]["content"].split("Task:")[0]
+    assert one_shot[0]["content"].startswith(shared) and "Popularity bands: head" in shared
 
+
+def test_llm_scorer_sees_only_what_it_should(stub: OpenAIStub) -> None:
+    ctx = feature_context()
+    baseline = run_baseline(ctx, LLMPolicy(chat_for(stub)))
     scorer = LLMScorer(chat_for(stub))
     scoring = scoring_set(ctx)
     scores = score_explanation(baseline, ctx, scoring, scorer)
     assert scores["scorer"] == "llm:openai:stub-model"
     assert scores["generated"] == 10 and scores["generated_unresolved"] == 1
+    assert scores["generated_unresolved_description"] == 1
     assert 0.0 <= scores["generative_accuracy"] <= 0.9
     assert scores["detection_auc"] > 0.5 and np.isfinite(scores["predictive_r"])
-    assert scorer.usage()["calls"] == 3  # one generation, two batches of 10 windows at most
+    assert scorer.usage()["calls"] == 4  # label, label + description, two batches of windows
 
-    (generate,) = requests_for(stub, "GeneratedSequences")
+    label_only, described = requests_for(stub, "GeneratedSequences")
+    assert f"Explanation: {baseline.label}\n" in label_only[1]["content"]
+    assert baseline.description not in label_only[1]["content"]  # the label alone
+    assert f"Explanation: {baseline.text}\n" in described[1]["content"]
     vocabulary = vocabulary_items(ctx.catalog, 60, scoring.seed)
-    assert all(f"[id {i.idx}] {i.render()}" in generate[1]["content"] for i in vocabulary)
-    assert "Casablanca (1942) | Heat (1995)" in generate[1]["content"]
+    assert all(f"[id {i.idx}] {i.render()}" in label_only[1]["content"] for i in vocabulary)
+    assert "Casablanca (1942) | Heat (1995)" in label_only[1]["content"]
 
     predicts = requests_for(stub, "WindowPredictions")
     assert len(predicts) == 2

@@ -34,16 +34,23 @@ class Exemplars:
             out.append((attribute, share, base, purity))
         return sorted(out, key=lambda r: (-r[3], r[0]))
 
-    def render(self, catalog: Catalog, n: int = 10) -> str:
-        """The exemplars as text: each window's items with their activations, then stats."""
+    def render(self, catalog: Catalog, n: int | None = None) -> str:
+        """The exemplars as text: each window's items with their activations and popularity
+        band, then the peak-item attributes against the catalog base rates and the context
+        statistics. Every window by default: what SAGE and the baseline both read."""
+        shown = self.windows if n is None else self.windows[:n]
         lines = [f"Feature scale (mean peak of the top 10): {self.scale:.4f}"]
-        for rank, w in enumerate(self.windows[:n], start=1):
+        for rank, w in enumerate(shown, start=1):
             lines.append(f"Exemplar {rank} (user {w.user_idx}, peak {w.peak:.4f}):")
             for offset, (item, act) in enumerate(zip(w.items, w.activations, strict=True)):
                 mark = " <= peak" if offset == w.peak_offset else ""
                 value = "n/a" if np.isnan(act) else f"{act:.3f}"
-                lines.append(f"  {value:>7}  {catalog.render(item)}{mark}")
-        lines.append("Peak-item attributes vs the catalog base rate (share / base):")
+                band = f" · {catalog[item].popularity}" if item in catalog.items else ""
+                lines.append(f"  {value:>7}  {catalog.render(item)}{band}{mark}")
+        lines.append(
+            f"Peak-item attributes over all {len(self.windows)} exemplars vs the catalog base "
+            "rate (share / base):"
+        )
         for attribute, share, base, _ in self.enriched()[:12]:
             lines.append(f"  {attribute}: {share:.2f} / {base:.2f}")
         for name, value in self.context.items():

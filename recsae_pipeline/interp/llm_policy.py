@@ -117,11 +117,16 @@ names. If nothing survived testing, say what the exemplars share and that tests 
 confirm it."""
 
 ONE_SHOT_TASK = """\
-We are studying a latent feature of a next-movie recommender. Below are the watch \
-histories (oldest first) on which it fires most, one item per line as \
-`item<TAB>activation`, with activations scaled to 0-10 (10 = its strongest). Look at the \
-items where it fires and summarize what it fires on: a short label and one to three \
-sentences."""
+Task: read the exemplars below and write the explanation of the feature in one reply, \
+without running experiments.
+- label: at most 120 characters; name the item attribute and the context condition, e.g. \
+"latest item is a pre-1970 noir after 2+ noirs; not colour-era crime films".
+- description: one to three standalone sentences; someone who never saw the exemplars must \
+be able to predict where the feature fires in a new sequence: what fires it, how strongly \
+relative to its peaks, what leaves it silent.
+- Prefer attributes whose share among the peak items is well above their catalog base \
+rate; if the feature responds to unrelated concepts, join them with "OR". Use the \
+catalog's genre names."""
 
 SCORER_DOMAIN = """\
 You test an explanation of a latent feature of a next-movie recommender, a model that reads \
@@ -210,6 +215,21 @@ def _vocabulary(catalog: Catalog, max_franchises: int = 40) -> str:
         )
         lines.append(f"Franchises: {', '.join(franchises[:max_franchises])}{more}")
     return "\n".join(lines)
+
+
+def exemplar_evidence(ctx: FeatureContext) -> str:
+    """What SAGE's hypotheses prompt and the one-shot baseline both read: the scale, every
+    exemplar window (activations and popularity bands), the peak-item attributes against
+    their catalog base rates, the context statistics, and the catalog vocabulary."""
+    return "\n\n".join(
+        [
+            f"Feature {ctx.feature}. " + _scale_note(ctx.exemplars.scale),
+            "Exemplars (one window of +-5 items around each user's peak, with the "
+            "activation at every position and each item's popularity band):\n"
+            + ctx.exemplars.render(ctx.catalog),
+            "Catalog vocabulary:\n" + _vocabulary(ctx.catalog),
+        ]
+    )
 
 
 def _usable(spec: Spec, catalog: Catalog) -> Spec:
@@ -311,14 +331,7 @@ class LLMPolicy(_ChatBacked):
     # -- states
 
     def hypotheses(self, ctx: FeatureContext) -> HypothesesReply:
-        user = "\n\n".join(
-            [
-                f"Feature {ctx.feature}. " + _scale_note(ctx.exemplars.scale),
-                "Exemplars (one window of +-5 items around each user's peak, with the "
-                "activation at every position):\n" + ctx.exemplars.render(ctx.catalog, n=10),
-                "Catalog vocabulary:\n" + _vocabulary(ctx.catalog),
-            ]
-        )
+        user = exemplar_evidence(ctx)
         return self._ask(HYPOTHESES_TASK, user, HypothesesReply, f"sage hypotheses f{ctx.feature}")
 
     def design(self, ctx: FeatureContext, hypothesis: Hypothesis) -> ExperimentPlan:
@@ -464,22 +477,11 @@ class LLMPolicy(_ChatBacked):
         return self._ask(FINAL_TASK, user, FinalReply, f"sage final f{ctx.feature}")
 
     def one_shot(self, ctx: FeatureContext) -> FinalReply:
-        """The usual auto-interp recipe: the top-10 windows as `item<TAB>activation 0-10`
-        lines, no statistics, no experiments."""
-        windows = ctx.exemplars.windows[:10]
-        top = max((w.peak for w in windows), default=0.0)
-        blocks = []
-        for n, w in enumerate(windows, start=1):
-            lines = [f"Sequence {n}:", "<start>"]
-            for item, act in zip(w.items, w.activations, strict=True):
-                if np.isnan(act):  # a position the model never saw
-                    continue
-                level = round(10 * act / top) if top > 0 else 0
-                lines.append(f"{ctx.catalog.render(item)}\t{level}")
-            lines.append("<end>")
-            blocks.append("\n".join(lines))
-        user = "\n\n".join(blocks) + "\n\nWhat does the feature fire on?"
-        return self._request(ONE_SHOT_TASK, user, FinalReply, f"baseline f{ctx.feature}")
+        """The one-shot baseline: the same system context and the same evidence as SAGE's
+        first prompt (`exemplar_evidence`), one reply, no experiments."""
+        return self._ask(
+            ONE_SHOT_TASK, exemplar_evidence(ctx), FinalReply, f"baseline f{ctx.feature}"
+        )
 
 
 # ----------------------------------------------------------------------------- scorer

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
-
 import numpy as np
 
 from recsae_pipeline.interp.experiments import FeatureContext, TestResult
@@ -29,7 +27,8 @@ class OfflinePolicy:
     after a franchise predecessor, and a negative control (popularity-matched items without
     the best attribute stay low). Experiments put matching and popularity-matched
     non-matching items after real user histories; verdicts compare the two groups on the
-    feature's own scale, and an ambiguous result narrows the claim by the next attribute."""
+    feature's own scale, and an ambiguous result narrows the claim by the next attribute.
+    Its one-shot answer (the baseline) is the first hypothesis, from the same statistics."""
 
     name = "offline (statistical policy, no LLM)"
 
@@ -43,19 +42,20 @@ class OfflinePolicy:
     # -- hypotheses
 
     def _ranked_specs(self, ctx: FeatureContext) -> list[tuple[Spec, float]]:
+        """The peak items' enriched attributes (share >= 0.3, purity > 0.1), most enriched
+        first; when none is, the most common peak attribute. The evidence SAGE's hypotheses
+        and the one-shot baseline both start from."""
         out = []
         for attribute, share, _base, purity in ctx.exemplars.enriched():
             if share >= 0.3 and purity > 0.1:
                 out.append((Spec.of(attribute), purity))
+        if not out:
+            shares = ctx.exemplars.attribute_shares
+            out = [(Spec.of(max(shares, key=lambda a: (shares[a], a))), 0.0)]
         return out
 
     def hypotheses(self, ctx: FeatureContext) -> HypothesesReply:
         ranked = self._ranked_specs(ctx)
-        if not ranked:  # nothing enriched: fall back on the most common peak attribute
-            attribute = max(
-                ctx.exemplars.attribute_shares, key=lambda a: (ctx.exemplars.attribute_shares[a], a)
-            )
-            ranked = [(Spec.of(attribute), 0.0)]
         best = ranked[0][0]
         drafts = [HypothesisDraft(text=f"fires on {best.describe()}", kind="positive", spec=best)]
         families = {next(k for k, v in best.model_dump(exclude_defaults=True).items())}
@@ -247,17 +247,15 @@ class OfflinePolicy:
         return FinalReply(label=label, description=" ".join(sentences))
 
     def one_shot(self, ctx: FeatureContext) -> FinalReply:
-        """What a one-shot reader of the top-10 exemplars writes: the attribute most of the
-        peak items share (no base rates, no experiments)."""
-        counts = Counter(
-            a
-            for w in ctx.exemplars.windows[:10]
-            if w.items[w.peak_offset] in ctx.catalog.items
-            for a in ctx.catalog[w.items[w.peak_offset]].attributes()
-        )
-        attribute, count = max(counts.items(), key=lambda kv: (kv[1], kv[0]))
-        spec = Spec.of(attribute)
+        """What a one-shot reader of the same evidence writes: the peak items' most enriched
+        attribute against the catalog base rate (SAGE's first hypothesis), untested."""
+        spec = self._ranked_specs(ctx)[0][0]
+        attribute = next(f"{k}:{v}" for k, v in spec.model_dump(exclude_defaults=True).items())
+        share = ctx.exemplars.attribute_shares.get(attribute, 0.0)
+        base = ctx.exemplars.base_rates.get(attribute, 0.0)
+        label = spec.describe()
         return FinalReply(
-            label=spec.describe(),
-            description=f"Most top exemplars ({count}/10) peak on {spec.describe()}.",
+            label=label,
+            description=f"The exemplars' peak items are mostly {label}: {share:.0%} of the "
+            f"{len(ctx.exemplars.windows)} peaks against a catalog base rate of {base:.0%}.",
         )

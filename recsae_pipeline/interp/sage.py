@@ -1,6 +1,8 @@
 """SAGE (arXiv 2511.20820) for item sequences: an explicit state machine that reads exemplars,
 forms hypotheses (one a negative control), tests each with crafted item sequences, reviews,
-and writes a final explanation; plus the one-shot baseline from the top-10 exemplars.
+and writes a final explanation; plus the one-shot baseline, which reads the same exemplars and
+catalog context (attribute base rates, popularity bands) and answers at once: the only
+difference between the two is SAGE's experiments and refinement loop.
 
 The decisions come from a `Policy`: `LLMPolicy` (interp/llm_policy.py) asks a language model,
 `OfflinePolicy` here decides from statistics over item metadata. The loop, its caps, the
@@ -114,7 +116,8 @@ class Explanation:
 
     @property
     def text(self) -> str:
-        """What scorers see: the label and the description, nothing else."""
+        """What the predictive scorer reads: the label and the description, nothing else
+        (the headline generative accuracy reads the label alone)."""
         return f"{self.label}. {self.description}"
 
     def as_row(self) -> dict[str, Any]:
@@ -283,11 +286,12 @@ def run_sage(
 def run_baseline(
     ctx: FeatureContext, policy: Policy, transcript: Transcript | None = None
 ) -> Explanation:
-    """The usual auto-interp recipe: one shot from the top-10 exemplars, no experiments."""
+    """The usual auto-interp recipe: one reply from the exemplars SAGE reads (all of them,
+    with the same base rates and popularity bands), no experiments."""
     transcript = transcript or Transcript(None)
     started = time.perf_counter()
     transcript.write(State.EXEMPLARS, policy=policy.name, feature=ctx.feature,
-                     exemplars=ctx.exemplars.render(ctx.catalog, n=10))  # fmt: skip
+                     exemplars=ctx.exemplars.render(ctx.catalog), scale=ctx.exemplars.scale)  # fmt: skip
     reply = policy.one_shot(ctx)
     transcript.write(State.FINAL, reply=reply)
     return _explanation(ctx, "baseline", policy, reply, transcript, started)

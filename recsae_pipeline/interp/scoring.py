@@ -1,9 +1,11 @@
 """Scoring explanations, the same way for every method: the scorer sees only the text.
 
-- Generative accuracy: the scorer writes N sequences from the explanation, each with a target
-  position; a success is an activation there >= 0.5 x the mean peak of the feature's top-10
-  exemplars. Items it names that the catalog does not have make that sequence a failure.
-- Predictive accuracy: held-out windows (odd users, never shown to an explainer), stratified
+- Generative accuracy (SAGE's protocol): the scorer writes N sequences from the explanation's
+  LABEL alone, each with a target position; a success is an activation there >= 0.5 x the
+  mean peak of the feature's top-10 exemplars. Items it names that the catalog does not have
+  make that sequence a failure. The same from the label and the description together is
+  reported beside it (`generative_accuracy_description`).
+- Predictive accuracy (from the label and the description): held-out windows (odd users, never shown to an explainer), stratified
   by peak activation, plus random windows where the feature is silent; the scorer predicts
   0-10 per position. Reported: Pearson r over all positions pooled (true activations x10 /
   scale), and the AUC of telling active windows from silent ones by the predicted maximum.
@@ -21,7 +23,7 @@ from recsae_pipeline.data.catalog import Catalog, UnknownItemError
 from recsae_pipeline.interp.experiments import FeatureContext
 from recsae_pipeline.interp.replies import SequenceSpec
 from recsae_pipeline.interp.sage import Explanation
-from recsae_pipeline.interp.spec import parse_spec
+from recsae_pipeline.interp.spec import Spec, claims_partial_score, parse_claims
 from recsae_pipeline.interp.windows import FeatureData, Window
 from recsae_pipeline.models.metrics import pairwise_auc
 
@@ -103,31 +105,25 @@ def _pearson(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.corrcoef(x, y)[0, 1])
 
 
-def score_explanation(
-    explanation: Explanation,
-    ctx: FeatureContext,
-    scoring: ScoringSet,
-    scorer: Scorer,
-    n_generated: int = 10,
+def _generative(
+    text: str, ctx: FeatureContext, scoring: ScoringSet, scorer: Scorer, n_generated: int
 ) -> dict:
-    """Generative accuracy, predictive Pearson r and detection AUC of one explanation."""
-    text = explanation.text
+    """Share of `n_generated` sequences written from `text` whose target reaches the
+    threshold; unresolvable or missing sequences count as failures."""
     generated = scorer.generate(text, n_generated, scoring)[:n_generated]
-    hits, failures = [], []
+    failures = 0
     sequences, targets = [], []
     for spec in generated:
         try:
             items = ctx.catalog.resolve(spec.items)
-        except UnknownItemError as err:
-            failures.append(str(err))
-            hits.append(False)
+        except UnknownItemError:
+            failures += 1
             continue
         position = (
             spec.target_position if spec.target_position >= 0 else len(items) + spec.target_position
         )
         if not 0 <= position < len(items):
-            failures.append(f"target_position {spec.target_position} outside {len(items)} items")
-            hits.append(False)
+            failures += 1
             continue
         sequences.append(items)
         targets.append(position)
@@ -138,16 +134,30 @@ def score_explanation(
             sequences, targets, ctx.probe.activations(sequences, ctx.feature), strict=True
         ):
             shift = max(0, len(seq) - max_len)
-            value = float(acts[position - shift]) if position >= shift else 0.0
-            values.append(value)
-            hits.append(value >= scoring.threshold)
-    generative = float(np.mean(hits)) if hits else 0.0
-    n_missing = max(0, n_generated - len(generated))
-    if n_missing:  # fewer sequences than asked for count as failures
-        generative = float(np.sum(hits)) / n_generated
+            values.append(float(acts[position - shift]) if position >= shift else 0.0)
+    hits = sum(v >= scoring.threshold for v in values)
+    return {
+        "accuracy": hits / n_generated if n_generated else float("nan"),
+        "unresolved": failures,
+        "mean_activation": float(np.mean(values)) if values else 0.0,
+    }
+
+
+def score_explanation(
+    explanation: Explanation,
+    ctx: FeatureContext,
+    scoring: ScoringSet,
+    scorer: Scorer,
+    n_generated: int = 10,
+) -> dict:
+    """Generative accuracy from the label (and from label + description), predictive
+    Pearson r and detection AUC (from label + description) of one explanation."""
+    text = explanation.text
+    from_label = _generative(explanation.label, ctx, scoring, scorer, n_generated)
+    from_text = _generative(text, ctx, scoring, scorer, n_generated)
     windows = scoring.windows
     predictions = scorer.predict(text, windows, scoring)
-    true, predicted, window_max, labels = [], [], [], []
+    true, predicted, window_max = [], [], []
     for w, pred in zip(windows, predictions, strict=True):
         pred = list(pred)[: len(w.items)] + [0.0] * max(0, len(w.items) - len(pred))
         for act, p in zip(w.activations, pred, strict=True):
@@ -161,10 +171,13 @@ def score_explanation(
         "method": explanation.method,
         "backend": explanation.backend,
         "scorer": scorer.name,
-        "generative_accuracy": generative,
+        "generative_accuracy": from_label["accuracy"],
+        "generative_accuracy_description": from_text["accuracy"],
         "generated": n_generated,
-        "generated_unresolved": len(failures),
-        "generated_mean_activation": float(np.mean(values)) if values else 0.0,
+        "generated_unresolved": from_label["unresolved"],
+        "generated_unresolved_description": from_text["unresolved"],
+        "generated_mean_activation": from_label["mean_activation"],
+        "generated_mean_activation_description": from_text["mean_activation"],
         "predictive_r": _pearson(np.asarray(true), np.asarray(predicted)),
         "detection_auc": pairwise_auc(
             [m for m, active in zip(window_max, labels, strict=True) if active],
@@ -178,12 +191,13 @@ def score_explanation(
 
 
 class OfflineScorer:
-    """Reads the explanation against the catalog vocabulary (`parse_spec`: genres, decades or
-    years, popularity words, franchise names, sequel and genre-run phrases) and nothing else.
+    """Reads the explanation against the catalog vocabulary (`parse_claims`: genres, decades
+    or years, popularity words, franchise names, sequel and genre-run phrases; "or" and
+    "also" start an alternative claim) and nothing else.
 
-    generate: the parsed concept's item (seeded pick) after a real held-out history, with
-    the run or predecessor it asks for; predict: 10 x the share of the concept's conditions
-    each position meets."""
+    generate: sequence k takes claim k mod the number of claims: its item (seeded pick)
+    after a real held-out history, with the run or predecessor it asks for; predict: 10 x
+    the best share of one claim's conditions each position meets."""
 
     name = "offline (catalog-vocabulary reader, no LLM)"
 
@@ -191,21 +205,22 @@ class OfflineScorer:
         return {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0}
 
     def generate(self, explanation: str, n: int, scoring: ScoringSet) -> list[SequenceSpec]:
-        spec = parse_spec(explanation, scoring.catalog)
         catalog = scoring.catalog
+        claims = parse_claims(explanation, catalog) or [Spec()]
         rng = np.random.default_rng(scoring.seed + 17)
-        matching = (
+        popular = [
+            i.idx for i in sorted(catalog.items.values(), key=lambda i: i.popularity_rank)[:50]
+        ]
+        pools = [
             [i.idx for i in catalog.items.values() if spec.item_matches(i)]
             if not spec.empty
             else []
-        )
-        if not matching:  # nothing to go on: the most popular items
-            matching = [
-                i.idx for i in sorted(catalog.items.values(), key=lambda i: i.popularity_rank)[:50]
-            ]
+            for spec in claims
+        ]
         out = []
         for k in range(n):
-            target = int(rng.choice(matching))
+            spec, matching = claims[k % len(claims)], pools[k % len(claims)]
+            target = int(rng.choice(matching or popular))  # nothing to go on: popular items
             prefix = list(scoring.prefixes[k % len(scoring.prefixes)]) if scoring.prefixes else []
             prefix = [i for i in prefix if i != target]
             if spec.genre_run and spec.genre:
@@ -228,12 +243,10 @@ class OfflineScorer:
     def predict(
         self, explanation: str, windows: list[Window], scoring: ScoringSet
     ) -> list[list[float]]:
-        spec = parse_spec(explanation, scoring.catalog)
-        if spec.empty:
-            return [[0.0] * len(w.items) for w in windows]
+        claims = parse_claims(explanation, scoring.catalog)
         return [
             [
-                10.0 * spec.partial_score(scoring.catalog, list(w.items), p)
+                10.0 * claims_partial_score(claims, scoring.catalog, list(w.items), p)
                 for p in range(len(w.items))
             ]
             for w in windows

@@ -4,7 +4,8 @@ what experiments are built from, and what the offline scorer reads back out of t
 A `Spec` is a conjunction: the item at the position carries every given attribute (genre,
 decade, popularity band, franchise), optionally preceded by a run of same-genre items or by
 its franchise predecessor. `describe()` writes it in plain words that `parse_spec` reads back,
-using only the catalog's own vocabulary.
+using only the catalog's own vocabulary. A text may make several claims ("X OR Y", "It also
+responds to Y"): `parse_claims` reads them as alternatives, a disjunction of specs.
 """
 
 from __future__ import annotations
@@ -125,42 +126,78 @@ def _clauses(text: str) -> list[str]:
     return [p.strip() for p in parts if p.strip()]
 
 
-def parse_spec(text: str, catalog: Catalog) -> Spec:
-    """The first concept the text affirms, in the catalog's vocabulary: the first genre,
-    decade (or year), popularity word and franchise named in an affirmative clause
-    (clauses with a negation such as 'not' or 'silent on' are skipped)."""
-    genres = sorted(catalog.genres, key=len, reverse=True)
-    franchises = sorted(catalog.franchises, key=len, reverse=True)
-    found: dict[str, object] = {}
+ALTERNATIVE = re.compile(r"\b(?:or|also)\b", re.IGNORECASE)
+"""Where a new claim starts inside an affirmative clause: "X OR Y", "It also responds to Y"."""
+
+
+def _read(clause: str, catalog: Catalog, found: dict[str, object]) -> None:
+    """Fill `found` with the catalog attributes `clause` names that it does not hold yet."""
+    lower = " " + clause.casefold() + " "
+    if "genre" not in found:
+        hits = [
+            (lower.find(g.casefold()), g)
+            for g in _by_length(catalog.genres)
+            if g.casefold() in lower
+        ]
+        if hits:
+            found["genre"] = min(hits)[1]
+    if "decade" not in found:
+        match = re.search(r"\b(1[89]\d0|20\d0)s\b", lower) or re.search(
+            r"\b(1[89]\d\d|20\d\d)\b", lower
+        )
+        if match:
+            found["decade"] = f"{int(match.group(1)) // 10 * 10}s"
+    if "popularity" not in found:
+        for band, words in POPULARITY_WORDS.items():
+            if any(re.search(rf"\b{re.escape(w)}\b", lower) for w in words):
+                found["popularity"] = band
+                break
+    if "franchise" not in found:
+        for name in _by_length(catalog.franchises):
+            if name.casefold() in lower:
+                found["franchise"] = name
+                break
+    if "sequel" not in found and re.search(
+        r"\bsequel|next installment|previous installment", lower
+    ):
+        found["sequel"] = True
+    run = re.search(r"run of (\d+)\+?|after (\d+)\+? ", lower)
+    if "genre_run" not in found and run and ("run" in lower or "binge" in lower):
+        found["genre_run"] = int(run.group(1) or run.group(2))
+
+
+def _by_length(names: list[str]) -> list[str]:
+    return sorted(names, key=len, reverse=True)
+
+
+def parse_claims(text: str, catalog: Catalog) -> list[Spec]:
+    """The alternative concepts the text affirms, in the catalog's vocabulary: a disjunction.
+
+    Within one claim the first genre, decade (or year), popularity word and franchise named
+    form a conjunction; "or" and "also" start another claim ("Horror films. It also responds
+    to films from the 1980s" is Horror OR 1980s, not Horror films from the 1980s). Clauses
+    with a negation such as 'not' or 'silent on' are skipped whole."""
+    claims: list[dict[str, object]] = [{}]
     for clause in _clauses(text):
-        lower = " " + clause.casefold() + " "
-        if any(n in lower for n in NEGATIONS):
+        if any(n in " " + clause.casefold() + " " for n in NEGATIONS):
             continue
-        if "genre" not in found:
-            hits = [(lower.find(g.casefold()), g) for g in genres if g.casefold() in lower]
-            if hits:
-                found["genre"] = min(hits)[1]
-        if "decade" not in found:
-            match = re.search(r"\b(1[89]\d0|20\d0)s\b", lower) or re.search(
-                r"\b(1[89]\d\d|20\d\d)\b", lower
-            )
-            if match:
-                found["decade"] = f"{int(match.group(1)) // 10 * 10}s"
-        if "popularity" not in found:
-            for band, words in POPULARITY_WORDS.items():
-                if any(re.search(rf"\b{re.escape(w)}\b", lower) for w in words):
-                    found["popularity"] = band
-                    break
-        if "franchise" not in found:
-            for name in franchises:
-                if name.casefold() in lower:
-                    found["franchise"] = name
-                    break
-        if "sequel" not in found and re.search(
-            r"\bsequel|next installment|previous installment", lower
-        ):
-            found["sequel"] = True
-        run = re.search(r"run of (\d+)\+?|after (\d+)\+? ", lower)
-        if "genre_run" not in found and run and ("run" in lower or "binge" in lower):
-            found["genre_run"] = int(run.group(1) or run.group(2))
-    return Spec(**found)  # type: ignore[arg-type]
+        pieces = ALTERNATIVE.split(clause)
+        for k, piece in enumerate(pieces):
+            if k > 0 and claims[-1]:
+                claims.append({})
+            _read(piece, catalog, claims[-1])
+    specs = [Spec(**c) for c in claims if c]  # type: ignore[arg-type]
+    return list(dict.fromkeys(specs))
+
+
+def parse_spec(text: str, catalog: Catalog) -> Spec:
+    """The text's first claim (`parse_claims`), or the empty spec when it names none."""
+    claims = parse_claims(text, catalog)
+    return claims[0] if claims else Spec()
+
+
+def claims_partial_score(
+    claims: Sequence[Spec], catalog: Catalog, items: Sequence[int], position: int
+) -> float:
+    """The best `partial_score` over the claims (0.0 for none)."""
+    return max((c.partial_score(catalog, items, position) for c in claims), default=0.0)
