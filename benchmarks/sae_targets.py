@@ -79,7 +79,7 @@ def partition_targets(root: Path, model: str, layer: int) -> dict:
     if summary.exists():
         for method, gen, r, auc, named, n_named in duckdb.execute(
             "SELECT method, mean_generative_accuracy, mean_predictive_r, mean_detection_auc, "
-            f"names_concept_share, concept_features FROM {_parquet(summary)}"
+            f"names_concept_share, concept_features FROM {_parquet(summary)} WHERE subset = 'all'"
         ).fetchall():
             row |= {
                 f"{method}_generative": gen,

@@ -157,15 +157,43 @@ def test_explanations_are_stored_with_transcripts_and_scored(
         assert Path(r["transcript"]).exists()  # points at the final place, not the temp dir
     sage = [r for r in rows if r["method"] == "sage"]
     assert all(r["experiments"] >= 3 for r in sage)
+    chosen = {r["feature"]: r["selection"] for r in rows}
+    assert sorted(chosen.values()) == ["concept"] * 2 + ["frequent"] * 3 + ["random"]
     scores = pq.read_table(
         root / "explanation_scores" / "model=sasrec" / "layer=2" / "scores.parquet"
     ).to_pylist()
     assert len(scores) == len(rows)
-    assert all(0 <= s["generative_accuracy"] <= 1 for s in scores)
+    assert all(s["selection"] == chosen[s["feature"]] for s in scores)
+    for s in scores:
+        assert 0 <= s["generative_accuracy"] <= 1 and 0 <= s["generative_accuracy_description"] <= 1
+    named = {(s["feature"], s["method"]): s["names_concept"] for s in scores}
+    for feature in chosen:  # read for both methods, or for neither
+        assert (named[feature, "sage"] is None) == (named[feature, "baseline"] is None)
     check = tiny_store.check("explanation_scores", "sage_beats_baseline")
     assert "sage" in check.description and "baseline" in check.description
-    summary = _csv(capsys, root, "SELECT method, features FROM explanation_summary ORDER BY method")
-    assert summary[1:] == [["baseline", "6"], ["sage", "6"]]
+    assert check.description.startswith("headline features") and "[" in check.description
+    (gen, r) = check.metadata["comparisons"].value
+    assert (gen["metric"], r["metric"], gen["unit"], gen["n"]) == (
+        "generative_accuracy", "predictive_r", "features", 4
+    )  # fmt: skip
+    summary = _csv(
+        capsys,
+        root,
+        "SELECT method, subset, n, n_nan_predictive_r, n_paired_predictive_r "
+        "FROM explanation_summary ORDER BY method, subset",
+    )
+    assert [row[:3] for row in summary[1:]] == [
+        ["baseline", "all", "6"], ["baseline", "concept", "2"], ["baseline", "headline", "4"],
+        ["sage", "all", "6"], ["sage", "concept", "2"], ["sage", "headline", "4"],
+    ]  # fmt: skip
+    subsets = {"all": {"frequent", "random", "concept"}, "concept": {"concept"},
+               "headline": {"frequent", "random"}}  # fmt: skip
+    for method, subset, _, n_nan, _ in summary[1:]:  # NaN r counted, not dropped unseen
+        assert int(n_nan) == sum(
+            s["predictive_r"] != s["predictive_r"]
+            for s in scores
+            if s["method"] == method and s["selection"] in subsets[subset]
+        )
 
 
 def test_explain_cli_prints_the_transcript_summary(
