@@ -194,7 +194,9 @@ def test_weekly_retrain_runs_sequences_and_every_unpartitioned_asset_downstream(
         "layer_probe",
         "recommender_eval",
     } <= retrain
-    assert retrain == {k.to_user_string() for k in downstream - partitioned}
+    # `results` reads every partition: the sensor runs `report` after each `features` run.
+    report = {dg.AssetKey("results")}
+    assert retrain == {k.to_user_string() for k in downstream - partitioned - report}
     assert partitioned and not retrain & {k.to_user_string() for k in partitioned}
     ingest = {k.to_user_string() for k in ingest_job.selection.resolve(graph)}
     assert ingest == retrain | {"raw_interactions", "item_catalog"}
@@ -301,3 +303,26 @@ def test_a_successful_retrain_requests_features_for_every_partition(
     assert len({r.run_key for r in requests}) == len(requests)
     assert all(r.run_key.startswith(result.run_id) for r in requests)
     assert defs.resolve_job_def("features").partitions_def == feature_partitions
+
+
+def test_a_successful_features_run_requests_the_report(instance: dg.DagsterInstance) -> None:
+    from recsae_pipeline.defs.definitions import defs
+
+    @dg.op
+    def stats() -> None:
+        pass
+
+    @dg.job(name="features")
+    def features() -> None:
+        stats()
+
+    tags = {"dagster/partition": "sasrec.layer2", "recsae/after_run": "r1"}
+    result = features.execute_in_process(instance=instance, tags=tags)
+    context = dg.build_run_status_sensor_context(
+        sensor_name="features_after_retrain",
+        dagster_event=result.get_run_success_event(),
+        dagster_instance=instance,
+        dagster_run=result.dagster_run,
+    )
+    (request,) = list(defs.resolve_sensor_def("features_after_retrain")(context))
+    assert request.job_name == "report" and request.run_key == "r1:sasrec.layer2:report"

@@ -29,7 +29,13 @@ from recsae_pipeline.data.ingest import (
 )
 from recsae_pipeline.data.validation import QualityBounds
 from recsae_pipeline.defs.assets.data import RawInteractionsConfig, TabularOptions
-from recsae_pipeline.defs.jobs import activations_jobs, ingest_job, partition_jobs, retrain_job
+from recsae_pipeline.defs.jobs import (
+    activations_jobs,
+    ingest_job,
+    partition_jobs,
+    report_job,
+    retrain_job,
+)
 from recsae_pipeline.defs.resources import DataQuality, StorageRoot
 
 if TYPE_CHECKING:
@@ -200,20 +206,31 @@ def build_features_after_retrain_sensor(
     """After a successful `retrain` or `ingest_and_retrain` run, one activations run per
     (model, layer) partition; after each of those, the `features` run of its partition, so a
     retrain reaches every downstream asset. Partitions whose models did not change skip
-    their work (content-hash data versions)."""
+    their work (content-hash data versions). After each `features` run, the `report` job,
+    so that `results` holds every partition done so far and, after the last, all of them."""
     activation_jobs = {job.name: job for job in activations_jobs.values()}
 
     @dg.run_status_sensor(
         name="features_after_retrain",
         run_status=dg.DagsterRunStatus.SUCCESS,
-        monitored_jobs=[retrain_job, ingest_job, *activation_jobs.values()],
-        request_jobs=[*activation_jobs.values(), features_job],
+        monitored_jobs=[retrain_job, ingest_job, *activation_jobs.values(), features_job],
+        request_jobs=[*activation_jobs.values(), features_job, report_job],
         default_status=dg.DefaultSensorStatus.RUNNING,
         description="When `retrain` or `ingest_and_retrain` succeeds, request each (model, "
-        "layer) partition's activations job; when one of those succeeds, its `features` job.",
+        "layer) partition's activations job; when one of those succeeds, its `features` job; "
+        "when that succeeds, the `report` job.",
     )
     def features_after_retrain(context: dg.RunStatusSensorContext) -> Iterator[dg.RunRequest]:
         run = context.dagster_run
+        if run.job_name == features_job.name:
+            after = run.tags.get("recsae/after_run", run.run_id)
+            key = run.tags.get("dagster/partition", "")
+            yield dg.RunRequest(
+                run_key=f"{after}:{key}:{report_job.name}",
+                job_name=report_job.name,
+                tags={"recsae/after_run": after},
+            )
+            return
         if run.job_name in activation_jobs:
             key = run.tags["dagster/partition"]
             after = run.tags.get("recsae/after_run", run.run_id)

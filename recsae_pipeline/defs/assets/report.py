@@ -2,26 +2,24 @@
 95% CIs, computed from the artifacts (`report/results.py`); `recsae report` rebuilds it."""
 
 import dagster as dg
-from pydantic import Field
 
 from recsae_pipeline.defs.assets.explanations import explanation_scores
 from recsae_pipeline.defs.assets.features import feature_stats, steering_eval
 from recsae_pipeline.defs.assets.models import recommender_eval
 from recsae_pipeline.defs.assets.sae import sae
+from recsae_pipeline.defs.config import knob
 from recsae_pipeline.defs.partitions import feature_partitions
 from recsae_pipeline.defs.resources import StorageRoot
 from recsae_pipeline.report.results import write_results
-from recsae_pipeline.report.stats import DEFAULT_RESAMPLES, NO_DIFFERENCE
+from recsae_pipeline.report.stats import NO_DIFFERENCE
 from recsae_pipeline.storage.registry import parse_partition_key
 
 GROUP = "report"
 
 
 class ResultsConfig(dg.Config):
-    resamples: int = Field(
-        default=DEFAULT_RESAMPLES, description="Bootstrap resamples behind every 95% CI."
-    )
-    seed: int = Field(default=0, description="Seed of the bootstrap resampling.")
+    resamples: int = knob(write_results, "resamples", "Bootstrap resamples behind every 95% CI.")
+    seed: int = knob(write_results, "seed", "Seed of the bootstrap resampling.")
 
 
 @dg.asset(
