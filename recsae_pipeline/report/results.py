@@ -93,11 +93,23 @@ def build_results(
     results = Results()
     _recommenders(paths, results, resamples, seed)
     for model, layer in partitions:
-        part = paths.partition(model, layer)
-        _splice(part, results, resamples, seed)
-        _sae_vs_neurons(part, results, resamples, seed)
-        _steering(part, results, resamples, seed)
-        _explanations(part, results, resamples, seed)
+        partition_comparisons(paths.partition(model, layer), resamples, seed, results)
+    return results
+
+
+def partition_comparisons(
+    part: PartitionPaths,
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+    into: Results | None = None,
+) -> Results:
+    """The comparisons of one (model, layer): the splice, SAE vs neurons, steering vs the
+    baseline directions, SAGE vs the baseline (what the feature browser's index shows)."""
+    results = Results() if into is None else into
+    _splice(part, results, resamples, seed)
+    _sae_vs_neurons(part, results, resamples, seed)
+    _steering(part, results, resamples, seed)
+    _explanations(part, results, resamples, seed)
     return results
 
 
