@@ -72,7 +72,8 @@ def partition_targets(root: Path, model: str, layer: int) -> dict:
     steering = root / "steering" / f"model={model}" / f"layer={layer}" / "summary.parquet"
     if steering.exists():
         genres, met, median_ratio = duckdb.execute(
-            f"SELECT count(*), count(*) FILTER (WHERE met), median(least(share_ratio, 1e6)) FROM {_parquet(steering)}"
+            "SELECT count(*), count(*) FILTER (WHERE reaches_target), median(least(share_ratio, 1e6)) "
+            f"FROM {_parquet(steering)} WHERE direction = 'sae'"
         ).fetchone()
         row |= {"genres": genres, "genres_tripled": met, "median_share_ratio": median_ratio}
     summary = root / "explanation_scores" / f"model={model}" / f"layer={layer}" / "summary.parquet"

@@ -10,11 +10,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+import torch.nn.functional as F
 
 from recsae_pipeline.activations.hooks import edit_hidden, read_hidden
 from recsae_pipeline.activations.shards import activation_schema
 from recsae_pipeline.data.batching import pad_right
-from recsae_pipeline.models.metrics import dense_auc, sparse_auc
+from recsae_pipeline.models.metrics import dense_auc, ndcg_at_k, per_user_ndcg, sparse_auc
 from recsae_pipeline.models.recommender import Recommender, RecommenderConfig
 from recsae_pipeline.sae.features import (
     enrichment,
@@ -24,16 +25,29 @@ from recsae_pipeline.sae.features import (
 )
 from recsae_pipeline.sae.model import SaeConfig, TopKSae
 from recsae_pipeline.sae.steering import (
+    DIRECTIONS,
+    USERS_SCHEMA,
+    GenreTarget,
     SteeringPoint,
     add_direction,
+    added_steps,
+    at_last_position,
+    centroid_direction,
     clamp_to_zero,
-    genre_share,
+    clamped_features,
     genre_targets,
     last_block_states,
-    run_edit,
+    layer_states,
+    neuron_direction,
+    random_direction,
+    share_gains,
+    steering_steps,
+    steering_sweep,
+    steering_targets,
     steering_users,
     summarize,
     top_k_and_ranks,
+    user_genre_share,
 )
 from recsae_pipeline.storage.registry import shard_name
 
@@ -220,24 +234,53 @@ def test_adding_a_direction_shifts_the_hidden_state_and_the_top_10_hides_seen_it
     seen = pad_right([s[:-1] for s in sequences])
     for top in (plain, steered):
         assert not any(int(i) in set(seen[u].tolist()) for u in range(3) for i in top[u])
-    assert (ranks >= 0).all() and genre_share(plain, torch.ones(13, dtype=torch.bool)) == 1.0
+    assert (ranks >= 0).all() and (
+        user_genre_share(plain, torch.ones(13, dtype=torch.bool)) == 1.0
+    ).all()
 
 
-def test_summary_picks_the_best_share_within_the_ndcg_bound() -> None:
+def _point(direction: str, scale: float, share: float, ndcg: float, **kw) -> SteeringPoint:
+    mode = {"none": "baseline", "sae_clamp": "clamp"}.get(direction, "add")
+    own = direction in ("none", "sae", "sae_clamp")
+    fields = dict(
+        genre="Comedy", direction=direction, feature=3 if own else -1, neuron=-1, mode=mode,
+        alpha_scale=scale, alpha=2.0 * scale, step_norm=scale, share=share, ndcg=ndcg,
+        share_active=None, n_active=4, n_users=10,
+    )  # fmt: skip
+    return SteeringPoint(**(fields | kw))
+
+
+def test_summary_picks_each_directions_best_share_within_the_ndcg_bound() -> None:
     points = [
-        SteeringPoint("Comedy", 3, "baseline", 0, 0, 0.10, 0.20),
-        SteeringPoint("Comedy", 3, "add", 1, 2.0, 0.25, 0.19),
-        SteeringPoint("Comedy", 3, "add", 2, 4.0, 0.35, 0.17),
-        SteeringPoint("Comedy", 3, "add", 4, 8.0, 0.90, 0.05),  # too costly
-        SteeringPoint("Comedy", 3, "clamp", 0, 0, 0.05, 0.20),
+        _point("none", 0, 0.10, 0.20, share_active=0.5),
+        _point("sae", 1, 0.25, 0.19),
+        _point("sae", 2, 0.35, 0.17),
+        _point("sae", 4, 0.90, 0.05),  # too costly
+        _point("centroid", 1, 0.20, 0.199),
+        _point("centroid", 2, 0.95, 0.10),  # too costly
+        _point("neuron", 1, 0.05, 0.30, neuron=7),
+        _point("sae_clamp", 0, 0.05, 0.20, share_active=0.25),
     ]
-    (outcome,) = summarize(points, max_ndcg_loss=0.2, required_ratio=3.0)
-    assert outcome.best_share == 0.35 and outcome.best_alpha_scale == 2
-    assert outcome.share_ratio == pytest.approx(3.5) and outcome.met
-    assert outcome.ndcg_loss == pytest.approx(0.15) and outcome.clamp_share == 0.05
-    absent = [p._replace(genre="Western", share=0.0) for p in points]
-    (outcome,) = summarize(absent)
-    assert outcome.share_ratio == 1.0 and not outcome.met  # 0 -> 0 is no gain
+    outcomes = {o.direction: o for o in summarize(points, max_ndcg_loss=0.2, required_ratio=3.0)}
+    assert list(outcomes) == ["sae", "centroid", "neuron"]
+    sae, centroid, neuron = outcomes["sae"], outcomes["centroid"], outcomes["neuron"]
+    assert sae.best_share == 0.35 and sae.best_scale == sae.best_alpha_scale == 2
+    assert sae.share_ratio == pytest.approx(3.5) and sae.reaches_target
+    assert sae.ndcg_loss == pytest.approx(0.15) and sae.best_ndcg == 0.17
+    assert (sae.clamp_share, sae.n_active, sae.base_share_active, sae.clamp_share_active) == (
+        0.05, 4, 0.5, 0.25,
+    )  # fmt: skip
+    assert centroid.best_scale == 1 and not centroid.reaches_target and centroid.feature == -1
+    assert centroid.clamp_share is None and centroid.n_active is None
+    # Its best scale within the bound, even when that lowers the share.
+    assert neuron.best_share == 0.05 and neuron.best_scale == 1 and neuron.neuron == 7
+    assert neuron.share_ratio == pytest.approx(0.5) and not neuron.reaches_target
+    only_costly = summarize([p for p in points if p.alpha_scale != 1])
+    assert only_costly[1].direction == "centroid" and only_costly[1].best_scale == 0.0
+    assert only_costly[1].best_share == 0.10  # no scale within the bound: the unsteered share
+    absent = [p._replace(share=0.0) for p in points]
+    assert not any(o.reaches_target for o in summarize(absent))  # 0 -> 0 is no gain
+    assert all(o.share_ratio == 1.0 for o in summarize(absent))
 
 
 def test_genre_targets_take_the_purest_supported_feature() -> None:
@@ -252,25 +295,156 @@ def test_genre_targets_take_the_purest_supported_feature() -> None:
     assert targets == {"Comedy": (1, 2.0), "Drama": (5, 0.5)}
 
 
+def test_genre_neurons_take_the_purest_neuron_sign_by_the_features_rule() -> None:
+    rows = [
+        {"kind": "neuron", "unit": 3, "sign": "-", "family": "genre", "value": "Comedy", "top_items": 30, "purity": 0.7},
+        {"kind": "neuron", "unit": 1, "sign": "+", "family": "genre", "value": "Comedy", "top_items": 30, "purity": 0.4},
+        {"kind": "feature", "unit": 5, "sign": "+", "family": "genre", "value": "Comedy", "top_items": 60, "purity": 0.9},
+        {"kind": "feature", "unit": 6, "sign": "+", "family": "genre", "value": "Drama", "top_items": 60, "purity": 0.5},
+        {"kind": "neuron", "unit": 2, "sign": "+", "family": "decade", "value": "Drama", "top_items": 30, "purity": 0.99},
+    ]  # fmt: skip
+    targets = steering_targets(rows, {5: 2.0, 6: 1.5}, min_top_items=50)
+    assert targets == [
+        GenreTarget("Comedy", 5, 2.0, 3, "-"),
+        GenreTarget("Drama", 6, 1.5, None, "+"),  # no neuron names it: the sweep decides
+    ]
+
+
+def test_centroid_is_the_genre_mean_minus_the_item_mean_as_the_blocks_read_items() -> None:
+    model = tiny_model()
+    flags = torch.zeros(13, dtype=torch.bool)
+    flags[[2, 5, 7]] = True
+    table = model.item_vectors.detach()[1:]
+    expected = table[[1, 4, 6]].mean(0) - table.mean(0)  # rows 2, 5, 7 without padding
+    assert torch.allclose(centroid_direction(model, flags), expected, atol=1e-6)
+    teacher = Recommender(
+        RecommenderConfig(kind="teacher", num_items=12, d_item=8, hidden_size=4, num_layers=1),
+        item_table=torch.randn(13, 8),
+    ).eval()
+    mapped = centroid_direction(teacher, flags)
+    teacher_table = teacher.item_vectors[1:]
+    difference = teacher_table[[1, 4, 6]].mean(0) - teacher_table.mean(0)
+    assert mapped.shape == (4,)
+    assert torch.allclose(mapped, teacher.item_in.weight.detach() @ difference, atol=1e-6)
+    with pytest.raises(ValueError, match="flags no item"):
+        centroid_direction(model, torch.zeros(13, dtype=torch.bool))
+
+
+def test_baselines_take_the_sae_steps_norm_at_every_scale() -> None:
+    sae = TopKSae(SaeConfig(d_in=8, expansion=2, k=2), "cpu", seed=0).eval()
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.linspace(0.5, 3.0, 16)[:, None])  # decoder rows of unequal norm
+    d = sae.decoder_direction(5)
+    assert not torch.isclose(d.norm(), torch.tensor(1.0))
+    baselines = {
+        "centroid": centroid_direction(tiny_model(), torch.arange(13) % 3 == 0),
+        "neuron": neuron_direction(8, 6, "-"),
+        "random": random_direction(8, seed=0, index=2),
+    }
+    scales = [0.5, 1.0, 4.0]
+    steps = steering_steps(sae, 5, 1.7, baselines, scales)
+    assert list(steps) == ["sae", "centroid", "neuron", "random"]
+    sae_norms = torch.tensor([s * 1.7 for s in scales]) * d.norm()
+    assert torch.allclose(steps["sae"], torch.tensor(scales)[:, None] * 1.7 * d, atol=1e-6)
+    for name, direction in baselines.items():
+        assert torch.allclose(steps[name].norm(dim=1), sae_norms, rtol=1e-5), name
+        cosine = F.cosine_similarity(steps[name], direction.expand(3, -1), dim=1)
+        assert torch.allclose(cosine, torch.ones(3), atol=1e-5), name  # the same direction
+    assert steps["neuron"][0, 6] < 0 and (steps["neuron"][:, :6] == 0).all()
+    assert torch.equal(random_direction(8, 0, 2), baselines["random"])
+    assert not torch.equal(random_direction(8, 0, 3), baselines["random"])
+
+
 @pytest.mark.parametrize("backbone", ["gpt2", "llama"])
-def test_last_layer_fast_path_equals_the_full_forward(backbone: str) -> None:
+@pytest.mark.parametrize("layer", [1, 2])
+def test_batched_edits_equal_one_edit_at_a_time(layer: int, backbone: str) -> None:
     torch.manual_seed(0)
     config = RecommenderConfig(
-        kind="sasrec", num_items=30, hidden_size=8, d_item=8, num_layers=2, num_heads=2, max_len=6,
+        kind="sasrec", num_items=12, hidden_size=8, d_item=8, num_layers=2, num_heads=2, max_len=6,
         backbone=backbone,
     )  # fmt: skip
     model = Recommender(config).eval()
+    blocks = list(model.layers)
     rng = np.random.default_rng(0)
-    sequences = [rng.permutation(np.arange(1, 31))[: rng.integers(3, 12)] for _ in range(20)]
+    sequences = [rng.permutation(np.arange(1, 13))[: rng.integers(3, 9)] for _ in range(11)]
     users = steering_users(sequences, max_len=6, device="cpu")
-    sae = TopKSae(SaeConfig(d_in=8, expansion=2, k=3), "cpu", seed=0).eval()
+    sae = TopKSae(SaeConfig(d_in=8, expansion=2, k=2), "cpu", seed=0).eval()
+    steps = torch.randn(5, 8, generator=torch.Generator().manual_seed(1))
     last = last_block_states(model, users)
-    for edit in (add_direction(sae, 2, 3.0), clamp_to_zero(sae, 4), None):
-        fast_top, fast_ranks = top_k_and_ranks(model, users, edit=edit, last_block=last)
-        if edit is None:
-            slow_top, slow_ranks = top_k_and_ranks(model, users)
-        else:
-            with edit_hidden(model, 2, edit):
-                slow_top, slow_ranks = top_k_and_ranks(model, users)
-        assert torch.equal(fast_ranks, slow_ranks) and torch.equal(fast_top, slow_top)
-        assert torch.equal(run_edit(model, 2, users, edit or (lambda h: h), last)[1], slow_ranks)
+    cached = last if layer == 2 else layer_states(model, users, layer)
+    assert torch.equal(at_last_position(users, layer_states(model, users, 2)), last)
+    at_layer = at_last_position(users, layer_states(model, users, layer))
+    features = [int(f) for f in sae.encode(at_layer)[1][:3, 0]]  # active at the layer
+    plain_top, _ = top_k_and_ranks(model, users)
+    for states in (cached, None):  # the states at the layer reused, or every block run
+        # rows_per_pass=12: passes of 2 users x 5 steps, the last one short.
+        tops, ranks = added_steps(model, layer, users, steps, states, k=5, rows_per_pass=12)
+        assert tops.shape == (5, 11, 5) and ranks.shape == (5, 11)
+        for e, step in enumerate(steps):
+            with edit_hidden(model, layer, lambda h, s=step: h + s):  # every block, one edit
+                one_top, one_ranks = top_k_and_ranks(model, users)
+            assert torch.equal(ranks[e], one_ranks) and torch.equal(tops[e], one_top[:, :5])
+        tops, ranks = clamped_features(model, layer, users, sae, features, states, rows_per_pass=7)
+        for f, feature in enumerate(features):
+            with edit_hidden(model, layer, clamp_to_zero(sae, feature)):
+                one_top, one_ranks = top_k_and_ranks(model, users)
+            assert torch.equal(ranks[f], one_ranks) and torch.equal(tops[f], one_top)
+        assert any(not torch.equal(top, plain_top) for top in tops)  # the clamps do something
+    assert all(a is b for a, b in zip(model.layers, blocks, strict=True))  # the blocks are back
+
+
+def test_sweep_writes_one_row_per_genre_direction_scale_and_user() -> None:
+    model = tiny_model()
+    rng = np.random.default_rng(0)
+    sequences = [rng.permutation(np.arange(1, 13))[: rng.integers(3, 9)] for _ in range(15)]
+    users = steering_users(sequences, max_len=6, device="cpu", max_users=12, seed=1)
+    sae = TopKSae(SaeConfig(d_in=8, expansion=2, k=2), "cpu", seed=0).eval()
+    values, indices = sae.encode(last_block_states(model, users))
+    common = int(torch.mode(indices[values > 0]).values)  # active for some users, not all
+    flags = {"Comedy": torch.arange(13) % 2 == 1, "Drama": torch.arange(13) % 3 == 0}
+    targets = [GenreTarget("Comedy", common, 1.5, 4, "-"), GenreTarget("Drama", 9, 2.0, None)]
+    scales = [1.0, 3.0]
+    sweep = steering_sweep(model, 2, sae, targets, flags, users, scales, seed=0)
+    table = sweep.users
+    assert table.schema == USERS_SCHEMA
+    rows = table.to_pylist()
+    keys = [(r["genre"], r["direction"], r["scale"], r["user"]) for r in rows]
+    assert len(keys) == len(set(keys)) == 2 * (2 + len(DIRECTIONS) * len(scales)) * 12
+    assert {r["user"] for r in rows} == set(users.user_idx.tolist())
+    by_direction = {(r["genre"], r["direction"]): r for r in rows}
+    assert by_direction[("Comedy", "sae")]["feature"] == common
+    assert by_direction[("Comedy", "neuron")]["feature"] == 4
+    assert (
+        by_direction[("Comedy", "none")]["feature"]
+        == -1
+        == by_direction[("Drama", "random")]["feature"]
+    )
+    assert {r["scale"] for r in rows if r["direction"] in ("none", "sae_clamp")} == {0.0}
+    # The unsteered rows are the model's own per-user test NDCG@10 and genre share.
+    _, ranks = top_k_and_ranks(model, users)
+    none = [r for r in rows if r["genre"] == "Comedy" and r["direction"] == "none"]
+    assert [r["ndcg10"] for r in none] == per_user_ndcg(ranks, 10).tolist()
+    assert np.mean([r["ndcg10"] for r in none]) == pytest.approx(ndcg_at_k(ranks, 10))
+    # `active`: the genre's feature among the active top-k at the last position, per user.
+    active = ((indices == common) & (values > 0)).any(1).tolist()
+    assert 0 < sum(active) < 12
+    for r in rows:
+        if r["genre"] == "Comedy":
+            assert r["active"] == active[list(users.user_idx).index(r["user"])]
+    # The Drama target named no neuron: the centroid's largest coordinate stands in.
+    assert sweep.neurons_from_centroid == 1 and sweep.targets[1].neuron is not None
+    outcomes = {(o.genre, o.direction): o for o in summarize(sweep.points)}
+    sae = outcomes[("Comedy", "sae")]
+    assert sae.n_active == sum(active)
+    clamp_active = [
+        r["genre_share"] for r in rows
+        if r["genre"] == "Comedy" and r["direction"] == "sae_clamp" and r["active"]
+    ]  # fmt: skip
+    assert sae.clamp_share_active == pytest.approx(np.mean(clamp_active))
+    gains = share_gains(table, {"Comedy": 3.0, "Drama": 0.0})
+    assert gains["sae"].shape == (2, 12) and not gains["sae"][1].any()  # scale 0: no gain
+    steered = [
+        r for r in rows if (r["genre"], r["direction"], r["scale"]) == ("Comedy", "centroid", 3.0)
+    ]
+    gain = [s["genre_share"] - n["genre_share"] for s, n in zip(steered, none, strict=True)]
+    assert gains["centroid"][0] == pytest.approx(gain)

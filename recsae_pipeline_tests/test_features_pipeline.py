@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -80,8 +81,21 @@ def test_feature_stats_compare_features_with_neurons_and_planted_concepts(
     assert all((r["best_concept"] is None) == (r["n_active"] == 0) for r in stats)
     meta = metadata(tiny_store.features, "feature_stats")
     assert "data:image/png;base64," in meta["monosemanticity"]
-    assert (root / "reports" / "monosemanticity_sasrec_layer2.png").exists()
+    # Both sides: every SAE figure has the neurons' beside it.
+    n = len(concepts)
+    sae_hits = sum(c["feature_auc"] >= 0.9 for c in concepts)
+    neuron_hits = sum(c["neuron_auc"] >= 0.9 for c in concepts)
+    assert meta["concepts_auc_ge_0.9"] == f"SAE {sae_hits}/{n}, neurons {neuron_hits}/{n}"
+    assert (meta["concepts_auc_ge_0.9_sae"], meta["concepts_auc_ge_0.9_neurons"]) == (
+        sae_hits, neuron_hits,
+    )  # fmt: skip
     check = tiny_store.check("feature_stats", "sae_more_monosemantic_than_neurons")
+    sae_median, neuron_median = (check.metadata[k].value for k in ("sae_median", "neuron_median"))
+    assert meta["median_monosemanticity"].startswith(f"SAE {sae_median:.3f}")
+    assert f"neurons {neuron_median:.3f}" in meta["median_monosemanticity"]
+    assert f"over {n} concepts" in meta["concept_auc_sae_minus_neurons"]
+    assert "| neuron | sign |" in meta["most_monosemantic_neurons"]
+    assert (root / "reports" / "monosemanticity_sasrec_layer2.png").exists()
     assert check.passed == (
         check.metadata["sae_median"].value > check.metadata["neuron_median"].value
     )
@@ -95,19 +109,94 @@ def test_steering_moves_genre_shares(tiny_store: TinyStore) -> None:
     genres = {p["genre"] for p in points}
     assert genres and {s["genre"] for s in summary} == genres
     for genre in genres:
-        modes = [p["mode"] for p in points if p["genre"] == genre]
-        assert modes == ["baseline", "add", "add", "clamp"]
+        own = [
+            (p["mode"], p["alpha_scale"])
+            for p in points
+            if p["genre"] == genre and p["feature"] >= 0
+        ]
+        assert own == [("baseline", 0.0), ("add", 1.0), ("add", 4.0), ("clamp", 0.0)]
+        directions = [s["direction"] for s in summary if s["genre"] == genre]
+        assert directions == ["sae", "centroid", "neuron", "random"]
     # Steering does something: the strongest alpha changes the share for most genres.
-    strongest = {
-        p["genre"]: p["share"] for p in points if p["mode"] == "add" and p["alpha_scale"] == 4.0
-    }
-    base = {p["genre"]: p["share"] for p in points if p["mode"] == "baseline"}
+    sae = [p for p in points if p["direction"] in ("none", "sae")]
+    strongest = {p["genre"]: p["share"] for p in sae if p["alpha_scale"] == 4.0}
+    base = {p["genre"]: p["share"] for p in sae if p["mode"] == "baseline"}
     # (The tiny model's SAE is too weak to promise gains; the default data's are measured.)
     assert sum(strongest[g] != base[g] for g in genres) > len(genres) / 2
     assert any(strongest[g] > base[g] for g in genres)
+    # Every baseline's step has the SAE step's norm at the same scale.
+    norms = {(p["genre"], p["alpha_scale"]): p["step_norm"] for p in sae if p["mode"] == "add"}
+    for p in points:
+        if p["direction"] in ("centroid", "neuron", "random"):
+            assert p["step_norm"] == pytest.approx(norms[(p["genre"], p["alpha_scale"])])
+            assert p["step_norm"] > 0 and p["feature"] == -1
     assert (root / "reports" / "steering_sasrec_layer2.png").exists()
+    meta = metadata(tiny_store.features, "steering_eval")
+    reached = {
+        d: sum(s["reaches_target"] for s in summary if s["direction"] == d)
+        for d in ("sae", "centroid", "neuron", "random")
+    }
+    n = len(genres)
+    assert meta["genres_reaching_target"] == ", ".join(f"{d} {k}/{n}" for d, k in reached.items())
+    assert all(f"| {d} |" in meta["sae_vs_baselines"] for d in ("centroid", "neuron", "random"))
+    assert "SAE - centroid [95% CI]" in meta["sae_vs_baselines_per_genre"]
+    assert [c["b"]["label"] for c in meta["comparisons"][:3]] == ["centroid", "neuron", "random"]
+    assert all(
+        c["unit"] == "users" and c["n"] == meta["steering_users"] for c in meta["comparisons"][:3]
+    )
     check = tiny_store.check("steering_eval", "steering_triples_genre_share")
-    assert check.metadata["genres"].value == len(genres)
+    assert check.metadata["genres"].value == n
+    assert check.passed == (reached["sae"] > n / 2)
+    for d, k in reached.items():
+        assert check.metadata[f"genres_reaching_target_{d}"].value == k
+        assert (f"SAE: {k}/{n}" if d == "sae" else f"{d} {k}/{n}") in check.description
+
+
+def test_steering_users_hold_every_users_outcome(
+    tiny_store: TinyStore, capsys: pytest.CaptureFixture
+) -> None:
+    root = tiny_store.root
+    users = pq.read_table(root / "steering" / "model=sasrec" / "layer=2" / "users.parquet")
+    assert users.schema.names == [
+        "genre", "direction", "feature", "scale", "user", "genre_share", "ndcg10", "active"
+    ]  # fmt: skip
+    assert [str(t) for t in users.schema.types] == [
+        "string", "string", "int32", "double", "int32", "double", "double", "bool"
+    ]  # fmt: skip
+    n_users = metadata(tiny_store.features, "steering_eval")["steering_users"]
+    (_, (rows, keys, per_key, bad_active)) = _csv(
+        capsys, root,
+        "SELECT count(*), count(DISTINCT (genre, direction, scale, user)), "
+        "(SELECT max(n) FROM (SELECT count(*) AS n FROM steering_users GROUP BY genre, direction, scale)), "
+        "(SELECT count(*) FROM (SELECT genre, user FROM steering_users GROUP BY ALL HAVING count(DISTINCT active) > 1)) "
+        "FROM steering_users WHERE model = 'sasrec' AND layer = 2",
+    )  # fmt: skip
+    assert int(rows) == int(keys) and int(per_key) == n_users and int(bad_active) == 0
+    # "none" is the unsteered model: each user's NDCG@10 as recommender_eval measured it.
+    (_, (compared, mismatched, steer_mean, eval_mean)) = _csv(
+        capsys, root,
+        "SELECT count(*), count(*) FILTER (WHERE abs(s.ndcg10 - e.\"ndcg@10\") > 1e-6), "
+        "avg(s.ndcg10), avg(e.\"ndcg@10\") FROM steering_users s "
+        "JOIN recommender_eval_users e ON e.user = s.user AND e.model = 'sasrec' "
+        "WHERE s.direction = 'none' AND s.genre = (SELECT min(genre) FROM steering_users)",
+    )  # fmt: skip
+    assert int(compared) == n_users and int(mismatched) == 0
+    assert float(steer_mean) == pytest.approx(float(eval_mean), abs=1e-9)
+    # Clamping on active users: n_active is the count of (genre, user) rows marked active.
+    summary = pq.read_table(root / "steering" / "model=sasrec" / "layer=2" / "summary.parquet")
+    sae_rows = [r for r in summary.to_pylist() if r["direction"] == "sae"]
+    active = users.filter(
+        pc.and_(pc.equal(users["direction"], "sae_clamp"), users["active"])
+    ).to_pylist()
+    for row in sae_rows:
+        mine = [r["genre_share"] for r in active if r["genre"] == row["genre"]]
+        assert row["n_active"] == len(mine)
+        if mine:
+            assert row["clamp_share_active"] == pytest.approx(sum(mine) / len(mine))
+        else:
+            assert row["clamp_share_active"] is None
+    meta = metadata(tiny_store.features, "steering_eval")
+    assert f"n={len(active)} (genre, active user) pairs" in meta["clamp_active_users"]
 
 
 def test_readme_sql_examples_run(tiny_store: TinyStore, capsys: pytest.CaptureFixture) -> None:

@@ -6,31 +6,60 @@ state at the SAE's layer, or switch the feature off, and measure what the top 10
 - clamp to 0: h' = h - z_f(h) * W_dec[f], i.e. decode the code with z_f = 0 and keep the
   reconstruction error, so only that feature's contribution is removed.
 
+Every SAE step is measured against baseline directions added at the same layer with the same
+norm ||alpha * d_f||: the genre's item centroid (`centroid_direction`), the genre's best
+single neuron in its sign, and a seeded random direction. The directions and scales of one
+genre run as one batch: each (direction, scale) is a block of rows of the same users.
+
 An edit at the last layer only changes what follows the last block (final norm, head,
-scores), so those sweeps reuse the last block's states and skip the blocks.
+scores), so those sweeps reuse the last block's states and skip the blocks; an edit at an
+earlier layer l reuses the states at l and runs only the blocks after it.
 
 Quality is measured on the test split exactly as the model's own evaluation (full ranking,
 seen items filtered), and the genre share is the share of top-10 slots (seen items excluded)
-held by items of that genre.
+held by items of that genre; both are kept per user, so differences get CIs over users.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import NamedTuple, get_args, get_type_hints
 
 import numpy as np
+import pyarrow as pa
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from recsae_pipeline.activations.hooks import edit_hidden, read_hidden
 from recsae_pipeline.data.batching import pad_right, split_examples
 from recsae_pipeline.data.catalog import Catalog
-from recsae_pipeline.models.metrics import filter_seen, ndcg_at_k, target_ranks
+from recsae_pipeline.models.metrics import filter_seen, per_user_ndcg, target_ranks
 from recsae_pipeline.models.recommender import Recommender
 from recsae_pipeline.sae.model import TopKSae
 
 Edit = Callable[[Tensor], Tensor]
+
+DIRECTIONS = ("sae", "centroid", "neuron", "random")
+"""What is added at each scale: the SAE feature's decoder direction, then its baselines."""
+NO_STEERING, CLAMP = "none", "sae_clamp"
+"""The two measurements without a scale: the unsteered model, the feature clamped to 0."""
+
+USERS_SCHEMA = pa.schema(
+    [
+        ("genre", pa.string()),
+        ("direction", pa.string()),
+        ("feature", pa.int32()),
+        ("scale", pa.float64()),
+        ("user", pa.int32()),
+        ("genre_share", pa.float64()),
+        ("ndcg10", pa.float64()),
+        ("active", pa.bool_()),
+    ]
+)
+"""One row per (genre, direction, scale, user): `feature` is the SAE feature (sae, sae_clamp),
+the neuron (neuron) or -1; `scale` is 0 for none and sae_clamp; `user` indexes `sequences`;
+`active`: the genre's SAE feature is active at that user's last position."""
 
 
 def add_direction(sae: TopKSae, feature: int, alpha: float) -> Edit:
@@ -65,6 +94,7 @@ class SteeringUsers(NamedTuple):
     targets: Tensor
     histories: Tensor
     user_idx: np.ndarray
+    """Each row's index in `sequences` order."""
 
 
 def steering_users(
@@ -99,28 +129,15 @@ def _top_and_ranks(
 
 @torch.no_grad()
 def top_k_and_ranks(
-    model: Recommender,
-    users: SteeringUsers,
-    k: int = 10,
-    batch_size: int = 512,
-    edit: Edit | None = None,
-    last_block: Tensor | None = None,
+    model: Recommender, users: SteeringUsers, k: int = 10, batch_size: int = 512
 ) -> tuple[Tensor, Tensor]:
-    """(top-k items [U, k] with seen items excluded, 0-based target ranks [U]).
-
-    Runs the model under whatever `edit_hidden` is active. With `last_block` (the last
-    block's output at each user's last position, [U, hidden], from `last_block_states`),
-    `edit` is applied to it and only the final norm, head and scoring run: the same
-    result for an edit at the last layer, many times faster."""
+    """(top-k items [U, k] with seen items excluded, 0-based target ranks [U]), under
+    whatever `edit_hidden` is active."""
     model.eval()
     tops, ranks = [], []
     for start in range(0, len(users.targets), batch_size):
         batch = slice(start, start + batch_size)
-        if last_block is not None:
-            hidden = last_block[batch]
-            scores = model.scores_from_last_block(edit(hidden) if edit is not None else hidden)
-        else:
-            scores = model.predict(users.inputs[batch])
+        scores = model.predict(users.inputs[batch])
         top, rank = _top_and_ranks(scores, users.targets[batch], users.histories[batch], k)
         tops.append(top)
         ranks.append(rank)
@@ -128,27 +145,148 @@ def top_k_and_ranks(
 
 
 @torch.no_grad()
-def last_block_states(model: Recommender, users: SteeringUsers, batch_size: int = 512) -> Tensor:
-    """The last block's output at each user's last real position, [U, hidden]."""
+def layer_states(
+    model: Recommender, users: SteeringUsers, layer: int, batch_size: int = 512
+) -> Tensor:
+    """Block `layer`'s output at every position of every user, [U, T, hidden]."""
     model.eval()
-    out = []
-    for start in range(0, len(users.targets), batch_size):
-        items = users.inputs[start : start + batch_size]
-        hidden = read_hidden(model, items, model.config.num_layers)
-        last = (items > 0).sum(1) - 1
-        out.append(hidden[torch.arange(len(items), device=items.device), last])
-    return torch.cat(out)
+    return torch.cat(
+        [
+            read_hidden(model, users.inputs[start : start + batch_size], layer)
+            for start in range(0, len(users.targets), batch_size)
+        ]
+    )
 
 
-def run_edit(
-    model: Recommender, layer: int, users: SteeringUsers, edit: Edit, last_block: Tensor | None
+def at_last_position(users: SteeringUsers, states: Tensor) -> Tensor:
+    """[U, hidden]: each user's row of `states` [U, T, hidden] at their last real position."""
+    last = (users.inputs > 0).sum(1) - 1
+    return states[torch.arange(len(states), device=states.device), last]
+
+
+class _PassThrough(nn.Module):
+    def forward(self, hidden_states: Tensor, *args: object, **kwargs: object) -> Tensor:
+        return hidden_states
+
+
+class _Fixed(nn.Module):
+    def __init__(self, hidden: Tensor) -> None:
+        super().__init__()
+        self.hidden = hidden
+
+    def forward(self, hidden_states: Tensor, *args: object, **kwargs: object) -> Tensor:
+        return self.hidden.to(hidden_states.dtype)
+
+
+@contextmanager
+def blocks_after(model: Recommender, layer: int, hidden: Tensor) -> Iterator[None]:
+    """While active, a forward pass skips blocks 1..`layer`: block `layer` outputs `hidden`
+    [B, T, hidden] (the batch's states there, edited or not) and the blocks before it pass
+    their input on, so only the blocks after `layer` run. (The backbones call each module
+    of their layer list in turn and take the tensor it returns, so swapping the modules is
+    enough; the originals are put back on exit, also after an error.)"""
+    blocks = model.layers
+    saved = [blocks[i] for i in range(layer)]
+    try:
+        for i in range(layer - 1):
+            blocks[i] = _PassThrough()
+        blocks[layer - 1] = _Fixed(hidden)
+        yield
+    finally:
+        for i, block in enumerate(saved):
+            blocks[i] = block
+
+
+def last_block_states(model: Recommender, users: SteeringUsers) -> Tensor:
+    """The last block's output at each user's last real position, [U, hidden]."""
+    return at_last_position(users, layer_states(model, users, model.config.num_layers))
+
+
+@torch.no_grad()
+def added_steps(
+    model: Recommender,
+    layer: int,
+    users: SteeringUsers,
+    steps: Tensor,
+    cached: Tensor | None = None,
+    k: int = 10,
+    rows_per_pass: int = 4096,
 ) -> tuple[Tensor, Tensor]:
-    """`top_k_and_ranks` with `edit` at `layer`: on the cached last-block states when the
-    layer is the last one, else through a full forward pass with the edit hooked in."""
-    if last_block is not None and layer == model.config.num_layers:
-        return top_k_and_ranks(model, users, edit=edit, last_block=last_block)
-    with edit_hidden(model, layer, edit):
-        return top_k_and_ranks(model, users)
+    """(top-k [E, U, k], target ranks [E, U]) with each of `steps` [E, hidden] added to the
+    state at `layer` (every position): all steps in one batch, each a block of the same
+    users. `cached`: the states at `layer`, [U, hidden] at the users' last positions when the
+    layer is the last one (`last_block_states`), else [U, T, hidden] (`layer_states`), so only
+    what follows the layer runs; None runs every block."""
+
+    def edit(hidden: Tensor, rows: int) -> Tensor:
+        delta = steps.repeat_interleave(rows, dim=0).to(hidden.dtype)  # [E * rows, hidden]
+        return hidden + (delta if hidden.dim() == 2 else delta[:, None, :])
+
+    return _batched(model, layer, users, len(steps), edit, cached, k, rows_per_pass)
+
+
+@torch.no_grad()
+def clamped_features(
+    model: Recommender,
+    layer: int,
+    users: SteeringUsers,
+    sae: TopKSae,
+    features: Sequence[int],
+    cached: Tensor | None = None,
+    k: int = 10,
+    rows_per_pass: int = 512,
+) -> tuple[Tensor, Tensor]:
+    """(top-k [F, U, k], target ranks [F, U]) with each of `features` clamped to 0 at `layer`
+    (`clamp_to_zero`), batched like `added_steps` (fewer rows a pass: every position of every
+    row is encoded into all the SAE's latents)."""
+    feature_ids = torch.tensor(list(features), dtype=torch.long)
+
+    def edit(hidden: Tensor, rows: int) -> Tensor:
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        values, indices = sae.encode(flat)
+        per_row = feature_ids.to(indices.device).repeat_interleave(len(flat) // len(features))
+        without = values.masked_fill(indices == per_row[:, None], 0.0)
+        contribution = sae.decode(values, indices) - sae.decode(without, indices)
+        return (flat - contribution.to(hidden.dtype)).reshape(hidden.shape)
+
+    return _batched(model, layer, users, len(features), edit, cached, k, rows_per_pass)
+
+
+def _batched(
+    model: Recommender,
+    layer: int,
+    users: SteeringUsers,
+    n_edits: int,
+    edit: Callable[[Tensor, int], Tensor],
+    cached: Tensor | None,
+    k: int,
+    rows_per_pass: int,
+) -> tuple[Tensor, Tensor]:
+    """Runs `n_edits` edits of the same users as one batch: row e * b + i is user i of a pass
+    of b users under edit e; `edit(hidden, b)` edits the states of all E * b rows."""
+    model.eval()
+    n_users = len(users.targets)
+    per_pass = max(1, rows_per_pass // n_edits)
+    shortcut = cached is not None and layer == model.config.num_layers
+    tops, ranks = [], []
+    for start in range(0, n_users, per_pass):
+        batch = slice(start, start + per_pass)
+        b = len(users.targets[batch])
+        inputs = users.inputs[batch].repeat(n_edits, 1)
+        if shortcut:
+            scores = model.scores_from_last_block(edit(cached[batch].repeat(n_edits, 1), b))
+        elif cached is not None:
+            with blocks_after(model, layer, edit(cached[batch].repeat(n_edits, 1, 1), b)):
+                scores = model.predict(inputs)
+        else:
+            with edit_hidden(model, layer, lambda h, b=b: edit(h, b)):
+                scores = model.predict(inputs)
+        targets = users.targets[batch].repeat(n_edits)
+        histories = users.histories[batch].repeat(n_edits, 1)
+        top, rank = _top_and_ranks(scores, targets, histories, k)
+        tops.append(top.view(n_edits, b, k))
+        ranks.append(rank.view(n_edits, b))
+    return torch.cat(tops, dim=1), torch.cat(ranks, dim=1)
 
 
 def genre_items(catalog: Catalog, genres: Sequence[str], num_items: int) -> dict[str, Tensor]:
@@ -161,105 +299,98 @@ def genre_items(catalog: Catalog, genres: Sequence[str], num_items: int) -> dict
     return flags
 
 
-def genre_share(top: Tensor, genre_items: Tensor) -> float:
-    """Share of the slots of `top` [U, k] held by items flagged in genre_items (bool [items])."""
-    return float(genre_items[top].double().mean())
+def user_genre_share(top: Tensor, genre_items: Tensor) -> Tensor:
+    """Each user's share of the slots of `top` [..., U, k] held by items flagged in
+    `genre_items` (bool [items]), float64."""
+    return genre_items[top].double().mean(-1)
 
 
-class SteeringPoint(NamedTuple):
-    genre: str
-    feature: int
-    mode: str
-    """'baseline', 'add' or 'clamp'."""
-    alpha_scale: float
-    """alpha in units of the feature's max activation (0 for baseline and clamp)."""
-    alpha: float
-    share: float
-    """Share of the genre in the top 10."""
-    ndcg: float
-    """Test NDCG@10 (seen items filtered)."""
+# ----------------------------------------------------------------------------- directions
 
 
-def steering_sweep(
-    model: Recommender,
-    layer: int,
+@torch.no_grad()
+def centroid_direction(model: Recommender, genre_items: Tensor) -> Tensor:
+    """The genre's item centroid minus the mean item vector, in the hidden space [hidden].
+
+    Items enter the residual stream as `item_in(item vector)`, so the difference of means is
+    mapped by `item_in`'s linear part (its bias cancels). For SASRec that map is the identity
+    and the one item table is both input and output, so this is the plain table centroid; for
+    the teacher and students it is the frozen table as the blocks read it."""
+    table = model.item_vectors[1:].float()
+    flags = genre_items[1:].to(table.device)
+    if not bool(flags.any()):
+        raise ValueError("the genre flags no item; pass the flags of a genre in the catalog")
+    difference = table[flags].mean(0) - table.mean(0)
+    mapped = model.item_in(torch.stack([difference, torch.zeros_like(difference)]))
+    return (mapped[0] - mapped[1]).detach()
+
+
+def random_direction(hidden_size: int, seed: int, index: int) -> Tensor:
+    """A unit vector drawn from N(0, I) by a generator seeded with (seed, index)."""
+    x = torch.from_numpy(np.random.default_rng([seed, index]).standard_normal(hidden_size))
+    return (x / x.norm()).float()
+
+
+def neuron_direction(hidden_size: int, neuron: int, sign: str) -> Tensor:
+    """The basis vector of hidden dimension `neuron`, negated for sign '-'."""
+    x = torch.zeros(hidden_size)
+    x[neuron] = 1.0 if sign == "+" else -1.0
+    return x
+
+
+def steering_steps(
     sae: TopKSae,
-    targets: dict[str, tuple[int, float]],
-    genre_items: dict[str, Tensor],
-    users: SteeringUsers,
+    feature: int,
+    max_activation: float,
+    baselines: dict[str, Tensor],
     alpha_scales: Sequence[float],
-    on_progress: Callable[[int, int], None] | None = None,
-) -> list[SteeringPoint]:
-    """For each genre -> (feature, feature's max activation): the baseline, every
-    alpha = scale * max activation added, and the feature clamped to 0."""
-    last_block = last_block_states(model, users) if layer == model.config.num_layers else None
-    top, ranks = top_k_and_ranks(model, users)
-    base_ndcg = ndcg_at_k(ranks, 10)
-    points = []
-    for done, (genre, (feature, scale)) in enumerate(targets.items()):
-        mask = genre_items[genre]
-        base_share = genre_share(top, mask)
-        points.append(SteeringPoint(genre, feature, "baseline", 0.0, 0.0, base_share, base_ndcg))
-        for alpha_scale in alpha_scales:
-            alpha = alpha_scale * scale
-            edit = add_direction(sae, feature, alpha)
-            steered, steered_ranks = run_edit(model, layer, users, edit, last_block)
-            share, ndcg = genre_share(steered, mask), ndcg_at_k(steered_ranks, 10)
-            points.append(SteeringPoint(genre, feature, "add", alpha_scale, alpha, share, ndcg))
-        edit = clamp_to_zero(sae, feature)
-        clamped, clamped_ranks = run_edit(model, layer, users, edit, last_block)
-        share, ndcg = genre_share(clamped, mask), ndcg_at_k(clamped_ranks, 10)
-        points.append(SteeringPoint(genre, feature, "clamp", 0.0, 0.0, share, ndcg))
-        if on_progress is not None:
-            on_progress(done + 1, len(targets))
-    return points
+) -> dict[str, Tensor]:
+    """direction -> steps [S, hidden], one per scale: for 'sae' alpha * d_f with alpha =
+    scale x `max_activation`; every baseline direction scaled to that step's norm."""
+    d = sae.decoder_direction(feature).float()
+    alphas = torch.tensor([s * max_activation for s in alpha_scales], device=d.device)
+    sae_steps = alphas[:, None] * d[None, :]
+    norms = sae_steps.norm(dim=1, keepdim=True)
+    out = {"sae": sae_steps}
+    for name, direction in baselines.items():
+        length = direction.norm()
+        if not bool(length > 0):
+            raise ValueError(f"the {name} direction is zero; it has no norm to scale")
+        out[name] = norms * (direction.to(d.device).float() / length)[None, :]
+    return out
 
 
-class GenreOutcome(NamedTuple):
+# ----------------------------------------------------------------------------- targets
+
+
+class GenreTarget(NamedTuple):
+    """What is steered for one genre."""
+
     genre: str
     feature: int
-    base_share: float
-    best_share: float
-    """Highest share among the added alphas whose NDCG@10 loss is within the bound."""
-    best_alpha_scale: float
-    share_ratio: float
-    ndcg_loss: float
-    """Relative NDCG@10 loss at that alpha (0 if no alpha qualified)."""
-    clamp_share: float
-    met: bool
-    """share_ratio >= the required multiple."""
+    """The SAE feature most enriched for the genre (`genre_targets`)."""
+    max_activation: float
+    neuron: int | None
+    """The hidden dimension most enriched for the genre (`genre_neurons`), or None when no
+    neuron's top items hold the genre: then the sweep takes the centroid's largest
+    coordinate."""
+    neuron_sign: str = "+"
 
 
-def summarize(
-    points: Sequence[SteeringPoint], max_ndcg_loss: float = 0.2, required_ratio: float = 3.0
-) -> list[GenreOutcome]:
-    """Per genre: the best top-10 share reachable within `max_ndcg_loss` relative NDCG@10
-    loss, against the baseline share."""
-    outcomes = []
-    for genre in dict.fromkeys(p.genre for p in points):
-        rows = [p for p in points if p.genre == genre]
-        base = next(p for p in rows if p.mode == "baseline")
-        clamp = next(p for p in rows if p.mode == "clamp")
-        allowed = [p for p in rows if p.mode == "add" and p.ndcg >= (1 - max_ndcg_loss) * base.ndcg]
-        best = max(allowed, key=lambda p: p.share, default=base)
-        if base.share > 0:
-            ratio = best.share / base.share
-        else:  # a genre absent from the baseline lists: any share at all is an infinite gain
-            ratio = float("inf") if best.share > 0 else 1.0
-        outcomes.append(
-            GenreOutcome(
-                genre=genre,
-                feature=base.feature,
-                base_share=base.share,
-                best_share=best.share,
-                best_alpha_scale=best.alpha_scale,
-                share_ratio=ratio,
-                ndcg_loss=1 - best.ndcg / base.ndcg if base.ndcg > 0 else 0.0,
-                clamp_share=clamp.share,
-                met=ratio >= required_ratio and best.share > base.share,
-            )
-        )
-    return outcomes
+def _purest(
+    enrichment_rows: list[dict], kind: str, min_top_items: int
+) -> dict[str, tuple[int, str]]:
+    """genre -> (unit, sign) of the `kind` unit whose top items are most enriched for it
+    (highest purity; ties: lowest unit, '+' first)."""
+    best: dict[str, tuple[tuple[float, int, bool], int, str]] = {}
+    for row in enrichment_rows:
+        if row["kind"] != kind or row["family"] != "genre" or row["top_items"] < min_top_items:
+            continue
+        sign = row.get("sign", "+")
+        key = (row["purity"], -row["unit"], sign == "+")
+        if row["value"] not in best or key > best[row["value"]][0]:
+            best[row["value"]] = (key, row["unit"], sign)
+    return {genre: (unit, sign) for genre, (_, unit, sign) in sorted(best.items())}
 
 
 def genre_targets(
@@ -268,15 +399,337 @@ def genre_targets(
     """genre -> (feature, its max activation): per genre, the SAE feature whose top items are
     most enriched for it (highest purity, see `features.enrichment`) among features with at
     least `min_top_items` top items. `enrichment_rows` are rows of the enrichment table."""
-    best: dict[str, tuple[float, int]] = {}
-    for row in enrichment_rows:
-        if row["kind"] != "feature" or row["family"] != "genre" or row["top_items"] < min_top_items:
-            continue
-        key = (row["purity"], -row["unit"])
-        if row["value"] not in best or key > (best[row["value"]][0], -best[row["value"]][1]):
-            best[row["value"]] = (row["purity"], row["unit"])
     return {
         genre: (feature, max_activation[feature])
-        for genre, (_, feature) in sorted(best.items())
+        for genre, (feature, _) in _purest(enrichment_rows, "feature", min_top_items).items()
         if max_activation.get(feature, 0) > 0
     }
+
+
+def genre_neurons(enrichment_rows: list[dict]) -> dict[str, tuple[int, str]]:
+    """genre -> (hidden dimension, sign): the neuron, read in one sign, whose top items are
+    most enriched for the genre, by the rule `genre_targets` applies to SAE features (every
+    neuron sign has its full top items, so no support bound)."""
+    return _purest(enrichment_rows, "neuron", 0)
+
+
+def steering_targets(
+    enrichment_rows: list[dict], max_activation: dict[int, float], min_top_items: int
+) -> list[GenreTarget]:
+    """Per genre with an SAE target (`genre_targets`): its feature and its best neuron."""
+    neurons = genre_neurons(enrichment_rows)
+    return [
+        GenreTarget(genre, feature, scale, *neurons.get(genre, (None, "+")))
+        for genre, (feature, scale) in genre_targets(
+            enrichment_rows, max_activation, min_top_items
+        ).items()
+    ]
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+
+class SteeringPoint(NamedTuple):
+    """One measurement, averaged over the users."""
+
+    genre: str
+    direction: str
+    """'none', a `DIRECTIONS` entry, or 'sae_clamp'."""
+    feature: int
+    """The genre's SAE feature on the rows of its own sweep (none, sae, sae_clamp), -1 on a
+    baseline direction's rows (so a join on SAE features never picks up a baseline)."""
+    neuron: int
+    """The neuron of the 'neuron' direction, -1 elsewhere."""
+    mode: str
+    """'baseline' (none), 'add' or 'clamp'."""
+    alpha_scale: float
+    """alpha in units of the feature's max activation (0 for none and clamp)."""
+    alpha: float
+    """The multiple of the direction added: of d_f for sae, of the unit vector (= step_norm)
+    for a baseline."""
+    step_norm: float
+    """||alpha * d_f||, the norm of every direction's step at this scale."""
+    share: float
+    """Share of the genre in the top 10."""
+    ndcg: float
+    """Test NDCG@10 (seen items filtered)."""
+    share_active: float | None
+    """Share of the genre on the users with the feature active at their last position (None
+    when there are none)."""
+    n_active: int
+    n_users: int
+
+
+class SteeringSweep(NamedTuple):
+    points: list[SteeringPoint]
+    users: pa.Table
+    """Per (genre, direction, scale, user): `USERS_SCHEMA`."""
+    targets: list[GenreTarget]
+    """The targets as steered: every neuron resolved."""
+    neurons_from_centroid: int
+    """Genres whose neuron no enrichment row named: taken from the centroid's largest entry."""
+
+
+class _Recorder:
+    """Collects per-user outcomes into `USERS_SCHEMA` columns and their means as points."""
+
+    def __init__(self, users: SteeringUsers, k: int) -> None:
+        self.user = users.user_idx.astype(np.int32)
+        self.k = k
+        self.columns: dict[str, list[np.ndarray]] = {n: [] for n in USERS_SCHEMA.names}
+        self.points: list[SteeringPoint] = []
+
+    def add(
+        self,
+        target: GenreTarget,
+        direction: str,
+        scale: float,
+        alpha: float,
+        step_norm: float,
+        share: Tensor,
+        ranks: Tensor,
+        active: np.ndarray,
+    ) -> None:
+        share_np = share.numpy()
+        ndcg = per_user_ndcg(ranks, self.k).numpy()
+        n = len(self.user)
+        unit = {"sae": target.feature, CLAMP: target.feature, "neuron": target.neuron}
+        values = {
+            "genre": np.full(n, target.genre, dtype=object),
+            "direction": np.full(n, direction, dtype=object),
+            "feature": np.full(n, unit.get(direction, -1), dtype=np.int32),
+            "scale": np.full(n, scale, dtype=np.float64),
+            "user": self.user,
+            "genre_share": share_np,
+            "ndcg10": ndcg,
+            "active": active,
+        }
+        for name, column in values.items():
+            self.columns[name].append(column)
+        own_sweep = direction in (NO_STEERING, "sae", CLAMP)
+        mode = {NO_STEERING: "baseline", CLAMP: "clamp"}.get(direction, "add")
+        n_active = int(active.sum())
+        self.points.append(
+            SteeringPoint(
+                genre=target.genre,
+                direction=direction,
+                feature=target.feature if own_sweep else -1,
+                neuron=int(target.neuron) if direction == "neuron" else -1,
+                mode=mode,
+                alpha_scale=scale,
+                alpha=alpha,
+                step_norm=step_norm,
+                share=float(share_np.mean()),
+                ndcg=float(ndcg.mean()),
+                share_active=float(share_np[active].mean()) if n_active else None,
+                n_active=n_active,
+                n_users=n,
+            )
+        )
+
+    def table(self) -> pa.Table:
+        return pa.table(
+            {n: np.concatenate(self.columns[n]) for n in USERS_SCHEMA.names}, schema=USERS_SCHEMA
+        )
+
+
+def _resolve_neuron(target: GenreTarget, centroid: Tensor) -> GenreTarget:
+    if target.neuron is not None:
+        return target
+    axis = int(centroid.abs().argmax())
+    return target._replace(neuron=axis, neuron_sign="+" if centroid[axis] >= 0 else "-")
+
+
+@torch.no_grad()
+def steering_sweep(
+    model: Recommender,
+    layer: int,
+    sae: TopKSae,
+    targets: Sequence[GenreTarget],
+    genre_items: dict[str, Tensor],
+    users: SteeringUsers,
+    alpha_scales: Sequence[float],
+    seed: int = 0,
+    k: int = 10,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> SteeringSweep:
+    """Per genre: the unsteered model, every direction of `DIRECTIONS` added at every
+    alpha = scale x the feature's max activation (baselines at the SAE step's norm), and the
+    feature clamped to 0; each user's genre share and NDCG@k, and which users have the
+    feature active at their last position."""
+    model.eval()
+    if layer == model.config.num_layers:
+        cached = last = last_block_states(model, users)
+    else:
+        cached = layer_states(model, users, layer)
+        last = at_last_position(users, cached)
+    values, indices = sae.encode(last)
+    values, indices = values.cpu(), indices.cpu()
+    top, ranks = top_k_and_ranks(model, users, k=k)
+    clamped, clamped_ranks = clamped_features(
+        model, layer, users, sae, [t.feature for t in targets], cached, k=k
+    )
+    hidden_size = last.shape[-1]
+    recorder = _Recorder(users, k)
+    resolved, from_centroid = [], 0
+    for i, target in enumerate(targets):
+        mask = genre_items[target.genre]
+        active = ((indices == target.feature) & (values > 0)).any(1).numpy()
+        centroid = centroid_direction(model, mask)
+        from_centroid += target.neuron is None
+        target = _resolve_neuron(target, centroid)
+        resolved.append(target)
+        baselines = {
+            "centroid": centroid,
+            "neuron": neuron_direction(hidden_size, target.neuron, target.neuron_sign),
+            "random": random_direction(hidden_size, seed, i),
+        }
+        steps = steering_steps(sae, target.feature, target.max_activation, baselines, alpha_scales)
+        recorder.add(target, NO_STEERING, 0.0, 0.0, 0.0, user_genre_share(top, mask), ranks, active)
+        stacked = torch.cat([steps[d] for d in DIRECTIONS]).to(last.device)
+        tops, step_ranks = added_steps(model, layer, users, stacked, cached, k=k)
+        shares = user_genre_share(tops, mask)
+        row = 0
+        for direction in DIRECTIONS:
+            for j, scale in enumerate(alpha_scales):
+                norm = float(steps[direction][j].norm())
+                alpha = scale * target.max_activation if direction == "sae" else norm
+                recorder.add(
+                    target,
+                    direction,
+                    float(scale),
+                    alpha,
+                    norm,
+                    shares[row],
+                    step_ranks[row],
+                    active,
+                )
+                row += 1
+        share = user_genre_share(clamped[i], mask)
+        recorder.add(target, CLAMP, 0.0, 0.0, 0.0, share, clamped_ranks[i], active)
+        if on_progress is not None:
+            on_progress(i + 1, len(targets))
+    return SteeringSweep(recorder.points, recorder.table(), resolved, from_centroid)
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+class GenreOutcome(NamedTuple):
+    """One (genre, direction): its best share within the NDCG@10 loss bound, and (on the
+    SAE's row) the clamp's effect on all users and on the active ones."""
+
+    genre: str
+    direction: str
+    feature: int
+    """The genre's SAE feature on the 'sae' row, -1 on a baseline's."""
+    neuron: int
+    """The neuron of the 'neuron' row, -1 elsewhere."""
+    base_share: float
+    best_share: float
+    """Highest share among this direction's scales whose NDCG@10 loss is within the bound
+    (the unsteered share if none is)."""
+    best_scale: float
+    """The scale of best_share (0: no scale within the bound)."""
+    best_alpha_scale: float
+    """= best_scale (the name the feature browser reads)."""
+    share_ratio: float
+    base_ndcg: float
+    best_ndcg: float
+    ndcg_loss: float
+    """Relative NDCG@10 loss at best_scale (0 if no scale qualified)."""
+    reaches_target: bool
+    """share_ratio >= the required multiple, with a gain."""
+    n_users: int
+    clamp_share: float | None
+    """All users: the genre's share with the feature clamped to 0 (sae row only)."""
+    clamp_ndcg: float | None
+    n_active: int | None
+    """Users with the feature active at their last position (sae row only)."""
+    base_share_active: float | None
+    """Active users: the unsteered share (None when n_active is 0)."""
+    clamp_share_active: float | None
+    """Active users: the share with the feature clamped to 0."""
+
+
+def summarize(
+    points: Sequence[SteeringPoint], max_ndcg_loss: float = 0.2, required_ratio: float = 3.0
+) -> list[GenreOutcome]:
+    """Per genre and direction: the best top-10 share reachable within `max_ndcg_loss`
+    relative NDCG@10 loss, against the unsteered share."""
+    outcomes = []
+    for genre in dict.fromkeys(p.genre for p in points):
+        rows = [p for p in points if p.genre == genre]
+        base = next(p for p in rows if p.direction == NO_STEERING)
+        clamp = next((p for p in rows if p.direction == CLAMP), None)
+        for direction in dict.fromkeys(p.direction for p in rows if p.mode == "add"):
+            added = [p for p in rows if p.direction == direction]
+            allowed = [p for p in added if p.ndcg >= (1 - max_ndcg_loss) * base.ndcg]
+            best = max(allowed, key=lambda p: p.share, default=base)
+            if base.share > 0:
+                ratio = best.share / base.share
+            else:  # a genre absent from the unsteered lists: any share is an infinite gain
+                ratio = float("inf") if best.share > 0 else 1.0
+            on_sae = direction == "sae" and clamp is not None
+            outcomes.append(
+                GenreOutcome(
+                    genre=genre,
+                    direction=direction,
+                    feature=added[0].feature,
+                    neuron=added[0].neuron,
+                    base_share=base.share,
+                    best_share=best.share,
+                    best_scale=best.alpha_scale,
+                    best_alpha_scale=best.alpha_scale,
+                    share_ratio=ratio,
+                    base_ndcg=base.ndcg,
+                    best_ndcg=best.ndcg,
+                    ndcg_loss=1 - best.ndcg / base.ndcg if base.ndcg > 0 else 0.0,
+                    reaches_target=ratio >= required_ratio and best.share > base.share,
+                    n_users=base.n_users,
+                    clamp_share=clamp.share if on_sae else None,
+                    clamp_ndcg=clamp.ndcg if on_sae else None,
+                    n_active=clamp.n_active if on_sae else None,
+                    base_share_active=base.share_active if on_sae else None,
+                    clamp_share_active=clamp.share_active if on_sae else None,
+                )
+            )
+    return outcomes
+
+
+def share_gains(
+    users: pa.Table, scales: dict[str, float], directions: Sequence[str] = DIRECTIONS
+) -> dict[str, np.ndarray]:
+    """direction -> [genres, users]: each user's gain in genre share along the direction at
+    the genre's scale in `scales` (0: unsteered, a gain of 0) over the unsteered share, from
+    a `USERS_SCHEMA` table; genres in `scales` order, users in `user` order."""
+    frame = users.select(["genre", "direction", "scale", "user", "genre_share"]).to_pandas()
+    frame = frame.sort_values("user", kind="stable")
+    by_key = {
+        key: group["genre_share"].to_numpy()
+        for key, group in frame.groupby(["genre", "direction", "scale"], sort=False)
+    }
+    out = {}
+    for direction in directions:
+        rows = []
+        for genre, scale in scales.items():
+            base = by_key[(genre, NO_STEERING, 0.0)]
+            rows.append((base if scale == 0 else by_key[(genre, direction, scale)]) - base)
+        out[direction] = np.stack(rows) if rows else np.zeros((0, 0))
+    return out
+
+
+_ARROW_TYPES = {str: pa.string(), int: pa.int64(), float: pa.float64(), bool: pa.bool_()}
+
+
+def as_table(rows: Sequence[NamedTuple], cls: type) -> pa.Table:
+    """`rows` of the NamedTuple `cls` as a table typed by its annotations (`X | None`
+    nullable), so a column of all nulls keeps its type."""
+    hints = get_type_hints(cls)
+    fields = []
+    for name in cls._fields:
+        hint = hints[name]
+        args = [a for a in get_args(hint) if a is not type(None)]
+        fields.append(pa.field(name, _ARROW_TYPES[args[0] if args else hint]))
+    schema = pa.schema(fields)
+    return pa.Table.from_pylist([r._asdict() for r in rows], schema=schema)

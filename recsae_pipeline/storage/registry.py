@@ -47,6 +47,7 @@ PARTITIONED_TABLES: dict[str, tuple[str, str]] = {
     "sae_splice_users": ("sae", "splice_users.parquet"),
     "steering_points": ("steering", "points.parquet"),
     "steering_summary": ("steering", "summary.parquet"),
+    "steering_users": ("steering", "users.parquet"),
     "explanations": ("explanations", "explanations.parquet"),
     "explanation_scores": ("explanation_scores", "scores.parquet"),
     "explanation_summary": ("explanation_scores", "summary.parquet"),
@@ -262,6 +263,8 @@ class PartitionPaths:
     steering_dir = _At("steering")
     steering_points = _PartitionTable()
     steering_summary = _PartitionTable()
+    steering_users = _PartitionTable()
+    """Each steered user's genre share and NDCG@10 per (genre, direction, scale)."""
     explanations_dir = _At("explanations")
     explanations = _PartitionTable()
     transcripts = _At("explanations", TRANSCRIPTS_DIR)

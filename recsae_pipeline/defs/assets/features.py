@@ -2,6 +2,7 @@
 statistics with the monosemanticity comparison against raw neurons, and steering."""
 
 from pathlib import Path
+from typing import NamedTuple
 
 import dagster as dg
 import numpy as np
@@ -21,6 +22,7 @@ from recsae_pipeline.defs.resources import StorageRoot, TorchDevice
 from recsae_pipeline.models.artifacts import load_recommender
 from recsae_pipeline.models.validation import CheckOutcome
 from recsae_pipeline.report.plots import new_figure, save_figure
+from recsae_pipeline.report.stats import Comparison, bootstrap_ci, compare, format_ci, verdict
 from recsae_pipeline.sae.evaluation import encoding_check
 from recsae_pipeline.sae.features import (
     compute_feature_stats,
@@ -28,9 +30,16 @@ from recsae_pipeline.sae.features import (
 )
 from recsae_pipeline.sae.model import TopKSae
 from recsae_pipeline.sae.steering import (
+    CLAMP,
+    DIRECTIONS,
+    NO_STEERING,
+    GenreOutcome,
+    SteeringPoint,
+    as_table,
     genre_items,
-    genre_targets,
+    share_gains,
     steering_sweep,
+    steering_targets,
     steering_users,
     summarize,
 )
@@ -172,27 +181,19 @@ def feature_stats(
         "path": dg.MetadataValue.path(str(out)),
         "features_scored": len(feature_scores),
         "neuron_signs_scored": len(neuron_scores),
+        "median_monosemanticity": f"SAE {sae_median:.3f} ({len(feature_scores)} features), "
+        f"neurons {neuron_median:.3f} ({len(neuron_scores)} neuron signs)",
         "median_monosemanticity_sae": dg.MetadataValue.float(round(sae_median, 4)),
         "median_monosemanticity_neurons": dg.MetadataValue.float(round(neuron_median, 4)),
         "monosemanticity": dg.MetadataValue.md(histogram),
         "most_monosemantic": dg.MetadataValue.md(_top_features_md(stats.features)),
+        "most_monosemantic_neurons": dg.MetadataValue.md(_top_neurons_md(stats.neurons)),
     }
     if stats.concepts is not None:
-        concepts = stats.concepts.to_pylist()
-        metadata |= {
-            "planted_concepts": len(concepts),
-            "concepts_auc_ge_0.9": sum(c["feature_auc"] >= 0.9 for c in concepts),
-            "median_best_feature_auc": dg.MetadataValue.float(
-                round(float(np.median([c["feature_auc"] for c in concepts])), 4)
-            ),
-            "median_best_neuron_auc": dg.MetadataValue.float(
-                round(float(np.median([c["neuron_auc"] for c in concepts])), 4)
-            ),
-            "concept_sample_rows": stats.sample_rows,
-            "planted_concept_auc": dg.MetadataValue.md(
-                _concept_plot(concepts, context.partition_key, part.report("concepts"))
-            ),
-        }
+        metadata |= _concept_metadata(
+            stats.concepts.to_pylist(), context.partition_key, part.report("concepts")
+        )
+        metadata["concept_sample_rows"] = stats.sample_rows
     context.log.info(
         f"{context.partition_key}: median monosemanticity SAE {sae_median:.3f} vs neurons "
         f"{neuron_median:.3f} ({len(feature_scores)} features, {len(neuron_scores)} neuron signs)"
@@ -204,6 +205,37 @@ def feature_stats(
     )
     check = check_result("sae_more_monosemantic_than_neurons", outcome, dg.AssetCheckSeverity.WARN)
     return dg.MaterializeResult(check_results=[check], metadata=metadata)
+
+
+CONCEPT_AUC_BAR = 0.9
+"""A planted concept counts as detected by a unit whose AUC reaches this."""
+
+
+def _concept_metadata(concepts: list[dict], title: str, plot_path: Path) -> dict:
+    """The planted concepts detected by the best SAE feature and by the best neuron, side by
+    side, and the paired difference of their AUCs over concepts with a bootstrap 95% CI."""
+    feature_auc = np.array([c["feature_auc"] for c in concepts], dtype=np.float64)
+    neuron_auc = np.array([c["neuron_auc"] for c in concepts], dtype=np.float64)
+    n = len(concepts)
+    sae_hits = int((feature_auc >= CONCEPT_AUC_BAR).sum())
+    neuron_hits = int((neuron_auc >= CONCEPT_AUC_BAR).sum())
+    difference = feature_auc - neuron_auc
+    valid = difference[np.isfinite(difference)]
+    ci = lo, hi = bootstrap_ci(valid)
+    mean = float(valid.mean()) if len(valid) else float("nan")
+    return {
+        "planted_concepts": n,
+        f"concepts_auc_ge_{CONCEPT_AUC_BAR}": f"SAE {sae_hits}/{n}, neurons {neuron_hits}/{n}",
+        f"concepts_auc_ge_{CONCEPT_AUC_BAR}_sae": sae_hits,
+        f"concepts_auc_ge_{CONCEPT_AUC_BAR}_neurons": neuron_hits,
+        "median_best_feature_auc": dg.MetadataValue.float(round(float(np.median(feature_auc)), 4)),
+        "median_best_neuron_auc": dg.MetadataValue.float(round(float(np.median(neuron_auc)), 4)),
+        "concept_auc_sae_minus_neurons": f"best SAE feature {np.nanmean(feature_auc):.4f} vs best "
+        f"neuron {np.nanmean(neuron_auc):.4f} (mean AUC over concepts), difference "
+        f"{mean:+.4f} [{lo:+.4f}, {hi:+.4f}] (paired bootstrap 95% CI over {len(valid)} concepts, "
+        f"{n - len(valid)} NaN; {verdict(ci, 'SAE', 'neurons')})",
+        "planted_concept_auc": dg.MetadataValue.md(_concept_plot(concepts, title, plot_path)),
+    }
 
 
 def _valid(values: np.ndarray) -> np.ndarray:
@@ -265,6 +297,21 @@ def _top_features_md(features: pa.Table, n: int = 10) -> str:
     return "\n".join(lines)
 
 
+def _top_neurons_md(neurons: pa.Table, n: int = 10) -> str:
+    rows = [r for r in neurons.to_pylist() if r["monosemanticity"] is not None]
+    rows.sort(key=lambda r: -r["monosemanticity"])
+    lines = [
+        "| neuron | sign | best attribute | monosemanticity | share (base) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows[:n]:
+        lines.append(
+            f"| {r['unit']} | {r['sign']} | {r['best_attribute']} | {r['monosemanticity']:.3f} | "
+            f"{r['best_share']:.2f} ({r['best_base_rate']:.2f}) |"
+        )
+    return "\n".join(lines)
+
+
 class SteeringConfig(dg.Config):
     alpha_scales: list[float] = Field(
         default=[1.0, 2.0, 4.0, 8.0],
@@ -287,11 +334,13 @@ class SteeringConfig(dg.Config):
     kinds={"parquet", "pytorch"},
     deps=[feature_stats],
     checks={
-        "steering_triples_genre_share": "For most genres, adding the genre's feature at least triples its top-10 share within the NDCG@10 loss bound."
+        "steering_triples_genre_share": "For most genres, adding the genre's feature at least triples its top-10 share within the NDCG@10 loss bound (the baselines' counts beside it)."
     },
     description="Per genre: the feature most enriched for it, added along its decoder direction "
-    "(alpha swept) and clamped to 0 at the SAE's layer; genre share of the top 10 and NDCG@10 "
-    "on test users. steering/model=<m>/layer=<l>/{points,summary}.parquet.",
+    "(alpha swept) and clamped to 0 at the SAE's layer, against three baselines added at the "
+    "same layer and norm (the genre's item centroid, its best neuron in its sign, a seeded random "
+    "direction); genre share of the top 10 and NDCG@10 per test user, clamping also on the users "
+    "with the feature active. steering/model=<m>/layer=<l>/{points,summary,users}.parquet.",
 )
 def steering_eval(
     context: dg.AssetExecutionContext,
@@ -307,94 +356,288 @@ def steering_eval(
     features = pq.read_table(part.feature_stats, columns=["feature", "max_activation"])
     max_activation = {r["feature"]: r["max_activation"] or 0.0 for r in features.to_pylist()}
     enrichment = pq.read_table(part.feature_enrichment).to_pylist()
-    targets = genre_targets(enrichment, max_activation, config.min_top_items)
+    targets = steering_targets(enrichment, max_activation, config.min_top_items)
     if not targets:
         raise dg.Failure(
             f"No SAE feature of {context.partition_key} has >= {config.min_top_items} top items "
             "enriched for any genre; lower `min_top_items` or check that the catalog has genres."
         )
     sequences, num_items = read_sequences(paths.sequences)
-    flags = genre_items(Catalog.load(paths), list(targets), num_items)
+    flags = genre_items(Catalog.load(paths), [t.genre for t in targets], num_items)
     users = steering_users(sequences, model.config.max_len, dev, config.max_users, config.seed)
     progress = partition_progress(context, "steered {done}/{total} genres")
-    points = steering_sweep(
-        model, part.layer, trained, targets, flags, users, config.alpha_scales, on_progress=progress
+    sweep = steering_sweep(
+        model,
+        part.layer,
+        trained,
+        targets,
+        flags,
+        users,
+        config.alpha_scales,
+        seed=config.seed,
+        on_progress=progress,
     )
-    outcomes = summarize(points, config.max_ndcg_loss, config.required_ratio)
+    outcomes = summarize(sweep.points, config.max_ndcg_loss, config.required_ratio)
     out = part.steering_dir
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
-        write_parquet(
-            pa.Table.from_pylist([p._asdict() for p in points]), tmp / part.steering_points.name
-        )
-        write_parquet(
-            pa.Table.from_pylist([o._asdict() for o in outcomes]), tmp / part.steering_summary.name
-        )
+        write_parquet(as_table(sweep.points, SteeringPoint), tmp / part.steering_points.name)
+        write_parquet(as_table(outcomes, GenreOutcome), tmp / part.steering_summary.name)
+        write_parquet(sweep.users, tmp / part.steering_users.name)
     storage.refresh_duckdb()
-    met = sum(o.met for o in outcomes)
-    plot = _steering_plot(points, context.partition_key, part.report("steering"))
-    table = [
-        "| genre | feature | base share | best share (x) | NDCG loss | clamped share |",
-        "|---|---|---|---|---|---|",
-    ]
-    for o in outcomes:
-        table.append(
-            f"| {o.genre} | {o.feature} | {o.base_share:.3f} | {o.best_share:.3f} ({o.share_ratio:.1f}x) | "
-            f"{o.ndcg_loss:.1%} | {o.clamp_share:.3f} |"
-        )
+
+    sae_rows = [o for o in outcomes if o.direction == "sae"]
+    genres = len(sae_rows)
+    reached = {d: sum(o.reaches_target for o in outcomes if o.direction == d) for d in DIRECTIONS}
+    reached_text = ", ".join(f"{d} {n}/{genres}" for d, n in reached.items())
+    gains = _gain_comparisons(sweep.users, sae_rows, context.partition_key)
+    clamp = _clamp_comparison(sweep.users, context.partition_key)
+    plot = _steering_plot(sweep.points, context.partition_key, part.report("steering"))
+    target_text = f"{config.required_ratio:g}x share within {config.max_ndcg_loss:.0%} NDCG@10 loss"
     context.log.info(
-        f"{context.partition_key}: {met}/{len(outcomes)} genres at >= {config.required_ratio:g}x "
-        f"top-10 share within {config.max_ndcg_loss:.0%} NDCG@10 loss"
+        f"{context.partition_key}: genres at {target_text}: {reached_text}; clamping on "
+        f"active users: {_clamp_text(clamp)}"
     )
     outcome = CheckOutcome(
-        met > len(outcomes) / 2,
-        f"{met}/{len(outcomes)} genres reach {config.required_ratio:g}x share within "
-        f"{config.max_ndcg_loss:.0%} NDCG@10 loss",
-        {"genres_met": met, "genres": len(outcomes)},
+        reached["sae"] > genres / 2,
+        f"SAE: {reached['sae']}/{genres} genres reach {target_text}; the baselines at the same "
+        f"layer and norm: "
+        + ", ".join(f"{d} {reached[d]}/{genres}" for d in DIRECTIONS if d != "sae"),
+        {"genres_met": reached["sae"], "genres": genres}
+        | {f"genres_reaching_target_{d}": n for d, n in reached.items()},
     )
     check = check_result("steering_triples_genre_share", outcome, dg.AssetCheckSeverity.WARN)
     return dg.MaterializeResult(
         check_results=[check],
         metadata={
             "path": dg.MetadataValue.path(str(out)),
-            "genres": len(outcomes),
-            "genres_met": met,
+            "genres": genres,
+            "genres_met": reached["sae"],
+            "genres_reaching_target": reached_text,
             "steering_users": len(users.targets),
-            "ndcg@10_baseline": dg.MetadataValue.float(round(points[0].ndcg, 4)),
+            "ndcg@10_baseline": dg.MetadataValue.float(round(sae_rows[0].base_ndcg, 4)),
             "median_share_ratio": dg.MetadataValue.float(
-                round(float(np.median([o.share_ratio for o in outcomes])), 2)
+                round(float(np.median([o.share_ratio for o in sae_rows])), 2)
             ),
-            "summary": dg.MetadataValue.md("\n".join(table)),
+            "median_share_ratio_by_direction": ", ".join(
+                f"{d} {np.median([o.share_ratio for o in outcomes if o.direction == d]):.2f}"
+                for d in DIRECTIONS
+            ),
+            "neuron_baseline": f"the most enriched neuron sign for "
+            f"{genres - sweep.neurons_from_centroid}/{genres} genres, the centroid's largest "
+            f"coordinate for {sweep.neurons_from_centroid}",
+            "summary": dg.MetadataValue.md(_summary_md(outcomes, target_text)),
+            "sae_vs_baselines": dg.MetadataValue.md(_gains_md(gains)),
+            "sae_vs_baselines_per_genre": dg.MetadataValue.md(_gains_per_genre_md(gains)),
+            "clamp_active_users": _clamp_text(clamp),
+            "comparisons": dg.MetadataValue.json(
+                [c.as_dict() for c in [*gains.overall.values(), clamp] if c is not None]
+            ),
             "share_vs_ndcg": dg.MetadataValue.md(plot),
         },
     )
 
 
-def _steering_plot(points: list, title: str, path: Path) -> str:
+class _Gains(NamedTuple):
+    scales: dict[str, float]
+    """genre -> the SAE's chosen scale (0: none within the bound)."""
+    overall: dict[str, Comparison]
+    """baseline -> SAE minus baseline, per user averaged over genres."""
+    per_genre: dict[str, dict[str, Comparison]]
+    """genre -> baseline -> SAE minus baseline on that genre's users."""
+
+
+def _gain_comparisons(users: pa.Table, sae_rows: list[GenreOutcome], partition: str) -> _Gains:
+    """Paired over users: the gain in genre share (over unsteered) at the SAE's chosen scale,
+    the SAE's direction minus each baseline's at the same norm."""
+    scales = {o.genre: o.best_scale for o in sae_rows}
+    gains = share_gains(users, scales)
+    metric = "gain in the genre's top-10 share at the SAE's chosen scale"
+    overall, per_genre = {}, {}
+    for baseline in DIRECTIONS[1:]:
+        overall[baseline] = compare(
+            f"{partition}: steering along the SAE feature vs the {baseline} direction (same "
+            "layer, same norm)",
+            f"{metric}, averaged over genres",
+            "SAE feature",
+            gains["sae"].mean(0),
+            baseline,
+            gains[baseline].mean(0),
+            "users",
+            genres=len(scales),
+        )
+        for g, genre in enumerate(scales):
+            per_genre.setdefault(genre, {})[baseline] = compare(
+                f"{partition} {genre}: SAE feature vs {baseline}",
+                metric,
+                "SAE feature",
+                gains["sae"][g],
+                baseline,
+                gains[baseline][g],
+                "users",
+            )
+    return _Gains(scales, overall, per_genre)
+
+
+def _clamp_comparison(users: pa.Table, partition: str) -> Comparison | None:
+    """Paired over (genre, user) with the genre's feature active at the user's last position:
+    the genre's share with the feature clamped to 0 minus unsteered (None: no such pair)."""
+    frame = users.select(["genre", "direction", "user", "genre_share", "active"]).to_pandas()
+    frame = frame[frame["active"]]
+    if frame.empty:
+        return None
+    share = frame.pivot_table(
+        index=["genre", "user"], columns="direction", values="genre_share", aggfunc="first"
+    )
+    return compare(
+        f"{partition}: clamping the genre's SAE feature to 0 on the users where it is active at "
+        "their last position",
+        "genre's top-10 share",
+        "clamped",
+        share[CLAMP].to_numpy(),
+        "unsteered",
+        share[NO_STEERING].to_numpy(),
+        "users",
+        pairs="(genre, active user)",
+        genres=int(share.index.get_level_values("genre").nunique()),
+        users_all=int(users.column("user").to_pandas().nunique()),
+    )
+
+
+def _clamp_text(c: Comparison | None) -> str:
+    if c is None:
+        return "no user has any genre's feature active at their last position (n=0)"
+    return (
+        f"share {c.a.value:.3f} clamped vs {c.b.value:.3f} unsteered, difference "
+        f"{format_ci(c)} ({c.verdict}), n={c.n} (genre, active user) pairs over "
+        f"{c.notes['genres']} genres, of {c.notes['users_all']} users"
+    )
+
+
+def _share_cell(o: GenreOutcome) -> str:
+    cell = f"{o.best_share:.3f} ({o.share_ratio:.1f}x @ {o.best_scale:g}, {o.ndcg_loss:+.0%})"
+    return f"**{cell}**" if o.reaches_target else cell
+
+
+def _summary_md(outcomes: list[GenreOutcome], target: str) -> str:
+    by_genre: dict[str, dict[str, GenreOutcome]] = {}
+    for o in outcomes:
+        by_genre.setdefault(o.genre, {})[o.direction] = o
+    lines = [
+        f"Best share within the bound per direction (x unsteered @ scale, NDCG@10 change); "
+        f"bold: reaches {target}. Clamped: the genre's share with its SAE feature at 0.",
+        "",
+        "| genre | SAE feature | neuron | unsteered | "
+        + " | ".join(DIRECTIONS)
+        + " | clamped, active users (n) | clamped, all users |",
+        "|---|---|---|---|" + "---|" * len(DIRECTIONS) + "---|---|",
+    ]
+    for genre, row in by_genre.items():
+        sae = row["sae"]
+        active = (
+            f"{sae.base_share_active:.3f} -> {sae.clamp_share_active:.3f} ({sae.n_active})"
+            if sae.n_active
+            else "(0)"
+        )
+        neuron = row["neuron"].neuron if "neuron" in row else "-"
+        cells = " | ".join(_share_cell(row[d]) if d in row else "-" for d in DIRECTIONS)
+        lines.append(
+            f"| {genre} | {sae.feature} | {neuron} | {sae.base_share:.3f} | {cells} | {active} | "
+            f"{sae.base_share:.3f} -> {sae.clamp_share:.3f} ({sae.n_users}) |"
+        )
+    return "\n".join(lines)
+
+
+def _gains_md(gains: _Gains) -> str:
+    lines = [
+        "Gain in the genre's top-10 share over unsteered at the SAE's chosen scale (0 where no "
+        "scale is within the bound), per user averaged over genres; paired bootstrap 95% CI.",
+        "",
+        "| baseline | SAE gain | baseline gain | SAE - baseline [95% CI] | n users | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for baseline, c in gains.overall.items():
+        lines.append(
+            f"| {baseline} | {c.a.value:+.4f} | {c.b.value:+.4f} | {format_ci(c)} | {c.n} | "
+            f"{c.verdict} |"
+        )
+    return "\n".join(lines)
+
+
+def _gains_per_genre_md(gains: _Gains) -> str:
+    baselines = DIRECTIONS[1:]
+    lines = [
+        "| genre | SAE scale | SAE gain | "
+        + " | ".join(f"{b} gain | SAE - {b} [95% CI]" for b in baselines)
+        + " |",
+        "|---|---|---|" + "---|---|" * len(baselines),
+    ]
+    for genre, by_baseline in gains.per_genre.items():
+        first = next(iter(by_baseline.values()))
+        cells = " | ".join(
+            f"{by_baseline[b].b.value:+.3f} | {format_ci(by_baseline[b], 3)}" for b in baselines
+        )
+        lines.append(f"| {genre} | {gains.scales[genre]:g} | {first.a.value:+.3f} | {cells} |")
+    return "\n".join(lines)
+
+
+_DIRECTION_COLORS = {
+    "sae": "#4c72b0",
+    "centroid": "#dd8452",
+    "neuron": "#55a868",
+    "random": "#8c8c8c",
+}
+
+
+def _steering_plot(points: list[SteeringPoint], title: str, path: Path) -> str:
     genres = list(dict.fromkeys(p.genre for p in points))
     ncols = min(6, len(genres))
     nrows = -(-len(genres) // ncols)
-    fig, _ = new_figure(2.6 * ncols, 2.3 * nrows + 0.6)
+    height = 2.3 * nrows + 0.9
+    fig, _ = new_figure(2.6 * ncols, height)
     fig.clear()
-    axes = fig.subplots(nrows, ncols, squeeze=False, sharey=True)
-    base = next(p for p in points if p.mode == "baseline").ndcg
+    # A fixed grid: the constrained layout costs seconds on this many panels.
+    fig.set_layout_engine("none")
+    top = 1 - 0.9 / height
+    grid = {"left": 0.06, "right": 0.99, "bottom": 0.12, "top": top, "wspace": 0.1, "hspace": 0.4}
+    axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True, sharey=True, gridspec_kw=grid)
     for ax, genre in zip(axes.flat, genres, strict=False):
         rows = [p for p in points if p.genre == genre]
-        curve = sorted((p for p in rows if p.mode in ("baseline", "add")), key=lambda p: p.alpha)
-        ax.plot([p.share for p in curve], [p.ndcg for p in curve], marker="o", markersize=3)
-        for p in curve:
-            if p.mode == "add":
+        base = next(p for p in rows if p.direction == NO_STEERING)
+        for direction, color in _DIRECTION_COLORS.items():
+            curve = [
+                base,
+                *sorted((p for p in rows if p.direction == direction), key=lambda p: p.alpha_scale),
+            ]
+            ax.plot(
+                [p.share for p in curve],
+                [p.ndcg for p in curve],
+                marker="o",
+                markersize=2.5,
+                color=color,
+                linewidth=1.5 if direction == "sae" else 1,
+                label=direction,
+            )
+        for p in rows:
+            if p.direction == "sae":
                 ax.annotate(f"{p.alpha_scale:g}", (p.share, p.ndcg), fontsize=6)
-        clamp = next(p for p in rows if p.mode == "clamp")
+        clamp = next(p for p in rows if p.direction == CLAMP)
         ax.scatter([clamp.share], [clamp.ndcg], marker="x", color="#c44e52", label="clamped")
-        ax.axhline(0.8 * base, color="grey", linestyle=":", linewidth=1)
-        ax.axvline(3 * curve[0].share, color="grey", linestyle=":", linewidth=1)
-        ax.set_title(f"{genre} (f{rows[0].feature})", fontsize=8)
+        ax.axhline(0.8 * base.ndcg, color="grey", linestyle=":", linewidth=1)
+        ax.axvline(3 * base.share, color="grey", linestyle=":", linewidth=1)
+        ax.set_title(f"{genre} (f{base.feature})", fontsize=8)
         ax.set_xlim(0, 1)
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(genres) :]:
         ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    legend_at = (0.5, 1 - 0.4 / height)
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=legend_at, fontsize=7, ncols=5)
     fig.supxlabel("genre share of the top 10")
     fig.supylabel("test NDCG@10")
-    fig.suptitle(f"Steering, {title} (labels: alpha / max activation; dotted: 3x share, -20% NDCG)")
+    fig.suptitle(
+        f"Steering, {title}: SAE feature vs baselines at the same norm (labels: alpha / max "
+        "activation; dotted: 3x share, -20% NDCG)",
+        fontsize=9,
+    )
     return save_figure(fig, path)
