@@ -227,13 +227,18 @@ def _steering(part: PartitionPaths, results: Results, resamples: int, seed: int)
         gains: dict[str, list[np.ndarray]] = {"sae": [], baseline: []}
         for genre, row in sae_rows.iterrows():
             scale = row["best_scale"]
+            base = none.loc[[genre]]
             for direction in gains:
+                # No scale within the NDCG bound (best_scale 0): the SAE is not applied, and
+                # neither is the baseline at "its" scale: a gain of 0 for both, as the asset.
                 at = users[
                     (users["genre"] == genre)
                     & (users["direction"] == direction)
                     & np.isclose(users["scale"], scale)
                 ].set_index(["genre", "user"])["genre_share"]
-                gains[direction].append((at - none.loc[at.index]).rename(genre))
+                if scale == 0 or at.empty:
+                    at = base
+                gains[direction].append((at - base.loc[at.index]).rename(genre))
         if not gains["sae"]:
             continue
         per_user = {d: _mean_over_genres(series) for d, series in gains.items()}
