@@ -182,3 +182,13 @@ def test_steering_targets_show_their_sweep(site) -> None:
             assert escape(sorted(genres[feature])[0]) in row
         else:
             assert "not a steering target" in page
+
+
+def test_index_shows_both_sides_of_every_comparison(site) -> None:
+    root, _ = site
+    index = (root / PARTITION / "index.html").read_text(encoding="utf-8")
+    assert "<h2>Both sides</h2>" in index
+    both = index.split("<h2>Both sides</h2>")[1].split("</table>")[0]
+    for side in ("SAE features", "neurons", "centroid", "random", "SAGE", "baseline"):
+        assert f"<td>{side}</td>" in both, f"{side} missing from the index's comparisons"
+    assert "95% CI" in both and "verdict" in both

@@ -22,6 +22,8 @@ import pyarrow.parquet as pq
 
 from recsae_pipeline.data.catalog import Catalog
 from recsae_pipeline.interp.windows import Window
+from recsae_pipeline.report.results import partition_comparisons
+from recsae_pipeline.report.stats import Comparison
 from recsae_pipeline.storage.atomic import atomic_path
 from recsae_pipeline.storage.registry import BROWSER_INDEX_FILE, ArtifactPaths
 from recsae_pipeline.storage.sql import read_parquet
@@ -134,8 +136,12 @@ def write_browser(
             html = render_feature_page(pages[f], catalog, partition.key, neighbours)
             (tmp / "features" / f"{f}.html").write_text(html, encoding="utf-8")
         (tmp / BROWSER_INDEX_FILE).write_text(
-            render_index(list(pages.values()), partition.key, missing), encoding="utf-8"
-        )
+            render_index(
+                list(pages.values()), partition.key, missing,
+                partition_comparisons(partition, resamples=1000).comparisons,
+            ),
+            encoding="utf-8",
+        )  # fmt: skip
     return BrowserReport(len(features), out_dir / BROWSER_INDEX_FILE, time.perf_counter() - started)
 
 
@@ -588,8 +594,45 @@ def render_feature_page(
     return _document(f"Feature {feature}, {partition}", body)
 
 
-def render_index(pages: list[FeaturePage], partition: str, missing: list[str]) -> str:
-    """The sortable table of every page's feature."""
+def comparisons_html(comparisons: list[Comparison], partition: str) -> str:
+    """Both sides of every comparison of the partition (SAE vs neurons, steering vs the
+    baseline directions, SAGE vs the baseline) with the difference and its 95% CI."""
+    if not comparisons:
+        return ""
+    rows = []
+    for c in comparisons:
+        lo, hi = c.ci95
+        name = c.name.removeprefix(f"{partition}: ")
+        rows.append(
+            [
+                f"<td>{escape(name)}</td>",
+                f"<td>{escape(c.metric)}</td>",
+                f"<td>{escape(c.a.label)}</td>",
+                _num_cell(c.a.value),
+                f"<td>{escape(c.b.label)}</td>",
+                _num_cell(c.b.value),
+                _num_cell(c.difference),
+                f"<td>[{lo:+.4f}, {hi:+.4f}]</td>",
+                f"<td>{c.n} {escape(c.unit)}" + (f", {c.n_nan} NaN" if c.n_nan else "") + "</td>",
+                f"<td>{escape(c.verdict)}</td>",
+            ]
+        )
+    headers = ["comparison", "metric", "a", "a value", "b", "b value", "a - b", "95% CI", "n", "verdict"]  # fmt: skip
+    return (
+        "<h2>Both sides</h2>"
+        '<p class="muted">Paired 95% CIs (bootstrap over the unit); where the CI includes '
+        "zero: no measurable difference.</p>" + _table(headers, rows)
+    )
+
+
+def render_index(
+    pages: list[FeaturePage],
+    partition: str,
+    missing: list[str],
+    comparisons: list[Comparison] | None = None,
+) -> str:
+    """The partition's comparisons, both sides, then the sortable table of every page's
+    feature."""
     has_concepts = any(p.stats.get("best_concept") is not None for p in pages)
     headers = [
         "feature",
@@ -641,6 +684,7 @@ def render_index(pages: list[FeaturePage], partition: str, missing: list[str]) -
         f"<h1>SAE features, {escape(partition)}</h1>"
         f'<p class="muted">{len(pages)} features: every explained one, then the most frequent. '
         "Click a column header to sort.</p>"
+        f"{comparisons_html(comparisons or [], partition)}"
         f"{note}{_table(headers, rows, 'sortable')}"
     )
     return _document(f"SAE features, {partition}", body, SORT_SCRIPT)
