@@ -66,11 +66,18 @@ def test_seeds_use_students_t() -> None:
 
 
 def test_round_trip_and_shape() -> None:
-    c = compare("x", "m", "a", [1.0, 2.0], "b", [1.0, 1.0], "users", resamples=100, note="y")
+    c = compare("x", "m", "a", [1.0, 2.0] * 3, "b", [1.0] * 6, "users", resamples=100, note="y")
     row = c.as_dict()
     assert set(row) >= {"name", "metric", "a", "b", "difference", "ci95", "n", "unit", "verdict"}
     assert row["a"] == {"label": "a", "value": 1.5} and isinstance(row["ci95"], list)
     assert Comparison.from_dict(row) == c
+
+
+def test_too_few_units_give_no_interval_and_say_so() -> None:
+    c = compare("x", "named", "sage", [0.0], "baseline", [1.0], "features")
+    assert c.n == 1 and all(math.isnan(x) for x in c.ci95)
+    assert c.verdict == "too few units for a CI (n=1)"
+    assert compare("x", "m", "a", [1.0] * 5, "b", [0.0] * 5, "features").verdict == "a higher"
 
 
 def test_verdict_and_spread() -> None:

@@ -325,21 +325,26 @@ def _explanations(part: PartitionPaths, results: Results, resamples: int, seed: 
     }
     for subset, mask in subsets.items():
         rows = scores[mask]
-        wide = rows.pivot_table(index="feature", columns="method", aggfunc="first")
         if not {"sage", "baseline"} <= set(rows["method"]):
             continue
+
+        def wide(column: str, rows: Any = rows) -> Any:
+            """(feature) x (method) of one column, features that both methods explained."""
+            table = rows.set_index(["feature", "method"])[column].unstack("method")
+            return table[["sage", "baseline"]]
+
         for column, metric in EXPLANATION_METRICS:
             if column not in rows.columns:
                 continue
-            sage, base = wide[column]["sage"], wide[column]["baseline"]
+            both = wide(column).astype(np.float64)
             results.comparisons.append(
                 compare(
                     f"{part.key}: SAGE vs the one-shot baseline, {subset}",
                     metric,
                     "SAGE",
-                    sage.to_numpy(np.float64),
+                    both["sage"].to_numpy(),
                     "baseline",
-                    base.to_numpy(np.float64),
+                    both["baseline"].to_numpy(),
                     "features",
                     resamples,
                     seed,
@@ -348,17 +353,17 @@ def _explanations(part: PartitionPaths, results: Results, resamples: int, seed: 
                 )  # fmt: skip
             )
         if "names_concept" in rows.columns:
-            named = wide["names_concept"]
-            both = named[["sage", "baseline"]].dropna()
-            if len(both):
+            # Only features with a planted concept above the bar have a verdict (else null).
+            named = wide("names_concept").dropna()
+            if len(named):
                 results.comparisons.append(
                     compare(
                         f"{part.key}: SAGE vs the one-shot baseline, {subset}",
                         "names the planted concept (features with a concept AUC >= the bar)",
                         "SAGE",
-                        both["sage"].astype(float),
+                        named["sage"].astype(float).to_numpy(),
                         "baseline",
-                        both["baseline"].astype(float),
+                        named["baseline"].astype(float).to_numpy(),
                         "features",
                         resamples,
                         seed,

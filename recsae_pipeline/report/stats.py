@@ -22,7 +22,11 @@ import numpy as np
 
 Unit = Literal["users", "features", "seeds", "genres", "concepts"]
 NO_DIFFERENCE = "no measurable difference"
+TOO_FEW = "too few units for a CI"
 DEFAULT_RESAMPLES = 2000
+MIN_BOOTSTRAP_UNITS = 5
+"""Below this many units a percentile bootstrap interval means nothing (one unit gives a
+zero-width interval): the CI is undefined and the verdict says so."""
 
 # Two-sided 95% quantiles of Student's t, df = 1..30 (beyond, the normal's 1.96 is within 2%).
 _T975 = (
@@ -57,6 +61,8 @@ class Comparison:
 
     @property
     def verdict(self) -> str:
+        if not all(math.isfinite(x) for x in self.ci95) and self.n < MIN_BOOTSTRAP_UNITS:
+            return f"{TOO_FEW} (n={self.n})"
         return verdict(self.ci95, self.a.label, self.b.label)
 
     def as_dict(self) -> dict[str, Any]:
@@ -94,12 +100,11 @@ def bootstrap_ci(
     differences: np.ndarray, resamples: int = DEFAULT_RESAMPLES, seed: int = 0
 ) -> tuple[float, float]:
     """Percentile 95% CI of the mean of `differences` over `resamples` seeded resamples of
-    the units (chunked, so a million users fit in a few MB at a time)."""
+    the units (chunked, so a million users fit in a few MB at a time); NaN below
+    `MIN_BOOTSTRAP_UNITS` units."""
     n = len(differences)
-    if n == 0:
+    if n < MIN_BOOTSTRAP_UNITS:
         return (math.nan, math.nan)
-    if n == 1:
-        return (float(differences[0]), float(differences[0]))
     rng = np.random.default_rng(seed)
     means = np.empty(resamples)
     chunk = max(1, 4_000_000 // n)
@@ -173,9 +178,9 @@ def compare_independent(
     y = np.asarray(b, dtype=np.float64)
     dropped = int((~np.isfinite(x)).sum() + (~np.isfinite(y)).sum())
     x, y = x[np.isfinite(x)], y[np.isfinite(y)]
-    if len(x) == 0 or len(y) == 0:
+    if min(len(x), len(y)) < MIN_BOOTSTRAP_UNITS:
         ci: tuple[float, float] = (math.nan, math.nan)
-        diff = math.nan
+        diff = float(np.median(x) - np.median(y)) if len(x) and len(y) else math.nan
     else:
         rng = np.random.default_rng(seed)
         diffs = np.median(rng.choice(x, (resamples, len(x))), axis=1) - np.median(
