@@ -318,7 +318,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     """Rebuild reports/results.json and results.md from the artifacts (the `results` asset's
     work, without Dagster) and print the markdown."""
-    from recsae_pipeline.report.results import write_results
+    from recsae_pipeline.report.results import build_results, write_results
 
     paths = _artifact_paths(args.data_dir)
     partitions = [parse_partition_key(k) for k in args.partition] if args.partition else None
@@ -335,7 +335,8 @@ def cmd_report(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    written = write_results(paths, partitions, args.resamples, args.seed)
+    built = build_results(paths, partitions, args.resamples, args.seed)
+    written = write_results(paths, built, resamples=args.resamples, seed=args.seed)
     print(written.markdown.read_text(), end="")
     print(f"recsae report: wrote {written.json} and {written.markdown}", file=sys.stderr)
     return 0

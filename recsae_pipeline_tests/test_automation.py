@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import pyarrow as pa
@@ -276,29 +277,36 @@ def test_the_requested_run_brings_dropped_rows_into_the_raw_log_and_sequences(
     assert "u7" in pq.read_table(paths.user_map).column("user_id").to_pylist()
 
 
-def test_a_successful_retrain_requests_features_for_every_partition(
-    instance: dg.DagsterInstance,
-) -> None:
+def _after(job_name: str, instance: dg.DagsterInstance, **tags: str) -> tuple[Any, list]:
+    """A successful (empty) run of a job named `job_name`, and what `features_after_retrain`
+    requests after it."""
     from recsae_pipeline.defs.definitions import defs
-    from recsae_pipeline.defs.partitions import feature_partitions
 
     @dg.op
-    def train() -> None:
+    def step() -> None:
         pass
 
-    @dg.job(name="retrain")
-    def retrain() -> None:
-        train()
+    @dg.job(name=job_name)
+    def job() -> None:
+        step()
 
-    result = retrain.execute_in_process(instance=instance)
+    result = job.execute_in_process(instance=instance, tags=tags)
     context = dg.build_run_status_sensor_context(
         sensor_name="features_after_retrain",
         dagster_event=result.get_run_success_event(),
         dagster_instance=instance,
         dagster_run=result.dagster_run,
     )
-    sensor = defs.resolve_sensor_def("features_after_retrain")
-    requests = list(sensor(context))
+    return result, list(defs.resolve_sensor_def("features_after_retrain")(context))
+
+
+def test_a_successful_retrain_requests_features_for_every_partition(
+    instance: dg.DagsterInstance,
+) -> None:
+    from recsae_pipeline.defs.definitions import defs
+    from recsae_pipeline.defs.partitions import feature_partitions
+
+    result, requests = _after("retrain", instance)
     assert [r.partition_key for r in requests] == feature_partitions.get_partition_keys()
     assert len({r.run_key for r in requests}) == len(requests)
     assert all(r.run_key.startswith(result.run_id) for r in requests)
@@ -306,23 +314,6 @@ def test_a_successful_retrain_requests_features_for_every_partition(
 
 
 def test_a_successful_features_run_requests_the_report(instance: dg.DagsterInstance) -> None:
-    from recsae_pipeline.defs.definitions import defs
-
-    @dg.op
-    def stats() -> None:
-        pass
-
-    @dg.job(name="features")
-    def features() -> None:
-        stats()
-
     tags = {"dagster/partition": "sasrec.layer2", "recsae/after_run": "r1"}
-    result = features.execute_in_process(instance=instance, tags=tags)
-    context = dg.build_run_status_sensor_context(
-        sensor_name="features_after_retrain",
-        dagster_event=result.get_run_success_event(),
-        dagster_instance=instance,
-        dagster_run=result.dagster_run,
-    )
-    (request,) = list(defs.resolve_sensor_def("features_after_retrain")(context))
+    _, (request,) = _after("features", instance, **tags)
     assert request.job_name == "report" and request.run_key == "r1:sasrec.layer2:report"

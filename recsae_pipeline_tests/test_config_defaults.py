@@ -32,7 +32,7 @@ from recsae_pipeline.models.recommender import (
 )
 from recsae_pipeline.models.training import LLAMA_TRAINING, TrainConfig
 from recsae_pipeline.report.feature_browser import write_browser
-from recsae_pipeline.report.results import write_results
+from recsae_pipeline.report.results import build_results
 from recsae_pipeline.sae.evaluation import SaeBounds
 from recsae_pipeline.sae.features import compute_feature_stats
 from recsae_pipeline.sae.model import SaeConfig
@@ -95,7 +95,7 @@ DOMAIN: dict[str, tuple[list[Any], dict[str, str], set[str]]] = {
     "ExplanationsConfig": ([select_features, Limits], {}, {"features"}),
     "ExplanationScoresConfig": ([score_features], {}, {"min_concept_auc"}),
     "FeatureBrowserConfig": ([write_browser], {}, set()),
-    "ResultsConfig": ([write_results], {}, set()),
+    "ResultsConfig": ([build_results], {}, set()),
     "DataQuality": ([QualityBounds], {}, set()),
     "LLM": ([LLMSettings], {}, {"backend", "base_url", "model"}),
     "TorchDevice": ([], {}, {"device", "threads"}),

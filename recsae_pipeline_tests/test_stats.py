@@ -12,7 +12,6 @@ from recsae_pipeline.report.stats import (
     Comparison,
     bootstrap_ci,
     compare,
-    compare_independent,
     spread,
     t_ci,
     verdict,
@@ -91,8 +90,8 @@ def test_verdict_and_spread() -> None:
 def test_independent_medians() -> None:
     rng = np.random.default_rng(4)
     a, b = rng.normal(1.0, 0.1, size=400), rng.normal(0.5, 0.1, size=64)
-    c = compare_independent("x", "median", "sae", a, "neurons", b, "features", resamples=500)
+    c = compare("x", "median", "sae", a, "neurons", b, "features", 500, independent=True)
     assert c.ci95[0] < c.difference < c.ci95[1] and c.ci95[0] > 0.4
     assert (c.n, c.notes["n_a"], c.notes["n_b"]) == (64, 400, 64)
-    same = compare_independent("x", "median", "a", a, "b", a + 0.0, "features", resamples=500)
+    same = compare("x", "median", "a", a, "b", a + 0.0, "features", 500, independent=True)
     assert same.verdict == NO_DIFFERENCE

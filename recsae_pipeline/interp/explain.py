@@ -10,17 +10,11 @@ import numpy as np
 import torch
 
 from recsae_pipeline.data.catalog import Catalog
+from recsae_pipeline.interp import sage
 from recsae_pipeline.interp.exemplars import exemplars
 from recsae_pipeline.interp.experiments import FeatureContext, context_prefixes
 from recsae_pipeline.interp.probe import FeatureProbe
-from recsae_pipeline.interp.sage import (
-    Explanation,
-    Limits,
-    Policy,
-    Transcript,
-    run_baseline,
-    run_sage,
-)
+from recsae_pipeline.interp.sage import Explanation, Limits, Policy
 from recsae_pipeline.interp.scoring import Scorer, score_explanation, scoring_set
 from recsae_pipeline.interp.spec import parse_claims
 from recsae_pipeline.interp.windows import FeatureData
@@ -221,7 +215,7 @@ def explain_features(
                     if transcripts_dir is None
                     else transcripts_dir / f"feature_{feature}_{method}.jsonl"
                 )
-                transcript = Transcript(path)
+                transcript = sage.Transcript(path)
                 loaded.probe.runs = 0
                 try:
                     policy = policy_factory()
@@ -230,9 +224,9 @@ def explain_features(
                             "llm_call", call=record.as_dict()
                         )
                     if method == "sage":
-                        explanation = run_sage(ctx, policy, limits, transcript)
+                        explanation = sage.run_sage(ctx, policy, limits, transcript)
                     else:
-                        explanation = run_baseline(ctx, policy, transcript)
+                        explanation = sage.run_baseline(ctx, policy, transcript)
                 finally:
                     transcript.close()
                 out.append(explanation)

@@ -92,11 +92,19 @@ class Policy(Protocol):
 
 @dataclass
 class Limits:
+    """What one explanation (one feature, one method) may spend; the loop concludes with
+    what it knows when a limit is reached."""
+
     max_tests_per_hypothesis: int = 3
+    """Experiments run on one hypothesis before it gets a verdict."""
     max_sweeps: int = 4
+    """Activation sweeps (one item varied over a context) in all."""
     max_reviews: int = 2
+    """Rounds of reviewing the verdicts and proposing new hypotheses."""
     max_llm_calls: int = 60
+    """Requests to the LLM (an offline policy makes none)."""
     max_tokens: int = 400_000
+    """Prompt plus completion tokens over those requests."""
 
 
 @dataclass

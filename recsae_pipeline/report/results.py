@@ -36,7 +36,6 @@ from recsae_pipeline.report.stats import (
     DEFAULT_RESAMPLES,
     Comparison,
     compare,
-    compare_independent,
     format_ci,
 )
 from recsae_pipeline.storage.registry import ArtifactPaths, PartitionPaths
@@ -168,7 +167,7 @@ def _sae_vs_neurons(part: PartitionPaths, results: Results, resamples: int, seed
     if features is not None and neurons is not None:
         active = features[features["n_active"] > 0]["monosemanticity"].to_numpy(np.float64)
         results.comparisons.append(
-            compare_independent(
+            compare(
                 f"{part.key}: SAE features vs neurons (both signs), monosemanticity",
                 "median purity of the best attribute among top items",
                 "SAE features",
@@ -178,6 +177,7 @@ def _sae_vs_neurons(part: PartitionPaths, results: Results, resamples: int, seed
                 "features",
                 resamples,
                 seed,
+                independent=True,
                 section="sae_vs_neurons",
                 partition=part.key,
             )  # fmt: skip
@@ -333,10 +333,16 @@ def _explanations(part: PartitionPaths, results: Results, resamples: int, seed: 
             table = rows.set_index(["feature", "method"])[column].unstack("method")
             return table[["sage", "baseline"]]
 
-        for column, metric in EXPLANATION_METRICS:
+        named = "names the planted concept (features with a concept AUC >= the bar)"
+        for column, metric in (*EXPLANATION_METRICS, ("names_concept", named)):
             if column not in rows.columns:
                 continue
-            both = wide(column).astype(np.float64)
+            both = wide(column)
+            if column == "names_concept":  # null where the feature has no concept above the bar
+                both = both.dropna()
+            if both.empty:
+                continue
+            both = both.astype(np.float64)
             results.comparisons.append(
                 compare(
                     f"{part.key}: SAGE vs the one-shot baseline, {subset}",
@@ -350,27 +356,8 @@ def _explanations(part: PartitionPaths, results: Results, resamples: int, seed: 
                     seed,
                     section="explanations",
                     partition=part.key,
-                )  # fmt: skip
-            )
-        if "names_concept" in rows.columns:
-            # Only features with a planted concept above the bar have a verdict (else null).
-            named = wide("names_concept").dropna()
-            if len(named):
-                results.comparisons.append(
-                    compare(
-                        f"{part.key}: SAGE vs the one-shot baseline, {subset}",
-                        "names the planted concept (features with a concept AUC >= the bar)",
-                        "SAGE",
-                        named["sage"].astype(float).to_numpy(),
-                        "baseline",
-                        named["baseline"].astype(float).to_numpy(),
-                        "features",
-                        resamples,
-                        seed,
-                        section="explanations",
-                        partition=part.key,
-                    )  # fmt: skip
                 )
+            )
 
 
 # ----------------------------------------------------------------------------- markdown
@@ -438,17 +425,12 @@ class Written:
     results: dict[str, Any]
 
 
-def write_results(
-    paths: ArtifactPaths,
-    partitions: Sequence[tuple[str, int]],
-    resamples: int = DEFAULT_RESAMPLES,
-    seed: int = 0,
-) -> Written:
-    """`build_results`, written to `reports/results.json` and `reports/results.md`."""
+def write_results(paths: ArtifactPaths, built: Results, **settings: Any) -> Written:
+    """`built` (from `build_results`) written to `reports/results.json` and `results.md`,
+    with the commit and the `settings` it was built with."""
     from recsae_pipeline.storage.atomic import write_bytes, write_json
 
-    results = build_results(paths, partitions, resamples, seed).as_dict(current_commit())
-    results["resamples"], results["seed"] = resamples, seed
+    results = built.as_dict(current_commit()) | settings
     json_path = write_json(results, paths.report("results", ".json"))
     md_path = write_bytes(results_markdown(results).encode(), paths.report("results", ".md"))
     return Written(json_path, md_path, results)

@@ -137,10 +137,27 @@ def compare(
     unit: Unit,
     resamples: int = DEFAULT_RESAMPLES,
     seed: int = 0,
+    independent: bool = False,
     **notes: Any,
 ) -> Comparison:
     """Both sides' means over the units where both are defined, the mean paired difference
-    a - b and its 95% CI: bootstrap over users/features/genres, Student's t over seeds."""
+    a - b and its 95% CI: bootstrap over users/features/genres, Student's t over seeds.
+
+    `independent`: a and b are different units (SAE features and neurons): their medians,
+    the difference of medians and its CI by resampling each sample on its own; n is the
+    smaller sample, both sizes are in `notes`."""
+    if independent:
+        x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+        dropped = int((~np.isfinite(x)).sum() + (~np.isfinite(y)).sum())
+        x, y = x[np.isfinite(x)], y[np.isfinite(y)]
+        diff, ci = _independent_medians(x, y, resamples, seed)
+        return Comparison(
+            name, metric, Side(a_label, float(np.median(x)) if len(x) else math.nan),
+            Side(b_label, float(np.median(y)) if len(y) else math.nan), diff, ci,
+            min(len(x), len(y)), unit, dropped,
+            f"independent bootstrap of medians ({resamples} resamples)",
+            {"n_a": len(x), "n_b": len(y), **notes},
+        )  # fmt: skip
     x, y, dropped = _paired(a, b)
     d = x - y
     ci = t_ci(d) if unit == "seeds" else bootstrap_ci(d, resamples, seed)
@@ -159,48 +176,21 @@ def compare(
     )
 
 
-def compare_independent(
-    name: str,
-    metric: str,
-    a_label: str,
-    a: Sequence[float],
-    b_label: str,
-    b: Sequence[float],
-    unit: Unit,
-    resamples: int = DEFAULT_RESAMPLES,
-    seed: int = 0,
-    **notes: Any,
-) -> Comparison:
-    """Medians of two independent samples (SAE features and neurons are different units),
-    the difference of medians and its 95% CI by resampling each sample on its own; n is
-    the smaller sample, both sizes are in `notes`."""
-    x = np.asarray(a, dtype=np.float64)
-    y = np.asarray(b, dtype=np.float64)
-    dropped = int((~np.isfinite(x)).sum() + (~np.isfinite(y)).sum())
-    x, y = x[np.isfinite(x)], y[np.isfinite(y)]
+def _independent_medians(
+    x: np.ndarray, y: np.ndarray, resamples: int, seed: int
+) -> tuple[float, tuple[float, float]]:
+    """Difference of medians and its 95% CI, resampling each sample on its own."""
     if min(len(x), len(y)) < MIN_BOOTSTRAP_UNITS:
-        ci: tuple[float, float] = (math.nan, math.nan)
-        diff = float(np.median(x) - np.median(y)) if len(x) and len(y) else math.nan
-    else:
-        rng = np.random.default_rng(seed)
-        diffs = np.median(rng.choice(x, (resamples, len(x))), axis=1) - np.median(
-            rng.choice(y, (resamples, len(y))), axis=1
+        return (float(np.median(x) - np.median(y)) if len(x) and len(y) else math.nan), (
+            math.nan,
+            math.nan,
         )
-        lo, hi = np.percentile(diffs, [2.5, 97.5])
-        ci, diff = (float(lo), float(hi)), float(np.median(x) - np.median(y))
-    return Comparison(
-        name=name,
-        metric=metric,
-        a=Side(a_label, float(np.median(x)) if len(x) else math.nan),
-        b=Side(b_label, float(np.median(y)) if len(y) else math.nan),
-        difference=diff,
-        ci95=ci,
-        n=min(len(x), len(y)),
-        unit=unit,
-        n_nan=dropped,
-        method=f"independent bootstrap of medians ({resamples} resamples)",
-        notes={"n_a": len(x), "n_b": len(y), **notes},
+    rng = np.random.default_rng(seed)
+    diffs = np.median(rng.choice(x, (resamples, len(x))), axis=1) - np.median(
+        rng.choice(y, (resamples, len(y))), axis=1
     )
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    return float(np.median(x) - np.median(y)), (float(lo), float(hi))
 
 
 def spread(values: Sequence[float]) -> dict[str, float]:

@@ -46,16 +46,16 @@ NO_STEERING, CLAMP = "none", "sae_clamp"
 """The two measurements without a scale: the unsteered model, the feature clamped to 0."""
 
 USERS_SCHEMA = pa.schema(
-    [
-        ("genre", pa.string()),
-        ("direction", pa.string()),
-        ("feature", pa.int32()),
-        ("scale", pa.float64()),
-        ("user", pa.int32()),
-        ("genre_share", pa.float64()),
-        ("ndcg10", pa.float64()),
-        ("active", pa.bool_()),
-    ]
+    {
+        "genre": pa.string(),
+        "direction": pa.string(),
+        "feature": pa.int32(),
+        "scale": pa.float64(),
+        "user": pa.int32(),
+        "genre_share": pa.float64(),
+        "ndcg10": pa.float64(),
+        "active": pa.bool_(),
+    }
 )
 """One row per (genre, direction, scale, user): `feature` is the SAE feature (sae, sae_clamp),
 the neuron (neuron) or -1; `scale` is 0 for none and sae_clamp; `user` indexes `sequences`;

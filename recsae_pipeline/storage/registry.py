@@ -36,22 +36,30 @@ SAE_CONFIG_FILE = "config.json"
 BROWSER_INDEX_FILE = "index.html"
 TRANSCRIPTS_DIR = "transcripts"
 
+_VIEWS_BY_ARTIFACT: dict[str, dict[str, str]] = {
+    # artifact folder -> {DuckDB view: file or glob inside each model=<m>/layer=<l>/}
+    "activations": {"activations": SHARD_GLOB},
+    "feature_activations": {"feature_activations": "part-00000.parquet"},
+    "feature_stats": {
+        "feature_stats": "features.parquet", "neuron_stats": "neurons.parquet",
+        "feature_enrichment": "enrichment.parquet", "planted_concepts": "concepts.parquet",
+    },
+    "sae": {"sae_splice_users": "splice_users.parquet"},
+    "steering": {
+        "steering_points": "points.parquet", "steering_summary": "summary.parquet",
+        "steering_users": "users.parquet",
+    },
+    "explanations": {"explanations": "explanations.parquet"},
+    "explanation_scores": {
+        "explanation_scores": "scores.parquet", "explanation_summary": "summary.parquet",
+    },
+}  # fmt: skip
 PARTITIONED_TABLES: dict[str, tuple[str, str]] = {
-    # DuckDB view -> (artifact folder, file or glob inside each model=<m>/layer=<l>/)
-    "activations": ("activations", SHARD_GLOB),
-    "feature_activations": ("feature_activations", "part-00000.parquet"),
-    "feature_stats": ("feature_stats", "features.parquet"),
-    "neuron_stats": ("feature_stats", "neurons.parquet"),
-    "feature_enrichment": ("feature_stats", "enrichment.parquet"),
-    "planted_concepts": ("feature_stats", "concepts.parquet"),
-    "sae_splice_users": ("sae", "splice_users.parquet"),
-    "steering_points": ("steering", "points.parquet"),
-    "steering_summary": ("steering", "summary.parquet"),
-    "steering_users": ("steering", "users.parquet"),
-    "explanations": ("explanations", "explanations.parquet"),
-    "explanation_scores": ("explanation_scores", "scores.parquet"),
-    "explanation_summary": ("explanation_scores", "summary.parquet"),
+    view: (artifact, file)
+    for artifact, views in _VIEWS_BY_ARTIFACT.items()
+    for view, file in views.items()
 }
+"""DuckDB view -> (artifact folder, file or glob inside each model=<m>/layer=<l>/)."""
 
 
 def default_data_dir() -> str:

@@ -10,7 +10,7 @@ from recsae_pipeline.defs.assets.sae import sae
 from recsae_pipeline.defs.config import knob
 from recsae_pipeline.defs.partitions import feature_partitions
 from recsae_pipeline.defs.resources import StorageRoot
-from recsae_pipeline.report.results import write_results
+from recsae_pipeline.report.results import build_results, write_results
 from recsae_pipeline.report.stats import NO_DIFFERENCE
 from recsae_pipeline.storage.registry import parse_partition_key
 
@@ -18,8 +18,8 @@ GROUP = "report"
 
 
 class ResultsConfig(dg.Config):
-    resamples: int = knob(write_results, "resamples", "Bootstrap resamples behind every 95% CI.")
-    seed: int = knob(write_results, "seed", "Seed of the bootstrap resampling.")
+    resamples: int = knob(build_results, "resamples", "Bootstrap resamples behind every 95% CI.")
+    seed: int = knob(build_results, "seed", "Seed of the bootstrap resampling.")
 
 
 @dg.asset(
@@ -33,7 +33,8 @@ class ResultsConfig(dg.Config):
 )
 def results(storage: StorageRoot, config: ResultsConfig) -> dg.MaterializeResult:
     partitions = [parse_partition_key(k) for k in feature_partitions.get_partition_keys()]
-    written = write_results(storage.paths, partitions, config.resamples, config.seed)
+    built = build_results(storage.paths, partitions, config.resamples, config.seed)
+    written = write_results(storage.paths, built, resamples=config.resamples, seed=config.seed)
     comparisons = written.results["comparisons"]
     return dg.MaterializeResult(
         metadata={
