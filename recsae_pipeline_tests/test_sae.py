@@ -305,3 +305,15 @@ def test_an_sae_saved_before_whitening_loads_in_the_hidden_basis(tmp_path: Path)
     assert torch.equal(loaded.unwhitening, torch.eye(8))
     x = torch.randn(20, 8)
     assert torch.equal(loaded.reconstruct(x), sae.reconstruct(x))
+
+
+def test_the_reconstruction_check_never_shows_a_failing_value_as_within_its_bound() -> None:
+    from recsae_pipeline.sae.evaluation import SaeBounds, reconstruction_check
+
+    outcome = reconstruction_check(
+        {"fvu": 0.05, "dead_fraction": 41 / 2048, "l0": 8.0}, SaeBounds()
+    )
+    assert not outcome.passed
+    assert "dead 2.002% (> 2%)" in outcome.description and "revive latents" in outcome.description
+    ok = reconstruction_check({"fvu": 0.05, "dead_fraction": 0.01, "l0": 8.0}, SaeBounds())
+    assert ok.passed and "(<= 0.1), dead 1.000% (<= 2%)" in ok.description

@@ -81,10 +81,18 @@ def splice_quality(
 
 def reconstruction_check(heldout: dict[str, float], bounds: SaeBounds) -> CheckOutcome:
     """Held-out FVU and dead fraction within `bounds`."""
+    fvu, dead = heldout["fvu"], heldout["dead_fraction"]
+    fvu_ok, dead_ok = fvu <= bounds.max_fvu, dead <= bounds.max_dead_fraction
     return CheckOutcome(
-        heldout["fvu"] <= bounds.max_fvu and heldout["dead_fraction"] <= bounds.max_dead_fraction,
-        f"held-out FVU {heldout['fvu']:.4f} (<= {bounds.max_fvu}), dead "
-        f"{heldout['dead_fraction']:.2%} (<= {bounds.max_dead_fraction:.0%})",
+        fvu_ok and dead_ok,
+        # Enough digits that a value just over its bound never reads as equal to it.
+        f"held-out FVU {fvu:.4f} ({'<=' if fvu_ok else '>'} {bounds.max_fvu}), dead "
+        f"{dead:.3%} ({'<=' if dead_ok else '>'} {bounds.max_dead_fraction:.0%})"
+        + (
+            ""
+            if dead_ok
+            else "; more rows_seen, a smaller expansion or the aux-k loss revive latents"
+        ),
         {k: heldout[k] for k in ("fvu", "dead_fraction", "l0")},
     )
 
