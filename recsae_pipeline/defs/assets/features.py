@@ -186,8 +186,10 @@ def feature_stats(
         "median_monosemanticity_sae": dg.MetadataValue.float(round(sae_median, 4)),
         "median_monosemanticity_neurons": dg.MetadataValue.float(round(neuron_median, 4)),
         "monosemanticity": dg.MetadataValue.md(histogram),
-        "most_monosemantic": dg.MetadataValue.md(_top_features_md(stats.features)),
-        "most_monosemantic_neurons": dg.MetadataValue.md(_top_neurons_md(stats.neurons)),
+        "most_monosemantic": dg.MetadataValue.md(_most_monosemantic_md(stats.features, "feature")),
+        "most_monosemantic_neurons": dg.MetadataValue.md(
+            _most_monosemantic_md(stats.neurons, "neuron")
+        ),
     }
     if stats.concepts is not None:
         metadata |= _concept_metadata(
@@ -281,33 +283,24 @@ def _concept_plot(concepts: list[dict], title: str, path: Path) -> str:
     return save_figure(fig, path)
 
 
-def _top_features_md(features: pa.Table, n: int = 10) -> str:
-    rows = [r for r in features.to_pylist() if r["monosemanticity"] is not None]
+def _most_monosemantic_md(units: pa.Table, kind: str, n: int = 10) -> str:
+    """The `n` most monosemantic units of one kind, as a markdown table: SAE features with
+    their frequency and top items, neurons with their sign (the same score, both sides)."""
+    rows = [r for r in units.to_pylist() if r["monosemanticity"] is not None]
     rows.sort(key=lambda r: -r["monosemanticity"])
+    unit = {"feature": "frequency", "neuron": "sign"}[kind]
     lines = [
-        "| feature | frequency | best attribute | share (base) | top items |",
-        "|---|---|---|---|---|",
+        f"| {kind} | {unit} | best attribute | monosemanticity | share (base) | top items |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows[:n]:
-        titles = ", ".join((r["top_titles"] or [])[:3]).replace("|", "/")
-        lines.append(
-            f"| {r['feature']} | {r['frequency']:.4f} | {r['best_attribute']} | "
-            f"{r['best_share']:.2f} ({r['best_base_rate']:.2f}) | {titles} |"
+        key, extra = (
+            (r["feature"], f"{r['frequency']:.4f}") if kind == "feature" else (r["unit"], r["sign"])
         )
-    return "\n".join(lines)
-
-
-def _top_neurons_md(neurons: pa.Table, n: int = 10) -> str:
-    rows = [r for r in neurons.to_pylist() if r["monosemanticity"] is not None]
-    rows.sort(key=lambda r: -r["monosemanticity"])
-    lines = [
-        "| neuron | sign | best attribute | monosemanticity | share (base) |",
-        "|---|---|---|---|---|",
-    ]
-    for r in rows[:n]:
+        titles = ", ".join((r.get("top_titles") or [])[:3]).replace("|", "/")
         lines.append(
-            f"| {r['unit']} | {r['sign']} | {r['best_attribute']} | {r['monosemanticity']:.3f} | "
-            f"{r['best_share']:.2f} ({r['best_base_rate']:.2f}) |"
+            f"| {key} | {extra} | {r['best_attribute']} | {r['monosemanticity']:.3f} | "
+            f"{r['best_share']:.2f} ({r['best_base_rate']:.2f}) | {titles} |"
         )
     return "\n".join(lines)
 
