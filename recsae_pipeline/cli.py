@@ -383,7 +383,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         )
         r = s["predictive_r"]
         print(
-            f"  scores: generative {s['generative_accuracy']:.2f}, predictive r "
+            f"  scores: generative {s['generative_accuracy']:.2f} from the label "
+            f"({s['generative_accuracy_description']:.2f} from the description), predictive r "
             f"{'nan' if r != r else f'{r:.3f}'}, detection AUC {s['detection_auc']:.3f}"
         )
         if e.transcript:

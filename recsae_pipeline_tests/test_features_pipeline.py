@@ -296,7 +296,10 @@ def test_explain_cli_prints_the_transcript_summary(
     assert cli.main(["--data-dir", str(root), "explain", str(feature), "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert (
-        f"feature {feature}, sage" in out and "H1 [positive]" in out and "scores: generative" in out
+        f"feature {feature}, sage" in out
+        and "H1 [positive]" in out
+        and "scores: generative" in out
+        and "from the description" in out
     )
     assert cli.main(["--data-dir", str(root), "explain", "999999", "--device", "cpu"]) == 2
     assert "feature 999999" in capsys.readouterr().err
