@@ -27,9 +27,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recsae_pipeline.report.stats import (
@@ -38,6 +39,7 @@ from recsae_pipeline.report.stats import (
     compare,
     format_ci,
 )
+from recsae_pipeline.sae.steering import CLAMP, DIRECTIONS, NO_STEERING, share_gains
 from recsae_pipeline.storage.registry import ArtifactPaths, PartitionPaths
 
 RECOMMENDER_PAIRS = (
@@ -46,7 +48,6 @@ RECOMMENDER_PAIRS = (
     ("teacher", "sasrec", "teacher vs SASRec"),
     ("sasrec", "popularity", "SASRec vs popularity"),
 )  # fmt: skip
-STEERING_BASELINES = ("centroid", "neuron", "random")
 EXPLANATION_METRICS = (
     ("generative_accuracy", "generative accuracy (label only)"),
     ("generative_accuracy_description", "generative accuracy (description)"),
@@ -184,82 +185,143 @@ def _sae_vs_neurons(part: PartitionPaths, results: Results, resamples: int, seed
         )
     if not part.planted_concepts.exists():
         return  # no ground truth (a real log): nothing planted to detect
-    concepts = pq.read_table(part.planted_concepts).to_pandas()
-    sae_auc = concepts["feature_auc"].to_numpy(np.float64)
-    neuron_auc = concepts["neuron_auc"].to_numpy(np.float64)
+    concepts = pq.read_table(part.planted_concepts, columns=["feature_auc", "neuron_auc"])
     results.comparisons.append(
-        compare(
-            f"{part.key}: SAE features vs neurons, planted concepts",
-            "best unit's AUC per concept",
-            "SAE features",
-            sae_auc,
-            "neurons",
-            neuron_auc,
-            "concepts",
+        concepts_comparison(
+            concepts.column("feature_auc").to_numpy().astype(np.float64),
+            concepts.column("neuron_auc").to_numpy().astype(np.float64),
+            part.key,
             resamples,
             seed,
             section="sae_vs_neurons",
             partition=part.key,
-            detected_at_0_9={
-                "SAE features": int((sae_auc >= CONCEPT_AUC_BAR).sum()),
-                "neurons": int((neuron_auc >= CONCEPT_AUC_BAR).sum()),
-                "concepts": len(concepts),
-            },
-        )  # fmt: skip
+        )
+    )
+
+
+class SteeringComparisons(NamedTuple):
+    overall: dict[str, Comparison]
+    """baseline -> SAE minus baseline: each user's gain averaged over genres."""
+    per_genre: dict[str, dict[str, Comparison]]
+    """genre -> baseline -> SAE minus baseline on that genre's users."""
+    clamp: Comparison | None
+    """Clamped minus unsteered share on (genre, user) pairs with the feature active at the
+    user's last position (None: no such pair)."""
+
+
+def steering_comparisons(
+    users: pa.Table,
+    scales: dict[str, float],
+    key: str,
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+    **notes: Any,
+) -> SteeringComparisons:
+    """From `steering_eval`'s per-user table (`USERS_SCHEMA`) and each genre's SAE scale
+    (`scales`, 0 where none is within the NDCG bound: a gain of 0 for every direction):
+    paired over users, the gain in genre share along the SAE feature minus along each
+    baseline direction at the same norm, and the clamping effect on active users."""
+    gains = share_gains(users, scales)
+    metric = "gain in the genre's top-10 share at the SAE's chosen scale"
+    overall, per_genre = {}, {}
+    for baseline in DIRECTIONS[1:]:
+        overall[baseline] = compare(
+            f"{key}: steering along the SAE feature vs the {baseline} direction (same "
+            "layer, same norm)",
+            f"{metric}, averaged over genres",
+            "SAE feature",
+            gains["sae"].mean(0),
+            baseline,
+            gains[baseline].mean(0),
+            "users",
+            resamples,
+            seed,
+            genres=len(scales),
+            **notes,
+        )
+        for g, genre in enumerate(scales):
+            per_genre.setdefault(genre, {})[baseline] = compare(
+                f"{key} {genre}: SAE feature vs {baseline}",
+                metric,
+                "SAE feature",
+                gains["sae"][g],
+                baseline,
+                gains[baseline][g],
+                "users",
+                resamples,
+                seed,
+            )
+    frame = users.select(["genre", "direction", "user", "genre_share", "active"]).to_pandas()
+    frame = frame[frame["active"]]
+    clamp = None
+    if not frame.empty:
+        share = frame.pivot_table(
+            index=["genre", "user"], columns="direction", values="genre_share", aggfunc="first"
+        )
+        clamp = compare(
+            f"{key}: clamping the genre's SAE feature to 0 on the users where it is "
+            "active at their last position",
+            "genre's top-10 share",
+            "clamped",
+            share[CLAMP].to_numpy(),
+            "unsteered",
+            share[NO_STEERING].to_numpy(),
+            "users",
+            resamples,
+            seed,
+            pairs="(genre, active user)",
+            genres=int(share.index.get_level_values("genre").nunique()),
+            users_all=int(users.column("user").to_pandas().nunique()),
+            **notes,
+        )
+    return SteeringComparisons(overall, per_genre, clamp)
+
+
+def concepts_comparison(
+    feature_auc: np.ndarray,
+    neuron_auc: np.ndarray,
+    key: str,
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+    **notes: Any,
+) -> Comparison:
+    """Best SAE feature vs best neuron at detecting each planted concept: the paired AUC
+    difference over concepts, with the counts detected at `CONCEPT_AUC_BAR` on both sides."""
+    return compare(
+        f"{key}: SAE features vs neurons, planted concepts",
+        "best unit's AUC per concept",
+        "SAE features",
+        feature_auc,
+        "neurons",
+        neuron_auc,
+        "concepts",
+        resamples,
+        seed,
+        detected_at_0_9={
+            "SAE features": int((feature_auc >= CONCEPT_AUC_BAR).sum()),
+            "neurons": int((neuron_auc >= CONCEPT_AUC_BAR).sum()),
+            "concepts": len(feature_auc),
+        },
+        **notes,
     )
 
 
 def _steering(part: PartitionPaths, results: Results, resamples: int, seed: int) -> None:
-    users_path = part.dir("steering") / "users.parquet"
-    summary_path = part.steering_summary
-    users = _read(users_path, results, f"{part.key} steering per user")
-    summary = _read(summary_path, results, f"{part.key} steering summary")
-    if users is None or summary is None or "direction" not in summary.columns:
-        if summary is not None and "direction" not in summary.columns:
-            results.missing.append(f"{part.key} steering: {summary_path} has no baselines")
+    if not part.steering_users.exists():
+        results.missing.append(f"{part.key} steering per user: {part.steering_users} not found")
         return
+    summary = pq.read_table(part.steering_summary).to_pandas()
+    sae_rows = summary[summary["direction"] == "sae"]
+    scales = dict(zip(sae_rows["genre"], sae_rows["best_scale"].astype(float), strict=True))
+    notes = {"section": "steering", "partition": part.key}
+    built = steering_comparisons(
+        pq.read_table(part.steering_users), scales, part.key, resamples, seed, **notes
+    )
     reached = summary.pivot_table(index="genre", columns="direction", values="reaches_target")
-    sae_rows = summary[summary["direction"] == "sae"].set_index("genre")
-    none = users[users["direction"] == "none"].set_index(["genre", "user"])["genre_share"]
-    for baseline in STEERING_BASELINES:
-        if baseline not in reached.columns or "sae" not in reached.columns:
-            continue
-        gains: dict[str, list[np.ndarray]] = {"sae": [], baseline: []}
-        for genre, row in sae_rows.iterrows():
-            scale = row["best_scale"]
-            base = none.loc[[genre]]
-            for direction in gains:
-                # No scale within the NDCG bound (best_scale 0): the SAE is not applied, and
-                # neither is the baseline at "its" scale: a gain of 0 for both, as the asset.
-                at = users[
-                    (users["genre"] == genre)
-                    & (users["direction"] == direction)
-                    & np.isclose(users["scale"], scale)
-                ].set_index(["genre", "user"])["genre_share"]
-                if scale == 0 or at.empty:
-                    at = base
-                gains[direction].append((at - base.loc[at.index]).rename(genre))
-        if not gains["sae"]:
-            continue
-        per_user = {d: _mean_over_genres(series) for d, series in gains.items()}
-        aligned = per_user["sae"].index.intersection(per_user[baseline].index)
-        results.comparisons.append(
-            compare(
-                f"{part.key}: steering along the SAE feature vs the {baseline} direction "
-                "(same layer, same norm, at the SAE's chosen scale)",
-                "gain in the genre's top-10 share, averaged over genres",
-                "SAE feature",
-                per_user["sae"].loc[aligned],
-                baseline,
-                per_user[baseline].loc[aligned],
-                "users",
-                resamples,
-                seed,
-                section="steering",
-                partition=part.key,
-            )  # fmt: skip
-        )
+    for baseline in DIRECTIONS[1:]:
+        results.comparisons.append(built.overall[baseline])
         both = reached[["sae", baseline]].dropna().astype(float)
+        counts = {"SAE feature": int(both["sae"].sum()), baseline: int(both[baseline].sum())}
         results.comparisons.append(
             compare(
                 f"{part.key}: genres steered to the target, SAE feature vs {baseline} direction",
@@ -271,43 +333,12 @@ def _steering(part: PartitionPaths, results: Results, resamples: int, seed: int)
                 "genres",
                 resamples,
                 seed,
-                section="steering",
-                partition=part.key,
-                counts={
-                    "SAE feature": int(both["sae"].sum()),
-                    baseline: int(both[baseline].sum()),
-                    "genres": len(both),
-                },
-            )  # fmt: skip
+                counts=counts | {"genres": len(both)},
+                **notes,
+            )
         )
-    clamp = users[(users["direction"] == "sae_clamp") & users["active"]]
-    if len(clamp):
-        before = none.loc[clamp.set_index(["genre", "user"]).index]
-        results.comparisons.append(
-            compare(
-                f"{part.key}: clamping the genre's SAE feature to 0, on users where it is "
-                "active at their last position",
-                "genre's top-10 share",
-                "clamped",
-                clamp["genre_share"].to_numpy(),
-                "unsteered",
-                before.to_numpy(),
-                "users",
-                resamples,
-                seed,
-                section="steering",
-                partition=part.key,
-                pairs="(genre, active user)",
-                users_all=int(users["user"].nunique()),
-            )  # fmt: skip
-        )
-
-
-def _mean_over_genres(series: list[Any]) -> Any:
-    import pandas as pd
-
-    frame = pd.concat([s.reset_index(level="genre", drop=True) for s in series], axis=1)
-    return frame.mean(axis=1)
+    if built.clamp is not None:
+        results.comparisons.append(built.clamp)
 
 
 def _explanations(part: PartitionPaths, results: Results, resamples: int, seed: int) -> None:

@@ -38,15 +38,25 @@ class SaeBounds:
 
 
 class SpliceQuality(NamedTuple):
-    original: float
-    """Test NDCG@10 of the model as trained."""
-    spliced: float
-    """Test NDCG@10 with the SAE's reconstruction replacing the layer's output."""
-    zero_ablated: float
-    """Test NDCG@10 with the layer's output replaced by zeros."""
-    per_user: dict[str, np.ndarray] | None = None
-    """Each test user's NDCG@10 under `original`, `spliced` and `zero_ablated` (in sequences
-    order): what paired CIs over users resample."""
+    per_user: dict[str, np.ndarray]
+    """Each test user's NDCG@10 (sequences order) under `original` (the model as trained),
+    `spliced` (the SAE's reconstruction replacing the layer's output) and `zero_ablated`
+    (the layer's output replaced by zeros): what paired CIs over users resample."""
+
+    def _mean(self, key: str) -> float:
+        return torch.from_numpy(self.per_user[key]).mean().item()
+
+    @property
+    def original(self) -> float:
+        return self._mean("original")
+
+    @property
+    def spliced(self) -> float:
+        return self._mean("spliced")
+
+    @property
+    def zero_ablated(self) -> float:
+        return self._mean("zero_ablated")
 
     @property
     def fraction_recovered(self) -> float:
@@ -60,23 +70,21 @@ def splice_quality(
     layer: int,
     sae: TopKSae,
     sequences: list[np.ndarray],
-    num_items: int,
     device: torch.device,
 ) -> SpliceQuality:
-    """Test NDCG@10 (full ranking, no sampled metrics) as trained, spliced and zero-ablated,
-    with each user's figure."""
+    """Test NDCG@10 (full ranking, no sampled metrics) per user as trained, spliced and
+    zero-ablated."""
 
-    def ndcg() -> torch.Tensor:
+    def ndcg() -> np.ndarray:
         ranks, _ = user_ranks(model, sequences, "test", device)
-        return per_user_ndcg(ranks, 10)
+        return per_user_ndcg(ranks, 10).numpy()
 
     users = {"original": ndcg()}
     with edit_hidden(model, layer, sae.reconstruct):
         users["spliced"] = ndcg()
     with edit_hidden(model, layer, torch.zeros_like):
         users["zero_ablated"] = ndcg()
-    means = [users[k].mean().item() for k in ("original", "spliced", "zero_ablated")]
-    return SpliceQuality(*means, per_user={k: v.numpy() for k, v in users.items()})
+    return SpliceQuality(users)
 
 
 def reconstruction_check(heldout: dict[str, float], bounds: SaeBounds) -> CheckOutcome:

@@ -2,7 +2,6 @@
 statistics with the monosemanticity comparison against raw neurons, and steering."""
 
 from pathlib import Path
-from typing import NamedTuple
 
 import dagster as dg
 import numpy as np
@@ -22,7 +21,13 @@ from recsae_pipeline.defs.resources import StorageRoot, TorchDevice
 from recsae_pipeline.models.artifacts import load_recommender
 from recsae_pipeline.models.validation import CheckOutcome
 from recsae_pipeline.report.plots import new_figure, save_figure
-from recsae_pipeline.report.stats import Comparison, bootstrap_ci, compare, format_ci, verdict
+from recsae_pipeline.report.results import (
+    CONCEPT_AUC_BAR,
+    SteeringComparisons,
+    concepts_comparison,
+    steering_comparisons,
+)
+from recsae_pipeline.report.stats import Comparison, format_ci
 from recsae_pipeline.sae.evaluation import encoding_check
 from recsae_pipeline.sae.features import (
     compute_feature_stats,
@@ -37,7 +42,6 @@ from recsae_pipeline.sae.steering import (
     SteeringPoint,
     as_table,
     genre_items,
-    share_gains,
     steering_sweep,
     steering_targets,
     steering_users,
@@ -209,22 +213,14 @@ def feature_stats(
     return dg.MaterializeResult(check_results=[check], metadata=metadata)
 
 
-CONCEPT_AUC_BAR = 0.9
-"""A planted concept counts as detected by a unit whose AUC reaches this."""
-
-
 def _concept_metadata(concepts: list[dict], title: str, plot_path: Path) -> dict:
     """The planted concepts detected by the best SAE feature and by the best neuron, side by
     side, and the paired difference of their AUCs over concepts with a bootstrap 95% CI."""
     feature_auc = np.array([c["feature_auc"] for c in concepts], dtype=np.float64)
     neuron_auc = np.array([c["neuron_auc"] for c in concepts], dtype=np.float64)
     n = len(concepts)
-    sae_hits = int((feature_auc >= CONCEPT_AUC_BAR).sum())
-    neuron_hits = int((neuron_auc >= CONCEPT_AUC_BAR).sum())
-    difference = feature_auc - neuron_auc
-    valid = difference[np.isfinite(difference)]
-    ci = lo, hi = bootstrap_ci(valid)
-    mean = float(valid.mean()) if len(valid) else float("nan")
+    c = concepts_comparison(feature_auc, neuron_auc, title)
+    sae_hits, neuron_hits = (c.notes["detected_at_0_9"][k] for k in ("SAE features", "neurons"))
     return {
         "planted_concepts": n,
         f"concepts_auc_ge_{CONCEPT_AUC_BAR}": f"SAE {sae_hits}/{n}, neurons {neuron_hits}/{n}",
@@ -232,10 +228,9 @@ def _concept_metadata(concepts: list[dict], title: str, plot_path: Path) -> dict
         f"concepts_auc_ge_{CONCEPT_AUC_BAR}_neurons": neuron_hits,
         "median_best_feature_auc": dg.MetadataValue.float(round(float(np.median(feature_auc)), 4)),
         "median_best_neuron_auc": dg.MetadataValue.float(round(float(np.median(neuron_auc)), 4)),
-        "concept_auc_sae_minus_neurons": f"best SAE feature {np.nanmean(feature_auc):.4f} vs best "
-        f"neuron {np.nanmean(neuron_auc):.4f} (mean AUC over concepts), difference "
-        f"{mean:+.4f} [{lo:+.4f}, {hi:+.4f}] (paired bootstrap 95% CI over {len(valid)} concepts, "
-        f"{n - len(valid)} NaN; {verdict(ci, 'SAE', 'neurons')})",
+        "concept_auc_sae_minus_neurons": f"best SAE feature {c.a.value:.4f} vs best neuron "
+        f"{c.b.value:.4f} (mean AUC over concepts), difference {format_ci(c)} (paired bootstrap "
+        f"95% CI over {c.n} concepts, {c.n_nan} NaN; {c.verdict})",
         "planted_concept_auc": dg.MetadataValue.md(_concept_plot(concepts, title, plot_path)),
     }
 
@@ -383,8 +378,9 @@ def steering_eval(
     genres = len(sae_rows)
     reached = {d: sum(o.reaches_target for o in outcomes if o.direction == d) for d in DIRECTIONS}
     reached_text = ", ".join(f"{d} {n}/{genres}" for d, n in reached.items())
-    gains = _gain_comparisons(sweep.users, sae_rows, context.partition_key)
-    clamp = _clamp_comparison(sweep.users, context.partition_key)
+    scales = {o.genre: o.best_scale for o in sae_rows}
+    built = steering_comparisons(sweep.users, scales, context.partition_key)
+    clamp = built.clamp
     plot = _steering_plot(sweep.points, context.partition_key, part.report("steering"))
     target_text = f"{config.required_ratio:g}x share within {config.max_ndcg_loss:.0%} NDCG@10 loss"
     context.log.info(
@@ -420,80 +416,14 @@ def steering_eval(
             f"{genres - sweep.neurons_from_centroid}/{genres} genres, the centroid's largest "
             f"coordinate for {sweep.neurons_from_centroid}",
             "summary": dg.MetadataValue.md(_summary_md(outcomes, target_text)),
-            "sae_vs_baselines": dg.MetadataValue.md(_gains_md(gains)),
-            "sae_vs_baselines_per_genre": dg.MetadataValue.md(_gains_per_genre_md(gains)),
+            "sae_vs_baselines": dg.MetadataValue.md(_gains_md(built)),
+            "sae_vs_baselines_per_genre": dg.MetadataValue.md(_gains_per_genre_md(built, scales)),
             "clamp_active_users": _clamp_text(clamp),
             "comparisons": dg.MetadataValue.json(
-                [c.as_dict() for c in [*gains.overall.values(), clamp] if c is not None]
+                [c.as_dict() for c in [*built.overall.values(), clamp] if c is not None]
             ),
             "share_vs_ndcg": dg.MetadataValue.md(plot),
         },
-    )
-
-
-class _Gains(NamedTuple):
-    scales: dict[str, float]
-    """genre -> the SAE's chosen scale (0: none within the bound)."""
-    overall: dict[str, Comparison]
-    """baseline -> SAE minus baseline, per user averaged over genres."""
-    per_genre: dict[str, dict[str, Comparison]]
-    """genre -> baseline -> SAE minus baseline on that genre's users."""
-
-
-def _gain_comparisons(users: pa.Table, sae_rows: list[GenreOutcome], partition: str) -> _Gains:
-    """Paired over users: the gain in genre share (over unsteered) at the SAE's chosen scale,
-    the SAE's direction minus each baseline's at the same norm."""
-    scales = {o.genre: o.best_scale for o in sae_rows}
-    gains = share_gains(users, scales)
-    metric = "gain in the genre's top-10 share at the SAE's chosen scale"
-    overall, per_genre = {}, {}
-    for baseline in DIRECTIONS[1:]:
-        overall[baseline] = compare(
-            f"{partition}: steering along the SAE feature vs the {baseline} direction (same "
-            "layer, same norm)",
-            f"{metric}, averaged over genres",
-            "SAE feature",
-            gains["sae"].mean(0),
-            baseline,
-            gains[baseline].mean(0),
-            "users",
-            genres=len(scales),
-        )
-        for g, genre in enumerate(scales):
-            per_genre.setdefault(genre, {})[baseline] = compare(
-                f"{partition} {genre}: SAE feature vs {baseline}",
-                metric,
-                "SAE feature",
-                gains["sae"][g],
-                baseline,
-                gains[baseline][g],
-                "users",
-            )
-    return _Gains(scales, overall, per_genre)
-
-
-def _clamp_comparison(users: pa.Table, partition: str) -> Comparison | None:
-    """Paired over (genre, user) with the genre's feature active at the user's last position:
-    the genre's share with the feature clamped to 0 minus unsteered (None: no such pair)."""
-    frame = users.select(["genre", "direction", "user", "genre_share", "active"]).to_pandas()
-    frame = frame[frame["active"]]
-    if frame.empty:
-        return None
-    share = frame.pivot_table(
-        index=["genre", "user"], columns="direction", values="genre_share", aggfunc="first"
-    )
-    return compare(
-        f"{partition}: clamping the genre's SAE feature to 0 on the users where it is active at "
-        "their last position",
-        "genre's top-10 share",
-        "clamped",
-        share[CLAMP].to_numpy(),
-        "unsteered",
-        share[NO_STEERING].to_numpy(),
-        "users",
-        pairs="(genre, active user)",
-        genres=int(share.index.get_level_values("genre").nunique()),
-        users_all=int(users.column("user").to_pandas().nunique()),
     )
 
 
@@ -541,7 +471,7 @@ def _summary_md(outcomes: list[GenreOutcome], target: str) -> str:
     return "\n".join(lines)
 
 
-def _gains_md(gains: _Gains) -> str:
+def _gains_md(gains: SteeringComparisons) -> str:
     lines = [
         "Gain in the genre's top-10 share over unsteered at the SAE's chosen scale (0 where no "
         "scale is within the bound), per user averaged over genres; paired bootstrap 95% CI.",
@@ -557,7 +487,7 @@ def _gains_md(gains: _Gains) -> str:
     return "\n".join(lines)
 
 
-def _gains_per_genre_md(gains: _Gains) -> str:
+def _gains_per_genre_md(gains: SteeringComparisons, scales: dict[str, float]) -> str:
     baselines = DIRECTIONS[1:]
     lines = [
         "| genre | SAE scale | SAE gain | "
@@ -570,7 +500,7 @@ def _gains_per_genre_md(gains: _Gains) -> str:
         cells = " | ".join(
             f"{by_baseline[b].b.value:+.3f} | {format_ci(by_baseline[b], 3)}" for b in baselines
         )
-        lines.append(f"| {genre} | {gains.scales[genre]:g} | {first.a.value:+.3f} | {cells} |")
+        lines.append(f"| {genre} | {scales[genre]:g} | {first.a.value:+.3f} | {cells} |")
     return "\n".join(lines)
 
 

@@ -117,8 +117,8 @@ def sae(
             on_progress=progress,
         )
     result.sae.save(out)
-    sequences, num_items = read_sequences(storage.paths.sequences)
-    quality = splice_quality(model, part.layer, result.sae, sequences, num_items, dev)
+    sequences, _ = read_sequences(storage.paths.sequences)
+    quality = splice_quality(model, part.layer, result.sae, sequences, dev)
     heldout, recovered = result.heldout, quality.fraction_recovered
     metrics = {
         "heldout": heldout,
@@ -133,7 +133,6 @@ def sae(
         "curve": [p._asdict() for p in result.curve],
     }
     write_json(metrics, part.sae_metrics)
-    assert quality.per_user is not None
     users = {"user": np.arange(len(quality.per_user["original"]), dtype=np.int32)}
     write_parquet(pa.table(users | quality.per_user), part.sae_splice_users)
     curve = _curve_plot(result.curve, context.partition_key, part.report("sae"))
