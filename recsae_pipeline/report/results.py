@@ -76,11 +76,12 @@ class Results:
         }
 
 
-def _read(path: Path, results: Results, what: str) -> Any | None:
+def _read(path: Path, results: Results, what: str, columns: list[str] | None = None) -> Any | None:
+    """`columns` of the table at `path` as a DataFrame, or None (noted as missing)."""
     if not path.exists():
         results.missing.append(f"{what}: {path} not found")
         return None
-    return pq.read_table(path).to_pandas()
+    return pq.read_table(path, columns=columns).to_pandas()
 
 
 def build_results(
@@ -114,12 +115,13 @@ def partition_comparisons(
 
 
 def _recommenders(paths: ArtifactPaths, results: Results, resamples: int, seed: int) -> None:
-    table = _read(paths.recommender_eval, results, "recommenders")
+    keep = ["model", "ndcg@10", "hr@10", "params", "layers", "train_seconds", "ms_per_1000_users"]
+    table = _read(paths.recommender_eval, results, "recommenders", keep)
     if table is not None:
-        keep = ["model", "ndcg@10", "hr@10", "params", "layers", "train_seconds"]
-        keep += ["ms_per_1000_users"]
-        results.tables["recommenders"] = table[keep].to_dict("records")
-    users = _read(paths.recommender_eval_users, results, "recommenders per user")
+        results.tables["recommenders"] = table.to_dict("records")
+    users = _read(
+        paths.recommender_eval_users, results, "recommenders per user", ["model", "user", "ndcg@10"]
+    )
     if users is None:
         return
     by_model = {m: g.sort_values("user")["ndcg@10"].to_numpy() for m, g in users.groupby("model")}
@@ -163,8 +165,10 @@ def _splice(part: PartitionPaths, results: Results, resamples: int, seed: int) -
 
 
 def _sae_vs_neurons(part: PartitionPaths, results: Results, resamples: int, seed: int) -> None:
-    features = _read(part.feature_stats, results, f"{part.key} feature stats")
-    neurons = _read(part.neuron_stats, results, f"{part.key} neuron stats")
+    features = _read(
+        part.feature_stats, results, f"{part.key} feature stats", ["n_active", "monosemanticity"]
+    )
+    neurons = _read(part.neuron_stats, results, f"{part.key} neuron stats", ["monosemanticity"])
     if features is not None and neurons is not None:
         active = features[features["n_active"] > 0]["monosemanticity"].to_numpy(np.float64)
         results.comparisons.append(
