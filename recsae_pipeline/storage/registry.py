@@ -185,18 +185,8 @@ class ArtifactPaths:
     def model_dir(self, name: str) -> Path:
         return self._join("models", name)
 
-    def model_weights(self, name: str) -> Path:
-        return self.model_dir(name) / MODEL_WEIGHTS_FILE
-
     def model_config(self, name: str) -> Path:
         return self.model_dir(name) / MODEL_CONFIG_FILE
-
-    def model_metrics(self, name: str) -> Path:
-        return self.model_dir(name) / METRICS_FILE
-
-    @property
-    def drop_folder(self) -> DropFolderPaths:
-        return DropFolderPaths(self.root)
 
     def partition(self, model: str, layer: int) -> PartitionPaths:
         """The artifacts of one (model, layer) partition."""
