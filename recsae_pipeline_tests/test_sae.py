@@ -1,5 +1,6 @@
 """TopK SAE: decoder rows stay unit norm, the encoder starts as the decoder's transpose, TopK
-and BatchTopK keep the promised number of latents, training recovers a known sparse
+and BatchTopK keep the promised number of latents, the L1 ReLU SAE keeps every positive one
+and trades reconstruction for sparsity with its coefficient, training recovers a known sparse
 dictionary, AuxK only acts on dead latents, whitening keeps latents alive on anisotropic
 states while decoding in hidden units, saves round-trip exactly (and old ones still load),
 held-out users never reach the optimizer, and a seed fixes the result."""
@@ -124,6 +125,64 @@ def test_batch_topk_keeps_k_times_batch_in_total_and_a_threshold_at_eval():
     dense = sae.dense_latents(x)
     assert sae.threshold.item() == threshold  # eval does not move it
     assert torch.equal(dense != 0, sae.pre_activations(x) > threshold)
+
+
+def test_l1_sae_keeps_every_positive_latent_and_adds_a_scale_free_penalty():
+    config = SaeConfig(d_in=16, expansion=8, l1_coefficient=0.05, whitening_shrinkage=None)
+    sae = TopKSae(config, CPU)
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
+    out = sae(x)
+    pre = sae.pre_activations(x)
+    dense = sae.dense_latents(x)
+    assert torch.equal(dense != 0, pre > 0)  # no top-k: every positive pre-activation
+    assert torch.allclose(dense, pre.clamp_min(0))
+    per_row = (pre > 0).sum(1)
+    assert out.latent_values.shape[1] == per_row.max() and per_row.min() < per_row.max()
+    assert out.l0.item() == pytest.approx(per_row.float().mean().item())
+    rms = (x - x.mean(0)).pow(2).mean().sqrt()
+    assert out.l1_loss.item() == pytest.approx((dense.sum(1).mean() / rms).item(), rel=1e-5)
+    assert torch.allclose(out.loss, out.fvu + 0.05 * out.l1_loss)  # no dead mask: AuxK 0
+    assert torch.allclose(out.reconstruction, dense @ sae.W_dec, atol=1e-5)
+    # b_enc = b_dec = 0: 10x the input is 10x every latent, and the penalty stays put
+    assert sae(10 * x).l1_loss.item() == pytest.approx(out.l1_loss.item(), rel=1e-4)
+    out.loss.backward()
+    assert sae.encoder.weight.grad.abs().sum() > 0
+    topk = TopKSae(SaeConfig(d_in=16, expansion=8, k=4), CPU)(x)
+    assert topk.l1_loss.item() == 0.0 and torch.equal(topk.loss, topk.fvu + topk.auxk_loss / 32)
+
+
+def test_l1_config_is_validated_and_ignores_k():
+    with pytest.raises(ValueError, match="batch_topk=True and l1_coefficient=0.1: pick one"):
+        SaeConfig(d_in=8, batch_topk=True, l1_coefficient=0.1)
+    for bad in (-0.1, math.nan, math.inf):
+        with pytest.raises(ValueError, match="l1_coefficient=.*finite value >= 0"):
+            SaeConfig(d_in=8, l1_coefficient=bad)
+    with pytest.raises(ValueError, match="k=1000"):
+        SaeConfig(d_in=8, expansion=4, k=1000)
+    assert SaeConfig(d_in=8, expansion=4, k=1000, l1_coefficient=0.1).kind == "relu_l1"
+    assert SaeConfig(d_in=8).kind == "topk"
+    assert SaeConfig(d_in=8, batch_topk=True).kind == "batch_topk"
+
+
+def test_l1_sae_trains_and_its_coefficient_trades_fvu_for_sparsity(tmp_path: Path):
+    # 2 of 32 directions in 16-d, 200 steps: coefficient 0.01 reaches FVU ~0.02 at L0 ~27,
+    # 0.1 FVU ~0.2 at L0 ~11; untrained (b_dec = 0, ~half of 64 latents on) FVU ~3
+    x, _ = sparse_mixtures(6000, d=16, atoms=32, active=2)
+    partition = write_partition(tmp_path / "acts", x)
+    config = SaeTrainConfig(batch_size=256, rows_seen=256 * 200, log_every=50)
+
+    def train(l1: float):
+        sae_config = SaeConfig(d_in=16, expansion=4, l1_coefficient=l1, dead_after_rows=2000)
+        untrained = evaluate_sae(TopKSae(sae_config, CPU), partition, CPU)
+        return untrained, train_sae(partition, config, sae_config, CPU)
+
+    (untrained, weak), (_, strong) = train(0.01), train(0.1)
+    assert untrained["fvu"] > 1
+    assert weak.heldout["fvu"] < 0.1 < strong.heldout["fvu"] < 0.5
+    assert strong.heldout["l0"] < 0.6 * weak.heldout["l0"]
+    assert weak.curve[-1].l1_loss > strong.curve[-1].l1_loss > 0
+    assert weak.curve[-1].l0 < weak.curve[0].l0  # the penalty switches latents off
+    assert max(weak.heldout["dead_fraction"], strong.heldout["dead_fraction"]) <= 0.05
 
 
 def test_reconstruct_takes_any_leading_shape():
@@ -265,9 +324,10 @@ def test_a_fixed_seed_gives_identical_results(tmp_path: Path):
     assert not torch.equal(first.sae.W_dec, other.sae.W_dec)
 
 
-@pytest.mark.parametrize("batch_topk", [False, True])
-def test_save_load_round_trip_is_exact(tmp_path: Path, batch_topk: bool):
-    config = SaeConfig(d_in=8, expansion=4, k=3, batch_topk=batch_topk, aux_k=5)
+@pytest.mark.parametrize("kind", ["topk", "batch_topk", "relu_l1"])
+def test_save_load_round_trip_is_exact(tmp_path: Path, kind: str):
+    rule = {"topk": {}, "batch_topk": {"batch_topk": True}, "relu_l1": {"l1_coefficient": 0.2}}
+    config = SaeConfig(d_in=8, expansion=4, k=3, aux_k=5, **rule[kind])
     sample = torch.tensor(anisotropic(500, 8), dtype=torch.float32)
     sae = TopKSae(config, CPU, sample=sample, seed=3).train()
     assert not torch.equal(sae.whitening, torch.eye(8))
@@ -278,10 +338,11 @@ def test_save_load_round_trip_is_exact(tmp_path: Path, batch_topk: bool):
     sae.eval()
     path = sae.save(tmp_path / "sae")
     assert sorted(p.name for p in path.iterdir()) == ["config.json", "sae.safetensors"]
-    assert json.loads((path / "config.json").read_text())["aux_k"] == 5
+    saved = json.loads((path / "config.json").read_text())
+    assert saved["aux_k"] == 5 and saved["l1_coefficient"] == config.l1_coefficient
 
     loaded = TopKSae.load(path, CPU).eval()
-    assert loaded.config == config
+    assert loaded.config == config and loaded.config.kind == kind
     dead = torch.arange(32) % 3 == 0
     for a, b in zip(sae(x, dead), loaded(x, dead), strict=True):
         assert torch.equal(a, b)
@@ -297,11 +358,11 @@ def test_an_sae_saved_before_whitening_loads_in_the_hidden_basis(tmp_path: Path)
     state = load_file(path / "sae.safetensors")
     save_file({k: v for k, v in state.items() if "whitening" not in k}, path / "sae.safetensors")
     raw = json.loads((path / "config.json").read_text())
-    del raw["whitening_shrinkage"]
+    del raw["whitening_shrinkage"], raw["l1_coefficient"]
     (path / "config.json").write_text(json.dumps(raw))
 
     loaded = TopKSae.load(path, CPU).eval()
-    assert loaded.config == config
+    assert loaded.config == config and loaded.config.kind == "topk"
     assert torch.equal(loaded.unwhitening, torch.eye(8))
     x = torch.randn(20, 8)
     assert torch.equal(loaded.reconstruct(x), sae.reconstruct(x))

@@ -3,13 +3,17 @@
 x ≈ x̂ = TopK(ReLU(W_enc M(x - b_dec) + b_enc)) @ W_dec M⁻¹ + b_dec, with one unit-norm
 decoder row per latent in the basis whitened by M (fitted to the training sample; identity
 without one), so `decoder_direction(f)` = W_dec[f] M⁻¹ is what a unit of latent f adds to the
-hidden state. Saved as `sae.safetensors` + `config.json` in one directory: any tool can open
-it, nothing is pickled.
+hidden state. Two other sparsity rules share everything else: BatchTopK (k·B activations
+over the batch, Bussmann et al. 2024) and a ReLU SAE whose sparsity comes from an L1 penalty
+instead of a top-k (Anthropic's "Towards Monosemanticity" and its April 2024 update).
+Saved as `sae.safetensors` + `config.json` in one directory: any tool can open it, nothing
+is pickled.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import NamedTuple
@@ -32,6 +36,7 @@ class SaeConfig:
     d_in: int
     expansion: int = 32
     k: int = 32
+    """Active latents per row (BatchTopK: on average); ignored by the L1 SAE."""
     batch_topk: bool = False
     """Keep the top k * B activations over the whole batch (Bussmann et al. 2024) instead of
     k per row; in eval mode rows keep activations above a threshold learned in training."""
@@ -44,11 +49,28 @@ class SaeConfig:
     """Encode, and keep decoder rows unit norm, in the basis M = (Σ + λ·mean eigenvalue·I)^-½
     of the init sample's covariance Σ, λ = this (0: full whitening; None: hidden basis). On
     anisotropic states unit rows in weak directions never reach the top k (student: 24% dead)."""
+    l1_coefficient: float | None = None
+    """None: TopK (or BatchTopK). A number: a ReLU SAE that keeps every positive
+    pre-activation (no top-k; `k` is ignored) and adds l1_coefficient * `l1_loss` to the
+    loss, the latents' L1 norm per row in units of the batch's RMS (Anthropic 2024: with
+    unit decoder rows, Σ z_i‖W_dec[i]‖ = Σ z_i). Larger = sparser, worse reconstruction."""
 
     def __post_init__(self) -> None:
         if self.d_in < 1 or self.expansion < 1:
             raise ValueError(f"d_in={self.d_in}, expansion={self.expansion}; both must be >= 1")
-        if not 1 <= self.k <= self.n_latents:
+        if self.l1_coefficient is not None:
+            if self.batch_topk:
+                raise ValueError(
+                    f"batch_topk=True and l1_coefficient={self.l1_coefficient}: pick one "
+                    "sparsity rule, batch_topk for BatchTopK or l1_coefficient for the ReLU "
+                    "SAE with an L1 penalty (None keeps TopK/BatchTopK)"
+                )
+            if not (math.isfinite(self.l1_coefficient) and self.l1_coefficient >= 0):
+                raise ValueError(
+                    f"l1_coefficient={self.l1_coefficient}; pass a finite value >= 0 "
+                    "(e.g. 0.01-0.1) or None for TopK/BatchTopK"
+                )
+        elif not 1 <= self.k <= self.n_latents:
             raise ValueError(f"k={self.k}; pick 1..{self.n_latents} (d_in * expansion)")
         if self.aux_k is not None and not 1 <= self.aux_k <= self.n_latents:
             raise ValueError(f"aux_k={self.aux_k}; pick 1..{self.n_latents} or None")
@@ -68,6 +90,13 @@ class SaeConfig:
         return self.d_in * self.expansion
 
     @property
+    def kind(self) -> str:
+        """The sparsity rule: "topk", "batch_topk" or "relu_l1"."""
+        if self.l1_coefficient is not None:
+            return "relu_l1"
+        return "batch_topk" if self.batch_topk else "topk"
+
+    @property
     def k_aux(self) -> int:
         # Gao et al. 2024, appendix B.1 (as in sparsify): half the input width
         return self.aux_k if self.aux_k is not None else max(1, self.d_in // 2)
@@ -75,7 +104,8 @@ class SaeConfig:
 
 class SparseLatents(NamedTuple):
     values: Tensor
-    """Activations of the kept latents [B, k] (BatchTopK: [B, widest row], zero-padded)."""
+    """Activations of the kept latents [B, k] (BatchTopK and L1: [B, widest row],
+    zero-padded)."""
     indices: Tensor
     """Latent ids of those activations [B, k], int64."""
 
@@ -92,16 +122,23 @@ class SaeOutput(NamedTuple):
     auxk_loss: Tensor
     """AuxK: how badly the top dead latents reconstruct the residual x - x̂; 0 if none dead."""
     loss: Tensor
-    """What training minimises: fvu + aux_coefficient * auxk_loss."""
+    """What training minimises: fvu + aux_coefficient * auxk_loss (+ l1_coefficient *
+    l1_loss for the L1 SAE)."""
     l0: Tensor
     """Mean number of nonzero latents per row."""
+    l1_loss: Tensor
+    """L1 SAE: mean over rows of Σ_i z_i (unit decoder rows) / the batch's whitened RMS
+    per coordinate (gradient-free), so the coefficient does not depend on the states'
+    scale; 0 for TopK and BatchTopK."""
 
 
 class TopKSae(nn.Module):
-    """TopK (or BatchTopK) sparse autoencoder. `encoder` is an nn.Linear (weight [n_latents,
-    d_in]) on whitened inputs; `W_dec` [n_latents, d_in] holds one unit-norm direction per
-    latent in the whitened basis; buffers `whitening` (M) and `unwhitening` (M⁻¹) [d_in, d_in]
-    map the hidden basis there and back, so inputs, outputs and b_dec are in hidden units."""
+    """TopK (or BatchTopK, or L1-penalised ReLU: `SaeConfig.kind`) sparse autoencoder.
+
+    `encoder` is an nn.Linear (weight [n_latents, d_in]) on whitened inputs; `W_dec`
+    [n_latents, d_in] holds one unit-norm direction per latent in the whitened basis; buffers
+    `whitening` (M) and `unwhitening` (M⁻¹) [d_in, d_in] map the hidden basis there and back,
+    so inputs, outputs and b_dec are in hidden units."""
 
     def __init__(
         self,
@@ -162,11 +199,15 @@ class TopKSae(nn.Module):
 
         Unit rows overshoot: on isotropic 64-d inputs with k = 32 of 2048 latents the first
         x̂ is ~2x too long (FVU ~5), which costs hundreds of steps. TopK's choice does not
-        depend on the scale (b_enc = 0), so one scalar fixes it; W_enc stays ∝ W_decᵀ."""
+        depend on the scale (b_enc = 0), so one scalar fixes it; W_enc stays ∝ W_decᵀ. The
+        L1 SAE's choice (every positive pre-activation) does not either; it decodes all."""
         centred = sample.float() - self.b_dec
         pre = self.pre_activations(sample.float())
-        values, indices = F.relu(pre).topk(self.config.k, dim=-1, sorted=False)
-        decoded = self._decode_directions(values, indices)
+        if self.config.l1_coefficient is not None:
+            decoded = F.relu(pre) @ self.W_dec @ self.unwhitening
+        else:
+            values, indices = F.relu(pre).topk(self.config.k, dim=-1, sorted=False)
+            decoded = self._decode_directions(values, indices)
         scale = (decoded * centred).sum() / decoded.pow(2).sum()
         if torch.isfinite(scale) and scale > 0:
             self.encoder.weight.mul_(scale)
@@ -195,13 +236,16 @@ class TopKSae(nn.Module):
         return self.encoder((x - self.b_dec) @ self.whitening)
 
     def _select(self, pre: Tensor) -> tuple[Tensor, Tensor]:
-        """Ids of the kept latents [B, width] and which of them are real (BatchTopK pads)."""
+        """Ids of the kept latents [B, width] and which of them are real (BatchTopK and L1
+        pad every row to the widest)."""
         k = self.config.k
-        if not self.config.batch_topk:
+        if self.config.kind == "topk":
             indices = pre.topk(k, dim=-1, sorted=False).indices
             return indices, torch.ones_like(indices, dtype=torch.bool)
         acts = F.relu(pre)
-        if self.training or self.threshold < 0:
+        if self.config.kind == "relu_l1":
+            keep = acts > 0
+        elif self.training or self.threshold < 0:
             flat = acts.flatten()
             kept = flat.topk(min(k * len(acts), flat.numel()), sorted=False)
             keep = torch.zeros_like(flat, dtype=torch.bool).index_fill_(0, kept.indices, True)
@@ -225,12 +269,13 @@ class TopKSae(nn.Module):
         with torch.no_grad():
             indices, real = self._select(pre)
         values = F.relu(pre.gather(-1, indices))
-        if self.config.batch_topk:
+        if self.config.kind != "topk":
             values = torch.where(real, values, 0.0)
         return SparseLatents(values, indices), pre
 
     def encode(self, x: Tensor) -> SparseLatents:
-        """The kept latents of x [B, d_in]: top k per row (or BatchTopK), as values + ids."""
+        """The kept latents of x [B, d_in]: top k per row (BatchTopK: above its threshold;
+        L1: every positive one), as values + ids, zero-padded to the widest row."""
         self._check_input(x)
         return self._encode(x)[0]
 
@@ -270,15 +315,30 @@ class TopKSae(nn.Module):
         residual = x - reconstruction
         fvu = residual.pow(2).sum() / (x - x.mean(0)).pow(2).sum()
         auxk_loss = self._auxk_loss(pre, residual.detach(), dead_mask)
+        loss = fvu + self.config.aux_coefficient * auxk_loss
+        l1_loss = fvu.new_zeros(())
+        if self.config.l1_coefficient is not None:
+            l1_loss = self._l1_loss(x, values)
+            loss = loss + self.config.l1_coefficient * l1_loss
         return SaeOutput(
             reconstruction=reconstruction,
             latent_values=values,
             latent_indices=indices,
             fvu=fvu,
             auxk_loss=auxk_loss,
-            loss=fvu + self.config.aux_coefficient * auxk_loss,
+            loss=loss,
             l0=(values != 0).sum(-1).float().mean(),
+            l1_loss=l1_loss,
         )
+
+    def _l1_loss(self, x: Tensor, values: Tensor) -> Tensor:
+        # Σ_i z_i ‖W_dec[i]‖ with unit rows, per row, over the RMS per coordinate of the
+        # whitened batch (≈ 1 with whitening, whose gain sets E‖M(x - mean)‖² = d_in; in the
+        # hidden basis it makes the coefficient scale-free, as FVU's denominator does).
+        with torch.no_grad():
+            centred = (x - x.mean(0)) @ self.whitening
+            rms = centred.pow(2).mean().sqrt().clamp_min(1e-12)
+        return values.sum(-1).mean() / rms
 
     def _auxk_loss(self, pre: Tensor, residual: Tensor, dead_mask: Tensor | None) -> Tensor:
         n_dead = 0 if dead_mask is None else int(dead_mask.sum())
@@ -329,6 +389,7 @@ class TopKSae(nn.Module):
             )
         raw = json.loads((path / SAE_CONFIG_FILE).read_text())
         raw.setdefault("whitening_shrinkage", None)  # saved before whitening: hidden basis
+        raw.setdefault("l1_coefficient", None)  # saved before the L1 SAE: TopK/BatchTopK
         known = {f.name for f in fields(SaeConfig)}
         if unknown := sorted(set(raw) - known):
             raise ValueError(f"{path / SAE_CONFIG_FILE} has unknown keys {unknown}; known: {known}")

@@ -1,4 +1,5 @@
-"""Train a TopK SAE on one activation partition, streaming; evaluate it on held-out users.
+"""Train an SAE (TopK, BatchTopK or L1 ReLU) on one activation partition, streaming;
+evaluate it on held-out users.
 
 Every row of a user with user_idx % heldout_users_modulo == 0 is held out: never trained on,
 never used for the b_dec and whitening init, and the only rows `evaluate_sae` reads.
@@ -57,6 +58,8 @@ class CurvePoint(NamedTuple):
     """Mean nonzero latents per row over those steps."""
     dead_fraction: float
     """Share of latents that have not fired in the last `dead_after_rows` training rows."""
+    l1_loss: float = 0.0
+    """Mean L1 penalty term over those steps (`SaeOutput.l1_loss`; 0 for TopK/BatchTopK)."""
 
 
 class SaeTrainResult(NamedTuple):
@@ -133,10 +136,10 @@ def train_sae(
     heldout_users_modulo: int = 10,
     on_progress: Callable[[int, int, dict[str, float]], None] | None = None,
 ) -> SaeTrainResult:
-    """Train a TopK SAE with Adam on the partition's non-held-out rows, then evaluate it on
-    the held-out users' rows. `on_progress(rows_seen, total_rows, metrics)` runs at each
-    curve point with that point's fields. Under a process group (torchrun) `batch_size` is
-    the global batch, each rank trains on its shard, and rank 0 evaluates."""
+    """Train an SAE (`sae_config.kind`) with Adam on the partition's non-held-out rows, then
+    evaluate it on the held-out users' rows. `on_progress(rows_seen, total_rows, metrics)`
+    runs at each curve point with that point's fields. Under a process group (torchrun)
+    `batch_size` is the global batch, each rank trains on its shard, and rank 0 evaluates."""
     if heldout_users_modulo < 2:
         raise ValueError(
             f"heldout_users_modulo={heldout_users_modulo}; use >= 2 (10 holds out every tenth "
@@ -155,7 +158,7 @@ def train_sae(
     lr = config.lr if config.lr is not None else default_lr(sae_config.n_latents)
     optimizer = torch.optim.Adam(sae.parameters(), lr=lr)
     rows_since_fired = torch.zeros(sae_config.n_latents, dtype=torch.long, device=device)
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # fvu, auxk, l0: no sync per step
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # fvu, auxk, l0, l1: no sync
     curve: list[CurvePoint] = []
     steps = rows = epochs = 0
     since_point = 0
@@ -173,17 +176,17 @@ def train_sae(
             rows_since_fired += len(x)
             rows_since_fired[out.latent_indices[out.latent_values > 0]] = 0
             ddp.all_reduce_min(rows_since_fired)  # fired on any rank = alive
-            sums += torch.stack([out.fvu, out.auxk_loss, out.l0]).double()
+            sums += torch.stack([out.fvu, out.auxk_loss, out.l0, out.l1_loss]).double()
         steps, rows, epochs, since_point = steps + 1, rows + len(x), epoch + 1, since_point + 1
         if steps % config.log_every == 0 or rows == config.rows_seen:
-            fvu, auxk, l0 = (ddp.all_reduce_mean(sums) / since_point).tolist()
-            if not math.isfinite(fvu + auxk):
+            fvu, auxk, l0, l1 = (ddp.all_reduce_mean(sums) / since_point).tolist()
+            if not math.isfinite(fvu + auxk + l1):
                 raise FloatingPointError(
-                    f"training fvu={fvu}, auxk_loss={auxk} at rows_seen={rows}; lower lr "
-                    f"(now {lr:g}) or check {partition_dir} for non-finite activations"
+                    f"training fvu={fvu}, auxk_loss={auxk}, l1_loss={l1} at rows_seen={rows}; "
+                    f"lower lr (now {lr:g}) or check {partition_dir} for non-finite activations"
                 )
             dead = float((rows_since_fired >= sae_config.dead_after_rows).float().mean())
-            point = CurvePoint(rows, fvu, auxk, l0, dead)
+            point = CurvePoint(rows, fvu, auxk, l0, dead, l1)
             curve.append(point)
             sums.zero_()
             since_point = 0

@@ -35,11 +35,24 @@ GROUP = "sae"
 
 
 class SaeAssetConfig(dg.Config):
-    """TopK SAE (Gao et al. 2024) knobs; defaults train in well under a minute per partition on a CPU."""
+    """TopK SAE (Gao et al. 2024) knobs, BatchTopK or an L1 ReLU SAE on request; defaults
+    train in well under a minute per partition on a CPU."""
 
     expansion: int = knob(SaeConfig, "expansion", "Latents = expansion x hidden size.")
     k: int = knob(SaeConfig, "k", "Active latents per row.")
     batch_topk: bool = knob(SaeConfig, "batch_topk")
+    whitening_shrinkage: float | None = knob(
+        SaeConfig,
+        "whitening_shrinkage",
+        "Encode in the basis (cov + λ·mean eigenvalue·I)^-1/2 of the init sample, λ = this; "
+        "unset: the hidden basis.",
+    )
+    l1_coefficient: float | None = knob(
+        SaeConfig,
+        "l1_coefficient",
+        "Set: a ReLU SAE with this L1 penalty instead of a top-k (k is then ignored; not "
+        "with batch_topk).",
+    )
     lr: float | None = knob(
         SaeTrainConfig, "lr", "Adam lr; unset: 2e-4 / sqrt(latents / 2^14) (sparsify)."
     )
