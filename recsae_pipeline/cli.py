@@ -392,6 +392,30 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_sae(args: argparse.Namespace) -> int:
+    """Write one trained SAE in SAELens's or sparsify's layout, its whitening folded in
+    (`recsae_pipeline.sae.export`), and print where."""
+    from recsae_pipeline.sae.export import export_saelens, export_sparsify, saelens_hook_name
+    from recsae_pipeline.sae.model import TopKSae
+
+    paths = _artifact_paths(args.data_dir)
+    try:
+        model_name, layer = parse_partition_key(args.sae)
+        sae_dir = paths.partition(model_name, layer).sae
+        sae = TopKSae.load(sae_dir).eval()
+        meta = {"model": model_name, "layer": layer, "source": str(sae_dir)}
+        if args.format == "saelens":
+            hook = saelens_hook_name(model_name, layer)
+            written = export_saelens(sae, Path(args.out), hook, **meta)
+        else:
+            written = export_sparsify(sae, Path(args.out), f"layers.{layer}", **meta)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"recsae export-sae: {err}", file=sys.stderr)
+        return 2
+    print(written)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recsae", description=__doc__)
     parser.add_argument(
@@ -462,6 +486,17 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--model", help="model name at that endpoint")
     exp.add_argument("--device", default="auto", help="auto | cpu | cuda[:n]")
     exp.set_defaults(func=cmd_explain)
+    ex = sub.add_parser(
+        "export-sae", help="write a trained SAE for SAELens (SAE.load_from_disk) or sparsify"
+    )
+    ex.add_argument("--sae", default="sasrec.layer2", help="SAE partition <model>.layer<l>")
+    ex.add_argument("--format", choices=["saelens", "sparsify"], default="saelens")
+    ex.add_argument(
+        "--out",
+        required=True,
+        help="folder to write (replaced whole); sparsify: the parent of its layers.<l> folder",
+    )
+    ex.set_defaults(func=cmd_export_sae)
     return parser
 
 
