@@ -137,7 +137,11 @@ def test_l1_sae_keeps_every_positive_latent_and_adds_a_scale_free_penalty():
     assert torch.equal(dense != 0, pre > 0)  # no top-k: every positive pre-activation
     assert torch.allclose(dense, pre.clamp_min(0))
     per_row = (pre > 0).sum(1)
-    assert out.latent_values.shape[1] == per_row.max() and per_row.min() < per_row.max()
+    values, indices = sae.encode(x)  # packed, zero-padded to the widest row
+    assert values.shape == indices.shape == (64, per_row.max()) and per_row.min() < per_row.max()
+    assert torch.equal((values != 0).sum(1), per_row)
+    assert torch.allclose(sae.decode(values, indices), out.reconstruction, atol=1e-5)
+    assert torch.equal(out.latent_values, dense)  # forward: dense, every latent
     assert out.l0.item() == pytest.approx(per_row.float().mean().item())
     rms = (x - x.mean(0)).pow(2).mean().sqrt()
     assert out.l1_loss.item() == pytest.approx((dense.sum(1).mean() / rms).item(), rel=1e-5)
