@@ -5,6 +5,7 @@ examples, `recsae recommend --steer` and `recsae explain`."""
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -89,16 +90,54 @@ def test_feature_stats_compare_features_with_neurons_and_planted_concepts(
     assert (meta["concepts_auc_ge_0.9_sae"], meta["concepts_auc_ge_0.9_neurons"]) == (
         sae_hits, neuron_hits,
     )  # fmt: skip
-    check = tiny_store.check("feature_stats", "sae_more_monosemantic_than_neurons")
-    sae_median, neuron_median = (check.metadata[k].value for k in ("sae_median", "neuron_median"))
-    assert meta["median_monosemanticity"].startswith(f"SAE {sae_median:.3f}")
-    assert f"neurons {neuron_median:.3f}" in meta["median_monosemanticity"]
+    assert meta["median_monosemanticity"].startswith("SAE ")
+    assert "chance (p95)" in meta["median_monosemanticity"]
     assert f"over {n} concepts" in meta["concept_auc_sae_minus_neurons"]
     assert "| neuron | sign |" in meta["most_monosemantic_neurons"]
     assert (root / "reports" / "monosemanticity_sasrec_layer2.png").exists()
-    assert check.passed == (
-        check.metadata["sae_median"].value > check.metadata["neuron_median"].value
-    )
+
+
+def test_chance_corrected_measures_cover_three_kinds_and_drive_the_check(
+    tiny_store: TinyStore, capsys: pytest.CaptureFixture
+) -> None:
+    root = tiny_store.root
+    out = root / "feature_stats" / "model=sasrec" / "layer=2"
+    targets = pq.read_table(out / "targets.parquet").to_pylist()
+    assert {t["kind"] for t in targets} == {"sae", "neurons", "rotation"}
+    assert {t["family"] for t in targets} == {"attribute", "history", "concept"}
+    # item-level targets are measurable: a franchise is a target like any genre
+    assert any(t["target"].startswith("franchise:") for t in targets)
+    for t in targets:
+        assert 0 <= t["best_auc"] <= 1 and 0 <= t["null_best_auc"] <= 1
+        assert t["excess_auc"] == pytest.approx(t["best_auc"] - t["null_best_auc"], abs=1e-6)
+    units = pq.read_table(out / "units.parquet").to_pylist()
+    hidden = SASREC["hidden_size"]
+    assert sum(u["kind"] == "neurons" for u in units) == 2 * hidden
+    assert sum(u["kind"] == "rotation" for u in units) == 2 * hidden
+    assert sum(u["kind"] == "sae" for u in units) == SAE["expansion"] * hidden
+    assert any(u["purity"] is not None and u["purity_chance_p95"] is not None for u in units)
+    # the DuckDB views hold the same rows
+    (header, row) = _csv(
+        capsys, root,
+        "SELECT count(*) FROM target_measures WHERE model = 'sasrec' AND layer = 2",
+    )  # fmt: skip
+    assert int(row[0]) == len(targets)
+    check = tiny_store.check("feature_stats", "sae_features_beat_neurons")
+    m = {k: v.value for k, v in check.metadata.items()}
+    pooled = [t for t in targets if t["family"] in ("attribute", "concept")]
+    by = {(t["kind"], t["family"], t["target"]): t["probe_auc_k1"] for t in pooled}
+    pairs = [
+        (by["sae", f, n], by["neurons", f, n])
+        for (kind, f, n) in by
+        if kind == "sae" and not (math.isnan(by["sae", f, n]) or math.isnan(by["neurons", f, n]))
+    ]
+    assert m["targets"] == len(pairs)
+    assert m["sae_higher_on"] == sum(a > b for a, b in pairs)
+    assert m["sae_mean_auc"] == pytest.approx(sum(a for a, _ in pairs) / len(pairs))
+    assert check.passed == (m["sae_higher_on"] > len(pairs) / 2 and m["ci95_low"] > 0)
+    meta = metadata(tiny_store.features, "feature_stats")
+    assert "| random rotation |" in meta["measures"]
+    assert "random rotation" in meta["sae_vs_baselines"]
 
 
 def test_steering_moves_genre_shares(tiny_store: TinyStore) -> None:

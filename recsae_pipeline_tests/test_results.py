@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import get_args
 
 import pyarrow.parquet as pq
 import pytest
 
 from recsae_pipeline.cli import main
 from recsae_pipeline.report.results import RECOMMENDER_PAIRS, results_markdown
-from recsae_pipeline.report.stats import MIN_BOOTSTRAP_UNITS, NO_DIFFERENCE, TOO_FEW
+from recsae_pipeline.report.stats import MIN_BOOTSTRAP_UNITS, NO_DIFFERENCE, TOO_FEW, Unit
 from recsae_pipeline_tests.support import KEY, TinyStore, metadata
 
 SHAPE = {"name", "metric", "a", "b", "difference", "ci95", "n", "unit", "verdict"}
@@ -34,9 +35,14 @@ def test_results_hold_every_comparison_with_both_sides_and_a_ci(tiny_store: Tiny
         assert (row["n"], row["n_nan"]) == (users, 0)
     assert any(n.startswith(f"{KEY}: SAE reconstruction spliced in") for n in names)
     assert any(n.startswith(f"{KEY}: SAE features vs neurons, planted concepts") for n in names)
+    # each chance-corrected measure against both controls
+    for other in ("neurons", "random rotation"):
+        for measure in ("excess_auc", "probe_auc_k1", "probe_auc_k5"):
+            assert f"{KEY}: SAE features vs {other}, {measure} on attribute targets" in names
+        assert f"{KEY}: SAE features vs {other}, units above chance" in names
     for c in comparisons:
         assert c.keys() >= SHAPE, c["name"]
-        assert c["unit"] in {"users", "features", "seeds", "genres", "concepts"}
+        assert c["unit"] in get_args(Unit)
         lo, hi = c["ci95"]
         if math.isfinite(lo) and math.isfinite(c["difference"]):
             assert lo <= c["difference"] <= hi or c["method"].startswith("independent"), c

@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_CHECKS = {
-    ("feature_stats", "sae_more_monosemantic_than_neurons"),
+    ("feature_stats", "sae_features_beat_neurons"),
     ("steering_eval", "steering_triples_genre_share"),
     ("explanation_scores", "sage_beats_baseline"),
     ("student", "student_close_to_teacher"),

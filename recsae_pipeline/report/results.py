@@ -39,6 +39,7 @@ from recsae_pipeline.report.stats import (
     compare,
     format_ci,
 )
+from recsae_pipeline.sae.interpretability import KIND_LABELS
 from recsae_pipeline.sae.steering import CLAMP, DIRECTIONS, NO_STEERING, share_gains
 from recsae_pipeline.storage.registry import ArtifactPaths, PartitionPaths
 
@@ -187,6 +188,21 @@ def _sae_vs_neurons(part: PartitionPaths, results: Results, resamples: int, seed
                 partition=part.key,
             )  # fmt: skip
         )
+    if part.target_measures.exists():
+        units = pq.read_table(part.unit_measures) if part.unit_measures.exists() else None
+        results.comparisons.extend(
+            measure_comparisons(
+                pq.read_table(part.target_measures),
+                units,
+                part.key,
+                resamples,
+                seed,
+                section="sae_vs_neurons",
+                partition=part.key,
+            )  # fmt: skip
+        )
+    else:
+        results.missing.append(f"{part.key} target measures: {part.target_measures} not found")
     if not part.planted_concepts.exists():
         return  # no ground truth (a real log): nothing planted to detect
     concepts = pq.read_table(part.planted_concepts, columns=["feature_auc", "neuron_auc"])
@@ -279,6 +295,109 @@ def steering_comparisons(
             **notes,
         )
     return SteeringComparisons(overall, per_genre, clamp)
+
+
+MEASURES = (
+    ("excess_auc", "best unit's AUC minus the shuffled null's best", ("attribute", "concept")),
+    ("probe_auc_k1", "held-out AUC of a 1-sparse probe", ("attribute", "history", "concept")),
+    ("probe_auc_k5", "held-out AUC of a 5-sparse probe", ("attribute", "history", "concept")),
+)
+"""The chance-corrected measures of `sae.interpretability` that each partition reports, SAE
+features against neurons and against a random rotation: (measure, metric, target families)."""
+FAMILY_UNITS = {"attribute": "attributes", "history": "attributes", "concept": "concepts"}
+HEADLINE_MEASURE = "probe_auc_k1"
+"""The measure behind the `sae_features_beat_neurons` check."""
+
+
+def measure_comparisons(
+    targets: pa.Table,
+    units: pa.Table | None,
+    key: str,
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+    **notes: Any,
+) -> list[Comparison]:
+    """SAE features vs neurons and vs a random rotation on each of `MEASURES`, paired over
+    targets (`target_measures`), each with the count of targets where the SAE's side is higher;
+    and, from `unit_measures`, the share of units whose best attribute AUC beats the shuffled
+    null's 95th percentile (independent bootstrap of shares over units)."""
+    frame = targets.select(["target", "family", "kind", *{m for m, _, _ in MEASURES}]).to_pandas()
+    out = []
+    for other in ("neurons", "rotation"):
+        for measure, metric, families in MEASURES:
+            for family in families:
+                rows = frame[frame["family"] == family]
+                sides = {
+                    kind: rows[rows["kind"] == kind].set_index("target")[measure]
+                    for kind in ("sae", other)
+                }
+                if sides["sae"].empty or sides[other].empty:
+                    continue
+                a, b = sides["sae"].align(sides[other], join="inner")
+                a_values, b_values = a.to_numpy(np.float64), b.to_numpy(np.float64)
+                ok = np.isfinite(a_values) & np.isfinite(b_values)
+                out.append(
+                    compare(
+                        f"{key}: SAE features vs {KIND_LABELS[other]}, {measure} on {family} targets",
+                        metric,
+                        "SAE features",
+                        a_values,
+                        KIND_LABELS[other],
+                        b_values,
+                        FAMILY_UNITS[family],
+                        resamples,
+                        seed,
+                        measure=measure,
+                        family=family,
+                        sae_higher_on=int((a_values[ok] > b_values[ok]).sum()),
+                        other_higher_on=int((a_values[ok] < b_values[ok]).sum()),
+                        **notes,
+                    )  # fmt: skip
+                )
+    if units is not None:
+        frame = units.select(["kind", "active", "best_attribute_auc"]).to_pandas()
+        frame = frame[frame["active"]]
+        levels = _chance_from_units(units)
+        above = {
+            kind: (g["best_attribute_auc"].to_numpy(np.float64) > levels[kind]).astype(float)
+            for kind, g in frame.groupby("kind")
+            if kind in levels
+        }
+        for other in ("neurons", "rotation"):
+            if "sae" in above and other in above:
+                out.append(
+                    compare(
+                        f"{key}: SAE features vs {KIND_LABELS[other]}, units above chance",
+                        "share of units whose best attribute AUC beats the null's 95th percentile",
+                        "SAE features",
+                        above["sae"],
+                        KIND_LABELS[other],
+                        above[other],
+                        "units",
+                        resamples,
+                        seed,
+                        independent=True,
+                        statistic="mean",
+                        measure="above_chance",
+                        family="attribute",
+                        chance_p95={
+                            "SAE features": levels["sae"],
+                            KIND_LABELS[other]: levels[other],
+                        },
+                        **notes,
+                    )  # fmt: skip
+                )
+    return out
+
+
+def _chance_from_units(units: pa.Table) -> dict[str, float]:
+    """kind -> 95th percentile over active units of the null's best attribute AUC."""
+    frame = units.select(["kind", "active", "best_attribute_null_auc"]).to_pandas()
+    frame = frame[frame["active"]].dropna()
+    return {
+        kind: float(np.quantile(g["best_attribute_null_auc"].to_numpy(np.float64), 0.95))
+        for kind, g in frame.groupby("kind")
+    }
 
 
 def concepts_comparison(

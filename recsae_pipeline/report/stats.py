@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-Unit = Literal["users", "features", "seeds", "genres", "concepts"]
+Unit = Literal["users", "features", "units", "seeds", "genres", "concepts", "attributes"]
 NO_DIFFERENCE = "no measurable difference"
 TOO_FEW = "too few units for a CI"
 DEFAULT_RESAMPLES = 2000
@@ -138,6 +138,7 @@ def compare(
     resamples: int = DEFAULT_RESAMPLES,
     seed: int = 0,
     independent: bool = False,
+    statistic: Literal["median", "mean"] = "median",
     **notes: Any,
 ) -> Comparison:
     """Both sides' means over the units where both are defined, the mean paired difference
@@ -145,17 +146,19 @@ def compare(
 
     `independent`: a and b are different units (SAE features and neurons): their medians,
     the difference of medians and its CI by resampling each sample on its own; n is the
-    smaller sample, both sizes are in `notes`."""
+    smaller sample, both sizes are in `notes`; `statistic="mean"` compares means instead
+    (of 0/1 indicators: shares)."""
     if independent:
         x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
         dropped = int((~np.isfinite(x)).sum() + (~np.isfinite(y)).sum())
         x, y = x[np.isfinite(x)], y[np.isfinite(y)]
-        diff, ci = _independent_medians(x, y, resamples, seed)
+        centre = np.median if statistic == "median" else np.mean
+        diff, ci = _independent(x, y, resamples, seed, centre)
         return Comparison(
-            name, metric, Side(a_label, float(np.median(x)) if len(x) else math.nan),
-            Side(b_label, float(np.median(y)) if len(y) else math.nan), diff, ci,
+            name, metric, Side(a_label, float(centre(x)) if len(x) else math.nan),
+            Side(b_label, float(centre(y)) if len(y) else math.nan), diff, ci,
             min(len(x), len(y)), unit, dropped,
-            f"independent bootstrap of medians ({resamples} resamples)",
+            f"independent bootstrap of {statistic}s ({resamples} resamples)",
             {"n_a": len(x), "n_b": len(y), **notes},
         )  # fmt: skip
     x, y, dropped = _paired(a, b)
@@ -176,21 +179,22 @@ def compare(
     )
 
 
-def _independent_medians(
-    x: np.ndarray, y: np.ndarray, resamples: int, seed: int
+def _independent(
+    x: np.ndarray, y: np.ndarray, resamples: int, seed: int, centre: Any = np.median
 ) -> tuple[float, tuple[float, float]]:
-    """Difference of medians and its 95% CI, resampling each sample on its own."""
+    """Difference of `centre` (median or mean) and its 95% CI, resampling each sample on its
+    own."""
     if min(len(x), len(y)) < MIN_BOOTSTRAP_UNITS:
-        return (float(np.median(x) - np.median(y)) if len(x) and len(y) else math.nan), (
+        return (float(centre(x) - centre(y)) if len(x) and len(y) else math.nan), (
             math.nan,
             math.nan,
         )
     rng = np.random.default_rng(seed)
-    diffs = np.median(rng.choice(x, (resamples, len(x))), axis=1) - np.median(
+    diffs = centre(rng.choice(x, (resamples, len(x))), axis=1) - centre(
         rng.choice(y, (resamples, len(y))), axis=1
     )
     lo, hi = np.percentile(diffs, [2.5, 97.5])
-    return float(np.median(x) - np.median(y)), (float(lo), float(hi))
+    return float(centre(x) - centre(y)), (float(lo), float(hi))
 
 
 def spread(values: Sequence[float]) -> dict[str, float]:

@@ -32,6 +32,20 @@ from torch import Tensor
 from recsae_pipeline.activations.shards import iter_in_file_order, partition_rows
 from recsae_pipeline.data.catalog import Catalog
 from recsae_pipeline.models.metrics import dense_auc, sparse_auc
+from recsae_pipeline.sae.interpretability import (
+    DenseUnits,
+    MeasureConfig,
+    Measures,
+    SparseUnits,
+    Targets,
+    attribute_targets,
+    concept_targets,
+    item_attribute_matrix,
+    measure_units,
+    purity_chance,
+    random_rotation,
+    rotated,
+)
 from recsae_pipeline.sae.model import TopKSae
 from recsae_pipeline.storage.atomic import copy_to_parquet, parquet_writer, scratch_dir
 from recsae_pipeline.storage.registry import ArtifactPaths
@@ -158,16 +172,17 @@ def feature_top_items(con: duckdb.DuckDBPyConnection, feature_path: Path, top_n:
 
 
 @torch.no_grad()
-def neuron_top_items(partition_dir: Path, top_n: int) -> pa.Table:
+def neuron_top_items(partition_dir: Path, top_n: int, rotation: Tensor | None = None) -> pa.Table:
     """(unit, sign, item_idx, value) of each hidden dimension's `top_n` distinct items by
-    their highest value ('+') and by their lowest value ('-', value kept negative).
+    their highest value ('+') and by their lowest value ('-', value kept negative); with a
+    `rotation` [d, d], of each coordinate of x @ rotation instead.
 
     Streams once, keeping a running per-item maximum of x and of -x: memory is
     O(num_items * d) whatever the number of rows."""
     best: dict[str, Tensor] = {}
     seen = torch.zeros(0, dtype=torch.bool)
     for batch in iter_in_file_order(partition_dir, columns=("activation", "item_idx")):
-        x = batch["activation"]
+        x = batch["activation"] if rotation is None else batch["activation"].float() @ rotation
         items = batch["item_idx"].long()
         size = int(items.max()) + 1
         if size > len(seen):  # grow the per-item tables to the largest index so far
@@ -273,6 +288,8 @@ class RowSample:
 
     user_idx: Tensor
     position: Tensor
+    item_idx: Tensor
+    """The input item at each row's position."""
     activation: Tensor
     """float32 [R, d]"""
     values: Tensor
@@ -287,21 +304,23 @@ def sample_rows(
 ) -> RowSample:
     """Every row of the users with user_idx % stride == 0 (`sample_stride`), encoded."""
     stride = sample_stride(partition_rows(partition_dir), max_rows)
-    parts: dict[str, list[Tensor]] = {k: [] for k in ("user_idx", "position", "activation")}
+    names = ("user_idx", "position", "item_idx")
+    parts: dict[str, list[Tensor]] = {k: [] for k in (*names, "activation")}
     codes: list[tuple[Tensor, Tensor]] = []
-    for batch in iter_in_file_order(partition_dir, columns=("activation", "user_idx", "position")):
+    for batch in iter_in_file_order(partition_dir, columns=("activation", *names)):
         keep = batch["user_idx"] % stride == 0
         if not keep.any():
             continue
         x = batch["activation"][keep]
         parts["activation"].append(x)
-        parts["user_idx"].append(batch["user_idx"][keep])
-        parts["position"].append(batch["position"][keep])
+        for name in names:
+            parts[name].append(batch[name][keep])
         values, indices = sae.encode(x.to(device))
         codes.append((values.cpu(), indices.cpu()))
     return RowSample(
         user_idx=torch.cat(parts["user_idx"]),
         position=torch.cat(parts["position"]),
+        item_idx=torch.cat(parts["item_idx"]),
         activation=torch.cat(parts["activation"]),
         values=torch.cat([v for v, _ in codes]),
         indices=torch.cat([i for _, i in codes]).long(),
@@ -364,15 +383,24 @@ def concept_labels(
 class FeatureStats:
     features: pa.Table
     """Per SAE feature: frequency, mean/max activation, top items, best attribute and
-    monosemanticity, and (synthetic data) the best planted concept and its AUC."""
+    monosemanticity (with its chance level), and (synthetic data) the best planted concept."""
     neurons: pa.Table
-    """Per (hidden dimension, sign): best attribute and monosemanticity."""
+    """Per (hidden dimension, sign): best attribute and monosemanticity (with chance level)."""
     enrichment: pa.Table
     """Per (kind, unit, sign, family, value): share among top items, base rate, lift, purity."""
     concepts: pa.Table | None
     """Per planted concept: positives, best feature and neuron with their AUCs (or None)."""
     sample_rows: int
-    """Rows behind the concept AUCs."""
+    """Rows behind the AUCs and probes."""
+    measures: Measures
+    """The chance-corrected measures (`sae.interpretability`) of SAE features, neurons and a
+    random rotation."""
+    units: pa.Table
+    """`Measures.unit_table` joined with each unit's purity and its chance level."""
+    targets: pa.Table
+    """`Measures.target_table`: per (target, kind) best unit, null, k-sparse probes."""
+    chance: pa.Table
+    """Per (kind, measure, family): the chance level of each unit-level measure."""
 
 
 def compute_feature_stats(
@@ -385,10 +413,14 @@ def compute_feature_stats(
     min_support: int = 20,
     max_sample_rows: int = 500_000,
     min_positives: int = 20,
+    measure_config: MeasureConfig | None = None,
 ) -> FeatureStats:
     """Statistics of every SAE feature and raw hidden dimension of partition (model, layer)
     (see the module docstring), from its activations, its sparse feature-activation table
-    (`write_feature_activations`), the catalog and, when present, the planted ground truth."""
+    (`write_feature_activations`), the catalog and, when present, the planted ground truth;
+    with the chance-corrected measures of `sae.interpretability` for SAE features, neurons
+    and a random rotation."""
+    config = measure_config or MeasureConfig(min_positives=min_positives)
     partition = paths.partition(model, layer)
     partition_dir, feature_path = partition.activations, partition.feature_activations
     catalog = Catalog.load(paths)
@@ -396,16 +428,30 @@ def compute_feature_stats(
     try:
         item_attributes(con, catalog)
         con.execute(
-            f"CREATE TEMP TABLE base_items AS SELECT DISTINCT item_idx "
-            f"FROM {read_parquet(partition.activation_shards)}"
+            f"CREATE TEMP TABLE base_items AS SELECT item_idx, count(*) AS rows "
+            f"FROM {read_parquet(partition.activation_shards)} GROUP BY item_idx"
         )
         total_rows = partition_rows(partition_dir)
+        sample = sample_rows(sae, partition_dir, max_sample_rows, device)
+        rotation = random_rotation(sample.activation.shape[1], config.seed)
         feature_top_items(con, feature_path, top_n)
         con.register("neuron_top", neuron_top_items(partition_dir, top_n))
-        feature_enrichment = enrichment(con, "top_items", "base_items", min_support)
-        neuron_enrichment = enrichment(con, "neuron_top", "base_items", min_support)
-        feature_mono = monosemanticity(feature_enrichment)
-        con.register("feature_mono", feature_mono)
+        con.register("rotation_top", neuron_top_items(partition_dir, top_n, rotation))
+        enrichments = {
+            kind: enrichment(con, table, "base_items", min_support)
+            for kind, table in (
+                ("feature", "top_items"), ("neuron", "neuron_top"), ("rotation", "rotation_top")
+            )
+        }  # fmt: skip
+        monos = {kind: monosemanticity(table) for kind, table in enrichments.items()}
+        item_rows = dict(con.execute("SELECT item_idx, rows FROM base_items").fetchall())
+        _, attribute_matrix = item_attribute_matrix(catalog)
+        sizes = {int(s) for t in monos.values() for s in t.column("top_items").to_pylist()}
+        chance = purity_chance(
+            item_rows, attribute_matrix, sorted(sizes), config.purity_null_draws, config.seed
+        )
+        monos = {kind: _with_purity_chance(t, chance) for kind, t in monos.items()}
+        con.register("feature_mono", monos["feature"])
         con.register("titles", catalog.title_table())
         features = con.sql(
             f"""
@@ -426,25 +472,24 @@ def compute_feature_stats(
                    COALESCE(b.n_active, 0) / {total_rows}::DOUBLE AS frequency,
                    b.mean_activation::FLOAT AS mean_activation, b.max_activation::FLOAT AS max_activation,
                    t.top_items::INTEGER[] AS top_items, t.top_titles,
-                   m.best_attribute, m.monosemanticity, m.best_share, m.best_base_rate
+                   m.best_attribute, m.monosemanticity, m.monosemanticity_chance_p95,
+                   m.best_share, m.best_base_rate
             FROM all_features f LEFT JOIN basic b USING (feature) LEFT JOIN top_items t USING (feature)
             LEFT JOIN feature_mono m ON m.unit = f.feature
             ORDER BY f.feature
             """
         ).to_arrow_table()
-        kinds = [
-            (feature_enrichment, "feature"),
-            (neuron_enrichment, "neuron"),
-        ]
         enrichment_all = pa.concat_tables(
-            [t.append_column("kind", pa.array([kind] * len(t), pa.string())) for t, kind in kinds]
+            [
+                t.append_column("kind", pa.array([kind] * len(t), pa.string()))
+                for kind, t in enrichments.items()
+            ]
         )
-        neurons = monosemanticity(neuron_enrichment)
+        targets = attribute_targets(
+            sample.item_idx, sample.user_idx, sample.position, catalog, config
+        )
         concepts = None
-        sample_size = 0
         if paths.ground_truth.exists():
-            sample = sample_rows(sae, partition_dir, max_sample_rows, device)
-            sample_size = len(sample.user_idx)
             names, labels = concept_labels(
                 con,
                 sample,
@@ -458,47 +503,126 @@ def compute_feature_stats(
                 feature_auc = sparse_auc(
                     sample.values, sample.indices, labels, sae.config.n_latents
                 )
-                neuron_auc = dense_auc(sample.activation, labels)
-                signed = torch.cat([neuron_auc, 1 - neuron_auc])  # rows: d '+', then d '-'
-                d = neuron_auc.shape[0]
-                best_f = feature_auc.max(0)
-                best_n = signed.max(0)
-                concepts = pa.table(
-                    {
-                        "concept": names,
-                        "positives": labels.sum(0).numpy().astype(np.int64),
-                        "best_feature": best_f.indices.numpy().astype(np.int32),
-                        "feature_auc": best_f.values.numpy(),
-                        "best_neuron": (best_n.indices % d).numpy().astype(np.int32),
-                        "neuron_sign": ["+" if i < d else "-" for i in best_n.indices.tolist()],
-                        "neuron_auc": best_n.values.numpy(),
-                    }
-                )
-                per_feature = feature_auc.max(1)
-                # Features never active in the sample have AUC 0.5 everywhere: no concept.
-                seen = torch.zeros(sae.config.n_latents, dtype=torch.bool)
-                seen[sample.indices[sample.values > 0]] = True
-                features = features.append_column(
-                    "best_concept",
-                    pa.array(
-                        [
-                            names[i] if s else None
-                            for i, s in zip(
-                                per_feature.indices.tolist(), seen.tolist(), strict=True
-                            )
-                        ],
-                        pa.string(),
-                    ),
-                ).append_column(
-                    "concept_auc",
-                    pa.array(
-                        [
-                            v if s else None
-                            for v, s in zip(per_feature.values.tolist(), seen.tolist(), strict=True)
-                        ],
-                        pa.float32(),
-                    ),
-                )
-        return FeatureStats(features, neurons, enrichment_all, concepts, sample_size)
+                concepts = _concept_table(feature_auc, sample, names, labels)
+                features = _with_best_concept(features, feature_auc, sample, names)
+                targets = Targets.concat([targets, concept_targets(names, labels, config)])
+        units = [
+            SparseUnits(sample.values, sample.indices, sae.config.n_latents),
+            DenseUnits("neurons", sample.activation),
+            DenseUnits("rotation", rotated(sample.activation, rotation)),
+        ]
+        measures = measure_units(units, targets, sample.user_idx, config)
+        unit_table = _units_with_purity(measures.unit_table(), monos)
+        return FeatureStats(
+            features,
+            monos["neuron"],
+            enrichment_all,
+            concepts,
+            len(sample.user_idx),
+            measures,
+            unit_table,
+            measures.target_table(),
+            _chance_table(measures, chance, top_n),
+        )
     finally:
         con.close()
+
+
+def _with_purity_chance(mono: pa.Table, chance: dict[int, tuple[float, float]]) -> pa.Table:
+    """`monosemanticity` table plus the chance level of a unit with that many top items."""
+    sizes = mono.column("top_items").to_pylist()
+    return mono.append_column(
+        "monosemanticity_chance_p95",
+        pa.array([chance[int(s)][1] if s is not None else None for s in sizes], pa.float64()),
+    )
+
+
+def _units_with_purity(units: pa.Table, monos: dict[str, pa.Table]) -> pa.Table:
+    """Each unit's purity score and its chance level beside the AUC measures."""
+    con = duckdb.connect()
+    try:
+        con.register("units", units)
+        for kind, table in monos.items():
+            con.register(f"mono_{kind}", table)
+        return con.sql(
+            """
+            WITH mono AS (
+                SELECT 'sae' AS kind, * FROM mono_feature
+                UNION ALL SELECT 'neurons', * FROM mono_neuron
+                UNION ALL SELECT 'rotation', * FROM mono_rotation
+            )
+            SELECT u.*, m.best_attribute AS purity_attribute, m.monosemanticity AS purity,
+                   m.monosemanticity_chance_p95 AS purity_chance_p95
+            FROM units u LEFT JOIN mono m USING (kind, unit, sign)
+            ORDER BY CASE u.kind WHEN 'sae' THEN 0 WHEN 'neurons' THEN 1 ELSE 2 END, u.unit, u.sign
+            """
+        ).to_arrow_table()
+    finally:
+        con.close()
+
+
+def _chance_table(
+    measures: Measures, purity: dict[int, tuple[float, float]], top_n: int
+) -> pa.Table:
+    """(kind, measure, family, chance_p95, share_above): the unit-level measures' chance levels
+    and the share of each kind's active units above them; the purity's level at `top_n`."""
+    rows: dict[str, list] = {
+        k: [] for k in ("kind", "measure", "family", "chance_p95", "share_above")
+    }
+    for kind, levels in measures.chance_levels().items():
+        for family, level in levels.items():
+            rows["kind"].append(kind)
+            rows["measure"].append("best_auc")
+            rows["family"].append(family)
+            rows["chance_p95"].append(level)
+            rows["share_above"].append(measures.share_above_chance(kind, family))
+    n = max((s for s in purity if s <= top_n), default=None)
+    if n is not None:
+        rows["kind"].append("any")
+        rows["measure"].append(f"purity@{n}")
+        rows["family"].append("attribute")
+        rows["chance_p95"].append(purity[n][1])
+        rows["share_above"].append(None)
+    return pa.table(rows, schema=pa.schema([
+        ("kind", pa.string()), ("measure", pa.string()), ("family", pa.string()),
+        ("chance_p95", pa.float64()), ("share_above", pa.float64()),
+    ]))  # fmt: skip
+
+
+def _concept_table(
+    feature_auc: Tensor, sample: RowSample, names: list[str], labels: Tensor
+) -> pa.Table:
+    """Per planted concept: positives, best SAE feature (`feature_auc` [n_latents, C]) and
+    best neuron (either sign), with their AUCs."""
+    neuron_auc = dense_auc(sample.activation, labels)
+    signed = torch.cat([neuron_auc, 1 - neuron_auc])  # rows: d '+', then d '-'
+    d = neuron_auc.shape[0]
+    best_f = feature_auc.max(0)
+    best_n = signed.max(0)
+    return pa.table(
+        {
+            "concept": names,
+            "positives": labels.sum(0).numpy().astype(np.int64),
+            "best_feature": best_f.indices.numpy().astype(np.int32),
+            "feature_auc": best_f.values.numpy(),
+            "best_neuron": (best_n.indices % d).numpy().astype(np.int32),
+            "neuron_sign": ["+" if i < d else "-" for i in best_n.indices.tolist()],
+            "neuron_auc": best_n.values.numpy(),
+        }
+    )
+
+
+def _with_best_concept(
+    features: pa.Table, feature_auc: Tensor, sample: RowSample, names: list[str]
+) -> pa.Table:
+    """Each feature's best planted concept and its AUC (None for features never active in
+    the sample: their AUC is 0.5 everywhere)."""
+    per_feature = feature_auc.max(1)
+    seen = torch.zeros(feature_auc.shape[0], dtype=torch.bool)
+    seen[sample.indices[sample.values > 0]] = True
+    pairs = list(
+        zip(per_feature.indices.tolist(), per_feature.values.tolist(), seen.tolist(), strict=True)
+    )
+    return features.append_column(
+        "best_concept", pa.array([names[i] if s else None for i, _, s in pairs], pa.string())
+    ).append_column("concept_auc", pa.array([v if s else None for _, v, s in pairs], pa.float32()))

@@ -43,6 +43,8 @@ _VIEWS_BY_ARTIFACT: dict[str, dict[str, str]] = {
     "feature_stats": {
         "feature_stats": "features.parquet", "neuron_stats": "neurons.parquet",
         "feature_enrichment": "enrichment.parquet", "planted_concepts": "concepts.parquet",
+        "unit_measures": "units.parquet", "target_measures": "targets.parquet",
+        "chance_levels": "chance.parquet",
     },
     "sae": {"sae_splice_users": "splice_users.parquet"},
     "steering": {
@@ -258,6 +260,13 @@ class PartitionPaths:
     neuron_stats = _PartitionTable()
     feature_enrichment = _PartitionTable()
     planted_concepts = _PartitionTable()
+    unit_measures = _PartitionTable()
+    """Per (kind, unit, sign) of SAE features, neurons and a random rotation: best target AUC
+    per family with its null, purity with its chance level (`sae.interpretability`)."""
+    target_measures = _PartitionTable()
+    """Per (target, kind): the best unit's AUC, the null's best, k-sparse probe AUCs."""
+    chance_levels = _PartitionTable()
+    """Per (kind, measure, family): the chance level and the share of units above it."""
     steering_dir = _At("steering")
     steering_points = _PartitionTable()
     steering_summary = _PartitionTable()
