@@ -33,6 +33,7 @@ from recsae_pipeline.activations.shards import iter_in_file_order, partition_row
 from recsae_pipeline.data.catalog import Catalog
 from recsae_pipeline.models.metrics import dense_auc, sparse_auc
 from recsae_pipeline.sae.interpretability import (
+    KINDS,
     DenseUnits,
     MeasureConfig,
     Measures,
@@ -626,3 +627,56 @@ def _with_best_concept(
     return features.append_column(
         "best_concept", pa.array([names[i] if s else None for i, _, s in pairs], pa.string())
     ).append_column("concept_auc", pa.array([v if s else None for _, v, s in pairs], pa.float32()))
+
+
+def partition_measures(
+    sae: TopKSae,
+    paths: ArtifactPaths,
+    model: str,
+    layer: int,
+    device: torch.device | str,
+    kinds: tuple[str, ...] = ("sae", "neurons", "rotation"),
+    max_sample_rows: int = 100_000,
+    config: MeasureConfig | None = None,
+    baseline: Measures | None = None,
+) -> Measures:
+    """The chance-corrected measures (`sae.interpretability`) of partition (model, layer) for
+    `kinds` alone, without the sparse table or the purity: what a sweep over SAE settings
+    needs per configuration (`Measures.summary()` flattens them). The neurons' and the
+    rotation's figures do not depend on the SAE: compute them once, with `kinds`."""
+    config = config or MeasureConfig()
+    partition = paths.partition(model, layer)
+    catalog = Catalog.load(paths)
+    sample = sample_rows(sae, partition.activations, max_sample_rows, device)
+    targets = attribute_targets(sample.item_idx, sample.user_idx, sample.position, catalog, config)
+    if paths.ground_truth.exists():
+        con = duckdb.connect()
+        try:
+            names, labels = concept_labels(
+                con, sample, paths.ground_truth, paths.sequences, paths.user_map,
+                paths.item_map, config.min_positives,
+            )  # fmt: skip
+        finally:
+            con.close()
+        targets = Targets.concat([targets, concept_targets(names, labels, config)])
+    rotation = random_rotation(sample.activation.shape[1], config.seed)
+    builders = {
+        "sae": lambda: SparseUnits(sample.values, sample.indices, sae.config.n_latents),
+        "neurons": lambda: DenseUnits("neurons", sample.activation),
+        "rotation": lambda: DenseUnits("rotation", rotated(sample.activation, rotation)),
+    }
+    if unknown := set(kinds) - builders.keys():
+        raise ValueError(f"kinds={kinds}: {sorted(unknown)} unknown; pick from {list(builders)}")
+    out = measure_units([builders[k]() for k in kinds], targets, sample.user_idx, config)
+    if baseline is not None:
+        if baseline.targets.names != targets.names or baseline.config != config:
+            raise ValueError(
+                "baseline was measured on other targets or settings; compute it with the same "
+                "paths, partition, max_sample_rows and config"
+            )
+        for kind in baseline.kinds.keys() - out.kinds.keys():
+            out.kinds[kind] = baseline.kinds[kind]
+            out.units_of[kind] = baseline.units_of[kind]
+        out.kinds = {k: out.kinds[k] for k in KINDS if k in out.kinds}
+        out.units_of = {k: out.units_of[k] for k in KINDS if k in out.units_of}
+    return out

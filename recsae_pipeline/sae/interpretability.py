@@ -41,6 +41,8 @@ from torch import Tensor
 
 from recsae_pipeline.data.catalog import Catalog
 from recsae_pipeline.models.metrics import dense_auc, sparse_auc
+from recsae_pipeline.sae.model import TopKSae
+from recsae_pipeline.storage.registry import ArtifactPaths
 
 KINDS = ("sae", "neurons", "rotation")
 """The unit kinds every measure is computed for, in report order."""
@@ -653,3 +655,44 @@ def purity_chance(
             best[i] = purity[share > 0].max() if (share > 0).any() else 0.0
         out[n] = (float(np.median(best)), float(np.quantile(best, 0.95)))
     return out
+
+
+_BASELINES: dict[tuple[str, str, int, int], Measures] = {}
+"""sweep_measures' controls per (root, model, layer, sample size)."""
+
+
+def sweep_measures(
+    sae: object,
+    paths: object,
+    model: str,
+    layer: int,
+    device: torch.device | str,
+    max_sample_rows: int = 100_000,
+) -> dict[str, float]:
+    """`Measures.summary()` of one SAE on partition (model, layer) beside the neurons and the
+    random rotation, for a sweep over SAE settings: the two controls are measured once per
+    partition (and sample size) and reused. See `features.partition_measures`."""
+    from recsae_pipeline.sae.features import partition_measures
+
+    key = (str(paths.root), model, layer, max_sample_rows)
+    if key not in _BASELINES:
+        _BASELINES[key] = partition_measures(
+            sae,
+            paths,
+            model,
+            layer,
+            device,
+            ("neurons", "rotation"),
+            max_sample_rows,
+        )
+    measures = partition_measures(
+        sae,
+        paths,
+        model,
+        layer,
+        device,
+        ("sae",),
+        max_sample_rows,
+        baseline=_BASELINES[key],
+    )
+    return measures.summary()
