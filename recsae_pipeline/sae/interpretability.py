@@ -41,8 +41,6 @@ from torch import Tensor
 
 from recsae_pipeline.data.catalog import Catalog
 from recsae_pipeline.models.metrics import dense_auc, sparse_auc
-from recsae_pipeline.sae.model import TopKSae
-from recsae_pipeline.storage.registry import ArtifactPaths
 
 KINDS = ("sae", "neurons", "rotation")
 """The unit kinds every measure is computed for, in report order."""
