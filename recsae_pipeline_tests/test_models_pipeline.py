@@ -119,3 +119,12 @@ def test_sae_partition_trains_splices_and_saves(tiny_store: TinyStore) -> None:
     hidden = SASREC["hidden_size"]
     assert loaded.config.n_latents == SAE["expansion"] * hidden and loaded.config.k == SAE["k"]
     assert 0 < checks["reconstruction_and_sparsity"].metadata["fvu"].value < 1.0
+    # the SAELens export beside it loads in SAELens and reconstructs as ours does
+    from sae_lens import SAE as SaeLens
+
+    exported = SaeLens.load_from_disk(str(out / "saelens"), device="cpu")
+    assert exported.cfg.metadata.hook_name == "recsae.sasrec.layer2"
+    rows = torch.randn(64, hidden)
+    with torch.no_grad():
+        theirs = exported.decode(exported.encode(rows))
+        torch.testing.assert_close(theirs, loaded.reconstruct(rows), atol=1e-4, rtol=1e-4)

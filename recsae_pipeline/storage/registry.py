@@ -251,6 +251,8 @@ class PartitionPaths:
     sae_weights = _At("sae", SAE_WEIGHTS_FILE)
     sae_config = _At("sae", SAE_CONFIG_FILE)
     sae_metrics = _At("sae", METRICS_FILE)
+    sae_saelens = _At("sae", "saelens")
+    """The SAE exported in SAELens's on-disk format (`sae.export.export_saelens`)."""
     sae_splice_users = _PartitionTable()
     """Each test user's NDCG@10 as trained, spliced and zero-ablated."""
     feature_activations = _PartitionTable()

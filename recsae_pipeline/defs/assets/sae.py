@@ -27,6 +27,7 @@ from recsae_pipeline.sae.evaluation import (
     splice_check,
     splice_quality,
 )
+from recsae_pipeline.sae.export import export_saelens, saelens_hook_name
 from recsae_pipeline.sae.model import SaeConfig
 from recsae_pipeline.sae.training import SaeTrainConfig, train_sae
 from recsae_pipeline.storage.atomic import write_json, write_parquet
@@ -89,7 +90,8 @@ class SaeAssetConfig(dg.Config):
     },
     blocking=True,
     description="TopK SAE on one (model, layer) of activations: sae.safetensors + config.json + "
-    "metrics.json + training curve under sae/model=<m>/layer=<l>/; loadable with TopKSae.load.",
+    "metrics.json + training curve under sae/model=<m>/layer=<l>/; loadable with TopKSae.load, "
+    "and as saelens/ with sae_lens.SAE.load_from_disk.",
 )
 def sae(
     context: dg.AssetExecutionContext,
@@ -130,6 +132,8 @@ def sae(
             on_progress=progress,
         )
     result.sae.save(out)
+    hook_name = saelens_hook_name(part.model, part.layer)
+    export_saelens(result.sae, part.sae_saelens, hook_name, model=part.model, layer=part.layer)
     sequences, _ = read_sequences(storage.paths.sequences)
     quality = splice_quality(model, part.layer, result.sae, sequences, dev)
     heldout, recovered = result.heldout, quality.fraction_recovered
@@ -163,6 +167,8 @@ def sae(
         metadata={
             **launched,
             "path": dg.MetadataValue.path(str(out)),
+            "saelens_export": dg.MetadataValue.path(str(part.sae_saelens)),
+            "saelens_hook_name": hook_name,
             "latents": sae_config.n_latents,
             "k": sae_config.k,
             "heldout_fvu": dg.MetadataValue.float(round(heldout["fvu"], 4)),
