@@ -129,13 +129,14 @@ def _auc_from_rank_sums(rank_sums: Tensor, n_pos: Tensor, n_rows: int) -> Tensor
 
 
 def sparse_auc(
-    values: Tensor, indices: Tensor, labels: Tensor, n_latents: int, chunk: int = 8
+    values: Tensor, indices: Tensor, labels: Tensor, n_latents: int, chunk: int = 64
 ) -> Tensor:
     """ROC AUC [n_latents, C] of each feature's activation (0 where it is not in the top-k)
     at detecting each label column of `labels` (bool [R, C]); exact, with the rows where a
     feature is zero counted as one tie group (Mann-Whitney with average ranks).
 
-    Works on the nonzero entries only: O(R * k) memory, not O(R * n_latents)."""
+    Works on the nonzero entries only: two sparse [n_latents, R] @ dense [R, chunk] products
+    per `chunk` label columns (positives per feature, their rank sums), O(R * k) memory."""
     n_rows = len(labels)
     active = values > 0
     rows = torch.arange(n_rows).unsqueeze(1).expand_as(indices)[active]
@@ -148,16 +149,22 @@ def sparse_auc(
     starts = torch.cumsum(counts, 0) - counts
     zeros = (n_rows - counts).double()
     rank = zeros[feature] + (torch.arange(len(feature)) - starts[feature] + 1).double()
+    where = torch.stack([feature, rows])
+    ones = torch.sparse_coo_tensor(
+        where, torch.ones(len(rows), dtype=torch.float64), (n_latents, n_rows),
+        check_invariants=False,
+    ).coalesce()  # fmt: skip
+    ranks = torch.sparse_coo_tensor(
+        where, rank, (n_latents, n_rows), check_invariants=False
+    ).coalesce()
     labels_f = labels.double()
     n_pos = labels_f.sum(0)  # [C]
     out = torch.empty(n_latents, labels.shape[1], dtype=torch.float64)
     for start in range(0, labels.shape[1], chunk):
         cols = slice(start, start + chunk)
-        entry_labels = labels_f[rows, cols]  # [E, c]
-        pos_nonzero = torch.zeros(n_latents, entry_labels.shape[1], dtype=torch.float64)
-        pos_nonzero.index_add_(0, feature, entry_labels)
-        rank_nonzero = torch.zeros_like(pos_nonzero)
-        rank_nonzero.index_add_(0, feature, entry_labels * rank.unsqueeze(1))
+        block = labels_f[:, cols].contiguous()
+        pos_nonzero = torch.sparse.mm(ones, block)  # [n_latents, c]
+        rank_nonzero = torch.sparse.mm(ranks, block)
         pos_zero = n_pos[cols] - pos_nonzero
         rank_sums = pos_zero * (zeros.unsqueeze(1) + 1) / 2 + rank_nonzero
         out[:, cols] = _auc_from_rank_sums(rank_sums, n_pos[cols], n_rows)

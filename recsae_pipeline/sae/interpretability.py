@@ -61,8 +61,9 @@ class MeasureConfig:
     min_positives: int = 20
     """Targets with fewer positive rows (or fewer negatives) in the sample are dropped; each
     probe split needs at least 5 positives and 5 negatives as well."""
-    max_probe_train_rows: int = 50_000
-    """Training rows per probe at most (every j-th training row, deterministic)."""
+    max_probe_train_rows: int = 20_000
+    """Training rows per probe at most (every j-th training row, deterministic); SAEBench
+    trains its probes on 4,000."""
     purity_null_draws: int = 200
     """Random top-item sets per support size behind the purity's chance level."""
     seed: int = 0
@@ -386,17 +387,23 @@ def sparse_probe_aucs(
     picked = torch.full((len(targets.names), 0), -1, dtype=torch.long)
     if not bool(fit.any()) or not len(train):
         return out, picked
-    differences = units.mean_differences(train, targets.labels).abs()  # [width, T]
+    signed = units.mean_differences(train, targets.labels)  # [width, T]
     k_max = min(max(config.probe_ks), units.width)
-    chosen = differences.topk(k_max, dim=0).indices.T  # [T, k_max]
+    chosen = signed.abs().topk(k_max, dim=0).indices.T  # [T, k_max]
     columns, position = torch.unique(chosen[fit], return_inverse=True)
     x_train = units.columns(train, columns)  # [N, U]
     x_test = units.columns(test, columns)
     rows = torch.nonzero(fit).squeeze(1)
     for i, k in enumerate(config.probe_ks):
         cols = position[:, : min(k, k_max)]  # [T', k]
-        w, b = fit_probes(x_train[:, cols].permute(1, 0, 2), y_train[:, rows].T)
-        scores = torch.einsum("ntk,tk->tn", x_test[:, cols], w) + b.unsqueeze(1)
+        if cols.shape[1] == 1:
+            # One unit: the fitted probe is monotone in it, increasing iff the unit's mean
+            # difference is positive (the 1-d logistic score equation), so no fit is needed.
+            sign = torch.sign(signed[chosen[rows, 0], rows]).unsqueeze(1)
+            scores = (x_test[:, cols[:, 0]].T * sign).contiguous()
+        else:
+            w, b = fit_probes(x_train[:, cols].permute(1, 0, 2), y_train[:, rows].T)
+            scores = torch.einsum("ntk,tk->tn", x_test[:, cols], w) + b.unsqueeze(1)
         for j, t in enumerate(rows.tolist()):
             out[i, t] = tied_auc(scores[j], y_test[:, t])
     picked = torch.full((len(targets.names), k_max), -1, dtype=torch.long)
