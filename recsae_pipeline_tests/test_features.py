@@ -21,6 +21,7 @@ from recsae_pipeline.sae.features import (
     enrichment,
     monosemanticity,
     neuron_top_items,
+    sample_rows,
     write_feature_activations,
 )
 from recsae_pipeline.sae.model import SaeConfig, TopKSae
@@ -194,6 +195,21 @@ def test_feature_activations_are_the_sae_code_sorted_by_feature(tmp_path: Path) 
     assert got.keys() == want.keys()
     assert all(got[key] == pytest.approx(want[key], rel=1e-6) for key in want)
     assert not list(out.parent.glob(".*"))  # no temp or scratch files left behind
+
+
+def test_sample_rows_pads_variable_width_codes_across_row_groups(tmp_path: Path) -> None:
+    # An L1 ReLU SAE keeps every positive latent: each 64-row group has its own widest row.
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(300, 8)).astype(np.float32)
+    write_partition(tmp_path / "p", x, np.arange(300) // 5, np.arange(300) % 30 + 1)
+    config = SaeConfig(d_in=8, expansion=4, k=1, l1_coefficient=0.01)
+    sae = TopKSae(config, "cpu", sample=torch.from_numpy(x), seed=0).eval()
+    sample = sample_rows(sae, tmp_path / "p", max_rows=300, device="cpu")
+    with torch.no_grad():
+        dense = sae.dense_latents(torch.from_numpy(x))
+    got = torch.zeros_like(dense).scatter_add_(1, sample.indices, sample.values)
+    torch.testing.assert_close(got, dense)
+    assert sample.item_idx.tolist() == (np.arange(300) % 30 + 1).tolist()
 
 
 def tiny_model() -> Recommender:

@@ -318,14 +318,21 @@ def sample_rows(
             parts[name].append(batch[name][keep])
         values, indices = sae.encode(x.to(device))
         codes.append((values.cpu(), indices.cpu()))
+    # BatchTopK and the L1 SAE pad each batch to its widest row: pad all to the widest
+    width = max(v.shape[1] for v, _ in codes)
     return RowSample(
         user_idx=torch.cat(parts["user_idx"]),
         position=torch.cat(parts["position"]),
         item_idx=torch.cat(parts["item_idx"]),
         activation=torch.cat(parts["activation"]),
-        values=torch.cat([v for v, _ in codes]),
-        indices=torch.cat([i for _, i in codes]).long(),
+        values=torch.cat([_pad(v, width) for v, _ in codes]),
+        indices=torch.cat([_pad(i, width) for _, i in codes]).long(),
     )
+
+
+def _pad(codes: Tensor, width: int) -> Tensor:
+    """[B, w] -> [B, width] with zeros on the right (value 0 = inactive, whatever its id)."""
+    return torch.nn.functional.pad(codes, (0, width - codes.shape[1]))
 
 
 def concept_labels(
