@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from recsae_pipeline.report.readme import BEGIN, END, render, replace_section
+from recsae_pipeline.report.readme import (
+    BEGIN,
+    END,
+    SWEEP_FILE,
+    choose_default,
+    render,
+    replace_section,
+)
+from recsae_pipeline.sae.model import SaeConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -37,3 +45,13 @@ def test_a_changed_result_file_changes_the_rendered_section(tmp_path: Path) -> N
     rows[0]["difference"] += 0.5
     (tmp_path / victim.name).write_text(json.dumps(data))
     assert render(tmp_path) != before
+
+
+def test_sae_defaults_are_the_sweeps_pick() -> None:
+    sweep = json.loads((RESULTS / SWEEP_FILE).read_text())
+    pick = choose_default(sweep)
+    default = SaeConfig(d_in=1)
+    assert (default.k, default.expansion, default.whitening_shrinkage) == (
+        pick["k"], pick["expansion"], pick["whitening_shrinkage"],
+    )  # fmt: skip
+    assert not default.batch_topk and default.l1_coefficient is None

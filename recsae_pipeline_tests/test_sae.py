@@ -277,9 +277,9 @@ def test_whitening_maps_the_sample_to_unit_covariance_and_decodes_in_hidden_unit
     directions = torch.stack([sae.decoder_direction(f) for f in range(32)])
     by_direction = sae.dense_latents(x) @ directions + sae.b_dec
     assert torch.allclose(sae.reconstruct(x), by_direction, atol=1e-4)
-    shrunk = TopKSae(SaeConfig(d_in=8, expansion=4, k=3), CPU, sample)  # λ = 0.1
+    shrunk = TopKSae(SaeConfig(d_in=8, expansion=4, k=3, whitening_shrinkage=0.1), CPU, sample)
     assert ((sample - sample.mean(0)) @ shrunk.whitening).pow(2).sum(1).mean() == pytest.approx(8)
-    plain = TopKSae(SaeConfig(d_in=8, expansion=4, k=3, whitening_shrinkage=None), CPU, sample)
+    plain = TopKSae(SaeConfig(d_in=8, expansion=4, k=3), CPU, sample)  # the default: none
     assert torch.equal(plain.whitening, torch.eye(8))
     with pytest.raises(ValueError, match="whitening_shrinkage=-1"):
         SaeConfig(d_in=8, whitening_shrinkage=-1)
@@ -331,7 +331,7 @@ def test_a_fixed_seed_gives_identical_results(tmp_path: Path):
 @pytest.mark.parametrize("kind", ["topk", "batch_topk", "relu_l1"])
 def test_save_load_round_trip_is_exact(tmp_path: Path, kind: str):
     rule = {"topk": {}, "batch_topk": {"batch_topk": True}, "relu_l1": {"l1_coefficient": 0.2}}
-    config = SaeConfig(d_in=8, expansion=4, k=3, aux_k=5, **rule[kind])
+    config = SaeConfig(d_in=8, expansion=4, k=3, aux_k=5, whitening_shrinkage=0.1, **rule[kind])
     sample = torch.tensor(anisotropic(500, 8), dtype=torch.float32)
     sae = TopKSae(config, CPU, sample=sample, seed=3).train()
     assert not torch.equal(sae.whitening, torch.eye(8))

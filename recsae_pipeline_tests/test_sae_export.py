@@ -46,7 +46,7 @@ def anisotropic(n: int, seed: int) -> torch.Tensor:
 def trained(kind: str, steps: int = 8) -> TopKSae:
     """A tiny whitened SAE after a few Adam steps (b_enc nonzero, encoder no longer the
     decoder's transpose, BatchTopK's threshold set), in eval mode."""
-    config = SaeConfig(d_in=D_IN, expansion=EXPANSION, k=K, **KINDS[kind])
+    config = SaeConfig(d_in=D_IN, expansion=EXPANSION, k=K, whitening_shrinkage=0.1, **KINDS[kind])
     sae = TopKSae(config, sample=anisotropic(256, seed=0)).train()
     assert not torch.allclose(sae.whitening, torch.eye(D_IN), atol=0.1)
     optimizer = torch.optim.Adam(sae.parameters(), lr=1e-2)
@@ -102,7 +102,9 @@ def test_saelens_decoder_rows_are_our_hidden_space_directions(tmp_path: Path) ->
 
 
 def test_untrained_batch_topk_is_refused_not_exported_wrong(tmp_path: Path) -> None:
-    config = SaeConfig(d_in=D_IN, expansion=EXPANSION, k=K, batch_topk=True)
+    config = SaeConfig(
+        d_in=D_IN, expansion=EXPANSION, k=K, batch_topk=True, whitening_shrinkage=0.1
+    )
     sae = TopKSae(config, sample=anisotropic(256, seed=0)).eval()  # threshold still -1
     with pytest.raises(ValueError, match="never saw a training batch"):
         export_saelens(sae, tmp_path / "e", "h")

@@ -12,6 +12,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from recsae_pipeline.report.results import comparisons_markdown
 from recsae_pipeline.report.stats import NO_DIFFERENCE, Comparison
 
@@ -20,6 +22,10 @@ END = "<!-- results:end -->"
 RECOMMENDERS_FILE = "recommenders.json"
 DEFAULT_RUN_FILE = "default_run.json"
 MOVIELENS_RUN_FILE = "movielens_run.json"
+SWEEP_FILE = "sae_sweep.json"
+SWEEP_PLOT = "sae_sweep.png"
+PREVIOUS_DEFAULT = "topk k=32 x32 whitening=0.1"
+"""The SAE default before the sweep chose one (RecSAE's k and expansion, partial whitening)."""
 SECTION_TITLES = {
     "recommenders": "Recommenders (per test user)",
     "sae": "The SAE spliced into the model",
@@ -80,6 +86,49 @@ def render_recommenders(bench: dict[str, Any]) -> list[str]:
     return out
 
 
+def measures_table(comparisons: list[Comparison]) -> list[str]:
+    """The chance-corrected measures (`results.measure_comparisons`) compactly: per partition,
+    measure and target family, the SAE, the neurons and the random rotation side by side, the
+    paired differences with their CIs and how many targets each side wins."""
+    rows: dict[tuple[str, str, str], dict[str, Comparison]] = {}
+    for c in comparisons:
+        if "measure" not in c.notes:
+            continue
+        key = (str(c.notes.get("partition", "")), str(c.notes["measure"]), str(c.notes["family"]))
+        rows.setdefault(key, {})[c.b.label] = c
+    if not rows:
+        return []
+    out = [
+        "| partition | measure | targets | SAE features | neurons | random rotation | "
+        "SAE - neurons [95% CI] | SAE - rotation [95% CI] | SAE higher / lower (vs neurons) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (partition, measure, family), by in rows.items():
+        neurons, rotation = by.get("neurons"), by.get("random rotation")
+        first = neurons or rotation
+        assert first is not None
+        wins = (
+            f"{neurons.notes['sae_higher_on']} / {neurons.notes['other_higher_on']}"
+            if neurons is not None and "sae_higher_on" in neurons.notes
+            else "n/a"
+        )
+        out.append(
+            f"| {partition} | {measure} | {family} ({first.n} {first.unit}) | {_f(first.a.value, 3)} | "
+            f"{_f(neurons.b.value, 3) if neurons else 'n/a'} | "
+            f"{_f(rotation.b.value, 3) if rotation else 'n/a'} | "
+            f"{_ci(neurons)} | {_ci(rotation)} | {wins} |"
+        )
+    return out
+
+
+def _ci(c: Comparison | None) -> str:
+    if c is None:
+        return "n/a"
+    lo, hi = c.ci95
+    note = "" if c.verdict != NO_DIFFERENCE else " (no measurable difference)"
+    return f"{c.difference:+.3f} [{lo:+.3f}, {hi:+.3f}]{note}"
+
+
 def render_run(run: dict[str, Any], title: str, command: str) -> list[str]:
     comparisons = [Comparison.from_dict(c) for c in run["comparisons"]]
     out = [
@@ -105,7 +154,21 @@ def render_run(run: dict[str, Any], title: str, command: str) -> list[str]:
     for c in comparisons:
         sections.setdefault(str(c.notes.get("section", "other")), []).append(c)
     for section, rows in sections.items():
-        out += ["", f"**{SECTION_TITLES.get(section, section)}**", "", comparisons_markdown(rows)]
+        out += ["", f"**{SECTION_TITLES.get(section, section)}**", ""]
+        measured = [c for c in rows if "measure" in c.notes]
+        if measured:
+            out += [
+                "Chance-corrected measures (`feature_stats`): `excess_auc` is the best unit's "
+                "AUC minus the best of as many units under shuffled labels; `probe_auc_k<k>` the "
+                "held-out AUC of a k-sparse probe; `above_chance` the share of units whose best "
+                "attribute AUC beats the null's 95th percentile (independent bootstrap over "
+                "units). Means over targets; paired bootstrap CIs over targets.",
+                "",
+                *measures_table(measured),
+                "",
+            ]
+            rows = [c for c in rows if "measure" not in c.notes]
+        out.append(comparisons_markdown(rows))
         counts = [c for c in rows if "detected_at_0_9" in c.notes or "counts" in c.notes]
         for c in counts:
             tally = c.notes.get("detected_at_0_9") or c.notes.get("counts")
@@ -115,12 +178,167 @@ def render_run(run: dict[str, Any], title: str, command: str) -> list[str]:
     return out
 
 
+def _is_default(row: dict[str, Any], default: Any) -> bool:
+    return (
+        row["family"] == ("batch_topk" if default.batch_topk else "topk")
+        and default.l1_coefficient is None
+        and row["k"] == default.k
+        and row["expansion"] == default.expansion
+        and row["whitening_shrinkage"] == default.whitening_shrinkage
+    )
+
+
+MIN_SPLICED_RATIO = 0.95
+"""The default must keep spliced NDCG@10 at this share of the original on every partition."""
+DEFAULT_SCORE = ("sae_probe_auc_k1_attribute", "sae_probe_auc_k1_concept")
+"""What the default maximises: the median 1-sparse probe AUC over attribute and over concept
+targets, averaged, then averaged over the swept partitions."""
+
+
+def choose_default(bench: dict[str, Any]) -> dict[str, Any]:
+    """The SAE default the sweep supports: among TopK configurations swept on every partition
+    that keep spliced NDCG@10 >= `MIN_SPLICED_RATIO` of the original and at most
+    `SaeBounds.max_dead_fraction` dead latents on each, the one with the highest
+    `DEFAULT_SCORE`. Returns {config, k, expansion, whitening_shrinkage, score}; `SaeConfig`'s
+    defaults must equal it (a test keeps them equal)."""
+    from recsae_pipeline.sae.evaluation import SaeBounds
+
+    bounds = SaeBounds()
+    partitions = list(bench["partitions"])
+    by_config: dict[str, list[dict[str, Any]]] = {}
+    for r in bench["rows"]:
+        if r["family"] == "topk":
+            by_config.setdefault(r["config"], []).append(r)
+    best: dict[str, Any] | None = None
+    for config, rows in by_config.items():
+        if sorted(r["partition"] for r in rows) != sorted(partitions):
+            continue
+        if any(
+            r["dead_fraction"] > bounds.max_dead_fraction or r["ndcg@10_ratio"] < MIN_SPLICED_RATIO
+            for r in rows
+        ):
+            continue
+        scores = [
+            float(np.mean([r["measures"][m] for m in DEFAULT_SCORE if m in r["measures"]]))
+            for r in rows
+        ]
+        score = float(np.mean(scores))
+        if best is None or score > best["score"]:
+            first = rows[0]
+            best = {
+                "config": config,
+                "k": first["k"],
+                "expansion": first["expansion"],
+                "whitening_shrinkage": first["whitening_shrinkage"],
+                "score": score,
+            }
+    if best is None:
+        raise ValueError(
+            f"no TopK configuration of the sweep meets spliced/original >= {MIN_SPLICED_RATIO} "
+            f"and dead <= {bounds.max_dead_fraction} on every partition; widen the grid"
+        )
+    return best
+
+
+def render_sweep(bench: dict[str, Any], plot: str) -> list[str]:
+    """The SAE sweep: its plot, then per partition the Pareto front, the shipped default and
+    the neurons' and the rotation's probe AUCs (the controls, the same for every row)."""
+    from recsae_pipeline.sae.model import SaeConfig
+
+    default = SaeConfig(d_in=1)
+    out = [
+        "### SAE sweep: size, sparsity, whitening and family",
+        "",
+        f"`{_command(bench)}` (commit `{bench['commit'][:12]}`, {bench['rows_seen']:,} training "
+        f"rows per configuration, {len(bench['rows'])} runs in "
+        f"{bench['seconds_total'] / 60:.0f} min on {bench['machine']['cpu_count']} CPUs at "
+        f"{bench['machine']['torch_threads']} thread). Held-out FVU against the median "
+        "1-sparse probe AUC over the catalog-attribute targets (held-out users); filled "
+        "markers: whitening on; ringed: on the Pareto front. Table: the front of each "
+        "partition, the shipped default (`SaeConfig`), the previous one, the BatchTopK and L1 "
+        "ReLU rows, and the two controls.",
+        "",
+        f"![SAE sweep](benchmarks/results/{plot})",
+        "",
+        f"The default (`SaeConfig`) is the rule's pick: among TopK configurations that keep "
+        f"spliced NDCG@10 at >= {MIN_SPLICED_RATIO:.0%} of the original with at most "
+        f"{_bounds().max_dead_fraction:.0%} dead latents on every swept partition, the highest "
+        "median 1-sparse probe AUC (attribute and concept targets averaged, then partitions): "
+        f"**{choose_default(bench)['config']}** (score {choose_default(bench)['score']:.3f}).",
+    ]
+    measures = (
+        ("sae_probe_auc_k1_attribute", "1-probe attr."),
+        ("sae_probe_auc_k5_attribute", "5-probe attr."),
+        ("sae_probe_auc_k1_concept", "1-probe concepts"),
+        ("sae_excess_auc_attribute", "excess AUC attr."),
+    )
+    for partition, info in bench["partitions"].items():
+        rows = [r for r in bench["rows"] if r["partition"] == partition]
+        shown = [
+            r
+            for r in rows
+            if r.get("pareto")
+            or _is_default(r, default)
+            or r["config"] == PREVIOUS_DEFAULT
+            or r["family"] != "topk"
+        ]
+        out += [
+            "",
+            f"**{partition}** ({info['activation_rows']:,} activation rows, d = {info['d_in']}):",
+            "",
+            "| configuration | front | held-out FVU | L0 | dead | spliced / original NDCG@10 | "
+            "spliced - original [95% CI] | " + " | ".join(m[1] for m in measures) + " |",
+            "|---|---|---|---|---|---|---|" + "---|" * len(measures),
+        ]
+        for r in shown:
+            c = r["spliced_minus_original"]
+            lo, hi = c["ci95"]
+            verdict = " (no measurable difference)" if c["verdict"] == NO_DIFFERENCE else ""
+            label = r["config"] + (
+                " (default)"
+                if _is_default(r, default)
+                else " (previous default)"
+                if r["config"] == PREVIOUS_DEFAULT
+                else ""
+            )
+            m = r.get("measures") or {}
+            out.append(
+                f"| {label} | {'yes' if r.get('pareto') else 'no'} | {_f(r['heldout_fvu'], 3)} | "
+                f"{_f(r['l0'], 1)} | {r['dead_fraction']:.1%} | {_f(r['ndcg@10_ratio'], 3)} | "
+                f"{c['difference']:+.4f} [{lo:+.4f}, {hi:+.4f}]{verdict} | "
+                + " | ".join(_f(m.get(key), 3) for key, _ in measures)
+                + " |"
+            )
+        base = info.get("baseline_measures") or {}
+        for kind, label in (("neurons", "neurons (both signs)"), ("rotation", "random rotation")):
+            cells = [_f(base.get(key.replace("sae_", f"{kind}_", 1)), 3) for key, _ in measures]
+            out.append(f"| {label} | | | | | | | " + " | ".join(cells) + " |")
+    return out
+
+
+def _bounds() -> Any:
+    from recsae_pipeline.sae.evaluation import SaeBounds
+
+    return SaeBounds()
+
+
+def _command(bench: dict[str, Any]) -> str:
+    """The benchmark's command line with the checkout's absolute paths made relative."""
+    return " ".join(
+        part.split("/work/main/", 1)[-1] if "/" in part else part
+        for part in str(bench["command"]).split()
+    )
+
+
 def render(results_dir: Path) -> str:
     """The whole generated section (markers included) from the files in `results_dir`."""
     out = [BEGIN, ""]
     bench = _load(results_dir / RECOMMENDERS_FILE)
     if bench:
         out += render_recommenders(bench) + [""]
+    sweep = _load(results_dir / SWEEP_FILE)
+    if sweep:
+        out += render_sweep(sweep, SWEEP_PLOT) + [""]
     for file, title in (
         (DEFAULT_RUN_FILE, "The default pipeline run (embedded synthetic data)"),
         (MOVIELENS_RUN_FILE, "The pipeline on MovieLens-100k"),
