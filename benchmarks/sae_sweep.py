@@ -21,7 +21,9 @@ spliced / original NDCG@10.
 
 The results file is rewritten (atomically) after every configuration, so `--resume` picks a
 killed sweep up where it stopped: configurations already in `--out` at the same rows_seen
-are skipped. Results: benchmarks/results/sae_sweep.json and .png (--quick: sae_sweep_quick.*).
+are skipped; `seconds_total` adds up the wall time of every run that wrote the file,
+`seconds_configs` the seconds of its rows. Results: benchmarks/results/sae_sweep.json and
+.png (--quick: sae_sweep_quick.*; --plot-only draws the plot again from the JSON).
 """
 
 from __future__ import annotations
@@ -450,6 +452,16 @@ def plot(report: dict, path: Path) -> None:
         ax.set_ylabel(label)
         ax.set_title(partition)
         ax.grid(alpha=0.3)
+        if missing := [r for r in rows if not math.isfinite(value(r, key))]:
+            ax.annotate(
+                f"not drawn: {len(missing)} without this figure ("
+                + ", ".join(sorted({r["family"] for r in missing}))
+                + ")",
+                (0.01, 0.01),
+                xycoords="axes fraction",
+                fontsize=7,
+                color="grey",
+            )
 
     def handle(label: str, marker: str = "o", **style: Any) -> Line2D:
         return Line2D([], [], marker=marker, linestyle="", label=label, **style)
@@ -508,6 +520,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--quick", action="store_true", help="6 small configurations, few rows")
     parser.add_argument(
+        "--plot-only", action="store_true", help="only draw --plot again from --out"
+    )
+    parser.add_argument(
         "--sae-dir",
         type=Path,
         help="also save every trained SAE here; --resume then adds measures that did not "
@@ -533,6 +548,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="run only this configuration, e.g. 'topk k=32 x32 whitening=0.1' (repeatable)",
     )
     args = parser.parse_args(argv)
+    if args.plot_only:
+        out = args.out or RESULTS / "sae_sweep.json"
+        report = json.loads(out.read_text())
+        plot(report, args.plot or out.with_suffix(".png"))
+        return report
     stem = "sae_sweep_quick" if args.quick else "sae_sweep"
     args.out = args.out or RESULTS / f"{stem}.json"
     args.plot = args.plot or args.out.with_suffix(".png")
@@ -603,6 +623,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         flush=True,
     )
     started = time.perf_counter()
+    earlier = previous.get("seconds_total", 0.0)  # wall time of the runs --resume continues
     index = 0
     for key, (model_name, layer) in parsed.items():
         partition = paths.partition(model_name, layer).activations
@@ -625,8 +646,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 saved = None if args.sae_dir is None else sae_path(args.sae_dir, key, config)
                 if saved is not None and saved.is_dir():
                     sae = TopKSae.load(saved, device).eval()
+                    measured = time.perf_counter()
                     measures, error = measure(sae, paths, key, args, device, baselines)
-                    row = row | {"measures": measures, "measures_error": error}
+                    row = row | {
+                        "measures": measures,
+                        "measures_error": error,
+                        # `seconds` and `measure_seconds` stay those of the run that trained it
+                        "measures_added_seconds": time.perf_counter() - measured,
+                    }
                     print(f"{prefix}: measures added from {saved}", flush=True)
                 else:
                     row = None
@@ -642,7 +669,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 row = run_config(config, key, paths, widths[key], context, args, device)
                 print(f"{prefix}: {progress_line(row, report['y_measure'], baselines)}", flush=True)
             report["rows"].append(row)
-            report["seconds_total"] = time.perf_counter() - started
+            report["seconds_total"] = earlier + time.perf_counter() - started
             report["seconds_configs"] = sum(r["seconds"] for r in report["rows"])
             mark_fronts(report)
             write_json(report, args.out)
@@ -651,7 +678,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{report['seconds_configs'] / 60:.1f} min in all",
             flush=True,
         )
-    report["seconds_total"] = time.perf_counter() - started
+    report["seconds_total"] = earlier + time.perf_counter() - started
     report["seconds_configs"] = sum(r["seconds"] for r in report["rows"])
     mark_fronts(report)
     write_json(report, args.out)
