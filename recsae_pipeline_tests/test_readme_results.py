@@ -50,7 +50,7 @@ def test_a_changed_result_file_changes_the_rendered_section(tmp_path: Path) -> N
 def test_sae_defaults_are_the_sweeps_pick() -> None:
     sweep = json.loads((RESULTS / SWEEP_FILE).read_text())
     pick = choose_default(sweep)
-    default = SaeConfig(d_in=1)
+    default = SaeConfig(d_in=64)
     assert (default.k, default.expansion, default.whitening_shrinkage) == (
         pick["k"], pick["expansion"], pick["whitening_shrinkage"],
     )  # fmt: skip

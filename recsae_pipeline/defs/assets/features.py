@@ -91,7 +91,9 @@ def feature_activations(
     progress = partition_progress(context, "encoded {done:,}/{total:,} rows")
     report = write_feature_activations(trained, shards, out, dev, on_progress=progress)
     storage.refresh_duckdb()
-    check = encoding_check(out, shards, report.rows, trained.config.k)
+    # TopK keeps exactly k per row; BatchTopK keeps k on average and the L1 SAE any number
+    per_row = trained.config.k if trained.config.kind == "topk" else trained.config.n_latents
+    check = encoding_check(out, shards, report.rows, per_row)
     return dg.MaterializeResult(
         check_results=[check_result("every_row_encoded", check)],
         metadata={
