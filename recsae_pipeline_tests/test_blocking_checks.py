@@ -243,10 +243,12 @@ def test_an_undertrained_sae_fails_the_reconstruction_bounds(
 
 
 def test_a_weak_sae_fails_the_spliced_quality_bound(tiny_store: TinyStore, tmp_path: Path) -> None:
-    # Reconstruction bounds loose, the splice bound at its default.
+    # Reconstruction bounds loose, the splice bound at its default; one latent per row, trained
+    # for a few batches at a learning rate that overshoots, cannot carry the layer.
     root = tiny_store.copy_to(tmp_path / "store")
     loose = {k: v for k, v in LOOSE_SAE_BOUNDS.items() if k != "min_recovered"}
-    config = {"ops": {"sae": {"config": {**SAE, **loose}}}}
+    weak = {**SAE, "k": 1, "rows_seen": 1024, "lr": 3.0}
+    config = {"ops": {"sae": {"config": {**weak, **loose, "max_fvu": 1e9}}}}
     result = materialize(root, ["sae", "feature_activations"], config, partition_key=KEY)
     description = failed_check(result, "sae", "spliced_quality_recovered")
     recovered = (
