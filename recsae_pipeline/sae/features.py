@@ -39,6 +39,7 @@ from recsae_pipeline.sae.interpretability import (
     Measures,
     SparseUnits,
     Targets,
+    Units,
     attribute_targets,
     concept_targets,
     item_attribute_matrix,
@@ -384,6 +385,33 @@ def concept_labels(
     return concepts, labels
 
 
+def planted_labels(
+    con: duckdb.DuckDBPyConnection, sample: RowSample, paths: ArtifactPaths, min_positives: int
+) -> tuple[list[str], Tensor]:
+    """`concept_labels` from the store's planted ground truth; no concepts ([], [R, 0]) on a
+    real log, which has none."""
+    if not paths.ground_truth.exists():
+        return [], torch.zeros(len(sample.user_idx), 0, dtype=torch.bool)
+    return concept_labels(
+        con, sample, paths.ground_truth, paths.sequences, paths.user_map, paths.item_map,
+        min_positives,
+    )  # fmt: skip
+
+
+def sample_units(
+    sae: TopKSae, sample: RowSample, rotation: Tensor, kinds: tuple[str, ...] = KINDS
+) -> list[Units]:
+    """The sampled rows as each of `kinds` of unit (`sae.interpretability.KINDS`)."""
+    builders = {
+        "sae": lambda: SparseUnits(sample.values, sample.indices, sae.config.n_latents),
+        "neurons": lambda: DenseUnits("neurons", sample.activation),
+        "rotation": lambda: DenseUnits("rotation", rotated(sample.activation, rotation)),
+    }
+    if unknown := set(kinds) - builders.keys():
+        raise ValueError(f"kinds={kinds}: {sorted(unknown)} unknown; pick from {list(builders)}")
+    return [builders[k]() for k in kinds]
+
+
 # ----------------------------------------------------------------------------- all together
 
 
@@ -497,28 +525,13 @@ def compute_feature_stats(
             sample.item_idx, sample.user_idx, sample.position, catalog, config
         )
         concepts = None
-        if paths.ground_truth.exists():
-            names, labels = concept_labels(
-                con,
-                sample,
-                paths.ground_truth,
-                paths.sequences,
-                paths.user_map,
-                paths.item_map,
-                min_positives,
-            )
-            if names:
-                feature_auc = sparse_auc(
-                    sample.values, sample.indices, labels, sae.config.n_latents
-                )
-                concepts = _concept_table(feature_auc, sample, names, labels)
-                features = _with_best_concept(features, feature_auc, sample, names)
-                targets = Targets.concat([targets, concept_targets(names, labels, config)])
-        units = [
-            SparseUnits(sample.values, sample.indices, sae.config.n_latents),
-            DenseUnits("neurons", sample.activation),
-            DenseUnits("rotation", rotated(sample.activation, rotation)),
-        ]
+        names, labels = planted_labels(con, sample, paths, min_positives)
+        if names:
+            feature_auc = sparse_auc(sample.values, sample.indices, labels, sae.config.n_latents)
+            concepts = _concept_table(feature_auc, sample, names, labels)
+            features = _with_best_concept(features, feature_auc, sample, names)
+            targets = Targets.concat([targets, concept_targets(names, labels, config)])
+        units = sample_units(sae, sample, rotation, KINDS)
         measures = measure_units(units, targets, sample.user_idx, config)
         unit_table = _units_with_purity(measures.unit_table(), monos)
         return FeatureStats(
@@ -656,25 +669,16 @@ def partition_measures(
     catalog = Catalog.load(paths)
     sample = sample_rows(sae, partition.activations, max_sample_rows, device)
     targets = attribute_targets(sample.item_idx, sample.user_idx, sample.position, catalog, config)
-    if paths.ground_truth.exists():
-        con = duckdb.connect()
-        try:
-            names, labels = concept_labels(
-                con, sample, paths.ground_truth, paths.sequences, paths.user_map,
-                paths.item_map, config.min_positives,
-            )  # fmt: skip
-        finally:
-            con.close()
+    con = duckdb.connect()
+    try:
+        names, labels = planted_labels(con, sample, paths, config.min_positives)
+    finally:
+        con.close()
+    if names:
         targets = Targets.concat([targets, concept_targets(names, labels, config)])
     rotation = random_rotation(sample.activation.shape[1], config.seed)
-    builders = {
-        "sae": lambda: SparseUnits(sample.values, sample.indices, sae.config.n_latents),
-        "neurons": lambda: DenseUnits("neurons", sample.activation),
-        "rotation": lambda: DenseUnits("rotation", rotated(sample.activation, rotation)),
-    }
-    if unknown := set(kinds) - builders.keys():
-        raise ValueError(f"kinds={kinds}: {sorted(unknown)} unknown; pick from {list(builders)}")
-    out = measure_units([builders[k]() for k in kinds], targets, sample.user_idx, config)
+    units = sample_units(sae, sample, rotation, kinds)
+    out = measure_units(units, targets, sample.user_idx, config)
     if baseline is not None:
         if baseline.targets.names != targets.names or baseline.config != config:
             raise ValueError(

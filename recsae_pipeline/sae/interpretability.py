@@ -41,6 +41,8 @@ from torch import Tensor
 
 from recsae_pipeline.data.catalog import Catalog
 from recsae_pipeline.models.metrics import dense_auc, sparse_auc
+from recsae_pipeline.sae.model import TopKSae
+from recsae_pipeline.storage.registry import ArtifactPaths
 
 KINDS = ("sae", "neurons", "rotation")
 """The unit kinds every measure is computed for, in report order."""
@@ -677,8 +679,8 @@ _BASELINES: dict[tuple[str, str, int, int], Measures] = {}
 
 
 def sweep_measures(
-    sae: object,
-    paths: object,
+    sae: TopKSae,
+    paths: ArtifactPaths,
     model: str,
     layer: int,
     device: torch.device | str,

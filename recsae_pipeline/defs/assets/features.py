@@ -297,8 +297,7 @@ def _measures_md(summary: dict[str, float], probe_ks: tuple[int, ...]) -> str:
     for family in families:
         n = int(summary[f"targets_{family}"])
         for measure in [*measures, "above_chance"]:
-            key = measure if measure == "above_chance" else measure
-            cells = [summary.get(f"{kind}_{key}_{family}", float("nan")) for kind in KINDS]
+            cells = [summary.get(f"{kind}_{measure}_{family}", float("nan")) for kind in KINDS]
             label = (
                 "share of units above chance" if measure == "above_chance" else f"median {measure}"
             )
