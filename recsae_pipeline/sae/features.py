@@ -252,7 +252,7 @@ def enrichment(
                (h.hits / s.top_items) / b.base_rate AS lift,
                CASE WHEN b.base_rate < 1 THEN (h.hits / s.top_items - b.base_rate) / (1 - b.base_rate) ELSE 0 END AS purity
         FROM hits h JOIN support s USING (unit, sign) JOIN base b USING (family, value)
-        ORDER BY unit, sign, purity DESC
+        ORDER BY unit, sign, purity DESC, family, value
         """
     ).to_arrow_table()
 
