@@ -76,11 +76,18 @@ DOMAIN: dict[str, tuple[list[Any], dict[str, str], set[str]]] = {
     "TrainingOptions": ([TrainConfig], {}, set()),
     "LlamaTrainingOptions": ([LLAMA_TRAINING], {}, set()),
     "SasrecConfig": ([TrainConfig, RecommenderConfig], {}, LAUNCHER),
-    "TeacherConfig": ([TEACHER_DEFAULTS, LLAMA_TRAINING, RecommenderConfig], {}, set()),
-    "StudentConfig": (
-        [LLAMA_TRAINING, DistillConfig, student_from_teacher],
+    # lora_targets: a list in the config, the domain's tuple (checked apart below).
+    "LoraOptions": ([RecommenderConfig], {}, {"lora_targets"}),
+    "BaseLlmConfig": ([], {}, {"source", "allow_network"}),
+    "TeacherConfig": (
+        [TEACHER_DEFAULTS, LLAMA_TRAINING, RecommenderConfig],
         {},
-        {"teacher_tolerance"},
+        {"lora_targets"},
+    ),
+    "StudentConfig": (
+        [LLAMA_TRAINING, DistillConfig, student_from_teacher, RecommenderConfig],
+        {},
+        {"teacher_tolerance", "lora_targets"},
     ),
     "LayerProbeConfig": ([layer_scores], {}, set()),
     "ActivationsConfig": ([write_activations], {}, set()),
@@ -161,3 +168,9 @@ def test_the_pipeline_and_the_python_api_build_the_same_objects():
         k: getattr(TeacherConfig(), k, TEACHER_DEFAULTS[k]) for k in TEACHER_DEFAULTS
     }
     assert SaeAssetConfig().rows_seen == SaeTrainConfig().rows_seen == 500_000
+
+
+def test_lora_targets_default_to_the_domains() -> None:
+    for name in ("LoraOptions", "TeacherConfig", "StudentConfig"):
+        field = CONFIGS[name].model_fields["lora_targets"]
+        assert tuple(field.default) == RecommenderConfig.lora_targets

@@ -14,7 +14,13 @@ from recsae_pipeline import cli
 from recsae_pipeline.activations.shards import expected_rows
 from recsae_pipeline.data.sequences import read_sequences
 from recsae_pipeline.defs.assets import models
-from recsae_pipeline.models.artifacts import load_recommender
+from recsae_pipeline.models.artifacts import (
+    load_initialisation,
+    load_recommender,
+    read_metrics,
+    state_sha256,
+)
+from recsae_pipeline.models.recommender import student_from_teacher
 from recsae_pipeline.models.training import evaluate
 from recsae_pipeline.sae.model import TopKSae
 from recsae_pipeline.storage.registry import parse_partition_key
@@ -41,11 +47,26 @@ def test_every_model_asset_and_check_runs(tiny_store: TinyStore) -> None:
         assert checks[(model, "beats_popularity")].passed, checks[(model, "beats_popularity")]
     assert ("student", "student_close_to_teacher") in checks
     for name in models.MODELS:
-        assert {p.name for p in (tiny_store.root / "models" / name).iterdir()} == {
-            "config.json",
-            "model.safetensors",
-            "metrics.json",
-        }
+        files = {"config.json", "model.safetensors", "metrics.json"}
+        # The teacher keeps its untrained initialisation: where both students start.
+        files |= {"init.safetensors"} if name == "teacher" else set()
+        assert {p.name for p in (tiny_store.root / "models" / name).iterdir()} == files
+
+
+def test_both_students_start_from_the_teachers_untrained_initialisation(
+    tiny_store: TinyStore,
+) -> None:
+    """Not from the trained teacher's layers: that made the CE-only ablation equal to the
+    distilled student by construction."""
+    root = tiny_store.root / "models"
+    cpu = torch.device("cpu")
+    initial = load_initialisation(root / "teacher", cpu)
+    trained = load_recommender(root / "teacher", cpu)
+    layers = MODELS_CONFIG["ops"]["student"]["config"]["num_layers"]
+    expected = state_sha256(student_from_teacher(initial, num_layers=layers))
+    assert read_metrics(root / "student")["init_sha256"] == expected
+    assert read_metrics(root / "student_ce")["init_sha256"] == expected
+    assert expected != state_sha256(student_from_teacher(trained, num_layers=layers))
 
 
 def test_saved_model_reproduces_its_metrics(tiny_store: TinyStore) -> None:

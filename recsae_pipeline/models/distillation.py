@@ -5,6 +5,11 @@ Loss = CE + lambda1 * sum_b (1 - cos(s_b, t_b)) + lambda2 * sum_b ||s_b - t_b||_
 following the public code's sums and un-squared norm. Unlike SLMRec, which aligns the last
 token only, every term here is applied at every non-padding position, matching the SASRec+
 objective that supervises every position.
+
+The teacher is frozen and in eval mode, so its states at the aligned layers are the same every
+epoch: `cache_teacher_states` computes them once (forward only, stored in float16) and the loss
+reads them by training-window index instead of running the deep teacher at every step. Past
+`max_cache_gb` the teacher runs live at every step instead.
 """
 
 from __future__ import annotations
@@ -19,7 +24,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from recsae_pipeline.models.recommender import Recommender
-from recsae_pipeline.models.training import EpochReport, TrainConfig, TrainResult, train_recommender
+from recsae_pipeline.models.training import (
+    EpochReport,
+    TrainConfig,
+    TrainResult,
+    train_examples,
+    train_recommender,
+)
 
 
 @dataclass(frozen=True)
@@ -30,6 +41,8 @@ class DistillConfig:
     lambda_cosine: float = 1.0
     lambda_l2: float = 0.1
     lambda_supervision: float = 0.1
+    max_cache_gb: float = 4.0
+    """Largest cache of teacher states (float16) kept for the whole training; 0 disables it."""
 
 
 class DistillTerms(NamedTuple):
@@ -76,12 +89,49 @@ class DistillationLoss(nn.Module):
             for _ in range(heads)
         )
 
+    cache: list[Tensor] | None = None
+    """Per aligned block, the teacher's states [windows, max_len, hidden] (float16)."""
+
+    @torch.no_grad()
+    def cache_teacher_states(self, inputs: Tensor, batch_size: int = 256) -> bool:
+        """Compute the teacher's aligned states for every training window `inputs` once; False
+        (and no cache) when they would exceed `max_cache_gb`."""
+        if not self.config.distill:
+            return False
+        hidden = self.teacher.config.hidden_size
+        size = inputs.numel() * hidden * len(self.blocks) * 2
+        if size > self.config.max_cache_gb * 2**30:
+            return False
+        device = self.teacher.item_vectors.device
+        cache = [
+            torch.zeros((*inputs.shape, hidden), dtype=torch.float16, device=device)
+            for _ in self.blocks
+        ]
+        for start in range(0, len(inputs), batch_size):
+            items = inputs[start : start + batch_size].to(device)
+            width = max(int((items > 0).sum(1).max()), 1)
+            states = self.teacher(items[:, :width], output_hidden_states=True).hidden_states
+            for out, (_, t) in zip(cache, self.blocks, strict=True):
+                out[start : start + len(items), :width] = states[t].half()
+        self.cache = cache
+        return True
+
+    def _teacher_states(self, items: Tensor, rows: Tensor | None) -> list[Tensor]:
+        if self.cache is not None and rows is not None:
+            width = items.shape[1]
+            rows = rows.to(self.cache[0].device)
+            return [c[rows, :width].to(items.device).float() for c in self.cache]
+        states = self.teacher(items, output_hidden_states=True).hidden_states
+        return [states[t] for _, t in self.blocks]
+
     def train(self, mode: bool = True) -> DistillationLoss:
         super().train(mode)
         self.teacher.eval()
         return self
 
-    def forward(self, student: Recommender, items: Tensor, targets: Tensor) -> DistillTerms:
+    def forward(
+        self, student: Recommender, items: Tensor, targets: Tensor, rows: Tensor | None = None
+    ) -> DistillTerms:
         real = targets > 0
         out = student(items, output_hidden_states=self.config.distill)
         ce = F.cross_entropy(student.scores(out.user[real]), targets[real])
@@ -89,10 +139,10 @@ class DistillationLoss(nn.Module):
         if not self.config.distill:
             return DistillTerms(ce, ce, zero, zero, zero)
         with torch.no_grad():
-            teacher_states = self.teacher(items, output_hidden_states=True).hidden_states
+            teacher_states = self._teacher_states(items, rows)
         cosine, l2 = zero, zero
-        for s, t in self.blocks:
-            student_state, teacher_state = out.hidden_states[s][real], teacher_states[t][real]
+        for (s, _), teacher_state in zip(self.blocks, teacher_states, strict=True):
+            student_state, teacher_state = out.hidden_states[s][real], teacher_state[real]
             cosine = cosine + (1 - F.cosine_similarity(student_state, teacher_state, dim=-1)).mean()
             l2 = l2 + (student_state - teacher_state).norm(dim=-1).mean()
         supervision = zero
@@ -116,9 +166,13 @@ def train_student(
     device: torch.device,
     on_epoch: Callable[[EpochReport], None] | None = None,
 ) -> TrainResult:
-    """The SASRec+ loop with the SLMRec loss; the student ends in its best validation state."""
+    """The SASRec+ loop with the SLMRec loss; the student ends in its best validation state.
+    The teacher's aligned states are computed once up front (`cache_teacher_states`)."""
     teacher.to(device)
     loss = DistillationLoss(teacher, student, distill_config)
+    if distill_config.distill:
+        inputs, _ = train_examples(sequences, student.config.max_len)
+        loss.cache_teacher_states(inputs, batch_size=train_config.eval_batch_size)
     return train_recommender(
         student, sequences, num_items, train_config, device, on_epoch=on_epoch, loss_fn=loss
     )

