@@ -416,6 +416,43 @@ def cmd_export_sae(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_llm_serve(args: argparse.Namespace) -> int:
+    """llama.cpp's server over a GGUF file in the foreground, for other tools: prints its
+    base_url and model, stops on Ctrl-C or SIGTERM."""
+    import signal
+
+    from recsae_pipeline.interp.local_server import LocalServer, LocalServerError, ServerConfig
+
+    values = {
+        "gguf": args.gguf, "n_threads": args.n_threads, "n_ctx": args.n_ctx,
+        "port": args.port, "log_dir": args.log_dir,
+    }  # fmt: skip
+    config = ServerConfig(**{k: v for k, v in values.items() if v is not None})
+    server = LocalServer(config)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # through `finally`: stop the server
+    try:
+        server.start()
+        print(server.base_url, flush=True)
+        print(
+            f"recsae llm serve: model {server.model} ({server.gguf}), {config.threads} threads, "
+            f"log {server.log_path}; any API key works (e.g. OPENAI_API_KEY=EMPTY). Ctrl-C stops it.",
+            file=sys.stderr,
+        )
+        code = server.wait()
+        print(
+            f"recsae llm serve: the server exited with code {code}:\n{server.log_tail()}",
+            file=sys.stderr,
+        )
+        return 1
+    except LocalServerError as err:
+        print(f"recsae llm serve: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        server.stop()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recsae", description=__doc__)
     parser.add_argument(
@@ -497,6 +534,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder to write (replaced whole); sparsify: the parent of its layers.<l> folder",
     )
     ex.set_defaults(func=cmd_export_sae)
+    llm = sub.add_parser("llm", help="the local language model (the `local-llm` extra)")
+    llm_sub = llm.add_subparsers(dest="llm_command", required=True)
+    serve = llm_sub.add_parser(
+        "serve",
+        help="run llama.cpp's OpenAI-compatible server in the foreground; prints its base_url",
+    )
+    serve.add_argument(
+        "--gguf", help="a .gguf path, a .whl carrying one, or wheel:<dist> (default: SmolLM2-135M)"
+    )
+    serve.add_argument("--n-threads", type=int, help="generation threads (default: half the cores)")
+    serve.add_argument("--n-ctx", type=int, help="context length in tokens (default 8192)")
+    serve.add_argument("--port", type=int, help="loopback port (default: a free one)")
+    serve.add_argument("--log-dir", help="folder of the server log (default: <tempdir>/recsae-llm)")
+    serve.set_defaults(func=cmd_llm_serve)
     return parser
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 import torch
@@ -14,9 +14,13 @@ from recsae_pipeline.data.validation import QualityBounds
 from recsae_pipeline.defs.config import knob, to_domain
 from recsae_pipeline.distributed.ddp import resolve_device
 from recsae_pipeline.interp.llm import LLMSettings
+from recsae_pipeline.interp.local_server import ServerConfig
 from recsae_pipeline.storage.registry import ArtifactPaths, default_data_dir
 from recsae_pipeline.storage.remote import Mirror, SyncReport, default_cache_dir, local_root
 from recsae_pipeline.storage.warehouse import refresh_views
+
+if TYPE_CHECKING:
+    from recsae_pipeline.interp.local_server import LocalServer
 
 
 class StorageRoot(dg.ConfigurableResource):
@@ -138,12 +142,18 @@ class TorchDevice(dg.ConfigurableResource):
 
 
 class LLM(dg.ConfigurableResource):
-    """The explainers' and scorers' backend: `openai` (any OpenAI-compatible endpoint) or
-    `offline` (a deterministic statistical policy, named as such in every output). `auto`
-    picks `openai` when `base_url` is set, else `offline`. The key is read from the
-    environment variable named by `api_key_env` and is never logged or stored."""
+    """The explainers' and scorers' backend: `openai` (any OpenAI-compatible endpoint),
+    `local` (llama.cpp's server over a GGUF file, started on a free loopback port on first
+    use and stopped at teardown; the `local-llm` extra) or `offline` (a deterministic
+    statistical policy, named as such in every output). `auto` picks `openai` when
+    `base_url` is set, else `offline`. The key is read from the environment variable named
+    by `api_key_env` and is never logged or stored.
 
-    backend: str = Field(default="auto", description="auto | offline | openai")
+    Outside a Dagster run, use it as a context manager (`with LLM(backend="local") as llm:`)
+    so that the local server stops; it stops at interpreter exit or when this process dies
+    in any case."""
+
+    backend: str = Field(default="auto", description="auto | offline | openai | local")
     base_url: str | None = Field(
         default=None, description="e.g. https://api.openai.com/v1, http://localhost:8000/v1 (vLLM)."
     )
@@ -158,16 +168,35 @@ class LLM(dg.ConfigurableResource):
     json_mode: bool = knob(LLMSettings, "json_mode")
     price_per_1k_input: float = knob(LLMSettings, "price_per_1k_input")
     price_per_1k_output: float = knob(LLMSettings, "price_per_1k_output")
+    gguf: str = knob(ServerConfig, "gguf", "backend local: a .gguf path, a .whl carrying "
+                     "one, or wheel:<distribution> (default: SmolLM2-135M-Instruct).")  # fmt: skip
+    n_threads: int | None = knob(
+        ServerConfig, "n_threads", "backend local: generation threads; unset: half the usable "
+        "cores, so that training on the rest and serving do not fight over them."
+    )  # fmt: skip
+    n_ctx: int = knob(ServerConfig, "n_ctx", "backend local: context length in tokens.")
+    startup_timeout_s: float = knob(ServerConfig, "startup_timeout_s")
+    log_dir: str | None = knob(
+        ServerConfig, "log_dir", "backend local: folder of the server log; unset: <tempdir>/recsae-llm."
+    )  # fmt: skip
+    _server: Any = PrivateAttr(default=None)
 
     @property
     def kind(self) -> str:
-        if self.backend not in ("auto", "offline", "openai"):
-            raise dg.Failure(f"LLM backend {self.backend!r}; use auto, offline or openai.")
+        if self.backend not in ("auto", "offline", "openai", "local"):
+            raise dg.Failure(f"LLM backend {self.backend!r}; use auto, offline, openai or local.")
         if self.backend == "auto":
             return "openai" if self.base_url else "offline"
         return self.backend
 
+    @property
+    def server(self) -> LocalServer | None:
+        """The local server this resource started (backend `local`), or None."""
+        return self._server
+
     def settings(self) -> LLMSettings:
+        if self.kind == "local":
+            return self._local_settings()
         if not self.base_url or not self.model:
             raise dg.Failure(
                 "LLM backend `openai` needs `base_url` and `model` in the `llm` resource config "
@@ -175,6 +204,44 @@ class LLM(dg.ConfigurableResource):
                 f"in ${self.api_key_env}."
             )
         return to_domain(self, LLMSettings)
+
+    def _local_settings(self) -> LLMSettings:
+        """The started server's settings, with this resource's generation knobs; the
+        transport knobs left unset take the local server's defaults (`LocalServer.settings`)."""
+        from recsae_pipeline.interp.local_server import LocalServer, LocalServerError
+
+        if self._server is None or not self._server.running:
+            server = LocalServer(to_domain(self, ServerConfig))
+            try:
+                server.start()
+            except LocalServerError as err:
+                raise dg.Failure(f"LLM backend `local`: {err}") from err
+            self._server = server
+        transport = {"timeout_s", "max_retries", "max_concurrency"} & self.model_fields_set
+        kept = ("temperature", "max_output_tokens", "price_per_1k_input", "price_per_1k_output")
+        return self._server.settings(
+            **{name: getattr(self, name) for name in (*kept, *sorted(transport))}
+        )
+
+    def close(self) -> None:
+        """Stop the local server, if this resource started one."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.stop()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        server = self._server
+        self.close()
+        if server is not None and context.log:
+            context.log.info(
+                f"llm: stopped the local server ({server.model}); log {server.log_path}"
+            )
 
     def policy_factory(self) -> Callable[[], Any]:
         """A maker of fresh explainer policies (one per feature and method, so that usage

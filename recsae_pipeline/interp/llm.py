@@ -62,6 +62,18 @@ class LLMSettings(BaseModel, frozen=True):
         default=True,
         description="Send response_format=json_object; turn off for servers that reject it.",
     )
+    grammar: bool = Field(
+        default=False,
+        description="llama.cpp's server: constrain each reply by a GBNF grammar of its schema "
+        "(strings bounded, no control characters; `local_server.json_grammar`), sent as "
+        "`grammar` in the request body instead of response_format.",
+    )
+    retry_output_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="Token limit of the corrective turn after a reply cut off at "
+        "max_output_tokens; unset: twice max_output_tokens.",
+    )
     price_per_1k_input: float = Field(default=0.0, ge=0, description="USD per 1000 prompt tokens.")
     price_per_1k_output: float = Field(
         default=0.0, ge=0, description="USD per 1000 completion tokens."
@@ -95,6 +107,8 @@ class CallRecord:
     """Requests repeated after a connection error, a timeout, a rate limit or a server error."""
     corrected: bool = False
     """True when a corrective turn (the schema error quoted back) was needed."""
+    cut_off: int = 0
+    """Replies that stopped at the token limit (finish_reason `length`)."""
     error: str | None = None
     """Why the call failed after its retries, or None."""
 
@@ -214,6 +228,8 @@ class OpenAIChat:
                 f"key there (local servers such as vLLM or Ollama accept "
                 f"`export {settings.api_key_env}=EMPTY`), or set `api_key_env` to another name."
             )
+        if settings.grammar:
+            _grammar(None)  # the converter is there, or a configuration error now
         self.settings = settings
         self.usage = Usage()
         self._secret = key
@@ -246,27 +262,31 @@ class OpenAIChat:
         invalid; either carries the `CallRecord` as `.record`.
         """
         record = CallRecord(purpose=purpose, model=self.settings.model)
-        sent = _with_schema(messages, schema)
+        sent = _with_schema(messages, schema, sketch=self.settings.grammar)
         start = time.perf_counter()
         try:
-            reply = self._reply(sent, record)
+            reply = self._reply(sent, record, schema)
             try:
                 parsed = _parse(reply, schema)
             except ValueError as err:
                 problem = self._redact(str(err))
+                cut = record.cut_off > 0
                 log.warning(
-                    "%s%s: invalid reply (%s); asking once for a correction",
+                    "%s%s: invalid reply (%s%s); asking once for a correction",
                     self.name,
                     _label(purpose),
+                    "cut off at the token limit; " if cut else "",
                     _first_line(problem),
                 )
                 record.corrected = True
                 sent = [
                     *sent,
                     {"role": "assistant", "content": reply},
-                    {"role": "user", "content": _correction(problem)},
+                    {"role": "user", "content": _correction(problem, cut)},
                 ]
-                reply = self._reply(sent, record)
+                s = self.settings
+                limit = (s.retry_output_tokens or 2 * s.max_output_tokens) if cut else None
+                reply = self._reply(sent, record, schema, limit)
                 try:
                     parsed = _parse(reply, schema)
                 except ValueError as err2:
@@ -285,16 +305,25 @@ class OpenAIChat:
             record.seconds = time.perf_counter() - start
             self.usage.add(record)
 
-    def _reply(self, messages: list[dict[str, str]], record: CallRecord) -> str:
-        """One billed reply, retrying transient failures; tokens and cost go into `record`."""
+    def _reply(
+        self,
+        messages: list[dict[str, str]],
+        record: CallRecord,
+        schema: type[BaseModel],
+        max_tokens: int | None = None,
+    ) -> str:
+        """One billed reply (at most `max_tokens`, default the settings'), retrying transient
+        failures; tokens and cost go into `record`."""
         s = self.settings
         kwargs: dict[str, Any] = {"model": s.model, "messages": messages}
-        kwargs[s.token_limit_param] = s.max_output_tokens
+        kwargs[s.token_limit_param] = max_tokens or s.max_output_tokens
         if s.temperature is not None:
             kwargs["temperature"] = s.temperature
         if s.seed is not None:
             kwargs["seed"] = s.seed
-        if s.json_mode:
+        if s.grammar:
+            kwargs["extra_body"] = {"grammar": _grammar(schema)}
+        elif s.json_mode:
             kwargs["response_format"] = {"type": "json_object"}
         label = _label(record.purpose)
         attempt = 0
@@ -302,7 +331,7 @@ class OpenAIChat:
             try:
                 with self._slots:
                     completion = self._client.chat.completions.create(**kwargs)
-                return self._account(completion, record)
+                return self._account(completion, record, kwargs[s.token_limit_param])
             except (openai.APIConnectionError, openai.APIStatusError) as err:
                 status = getattr(err, "status_code", None)
                 if isinstance(err, openai.APIStatusError) and not _retryable(err):
@@ -328,7 +357,7 @@ class OpenAIChat:
                 )
                 time.sleep(delay)
 
-    def _account(self, completion: Any, record: CallRecord) -> str:
+    def _account(self, completion: Any, record: CallRecord, limit: int) -> str:
         usage = completion.usage
         prompt = int(getattr(usage, "prompt_tokens", 0) or 0)
         done = int(getattr(usage, "completion_tokens", 0) or 0)
@@ -339,11 +368,9 @@ class OpenAIChat:
         text = self._redact((choice.message.content or "") if choice else "")
         record.replies.append(text)
         if choice is not None and choice.finish_reason == "length":
+            record.cut_off += 1
             log.warning(
-                "%s%s: reply cut off at max_output_tokens=%d",
-                self.name,
-                _label(record.purpose),
-                self.settings.max_output_tokens,
+                "%s%s: reply cut off at %d tokens", self.name, _label(record.purpose), limit
             )
         return text
 
@@ -411,19 +438,58 @@ def _retry_after(headers: Any) -> float | None:
     return (when - datetime.now(UTC)).total_seconds()
 
 
-def _with_schema(messages: list[dict[str, str]], schema: type[BaseModel]) -> list[dict[str, str]]:
-    """The messages with the JSON schema stated in the system prompt (added if missing)."""
-    compact = json.dumps(schema.model_json_schema(), separators=(",", ":"))
-    rule = (
-        "Reply with exactly one JSON object and nothing else (no prose, no code fences). "
-        f"It must validate against this JSON schema:\n{compact}"
-    )
+def _with_schema(
+    messages: list[dict[str, str]], schema: type[BaseModel], sketch: bool = False
+) -> list[dict[str, str]]:
+    """The messages with the JSON schema stated in the system prompt (added if missing); with
+    `sketch`, only the reply's shape (`json_sketch`): a grammar enforces the rest, and a
+    small model spends its prompt on the schema's text and copies its descriptions."""
+    if sketch:
+        shape = json_sketch(schema.model_json_schema())
+        rule = f"Reply with exactly one JSON object and nothing else, shaped like this:\n{shape}"
+    else:
+        compact = json.dumps(schema.model_json_schema(), separators=(",", ":"))
+        rule = (
+            "Reply with exactly one JSON object and nothing else (no prose, no code fences). "
+            f"It must validate against this JSON schema:\n{compact}"
+        )
     out = [dict(m) for m in messages]
     if out and out[0].get("role") == "system":
         out[0]["content"] = f"{out[0]['content']}\n\n{rule}"
     else:
         out.insert(0, {"role": "system", "content": rule})
     return out
+
+
+def json_sketch(schema: dict[str, Any], node: dict[str, Any] | None = None) -> str:
+    """A one-line shape of `schema`'s JSON: keys, nesting, enums, and a type word per value,
+    e.g. `{"label": text, "tags": [text, ...], "kind": "a"|"b", "spec": {...}|null}`."""
+    node = schema if node is None else node
+    if "$ref" in node:
+        return json_sketch(schema, schema["$defs"][node["$ref"].rsplit("/", 1)[-1]])
+    if "enum" in node:
+        return "|".join(json.dumps(v) for v in node["enum"])
+    if "const" in node:
+        return json.dumps(node["const"])
+    for key in ("anyOf", "oneOf"):
+        if key in node:
+            return "|".join(json_sketch(schema, n) for n in node[key])
+    kind = node.get("type")
+    if kind == "object" or "properties" in node:
+        fields = (
+            f"{json.dumps(k)}: {json_sketch(schema, v)}"
+            for k, v in node.get("properties", {}).items()
+        )
+        return "{" + ", ".join(fields) + "}"
+    if kind == "array":
+        return f"[{json_sketch(schema, node.get('items', {}))}, ...]"
+    return {
+        "string": "text",
+        "integer": "integer",
+        "number": "number",
+        "boolean": "true|false",
+        "null": "null",
+    }.get(str(kind), "value")
 
 
 def extract_json_object(text: str) -> dict[str, Any]:
@@ -454,12 +520,32 @@ def _parse(text: str, schema: type[T]) -> T:
         raise ValueError(f"JSON does not match the schema: {problems}") from None
 
 
-def _correction(problem: str) -> str:
+def _correction(problem: str, cut: bool = False) -> str:
+    if cut:
+        return (
+            "Your previous reply was cut off at the token limit before the JSON object was "
+            f"complete ({problem}).\nReply again with only the complete JSON object, valid "
+            "against the schema in the system message; keep every text field short."
+        )
     return (
         f"Your previous reply was invalid: {problem}\n"
         "Reply again with only the corrected JSON object, valid against the schema in the "
         "system message."
     )
+
+
+def _grammar(schema: type[BaseModel] | None) -> str:
+    """The reply grammar of `schema` (None: only check that the converter loads)."""
+    from recsae_pipeline.interp.local_server import (
+        LocalServerError,
+        grammar_converter,
+        json_grammar,
+    )
+
+    try:
+        return json_grammar(schema) if schema is not None else str(grammar_converter())
+    except LocalServerError as err:
+        raise LLMConfigError(f"grammar=True: {err}") from None
 
 
 def _label(purpose: str) -> str:

@@ -27,6 +27,7 @@ from recsae_pipeline.interp.replies import (
     HypothesesReply,
     ReviewReply,
     SequenceSpec,
+    Title,
     VerdictReply,
 )
 from recsae_pipeline.interp.sage import Hypothesis
@@ -154,7 +155,7 @@ before it. Most features are silent on most positions. Reply with one entry per 
 
 
 class GeneratedSequence(BaseModel):
-    items: list[int | str] = Field(
+    items: list[int | Title] = Field(
         min_length=1, max_length=50, description="Item ids or exact titles, oldest first."
     )
     target_position: int = Field(default=-1, description="0-based; -1 = the last item.")
