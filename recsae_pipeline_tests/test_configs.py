@@ -16,7 +16,14 @@ JOBS = list(dict.fromkeys(job for job, _ in materialize_plan()))
 
 
 def test_presets_exist() -> None:
-    assert {p.stem for p in PRESETS} >= {"default", "movielens-100k", "movielens-1m", "gpu-large"}
+    assert {p.stem for p in PRESETS} >= {
+        "default",
+        "movielens-100k",
+        "movielens-1m",
+        "gpu-large",
+        "llm",
+        "llm-gpu",
+    }
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)

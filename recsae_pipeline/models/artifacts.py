@@ -110,7 +110,10 @@ def save_recommender(
         (directory / MODEL_CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
         save_file(_cpu(state), directory / MODEL_WEIGHTS_FILE, metadata={"format": "pt"})
         if adapter:
-            model.backbone.save_pretrained(directory / ADAPTER_DIR, safe_serialization=True)
+            # The one-row token table replaces the base's; the adapter never touches it.
+            model.backbone.save_pretrained(
+                directory / ADAPTER_DIR, safe_serialization=True, save_embedding_layers=False
+            )
         for name, tensors in (extra_tensors or {}).items():
             save_file(_cpu(tensors), directory / name, metadata={"format": "pt"})
         (directory / METRICS_FILE).write_text(json.dumps(metrics or {}, indent=2, sort_keys=True))

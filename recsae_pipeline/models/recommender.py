@@ -136,7 +136,9 @@ def build_backbone(config: RecommenderConfig) -> PreTrainedModel:
                 f"layers, fewer than config.num_layers={config.num_layers}"
             )
         # Items enter as inputs_embeds, so the token table is dead weight (32000 rows for Llama-2).
-        backbone.set_input_embeddings(nn.Embedding(1, config.hidden_size))
+        # (zeros, so that two loads of one checkpoint give identical states).
+        backbone.set_input_embeddings(nn.Embedding(1, config.hidden_size).requires_grad_(False))
+        nn.init.zeros_(backbone.get_input_embeddings().weight)
         backbone.config.vocab_size = 1
         # Token ids of the old table; no tokens here.
         backbone.config.pad_token_id = backbone.config.bos_token_id = None

@@ -22,6 +22,9 @@ END = "<!-- results:end -->"
 RECOMMENDERS_FILE = "recommenders.json"
 DEFAULT_RUN_FILE = "default_run.json"
 MOVIELENS_RUN_FILE = "movielens_run.json"
+LLM_RUN_FILE = "llm_run.json"
+LLM_PROBE_PLOT = "llm_layer_probe.png"
+EXPLAINERS_FILE = "explainers_llm.json"
 SWEEP_FILE = "sae_sweep.json"
 SWEEP_PLOT = "sae_sweep.png"
 PREVIOUS_DEFAULT = "topk k=32 x32 whitening=0.1"
@@ -384,6 +387,64 @@ def _command(bench: dict[str, Any]) -> str:
     )
 
 
+def render_llm_stages(run: dict[str, Any]) -> list[str]:
+    """Seconds per asset (summed over its partitions and runs), the run's wall time and the
+    student's inference speed-up over the teacher."""
+    per_asset: dict[str, float] = {}
+    for stage in run.get("stages", []):
+        per_asset[stage["step"]] = per_asset.get(stage["step"], 0.0) + stage["seconds"]
+    out = []
+    if run.get("wall_seconds") is not None:
+        out.append(
+            f"Wall time of `{run['command']}` (run by `{run.get('benchmark', run['command'])}`): "
+            f"{run['wall_seconds'] / 60:.1f} min, peak RSS {_f(run.get('peak_rss_mb'), 0)} MB."
+        )
+    speed = run.get("speedup")
+    if speed:
+        out.append(
+            f"The student scores {speed['speedup']:.1f}x as fast as its teacher "
+            f"({_f(speed['student_ms_per_1000_users'], 0)} vs "
+            f"{_f(speed['teacher_ms_per_1000_users'], 0)} ms per 1,000 users; "
+            f"{speed['student_params']:,} vs {speed['teacher_params']:,} parameters)."
+        )
+    if per_asset:
+        top = sorted(per_asset.items(), key=lambda kv: -kv[1])
+        out += ["", "| stage (asset) | seconds |", "|---|---|"]
+        out += [f"| {name} | {seconds:.0f} |" for name, seconds in top]
+    return out
+
+
+def render_layer_probe(rows: list[dict[str, Any]], plot: str | None) -> list[str]:
+    """SLMRec's redundancy test on the pretrained layers: the plot and every layer's row."""
+    if not rows:
+        return []
+    best = max(rows, key=lambda r: r["probe_ndcg@10"])
+    last = rows[-1]
+    out = [
+        "",
+        f"Layer probe over the teacher's {len(rows)} layers (test NDCG@10 of a linear probe "
+        f"trained on each layer, and of the teacher's own head read at that layer): best probe "
+        f"layer {best['layer']} ({_f(best['probe_ndcg@10'])}); last layer "
+        f"{_f(last['probe_ndcg@10'])}.",
+    ]
+    if plot:
+        out += ["", f"![Layer probe]({plot})"]
+    out += [
+        "",
+        "<details><summary>Every layer</summary>",
+        "",
+        "| layer | probe NDCG@10 | readout NDCG@10 |",
+        "|---|---|---|",
+        *(
+            f"| {r['layer']} | {_f(r['probe_ndcg@10'])} | {_f(r['readout_ndcg@10'])} |"
+            for r in rows
+        ),
+        "",
+        "</details>",
+    ]
+    return out
+
+
 def render(results_dir: Path) -> str:
     """The whole generated section (markers included) from the files in `results_dir`."""
     out = [BEGIN, ""]
@@ -400,6 +461,14 @@ def render(results_dir: Path) -> str:
         run = _load(results_dir / file)
         if run:
             out += render_run(run, title, run.get("command", "recsae materialize")) + [""]
+    llm = _load(results_dir / LLM_RUN_FILE)
+    if llm:
+        title = "The pipeline with a pretrained LLM teacher (SmolLM2-135M, configs/llm.yaml)"
+        out += render_run(llm, title, llm["command"]) + [""]
+        out += render_llm_stages(llm)
+        has_plot = (results_dir / LLM_PROBE_PLOT).is_file()
+        plot = f"benchmarks/results/{LLM_PROBE_PLOT}" if has_plot else None
+        out += render_layer_probe(llm.get("layer_probe", []), plot) + [""]
     if len(out) == 2:
         out += ["No result files committed yet under `benchmarks/results/`.", ""]
     out.append(END)
