@@ -52,10 +52,16 @@ def local_llm_extra() -> None:
     _require_extra()
 
 
+THREADS = len(os.sched_getaffinity(0))
+"""Every core for the server: the test process only waits on it (the pipeline's default is
+half, beside training), and with OMP_WAIT_POLICY=PASSIVE a busy neighbour slows it without
+the collapse of spinning workers."""
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
     _require_extra()
-    config = ServerConfig(log_dir=str(tmp_path_factory.mktemp("llm-logs")))
+    config = ServerConfig(n_threads=THREADS, log_dir=str(tmp_path_factory.mktemp("llm-logs")))
     with LocalServer(config) as running:
         yield running
     assert not running.running
@@ -92,7 +98,8 @@ def test_sage_runs_end_to_end_on_the_local_backend(tmp_path: Path) -> None:
     budget; tokens add up per call; teardown stops the server."""
     transcript = Transcript(tmp_path / "sage.jsonl")
     records: list[CallRecord] = []
-    with dg.build_resources({"llm": LLM(backend="local", log_dir=str(tmp_path))}) as built:
+    resource = LLM(backend="local", n_threads=THREADS, log_dir=str(tmp_path))
+    with dg.build_resources({"llm": resource}) as built:
         llm: LLM = built.llm
         assert llm.server is None  # nothing started before an explainer asks
         policy = llm.policy_factory()()

