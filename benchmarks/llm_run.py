@@ -119,6 +119,9 @@ def main() -> int:
         "layer_probe": layer_probe(data),
         "speedup": speedup(results),
         "threads": os.environ.get("OMP_NUM_THREADS"),
+        "cpus": os.cpu_count(),
+        "load_average_at_end": os.getloadavg(),
+        "note": "load average above the core count means other processes shared the cores",
     }
     print(f"wrote {write_json(out, args.out)}")
     probe_plot = data / "reports" / "layer_probe.png"

@@ -382,3 +382,20 @@ def test_the_reconstruction_check_never_shows_a_failing_value_as_within_its_boun
     assert "dead 2.002% (> 2%)" in outcome.description and "revive latents" in outcome.description
     ok = reconstruction_check({"fvu": 0.05, "dead_fraction": 0.01, "l0": 8.0}, SaeBounds())
     assert ok.passed and "(<= 0.1), dead 1.000% (<= 2%)" in ok.description
+
+
+def test_the_splice_check_reads_the_bound_against_the_ci_over_users() -> None:
+    """A point estimate a hair under the bound within the users' noise passes; a CI wholly
+    below it fails; the CI covers the point estimate."""
+    from recsae_pipeline.sae.evaluation import SaeBounds, SpliceQuality, recovered_ci, splice_check
+
+    rng = np.random.default_rng(0)
+    original = rng.binomial(1, 0.3, 2000).astype(float)
+    ablated = original * rng.binomial(1, 0.4, 2000)
+    noisy = np.where(rng.random(2000) < 0.88, original, ablated)  # about 88% recovered
+    quality = SpliceQuality({"original": original, "spliced": noisy, "zero_ablated": ablated})
+    lo, hi = recovered_ci(quality)
+    assert lo < quality.fraction_recovered < hi
+    assert splice_check(quality, SaeBounds(min_recovered=0.9)).passed == (hi >= 0.9)
+    assert not splice_check(quality, SaeBounds(min_recovered=hi + 0.01)).passed
+    assert splice_check(quality, SaeBounds(min_recovered=lo)).passed

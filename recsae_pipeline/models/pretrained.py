@@ -265,8 +265,12 @@ def resolve_base(
             config = loaded.config
             if hasattr(config, "quantization_config"):
                 del config.quantization_config
-            model = AutoModelForCausalLM.from_config(config)
-            model.load_state_dict(loaded.state_dict(), strict=True)
+            from accelerate import init_empty_weights
+
+            with init_empty_weights():  # no random init of weights about to be replaced
+                model = AutoModelForCausalLM.from_config(config)
+            model.load_state_dict(loaded.state_dict(), strict=True, assign=True)
+            model.tie_weights()
             del loaded
             model.save_pretrained(directory, safe_serialization=True)
             if tokenizer is not None:
