@@ -242,7 +242,9 @@ class Recommender(nn.Module):
         if items.shape[1] > 1 and bool(((items[:, :-1] == 0) & (items[:, 1:] > 0)).any()):
             raise ValueError("items must be right-padded: a 0 is followed by a real item")
         x = self.drop(self.item_in(F.embedding(items, self.item_vectors, padding_idx=0)))
-        out = self.backbone(inputs_embeds=x, output_hidden_states=output_hidden_states)
+        out = self.backbone(
+            inputs_embeds=x, output_hidden_states=output_hidden_states, use_cache=False
+        )  # no KV cache: every call sees whole sequences
         return RecommenderOutput(self.user_head(out.last_hidden_state), out.hidden_states)
 
     def scores(self, user: Tensor) -> Tensor:
