@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -26,14 +27,22 @@ from pydantic import BaseModel, Field
 
 from recsae_pipeline.defs.resources import LLM
 from recsae_pipeline.interp.llm import CallRecord, LLMReplyError, OpenAIChat
+from recsae_pipeline.interp.llm_policy import GeneratedSequences, WindowPredictions
 from recsae_pipeline.interp.local_server import (
     LocalServer,
     LocalServerError,
     ServerConfig,
+    bounded_schema,
     json_grammar,
     missing_extra,
 )
-from recsae_pipeline.interp.replies import FinalReply, HypothesesReply
+from recsae_pipeline.interp.replies import (
+    ExperimentPlan,
+    FinalReply,
+    HypothesesReply,
+    ReviewReply,
+    VerdictReply,
+)
 from recsae_pipeline.interp.sage import Limits, Transcript, run_sage
 from recsae_pipeline_tests.test_llm_policy import feature_context
 
@@ -276,7 +285,17 @@ def test_llm_serve_prints_the_base_url_and_stops_on_sigterm(tmp_path: Path) -> N
         urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2)
 
 
-def test_hypotheses_grammar_bounds_every_free_string() -> None:
-    grammar = json_grammar(HypothesesReply)
-    assert "char*" not in grammar  # every string has a maxLength
-    assert '"\\"positive\\"" | "\\"negative_control\\""' in grammar  # enums stay enums
+def test_reply_grammars_bound_every_string_and_array() -> None:
+    """No unbounded repetition (`*`, `+`) in any reply's grammar, so no reply runs on to the
+    token limit by the grammar's leave; enums stay enums; what it admits validates."""
+    for schema in (HypothesesReply, ExperimentPlan, VerdictReply, ReviewReply, FinalReply,
+                   GeneratedSequences, WindowPredictions):  # fmt: skip
+        grammar = json_grammar(schema)
+        rules = [line.split(" ::= ", 1)[1] for line in grammar.splitlines()]
+        assert not any(re.search(r"[)\]a-z]\s*[*+]", rule) for rule in rules), schema.__name__
+    assert '"\\"positive\\"" | "\\"negative_control\\""' in json_grammar(HypothesesReply)
+    plan = bounded_schema(ExperimentPlan.model_json_schema())
+    assert (
+        plan["properties"]["sequences"] | {"maxItems": 12, "minItems": 2}
+        == plan["properties"]["sequences"]
+    )
