@@ -22,6 +22,7 @@ from recsae_pipeline.defs.config import domain_default, knob
 from recsae_pipeline.defs.definitions import ASSET_MODULES
 from recsae_pipeline.interp.explain import score_features, select_features
 from recsae_pipeline.interp.llm import LLMSettings
+from recsae_pipeline.interp.local_server import ServerConfig
 from recsae_pipeline.interp.sage import Limits
 from recsae_pipeline.models.distillation import DistillConfig
 from recsae_pipeline.models.probe import layer_scores
@@ -104,7 +105,7 @@ DOMAIN: dict[str, tuple[list[Any], dict[str, str], set[str]]] = {
     "FeatureBrowserConfig": ([write_browser], {}, set()),
     "ResultsConfig": ([build_results], {}, set()),
     "DataQuality": ([QualityBounds], {}, set()),
-    "LLM": ([LLMSettings], {}, {"backend", "base_url", "model"}),
+    "LLM": ([LLMSettings, ServerConfig], {}, {"backend", "base_url", "model"}),
     "TorchDevice": ([], {}, {"device", "threads"}),
     "StorageRoot": ([], {}, {"path", "cache_dir", "mirror"}),
 }
