@@ -51,12 +51,25 @@ def step_seconds(home: Path) -> list[dict[str, Any]]:
             rows.append(
                 {
                     "job": run.job_name,
+                    "run": run.run_id,
                     "partition": run.tags.get("dagster/partition"),
                     "step": event.step_key,
                     "seconds": round(event.event_specific_data.duration_ms / 1000, 1),
                 }
             )
     return rows
+
+
+def latest_stages(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (step, partition): the latest run that computed it (over a second), else
+    the latest; a store built over several `recsae materialize` calls (a run stopped by a
+    failed check, then resumed) counts each stage once, as one run would."""
+    kept: dict[tuple[str, str | None], dict[str, Any]] = {}
+    for stage in stages:  # oldest run first
+        key = (stage["step"], stage["partition"])
+        if key not in kept or stage["seconds"] > 1.0 or kept[key]["seconds"] <= 1.0:
+            kept[key] = stage
+    return list(kept.values())
 
 
 def speedup(results: dict[str, Any]) -> dict[str, float] | None:
@@ -108,7 +121,8 @@ def main() -> int:
             print(f"llm_run: {command} exited {done.returncode}", file=sys.stderr)
             return done.returncode
     results = json.loads((data / "reports" / "results.json").read_text())
-    stages = step_seconds(home)
+    every = step_seconds(home)
+    stages = latest_stages(every)
     out = results | {
         "command": command,
         "benchmark": f"benchmarks/llm_run.py --config {args.config}",
@@ -116,6 +130,7 @@ def main() -> int:
         "peak_rss_mb": peak_mb,
         "stages": stages,
         "stage_seconds_total": round(sum(s["seconds"] for s in stages), 1),
+        "dagster_runs": len({s["run"] for s in every}),
         "layer_probe": layer_probe(data),
         "speedup": speedup(results),
         "threads": os.environ.get("OMP_NUM_THREADS"),

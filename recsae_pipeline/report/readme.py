@@ -394,6 +394,15 @@ def render_llm_stages(run: dict[str, Any]) -> list[str]:
     for stage in run.get("stages", []):
         per_asset[stage["step"]] = per_asset.get(stage["step"], 0.0) + stage["seconds"]
     out = []
+    if run.get("wall_seconds") is None and run.get("stage_seconds_total"):
+        out.append(
+            f"Time of `{run['command']}`, summed over its stages (each counted once, from the "
+            f"latest of {run.get('dagster_runs', 'several')} Dagster runs that built the store; "
+            f"collected by `{run.get('benchmark', run['command'])}`): "
+            f"{run['stage_seconds_total'] / 60:.1f} min; load average at the end "
+            f"{', '.join(f'{x:.1f}' for x in run.get('load_average_at_end', []))} on "
+            f"{run.get('cpus', '?')} cores."
+        )
     if run.get("wall_seconds") is not None:
         out.append(
             f"Wall time of `{run['command']}` (run by `{run.get('benchmark', run['command'])}`): "
