@@ -454,6 +454,40 @@ def render_layer_probe(rows: list[dict[str, Any]], plot: str | None) -> list[str
     return out
 
 
+def render_explainers(bench: dict[str, Any]) -> list[str]:
+    """SAGE and the one-shot baseline, each with SmolLM2 (the local llama.cpp server) and the
+    offline policy, on the same features, scored the same way: per arm and paired."""
+    cols = [
+        ("mean_generative_accuracy", "gen. acc. (label)"),
+        ("mean_predictive_r", "predictive r"),
+        ("mean_detection_auc", "detection AUC"),
+        ("llm_calls_per_feature", "calls / feature"),
+        ("prompt_tokens_per_feature", "prompt tokens / feature"),
+        ("completion_tokens_per_feature", "completion tokens / feature"),
+        ("seconds_per_feature", "s / feature"),
+    ]
+    out = [
+        "### Explanations with a real LLM (SmolLM2-135M on the local llama.cpp server)",
+        "",
+        f"`{_command(bench)}` (commit `{bench.get('commit', 'n/a')}`): partition "
+        f"`{bench.get('partition')}`, {len(bench.get('features', []))} features "
+        f"({bench.get('selection_counts')}), scorer {bench.get('scorer')}; "
+        f"{bench.get('server', {}).get('n_threads')} server thread(s) on "
+        f"{bench.get('cpu_cores')} cores.",
+        "",
+        "| arm | n | " + " | ".join(label for _, label in cols) + " |",
+        "|---|---|" + "---|" * len(cols),
+    ]
+    for arm, row in bench.get("arms", {}).items():
+        cells = " | ".join(_f(row.get(key), 3) for key, _ in cols)
+        out.append(f"| {arm} | {row.get('n')} | {cells} |")
+    comparisons = [Comparison.from_dict(c) for c in bench.get("comparisons", [])]
+    if comparisons:
+        out += ["", "Paired over features (a - b, bootstrap 95% CI):", ""]
+        out.append(comparisons_markdown(comparisons))
+    return out
+
+
 def render(results_dir: Path) -> str:
     """The whole generated section (markers included) from the files in `results_dir`."""
     out = [BEGIN, ""]
@@ -478,6 +512,9 @@ def render(results_dir: Path) -> str:
         has_plot = (results_dir / LLM_PROBE_PLOT).is_file()
         plot = f"benchmarks/results/{LLM_PROBE_PLOT}" if has_plot else None
         out += render_layer_probe(llm.get("layer_probe", []), plot) + [""]
+    explainers = _load(results_dir / EXPLAINERS_FILE)
+    if explainers:
+        out += render_explainers(explainers) + [""]
     if len(out) == 2:
         out += ["No result files committed yet under `benchmarks/results/`.", ""]
     out.append(END)
