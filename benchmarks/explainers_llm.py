@@ -190,7 +190,8 @@ def summarize(scores: list[dict], explanations: list[Explanation], catalog: Any)
             label_kinds(e.label, catalog, c["prompt"]) for e, c in zip(es, counts, strict=True)
         ]
         n = len(es)
-        sequences = sum(c["sequences"] for c in counts)
+        ran = sum(c["sequences"] for c in counts)
+        crafted = ran + sum(c["unresolved"] for c in counts)  # one entry per dropped sequence
         by_arm[arm] = {
             "n": n,
             **{f"mean_{m}": _mean([_num(s[m]) for s in rows]) for m in COMPARED},
@@ -207,10 +208,9 @@ def summarize(scores: list[dict], explanations: list[Explanation], catalog: Any)
             "cut_off_replies": sum(c["cut_off"] for c in counts),
             "stopped_by": dict(Counter(e.stopped_by.split(":")[0] for e in es)),
             "experiments_per_feature": _mean([e.experiments for e in es]),
-            "crafted_sequences": sequences,
-            "unresolved_share": sum(c["unresolved"] for c in counts) / sequences
-            if sequences
-            else float("nan"),
+            "crafted_sequences": crafted,
+            "sequences_run": ran,
+            "unresolved_share": (crafted - ran) / crafted if crafted else float("nan"),
             **{f"labels_{k}": float(np.mean([d[k] for d in kinds])) for k in kinds[0]},
         }
     return by_arm
@@ -255,20 +255,37 @@ def comparisons(scores: list[dict], seed: int) -> list[Comparison]:
 
 
 def throughput(
-    ctx: Any, threads: list[int], log_dir: Path, repeats: int = 2, max_tokens: int = 150
+    ctx: Any, threads: list[int], work: Path, repeats: int = 2, max_tokens: int = 150
 ) -> list[dict]:
     """Prompt and generated tokens/s of the server on SAGE's real hypotheses prompt (with
     its grammar), by threads x OpenMP wait policy x one competing busy process of ours
     (other processes on the machine are not ours to stop: the load average is recorded).
     Prompt speed from a 1-token request on a fresh prompt; generation speed from the same
-    prompt again (then cached), `max_tokens` long."""
+    prompt again (then cached), `max_tokens` long. Each setting's rows are checkpointed in
+    `work/throughput.jsonl` (kept by --resume)."""
+    checkpoint = work / "throughput.jsonl"
+    kept = (
+        [json.loads(line) for line in checkpoint.read_text().splitlines()]
+        if checkpoint.exists()
+        else []
+    )
     system = f"{DOMAIN}\n\n{HYPOTHESIS_GUIDE}\n\n{HYPOTHESES_TASK}"
     grammar = {"grammar": json_grammar(HypothesesReply)}
     rows = []
     for hog in (False, True):
         for n in threads:
             for wait in ("PASSIVE", None):
-                config = ServerConfig(n_threads=n, omp_wait_policy=wait, log_dir=str(log_dir))
+                setting = (n, wait or "runtime default", hog)
+                done = [
+                    r
+                    for r in kept
+                    if (r["n_threads"], r["omp_wait_policy"], r["competing_busy_process"])
+                    == setting
+                ]
+                if done:
+                    rows += done
+                    continue
+                config = ServerConfig(n_threads=n, omp_wait_policy=wait, log_dir=str(work))
                 busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if hog else None
                 try:
                     with LocalServer(config) as server:
@@ -305,6 +322,8 @@ def throughput(
                                 }  # fmt: skip
                             )
                             print(f"  throughput {rows[-1]}", flush=True)
+                            with checkpoint.open("a") as f:
+                                f.write(json.dumps(rows[-1]) + "\n")
                 finally:
                     if busy is not None:
                         busy.kill()
@@ -339,6 +358,17 @@ def markdown(result: dict) -> str:
             f"{s['corrections']} | {s['cut_off_replies']} | {s['failed_calls']} | "
             f"{s['labels_names_vocabulary']:.2f} / {s['labels_names_a_title']:.2f} / "
             f"{s['labels_copies_formatting']:.2f} / {s['labels_copies_prompt']:.2f} |"
+        )
+    lines += [
+        "",
+        "| arm | experiments/feature | crafted sequences | not in the catalog | stopped by |",
+        "|---|---|---|---|---|",
+    ]
+    for arm, s in result["arms"].items():
+        stops = ", ".join(f"{k} {v}" for k, v in sorted(s["stopped_by"].items()))
+        lines.append(
+            f"| {arm} | {s['experiments_per_feature']:.1f} | {s['crafted_sequences']} | "
+            f"{s['unresolved_share']:.2f} | {stops} |"
         )
     lines += [
         "",
@@ -509,7 +539,9 @@ def main(argv: list[str] | None = None) -> int:
             for s, e in zip(scores, explanations, strict=True)
         ],
         "throughput": throughput_rows,
+        "seconds_explaining": sum(e.seconds for e in explanations),
         "seconds_total": time.perf_counter() - started,
+        "resumed": args.resume,
     }
     out = args.out or RESULTS / f"{stem}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
