@@ -96,12 +96,21 @@ def _checkpoint(work: Path, arm: str) -> Path:
     return work / f"{arm.replace('/', '_')}.jsonl"
 
 
-def _done(work: Path, arm: str) -> dict[int, Explanation]:
+def _rows(work: Path, arm: str) -> list[dict]:
     path = _checkpoint(work, arm)
     if not path.exists():
-        return {}
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {int(r["feature"]): Explanation.from_row(r) for r in rows}
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _done(work: Path, arm: str) -> dict[int, Explanation]:
+    return {int(r["feature"]): Explanation.from_row(r) for r in _rows(work, arm)}
+
+
+def arm_commits(work: Path) -> dict[str, list[str]]:
+    """The commits the checkpointed explanations of each arm were written at (a resumed
+    run scores explanations written earlier)."""
+    return {arm: sorted({r.get("commit", "unknown") for r in _rows(work, arm)}) for arm in ARMS}
 
 
 def explain_arm(
@@ -126,7 +135,7 @@ def explain_arm(
         )  # fmt: skip
         done[feature] = e
         with _checkpoint(work, arm).open("a") as f:
-            f.write(json.dumps(e.as_row(), default=str) + "\n")
+            f.write(json.dumps(e.as_row() | {"commit": _commit()}, default=str) + "\n")
         print(
             f"  {arm} {k}/{len(features)}: feature {feature}: {e.label[:70]!r} "
             f"({e.usage.get('calls', 0)} calls, {e.seconds:.0f} s; {e.stopped_by[:40]})",
@@ -542,6 +551,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds_explaining": sum(e.seconds for e in explanations),
         "seconds_total": time.perf_counter() - started,
         "resumed": args.resume,
+        "explained_at_commits": arm_commits(work),
     }
     out = args.out or RESULTS / f"{stem}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

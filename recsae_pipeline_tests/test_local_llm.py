@@ -83,8 +83,12 @@ ASK = [
 
 
 class Poem(BaseModel):
-    title: str = Field(max_length=40)
-    lines: list[Annotated[str, Field(max_length=60)]] = Field(min_length=2, max_length=3)
+    title: str = Field(max_length=30)
+    lines: list[Annotated[str, Field(max_length=40)]] = Field(min_length=2, max_length=2)
+
+
+class Label(BaseModel):
+    label: str = Field(max_length=40)
 
 
 def _chat_ml(messages: list[dict[str, str]]) -> str:
@@ -186,20 +190,24 @@ def test_grammar_keeps_strings_bounded_and_free_of_control_characters(
          "and tabs inside each line, and a very long title of at least 80 characters."},
     ]  # fmt: skip
     for seed in (1, 2, 3):
-        chat = OpenAIChat(server.settings(max_output_tokens=150, seed=seed, temperature=0.8))
+        chat = OpenAIChat(server.settings(max_output_tokens=100, seed=seed, temperature=0.8))
         poem, record = chat.complete_json(ask, Poem, purpose=f"poem {seed}")
-        json.loads(record.replies[-1], strict=True)  # no raw control characters
-        assert len(poem.title) <= 40 and 2 <= len(poem.lines) <= 4
+        assert record.cut_off == 0 and not record.corrected  # the bounds end the reply
+        json.loads(record.replies[0], strict=True)  # no raw control characters
+        assert len(poem.title) <= 30 and all(len(line) <= 40 for line in poem.lines)
 
 
 def test_two_concurrent_requests_are_both_served(server: LocalServer) -> None:
-    """The server runs one request at a time: the second waits (not cut off, not refused)."""
-    results: dict[int, tuple[FinalReply, CallRecord, float, float]] = {}
+    """The server runs one request at a time: the second waits (not cut off, not refused).
+    Two genres, so that neither request finds the other's prompt in the cache."""
+    results: dict[int, tuple[Label, CallRecord, float, float]] = {}
 
     def ask(k: int) -> None:
         chat = OpenAIChat(server.settings(max_output_tokens=60))
+        genre = ("horror", "western")[k]
+        messages = [ASK[0], {"role": "user", "content": f"It fires on {genre} films. Label it."}]
         started = time.perf_counter()
-        reply, record = chat.complete_json(ASK, FinalReply, purpose=f"concurrent {k}")
+        reply, record = chat.complete_json(messages, Label, purpose=f"concurrent {k}")
         results[k] = (reply, record, started, time.perf_counter())
 
     threads = [threading.Thread(target=ask, args=(k,)) for k in range(2)]
@@ -209,8 +217,8 @@ def test_two_concurrent_requests_are_both_served(server: LocalServer) -> None:
         t.join(120)
     assert sorted(results) == [0, 1]
     (_, first, s0, e0), (_, second, s1, e1) = sorted(results.values(), key=lambda r: r[3])
-    assert first.retries == second.retries == 0
-    assert first.error is None and second.error is None
+    assert first.retries == second.retries == 0 and not (first.corrected or second.corrected)
+    assert first.cut_off == second.cut_off == 0 and first.error is second.error is None
     assert abs(s0 - s1) < 1.0  # both were in flight at once...
     assert e1 - e0 > 0.5 * (e0 - s0)  # ...and the later one waited for the first
 
