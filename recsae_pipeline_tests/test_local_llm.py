@@ -220,7 +220,9 @@ def test_two_concurrent_requests_are_both_served(server: LocalServer) -> None:
     assert first.retries == second.retries == 0 and not (first.corrected or second.corrected)
     assert first.cut_off == second.cut_off == 0 and first.error is second.error is None
     assert abs(s0 - s1) < 1.0  # both were in flight at once...
-    assert e1 - e0 > 0.5 * (e0 - s0)  # ...and the later one waited for the first
+    # ...and the later one waited for the first: it took at least as long in all (a short
+    # reply can finish soon after the first ends, so the gap between the ends says nothing)
+    assert e1 - s1 >= e0 - s0
 
 
 def test_startup_failure_names_the_log_and_leaves_no_process(tmp_path: Path) -> None:
