@@ -200,15 +200,17 @@ def test_grammar_keeps_strings_bounded_and_free_of_control_characters(
 def test_two_concurrent_requests_are_both_served(server: LocalServer) -> None:
     """The server runs one request at a time: the second waits (not cut off, not refused).
     Two genres, so that neither request finds the other's prompt in the cache."""
-    results: dict[int, tuple[Label, CallRecord, float, float]] = {}
+    results: dict[int, tuple[int, CallRecord, float, float]] = {}
+
+    def messages(k: int) -> list[dict[str, str]]:
+        genre = ("horror", "western")[k]
+        return [ASK[0], {"role": "user", "content": f"It fires on {genre} films. Label it."}]
 
     def ask(k: int) -> None:
         chat = OpenAIChat(server.settings(max_output_tokens=60))
-        genre = ("horror", "western")[k]
-        messages = [ASK[0], {"role": "user", "content": f"It fires on {genre} films. Label it."}]
         started = time.perf_counter()
-        reply, record = chat.complete_json(messages, Label, purpose=f"concurrent {k}")
-        results[k] = (reply, record, started, time.perf_counter())
+        _, record = chat.complete_json(messages(k), Label, purpose=f"concurrent {k}")
+        results[k] = (k, record, started, time.perf_counter())
 
     threads = [threading.Thread(target=ask, args=(k,)) for k in range(2)]
     for t in threads:
@@ -216,13 +218,17 @@ def test_two_concurrent_requests_are_both_served(server: LocalServer) -> None:
     for t in threads:
         t.join(120)
     assert sorted(results) == [0, 1]
-    (_, first, s0, e0), (_, second, s1, e1) = sorted(results.values(), key=lambda r: r[3])
+    (_, first, s0, e0), (later, second, s1, e1) = sorted(results.values(), key=lambda r: r[3])
     assert first.retries == second.retries == 0 and not (first.corrected or second.corrected)
     assert first.cut_off == second.cut_off == 0 and first.error is second.error is None
     assert abs(s0 - s1) < 1.0  # both were in flight at once...
-    # ...and the later one waited for the first: it took at least as long in all (a short
-    # reply can finish soon after the first ends, so the gap between the ends says nothing)
-    assert e1 - s1 >= e0 - s0
+    # ...and the later one was served after the first, not beside it: it ended at least half
+    # its own solo time after the first ended (served side by side, both would end together;
+    # the solo rerun finds its prompt cached, so it is if anything quicker than its turn was)
+    chat = OpenAIChat(server.settings(max_output_tokens=60))
+    started = time.perf_counter()
+    chat.complete_json(messages(later), Label, purpose="solo")
+    assert e1 - e0 >= 0.5 * (time.perf_counter() - started)
 
 
 def test_startup_failure_names_the_log_and_leaves_no_process(tmp_path: Path) -> None:
