@@ -3,7 +3,9 @@
 For each scale of the synthetic log (1x = the default 3,000 users, 10x = 30,000) a fresh
 process builds the sequences, takes a SASRec (hidden 64, 2 blocks; trained weights do not
 change the cost, so it is freshly initialised) and measures:
-- the bare forward pass over every user (same batches) vs `write_activations` at layer 2;
+- the bare forward pass over every user (same batches) vs `write_activations` at layer 2, with
+  its writer thread (the default) and on the caller's thread (`writer_queue=0`), interleaved
+  `--repeats` times (the order rotating); the medians are reported, every run is kept;
 - write MB/s of the Parquet shards, reader rows/s into torch tensors (shuffled, batch 4096);
 - peak RSS of the process (extraction only, so 1x vs 10x shows whether memory grows with data);
 - latency of the README's DuckDB queries over the `activations` view.
@@ -18,7 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -40,7 +45,7 @@ README_QUERIES = {
 }
 
 
-def measure(scale: int, out: Path, threads: int) -> dict:
+def measure(scale: int, out: Path, threads: int, repeats: int) -> dict:
     """Runs in its own process so that its peak RSS belongs to this scale alone."""
     import duckdb
     import torch
@@ -70,21 +75,36 @@ def measure(scale: int, out: Path, threads: int) -> dict:
     max_len, batch_users = model.config.max_len, 256
 
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    start = time.perf_counter()
-    with torch.no_grad():  # the bare forward pass: same batches, no hook, nothing kept
-        for i in range(0, len(sequences), batch_users):
-            model(pad_right([s[-max_len:] for s in sequences[i : i + batch_users]]))
-    bare = time.perf_counter() - start
+    out_dir = paths.partition("sasrec", 2).activations
 
-    report = write_activations(
-        model,
-        sequences,
-        2,
-        paths.partition("sasrec", 2).activations,
-        device,
-        batch_users=batch_users,
-    )
+    def bare_forward() -> float:
+        start = time.perf_counter()
+        with torch.no_grad():  # the bare forward pass: same batches, no hook, nothing kept
+            for i in range(0, len(sequences), batch_users):
+                model(pad_right([s[-max_len:] for s in sequences[i : i + batch_users]]))
+        return time.perf_counter() - start
+
+    def extraction(writer_queue: int):
+        return write_activations(
+            model, sequences, 2, out_dir, device, batch_users=batch_users, writer_queue=writer_queue
+        )
+
+    runs: dict[str, list[float]] = {"bare": [], "threaded": [], "synchronous": []}
+    loads = [os.getloadavg()]
+    reports = {}
+    for repeat in range(repeats):
+        order = list(runs)[repeat % 3 :] + list(runs)[: repeat % 3]
+        for kind in order:
+            if kind == "bare":
+                runs[kind].append(bare_forward())
+            else:
+                reports[kind] = extraction(2 if kind == "threaded" else 0)
+                runs[kind].append(reports[kind].seconds)
+        loads.append(os.getloadavg())
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    bare = statistics.median(runs["bare"])
+    threaded = statistics.median(runs["threaded"])
+    report = reports["threaded"]
 
     start, rows = time.perf_counter(), 0
     for batch in iter_activation_batches(
@@ -107,10 +127,16 @@ def measure(scale: int, out: Path, threads: int) -> dict:
         "rows": report.rows,
         "dim": report.dim,
         "bare_forward_seconds": bare,
-        "extraction_seconds": report.seconds,
-        "extraction_over_forward": report.seconds / bare,
+        "extraction_seconds": threaded,
+        "extraction_over_forward": threaded / bare,
+        "synchronous_extraction_over_forward": statistics.median(runs["synchronous"]) / bare,
+        "extraction_forward_seconds": report.forward_seconds,
+        "runs_seconds": runs,
+        "run_ratios": [t / b for t, b in zip(runs["threaded"], runs["bare"], strict=True)],
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1_5_15": loads,
         "megabytes": report.bytes / 2**20,
-        "write_mb_per_s": report.bytes / 2**20 / report.seconds,
+        "write_mb_per_s": report.bytes / 2**20 / threaded,
         "reader_rows_per_s": rows / read_seconds,
         "reader_rows": rows,
         "peak_rss_mb": peak_rss_mb,
@@ -119,37 +145,67 @@ def measure(scale: int, out: Path, threads: int) -> dict:
     }
 
 
+def _git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--scales", type=int, nargs="+", default=[1, 10])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="interleaved runs of each kind per scale"
+    )
     parser.add_argument("--out-dir", type=Path, default=ROOT / "results")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     work = args.out_dir / "activations_data"
     if args.child is not None:
-        print(json.dumps(measure(args.child, work, args.threads)))
+        print(json.dumps(measure(args.child, work, args.threads, args.repeats)))
         return
     results = []
     for scale in args.scales:
         print(f"== scale {scale}x ...", flush=True)
         child = subprocess.run(
-            [sys.executable, __file__, "--child", str(scale), "--threads", str(args.threads), "--out-dir", str(args.out_dir)],
+            [sys.executable, __file__, "--child", str(scale), "--threads", str(args.threads), "--repeats", str(args.repeats), "--out-dir", str(args.out_dir)],
             check=True, capture_output=True, text=True,
         )  # fmt: skip
         results.append(json.loads(child.stdout.strip().splitlines()[-1]))
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "activations.json").write_text(json.dumps(results, indent=2))
+    summary = {
+        "command": " ".join([".venv/bin/python benchmarks/activations.py", *sys.argv[1:]]),
+        "commit": _git_commit(),
+        "machine": f"{platform.node()} {platform.machine()} ({_cpu_model()}), "
+        f"{os.cpu_count()} CPUs, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM",
+        "load_average_1_5_15_at_end": os.getloadavg(),
+        "scales": results,
+    }
+    (args.out_dir / "activations.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(
-        "| scale | users | rows | extraction / bare forward | write MB/s | reader rows/s | peak RSS MB | DuckDB query s |"
+        "| scale | users | rows | extraction / bare forward | synchronous / bare | write MB/s | reader rows/s | peak RSS MB | DuckDB query s | load (1 min) |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         q = ", ".join(f"{v:.3f}" for v in r["duckdb_seconds"].values())
         print(
-            f"| {r['scale']}x | {r['users']:,} | {r['rows']:,} | {r['extraction_over_forward']:.2f}x | {r['write_mb_per_s']:.1f} | {r['reader_rows_per_s']:,.0f} | {r['peak_rss_mb']:.0f} | {q} |"
+            f"| {r['scale']}x | {r['users']:,} | {r['rows']:,} | {r['extraction_over_forward']:.2f}x | {r['synchronous_extraction_over_forward']:.2f}x | {r['write_mb_per_s']:.1f} | {r['reader_rows_per_s']:,.0f} | {r['peak_rss_mb']:.0f} | {q} | {max(load[0] for load in r['load_average_1_5_15']):.1f} |"
         )
 
 

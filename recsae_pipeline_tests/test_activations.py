@@ -4,6 +4,8 @@ seed and yields every row exactly once."""
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from recsae_pipeline.activations import shards
 from recsae_pipeline.activations.hooks import edit_hidden, read_hidden
 from recsae_pipeline.activations.shards import (
     activation_schema,
@@ -185,24 +188,38 @@ def test_shards_hold_each_users_state_at_its_position_with_target_and_split(tmp_
         assert all(meta.row_group(g).num_rows <= 7 for g in range(meta.num_row_groups))
 
 
-def test_a_failed_rewrite_leaves_the_previous_partition_untouched(tmp_path):
+def staged_shards(out: Path) -> list[Path]:
+    """Shard files in the partition's temp siblings (a write in progress)."""
+    return [f for t in out.parent.iterdir() if t != out for f in t.glob("part-*.parquet")]
+
+
+def writer_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "activation-shard-writer"]
+
+
+@pytest.mark.parametrize("writer_queue", [0, 2])
+def test_a_failed_rewrite_leaves_the_previous_partition_untouched(tmp_path, writer_queue):
     out, _ = write(tmp_path)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     written_before_failure = []
 
     def fail_after_first_batch(done, total):
-        temp = [p for p in out.parent.iterdir() if p != out]
-        written_before_failure.extend(f for t in temp for f in t.glob("part-*.parquet"))
+        deadline = time.monotonic() + 60  # the writer thread writes the first batch meanwhile
+        while len(staged_shards(out)) < 2 and writer_queue and time.monotonic() < deadline:
+            time.sleep(0.01)
+        written_before_failure.extend(staged_shards(out))
         raise KeyboardInterrupt("killed mid-write")
 
+    model = tiny_model("llama").train()
     with pytest.raises(KeyboardInterrupt):
         write(
-            tmp_path, model=tiny_model("llama"), rows_per_shard=5, row_group_rows=5,
-            batch_users=4, on_progress=fail_after_first_batch,
+            tmp_path, model=model, rows_per_shard=5, row_group_rows=5,
+            batch_users=4, on_progress=fail_after_first_batch, writer_queue=writer_queue,
         )  # fmt: skip
     assert len(written_before_failure) >= 2
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert list(out.parent.iterdir()) == [out]
+    assert writer_threads() == [] and model.training  # the thread ended, the mode is restored
 
     _, report = write(tmp_path, rows_per_shard=1000)  # a good rewrite leaves no stale shard
     assert (
@@ -210,6 +227,78 @@ def test_a_failed_rewrite_leaves_the_previous_partition_untouched(tmp_path):
         == ["part-00000.parquet"]
         == report.shards * ["part-00000.parquet"]
     )
+
+
+@pytest.mark.parametrize("fail_at", ["third row group", "closing the last shard"])
+def test_a_failure_on_the_writer_thread_is_raised_in_the_caller(tmp_path, monkeypatch, fail_at):
+    out, _ = write(tmp_path)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    write_group, close = shards._ShardSink._write_group, shards._ShardSink._close
+    groups, staged = [], []
+
+    def failing_write_group(self, rows):
+        groups.append(rows)
+        if fail_at == "third row group" and len(groups) == 3:
+            staged.extend(staged_shards(out))
+            raise OSError(28, "No space left on device")
+        write_group(self, rows)
+
+    def failing_close(self):
+        if fail_at == "closing the last shard" and self.writer is not None:
+            staged.extend(staged_shards(out))
+            raise OSError(28, "No space left on device")
+        close(self)
+
+    monkeypatch.setattr(shards._ShardSink, "_write_group", failing_write_group)
+    monkeypatch.setattr(shards._ShardSink, "_close", failing_close)
+    rows_per_shard = 1000 if fail_at == "closing the last shard" else 5
+    with pytest.raises(RuntimeError, match="failed on the writer thread") as failure:
+        write(tmp_path, rows_per_shard=rows_per_shard, row_group_rows=5, batch_users=4)
+    where = "batch of user_idx" if fail_at == "third row group" else fail_at
+    assert "No space left on device" in str(failure.value) and where in str(failure.value)
+    assert isinstance(failure.value.__cause__, OSError)
+    assert staged  # a partial partition existed when it failed, and was never published
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert list(out.parent.iterdir()) == [out]
+    assert writer_threads() == []
+
+
+@pytest.mark.parametrize(
+    ("rows_per_shard", "row_group_rows", "batch_users"), [(30, 7, 6), (1000, 1000, 1), (13, 13, 20)]
+)
+def test_the_writer_thread_writes_the_same_bytes_as_the_callers_thread(
+    tmp_path, rows_per_shard, row_group_rows, batch_users
+):
+    shape = {"rows_per_shard": rows_per_shard, "row_group_rows": row_group_rows}
+    files, reports = [], []
+    for writer_queue in (0, 1, 3):
+        out, report = write(
+            tmp_path / str(writer_queue), 2, batch_users=batch_users, writer_queue=writer_queue,
+            **shape,
+        )  # fmt: skip
+        files.append({p.name: p.read_bytes() for p in sorted(out.iterdir())})
+        reports.append(report._replace(seconds=0.0, forward_seconds=0.0))
+    assert files[0] == files[1] == files[2] and len(files[0]) == reports[0].shards
+    assert reports[0] == reports[1] == reports[2]
+
+
+def test_the_forward_passes_run_at_most_writer_queue_batches_ahead(tmp_path, monkeypatch):
+    add, forwards, ahead = shards._BatchStats.add, [], []
+
+    def slow_add(self, batch):
+        time.sleep(0.02)  # a slow disk: the forward passes run ahead until the queue is full
+        add(self, batch)
+        ahead.append(len(forwards) - (batch.first_user_idx - 1) // 2 - 1)
+
+    monkeypatch.setattr(shards._BatchStats, "add", slow_add)
+    write(
+        tmp_path,
+        batch_users=2,
+        writer_queue=2,
+        on_progress=lambda done, total: forwards.append(done),
+    )
+    assert len(ahead) == len(forwards) == 10
+    assert max(ahead) <= 2
 
 
 def test_reader_shuffles_with_its_seed_and_yields_every_row_once(tmp_path):

@@ -9,6 +9,9 @@ the next item, labelled by the leave-one-out split of the full sequence.
 
 from __future__ import annotations
 
+import contextlib
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -126,34 +129,131 @@ class _ShardSink:
 
 
 def _position_columns(
-    sequences: Sequence[np.ndarray], first_user_idx: int, max_len: int
+    lengths: np.ndarray, windows: Sequence[np.ndarray], first_user_idx: int
 ) -> dict[str, pa.Array]:
-    """Every column but the activation, for the windows the model sees, user by user."""
-    users, positions, items, targets, splits = [], [], [], [], []
-    for offset, sequence in enumerate(sequences):
-        n = len(sequence)
-        start = max(0, n - max_len)
-        position = np.arange(start, n, dtype=np.int32)
-        target_at = position + 1  # index of the target in the full sequence
-        users.append(np.full(n - start, first_user_idx + offset, dtype=np.int32))
-        positions.append(position)
-        items.append(np.asarray(sequence[start:], dtype=np.int32))
-        targets.append(np.append(np.asarray(sequence, dtype=np.int32), 0)[start + 1 :])
-        splits.append(
-            np.select(
-                [target_at <= n - 3, target_at == n - 2, target_at == n - 1],
-                [0, 1, 2],
-                default=3,
-            ).astype(np.int8)
-        )
-    split_codes = pa.array(np.concatenate(splits))
+    """Every column but the activation, for the windows the model sees (user by user, in
+    order), from each user's full length and window (its last max_len items)."""
+    width = np.array([len(w) for w in windows], dtype=np.int64)
+    n = np.repeat(lengths, width)  # the full length of each row's user
+    ends = np.cumsum(width)
+    offset = np.arange(int(ends[-1]) if len(ends) else 0) - np.repeat(ends - width, width)
+    position = (n - np.repeat(width, width) + offset).astype(np.int32)
+    items = np.concatenate(windows).astype(np.int32, copy=False)
+    targets = np.empty_like(items)  # the next item: the window's own next, 0 after the last
+    targets[:-1] = items[1:]
+    targets[ends[width > 0] - 1] = 0
+    # target at position + 1: train up to n - 3, then valid, test, none (0..3)
+    split_codes = np.clip(position - n + 4, 0, 3).astype(np.int8)
     return {
-        "user_idx": pa.array(np.concatenate(users)),
-        "position": pa.array(np.concatenate(positions)),
-        "item_idx": pa.array(np.concatenate(items)),
-        "target_idx": pa.array(np.concatenate(targets)),
-        "split": pc.take(pa.array(SPLITS, pa.string()), split_codes),
+        "user_idx": pa.array(
+            np.repeat(np.arange(len(windows), dtype=np.int32) + first_user_idx, width)
+        ),
+        "position": pa.array(position),
+        "item_idx": pa.array(items),
+        "target_idx": pa.array(targets),
+        "split": pc.take(pa.array(SPLITS, pa.string()), pa.array(split_codes)),
     }
+
+
+class _Batch(NamedTuple):
+    """One forward pass's output, handed from the caller to the writer."""
+
+    first_user_idx: int
+    lengths: np.ndarray
+    """Full length of each user's sequence."""
+    windows: list[np.ndarray]
+    """Each user's last max_len items, as the model saw them."""
+    hidden: np.ndarray
+    """float32 [users, T, d]: the block output, padding positions included."""
+
+
+class _BatchStats:
+    """Turns batches into shard rows and keeps the report's running statistics."""
+
+    def __init__(self, sink: _ShardSink) -> None:
+        self.sink = sink
+        self.rows, self.nonfinite, self.norm_sum = 0, 0, 0.0
+
+    def add(self, batch: _Batch) -> None:
+        widths = np.array([len(w) for w in batch.windows])
+        real = np.arange(batch.hidden.shape[1]) < widths[:, None]
+        acts = batch.hidden[real]  # [rows, d], user by user, position by position (a copy)
+        self.nonfinite += acts.size - int(np.count_nonzero(np.isfinite(acts)))
+        self.norm_sum += float(np.sqrt(np.einsum("ij,ij->i", acts, acts, dtype=np.float64)).sum())
+        self.rows += len(acts)
+        columns = _position_columns(batch.lengths, batch.windows, batch.first_user_idx)
+        columns["activation"] = pa.FixedSizeListArray.from_arrays(  # zero-copy views of acts
+            pa.array(acts.reshape(-1)), acts.shape[1]
+        )
+        self.sink.add(pa.table(columns, schema=self.sink.schema))
+
+
+class _WriterThread:
+    """Runs `stats.add` for each submitted batch on one background thread, so that Parquet
+    encoding and compression (which release the GIL) overlap the caller's next forward pass.
+
+    At most `depth` batches wait in the queue, so memory stays flat however far the forward
+    passes run ahead. A failure on the thread is raised in the caller at its next `submit` or
+    at `close`; after it, or after `cancel`, the thread discards what is queued and closes the
+    sink without finishing it, so the staged partition is never complete.
+    """
+
+    def __init__(self, stats: _BatchStats, depth: int, where: Path) -> None:
+        self.stats, self.where = stats, where
+        self.queue: queue.Queue[_Batch | None] = queue.Queue(maxsize=depth)  # None: the end
+        self.cancelled = threading.Event()
+        self.error: BaseException | None = None
+        self.failed_at = ""
+        self.shards = 0
+        self.thread = threading.Thread(
+            target=self._run, name="activation-shard-writer", daemon=True
+        )
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (batch := self.queue.get()) is not None:
+            if self.error is not None or self.cancelled.is_set():
+                continue  # drain, so that the caller never blocks on a full queue
+            try:
+                self.stats.add(batch)
+            except BaseException as exc:  # noqa: BLE001 -- re-raised in the caller
+                last = batch.first_user_idx + len(batch.windows) - 1
+                self.error = exc
+                self.failed_at = f"the batch of user_idx {batch.first_user_idx}..{last}"
+        try:
+            if self.error is None and not self.cancelled.is_set():
+                self.shards = self.stats.sink.finish()
+                return
+        except BaseException as exc:  # noqa: BLE001 -- re-raised in the caller
+            self.error, self.failed_at = exc, "closing the last shard"
+        with contextlib.suppress(Exception):  # the error that counts is recorded already
+            self.stats.sink.abort()
+
+    def _raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise RuntimeError(
+                f"writing activation shards under {self.where} failed on the writer thread at "
+                f"{self.failed_at}: {type(self.error).__name__}: {self.error}; nothing was "
+                "published, the previous partition (if any) is untouched"
+            ) from self.error
+
+    def submit(self, batch: _Batch) -> None:
+        self._raise_if_failed()
+        self.queue.put(batch)
+
+    def close(self) -> int:
+        """Finish the last shard once everything queued is written; the number of shards."""
+        self.queue.put(None)
+        self.thread.join()
+        self._raise_if_failed()
+        return self.shards
+
+    def cancel(self) -> None:
+        """Stop without finishing (the caller failed); returns once the thread has ended."""
+        if self.thread.is_alive():
+            self.cancelled.set()
+            self.queue.put(None)
+            self.thread.join()
 
 
 def write_activations(
@@ -166,58 +266,66 @@ def write_activations(
     rows_per_shard: int = 200_000,
     row_group_rows: int = 65_536,
     on_progress: Callable[[int, int], None] | None = None,
+    writer_queue: int = 2,
 ) -> ShardReport:
     """Write block `layer`'s output for every user (sequences[i] is user_idx i + 1) to shards.
 
-    Streams: memory holds one batch of users plus one row group. The model is moved to
-    `device` and run in eval mode (its mode is restored after). The partition is built in a
-    temp sibling and renamed over `out_dir` only when complete, so a crash leaves the
-    previous partition as it was. `on_progress(done_users, total_users)` runs after each batch.
+    Streams: memory holds `writer_queue` + 1 batches of users plus one row group. The model is
+    moved to `device` and run in eval mode (its mode is restored after). Rows are gathered,
+    encoded and compressed on a writer thread while the next batch runs forward; with
+    `writer_queue=0` all of it runs on the caller's thread instead (same bytes). The partition
+    is built in a temp sibling and renamed over `out_dir` only when complete, so a crash, or
+    an error on the writer thread (raised here as a RuntimeError), leaves the previous
+    partition as it was. `on_progress(done_users, total_users)` runs after each batch's
+    forward pass.
     """
     layer_block(model, layer)  # fail on a bad layer before any work
-    if batch_users < 1 or rows_per_shard < 1 or row_group_rows < 1:
+    if batch_users < 1 or rows_per_shard < 1 or row_group_rows < 1 or writer_queue < 0:
         raise ValueError(
             f"batch_users={batch_users}, rows_per_shard={rows_per_shard}, "
-            f"row_group_rows={row_group_rows}; all must be >= 1"
+            f"row_group_rows={row_group_rows}, writer_queue={writer_queue}; all must be >= 1 "
+            "(writer_queue >= 0)"
         )
     started = time.perf_counter()
     max_len, dim = model.config.max_len, model.config.hidden_size
     was_training = model.training
     model.to(device).eval()
-    forward_seconds, rows, nonfinite, norm_sum = 0.0, 0, 0, 0.0
+    forward_seconds = 0.0
     out_dir = Path(out_dir)
     try:
         with atomic_path(out_dir) as tmp:
             tmp.mkdir()
-            sink = _ShardSink(tmp, activation_schema(dim), rows_per_shard, row_group_rows)
+            stats = _BatchStats(
+                _ShardSink(tmp, activation_schema(dim), rows_per_shard, row_group_rows)
+            )
+            writer = _WriterThread(stats, writer_queue, out_dir) if writer_queue else None
             try:
                 for start in range(0, len(sequences), batch_users):
                     batch = sequences[start : start + batch_users]
-                    windows = [s[-max_len:] for s in batch]
+                    windows = [np.asarray(s[-max_len:]) for s in batch]
                     if sum(len(w) for w in windows):
                         tick = time.perf_counter()
-                        items = pad_right(windows).to(device)
-                        real = torch.arange(items.shape[1], device=device) < torch.tensor(
-                            [len(w) for w in windows], device=device
-                        ).unsqueeze(1)
-                        acts = read_hidden(model, items, layer)[real].float().cpu()
+                        hidden = read_hidden(model, pad_right(windows).to(device), layer)
+                        hidden = hidden.float().cpu().numpy()  # zero-copy on CPU in float32
                         forward_seconds += time.perf_counter() - tick
-                        nonfinite += int((~torch.isfinite(acts)).sum())
-                        norm_sum += float(torch.linalg.vector_norm(acts, dim=1).double().sum())
-                        rows += len(acts)
-                        columns = _position_columns(batch, start + 1, max_len)
-                        columns["activation"] = pa.FixedSizeListArray.from_arrays(
-                            pa.array(acts.numpy().reshape(-1)), dim
-                        )
-                        sink.add(pa.table(columns, schema=sink.schema))
+                        lengths = np.array([len(s) for s in batch], dtype=np.int64)
+                        item = _Batch(start + 1, lengths, windows, hidden)
+                        if writer is not None:
+                            writer.submit(item)
+                        else:
+                            stats.add(item)
                     if on_progress is not None:
                         on_progress(min(start + batch_users, len(sequences)), len(sequences))
-                shards = sink.finish()
+                shards = writer.close() if writer is not None else stats.sink.finish()
             except BaseException:
-                sink.abort()
+                if writer is not None:
+                    writer.cancel()
+                else:
+                    stats.sink.abort()
                 raise
     finally:
         model.train(was_training)
+    rows = stats.rows
     size = sum(p.stat().st_size for p in out_dir.glob(SHARD_GLOB))
     return ShardReport(
         rows=rows,
@@ -226,8 +334,8 @@ def write_activations(
         seconds=time.perf_counter() - started,
         forward_seconds=forward_seconds,
         dim=dim,
-        n_nonfinite=nonfinite,
-        mean_norm=norm_sum / rows if rows else float("nan"),
+        n_nonfinite=stats.nonfinite,
+        mean_norm=stats.norm_sum / rows if rows else float("nan"),
     )
 
 
