@@ -150,20 +150,11 @@ def job_run_configs(run_config: dict[str, Any], job_names: list[str]) -> dict[st
 
 
 def materialize_plan(features: bool = True) -> list[tuple[str, str | None]]:
-    """The (job, partition) runs of `recsae materialize`, in order: `main`, then (with
-    `features`) each partition's jobs."""
-    from recsae_pipeline.defs.jobs import partition_jobs
-    from recsae_pipeline.defs.partitions import feature_partitions
+    """The (job, partition) runs of `recsae materialize --workers 1`, in order: `main`, then
+    (with `features`) each partition's jobs, then `report`."""
+    from recsae_pipeline.materialize import sequential_plan
 
-    plan: list[tuple[str, str | None]] = [("main", None)]
-    if features:
-        plan += [
-            (job, key)
-            for key in feature_partitions.get_partition_keys()
-            for job in partition_jobs(key)
-        ]
-        plan.append(("report", None))
-    return plan
+    return [(step.job, step.partition) for step in sequential_plan(features)]
 
 
 def materialize_runs(
@@ -173,48 +164,52 @@ def materialize_runs(
     features: bool = True,
     force: bool = False,
 ) -> Iterator[tuple[str, Any]]:
-    """Run `materialize_plan(features)`, yielding (label, ExecuteInProcessResult) after each
-    run; the caller stops iterating to stop. Each job gets the `ops` of `run_config` that it
-    has; the whole config is validated (`job_run_configs`) before this returns, so nothing
-    runs on a typo."""
+    """Run `materialize_plan(features)` in this process, yielding (label,
+    ExecuteInProcessResult) after each run; the caller stops iterating to stop. Each job gets
+    the `ops` of `run_config` that it has; the whole config is validated (`job_run_configs`)
+    before this returns, so nothing runs on a typo."""
+    return _run_plan(materialize_plan(features), _plan_configs(run_config), instance, force)
+
+
+def _plan_configs(run_config: dict[str, Any]) -> dict[str, dict]:
     # Validated against every job a preset can address, so `--skip-features` takes the same
     # preset as a full run; each job then gets only its own ops.
     every_job = list(dict.fromkeys(job for job, _ in materialize_plan(features=True)))
-    configs = job_run_configs(run_config, every_job)
-    return _run_plan(materialize_plan(features), configs, instance, force)
+    return job_run_configs(run_config, every_job)
 
 
 def _run_plan(
     plan: list[tuple[str, str | None]], configs: dict[str, dict], instance: Any, force: bool
 ) -> Iterator[tuple[str, Any]]:
-    from recsae_pipeline.defs.definitions import defs
-    from recsae_pipeline.defs.versioning import FORCE_TAG
+    from recsae_pipeline.materialize import PlanStep, execute_step
 
     for job_name, partition in plan:
-        label = job_name + (f" [{partition}]" if partition else "")
-        print(f"recsae materialize: {label} ...", flush=True)
-        result = defs.resolve_job_def(job_name).execute_in_process(
-            run_config=configs[job_name],
-            instance=instance,
-            partition_key=partition,
-            raise_on_error=False,
-            tags={FORCE_TAG: "true"} if force else None,
-        )
-        yield label, result
+        step = PlanStep(job_name, partition)
+        print(f"recsae materialize: {step.label} ...", flush=True)
+        yield step.label, execute_step(step, configs[job_name], instance, force)
+
+
+def _workers(text: str) -> int:
+    from recsae_pipeline.materialize import available_cores
+
+    if text == "auto":
+        return max(1, min(available_cores(), 4))
+    try:
+        workers = int(text)
+    except ValueError:
+        workers = 0
+    if workers < 1:
+        raise argparse.ArgumentTypeError(f"--workers {text!r}: use a count >= 1 or `auto`")
+    return workers
 
 
 def cmd_materialize(args: argparse.Namespace) -> int:
-    """Run the `main` job, then the `features` job once per (model, layer) partition."""
+    """Run the `main` job, then the partition jobs and `report` (in parallel with --workers)."""
     import dagster as dg
     import yaml
 
-    from recsae_pipeline.defs.versioning import SKIPPED_TAG
+    from recsae_pipeline.materialize import outcome, parallel_plan, run_parallel
 
-    instance = (
-        dg.DagsterInstance.get()
-        if os.environ.get("DAGSTER_HOME")
-        else dg.DagsterInstance.ephemeral()
-    )
     if not os.environ.get("DAGSTER_HOME"):
         print(
             "recsae materialize: DAGSTER_HOME is unset, so runs are not kept for `dagster dev`.",
@@ -222,38 +217,41 @@ def cmd_materialize(args: argparse.Namespace) -> int:
         )
     run_config = (yaml.safe_load(Path(args.config).read_text()) if args.config else None) or {}
     try:
-        runs = materialize_runs(
-            run_config, instance, features=not args.skip_features, force=args.force
-        )
+        configs = _plan_configs(run_config)
     except ValueError as err:
         print(f"recsae materialize: {args.config or 'run config'}: {err}", file=sys.stderr)
         return 2
-    for label, result in runs:
-        reused = sorted(
-            e.asset_key.to_user_string()
-            for e in result.get_asset_materialization_events()
-            if e.materialization.tags.get(SKIPPED_TAG) == "true"
+    features = not args.skip_features
+    if args.workers > 1:
+        outcomes = run_parallel(parallel_plan(features), configs, args.workers, force=args.force)
+    else:
+        instance = (
+            dg.DagsterInstance.get()
+            if os.environ.get("DAGSTER_HOME")
+            else dg.DagsterInstance.ephemeral()
         )
-        if reused:
+        runs = _run_plan(materialize_plan(features), configs, instance, args.force)
+        outcomes = (outcome(label, result, 0.0) for label, result in runs)
+    for result in outcomes:
+        label = result.label
+        if result.reused:
             print(
-                f"recsae materialize: {label}: unchanged, reused: {', '.join(reused)} "
+                f"recsae materialize: {label}: unchanged, reused: {', '.join(result.reused)} "
                 "(--force recomputes)",
                 flush=True,
             )
-        evaluations = result.get_asset_check_evaluations()
-        failed_checks = [e.check_name for e in evaluations if not e.passed]
-        for e in evaluations:
-            if not e.passed and e.severity == dg.AssetCheckSeverity.WARN:
-                print(
-                    f"recsae materialize: warning: {label} {e.asset_key.to_user_string()}.{e.check_name}: {e.description}",
-                    file=sys.stderr,
-                )
+        for warning in result.warnings:
+            print(f"recsae materialize: warning: {label} {warning}", file=sys.stderr)
         if not result.success:
+            reason = result.error or f"run {result.run_id}"
             print(
-                f"recsae materialize: {label} failed (run {result.run_id}); failed checks: {failed_checks or 'none'}",
+                f"recsae materialize: {label} failed ({reason}); failed checks: "
+                f"{result.failed_checks or 'none'}",
                 file=sys.stderr,
             )
             return 1
+        if result.seconds:
+            print(f"recsae materialize: {label} done in {result.seconds:.1f} s", flush=True)
     print("recsae materialize: done")
     return 0
 
@@ -481,6 +479,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--force",
         action="store_true",
         help="recompute assets whose inputs, config and code are unchanged (tag recsae/force)",
+    )
+    run.add_argument(
+        "--workers",
+        type=_workers,
+        default="auto",
+        help="processes running independent steps side by side, each with cores / workers "
+        "torch threads (auto: one per core, at most 4; 1: the jobs one after another)",
     )
     run.set_defaults(func=cmd_materialize)
     rec = sub.add_parser(

@@ -1,0 +1,99 @@
+"""`recsae materialize`'s plans: the parallel one covers exactly the sequential one's work in
+an order the asset graph allows, and running it on two workers writes the same bytes as on
+one; a failed step stops the plan."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import shutil
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from recsae_pipeline.cli import job_run_configs
+from recsae_pipeline.defs.definitions import defs
+from recsae_pipeline.materialize import parallel_plan, run_parallel, sequential_plan
+from recsae_pipeline_tests.support import MODELS_CONFIG
+
+MAIN_JOBS = ["main"]
+
+
+def test_the_parallel_plan_runs_every_asset_once_after_its_parents() -> None:
+    graph = defs.resolve_asset_graph()
+    main = defs.resolve_job_def("main").asset_layer.selected_asset_keys
+    plan = parallel_plan()
+    position = {step.label: i for i, step in enumerate(plan)}
+    step_of: dict[dg.AssetKey, str] = {}
+    for step in plan:
+        assert all(position[a] < position[step.label] for a in step.after), step
+        if step.job == "main":
+            for asset in step.assets:
+                assert dg.AssetKey(asset) not in step_of, f"{asset} in two steps"
+                step_of[dg.AssetKey(asset)] = step.label
+    assert set(step_of) == main
+    for key, label in step_of.items():
+        step = plan[position[label]]
+        for parent in graph.get(key).parent_keys & main:
+            assert step_of[parent] == label or step_of[parent] in step.after, (key, parent)
+    # Partition runs: the sequential plan's, each after its model's step.
+    partition_runs = [(s.job, s.partition) for s in plan if s.partition]
+    assert sorted(partition_runs) == sorted(
+        (s.job, s.partition) for s in sequential_plan() if s.partition
+    )
+    for step in plan:
+        if step.job.startswith("activations_"):
+            model = step.job.removeprefix("activations_")
+            assert step.after == (step_of[dg.AssetKey(model)],)
+    assert plan[-1].job == "report" and set(plan[-1].after) == {s.label for s in plan[:-1]}
+
+
+def _model_hashes(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted((root / "models").rglob("*.safetensors"))
+    }
+
+
+def _configs(run_config: dict) -> dict[str, dict]:
+    return job_run_configs(run_config, MAIN_JOBS)
+
+
+@pytest.fixture
+def tiny_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)  # each worker: an ephemeral instance
+    return tmp_path
+
+
+def test_two_workers_write_what_one_writes(tiny_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = copy.deepcopy(MODELS_CONFIG)
+    for model in ("teacher", "student", "student_ce"):
+        config["ops"][model]["config"] |= {"max_epochs": 2, "patience": 2}
+    first, *rest = parallel_plan(features=False)
+    # The first step (data and SASRec) runs alone in any plan: once, then copied.
+    rest = [s._replace(after=tuple(a for a in s.after if a != first.label)) for s in rest]
+    monkeypatch.setenv("RECSAE_DATA_DIR", str(tiny_env / "workers-1"))
+    assert all(o.success for o in run_parallel([first], _configs(config), 1, cores=2))
+    shutil.copytree(tiny_env / "workers-1", tiny_env / "workers-2")
+    hashes = []
+    for workers in (1, 2):
+        root = tiny_env / f"workers-{workers}"  # no "=" in the path: hive-style dirs add columns
+        monkeypatch.setenv("RECSAE_DATA_DIR", str(root))
+        outcomes = list(run_parallel(rest, _configs(config), workers, cores=2, share=1))
+        assert all(o.success for o in outcomes), [o for o in outcomes if not o.success]
+        assert {o.label for o in outcomes} == {s.label for s in rest}
+        hashes.append(_model_hashes(root))
+    assert len(hashes[0]) >= 5  # sasrec, teacher (+ init), student, student_ce
+    assert hashes[0] == hashes[1]
+
+
+def test_a_failed_step_stops_the_plan(tiny_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RECSAE_DATA_DIR", str(tiny_env / "data"))
+    config = copy.deepcopy(MODELS_CONFIG)
+    config["ops"]["sasrec"]["config"]["num_heads"] = 3  # 16 is not divisible by 3
+    outcomes = list(run_parallel(parallel_plan(features=False), _configs(config), 2, cores=2))
+    assert len(outcomes) == 1 and not outcomes[0].success  # nothing after it started
+    assert "main (" in outcomes[0].label and outcomes[0].run_id
+    assert (tiny_env / "data" / "sequences").exists()
+    assert not (tiny_env / "data" / "models").exists()
