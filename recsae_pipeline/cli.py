@@ -152,7 +152,7 @@ def job_run_configs(run_config: dict[str, Any], job_names: list[str]) -> dict[st
 def materialize_plan(features: bool = True) -> list[tuple[str, str | None]]:
     """The (job, partition) runs of `recsae materialize --workers 1`, in order: `main`, then
     (with `features`) each partition's jobs, then `report`."""
-    from recsae_pipeline.materialize import sequential_plan
+    from recsae_pipeline.defs.plan import sequential_plan
 
     return [(step.job, step.partition) for step in sequential_plan(features)]
 
@@ -181,7 +181,7 @@ def _plan_configs(run_config: dict[str, Any]) -> dict[str, dict]:
 def _run_plan(
     plan: list[tuple[str, str | None]], configs: dict[str, dict], instance: Any, force: bool
 ) -> Iterator[tuple[str, Any]]:
-    from recsae_pipeline.materialize import PlanStep, execute_step
+    from recsae_pipeline.defs.plan import PlanStep, execute_step
 
     for job_name, partition in plan:
         step = PlanStep(job_name, partition)
@@ -190,7 +190,7 @@ def _run_plan(
 
 
 def _workers(text: str) -> int:
-    from recsae_pipeline.materialize import available_cores
+    from recsae_pipeline.defs.plan import available_cores
 
     if text == "auto":
         return max(1, min(available_cores(), 4))
@@ -208,7 +208,7 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     import dagster as dg
     import yaml
 
-    from recsae_pipeline.materialize import outcome, parallel_plan, run_parallel
+    from recsae_pipeline.defs.plan import outcome, parallel_plan, run_parallel
 
     if not os.environ.get("DAGSTER_HOME"):
         print(

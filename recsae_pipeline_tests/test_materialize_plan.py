@@ -14,7 +14,7 @@ import pytest
 
 from recsae_pipeline.cli import job_run_configs
 from recsae_pipeline.defs.definitions import defs
-from recsae_pipeline.materialize import parallel_plan, run_parallel, sequential_plan
+from recsae_pipeline.defs.plan import parallel_plan, run_parallel, sequential_plan
 from recsae_pipeline_tests.support import MODELS_CONFIG
 
 MAIN_JOBS = ["main"]
