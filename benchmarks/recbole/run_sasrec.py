@@ -5,12 +5,16 @@ Run with benchmarks/recbole/.venv/bin/python (made by setup_env.sh), not the pro
 
 import argparse
 import contextlib
+import datetime
+import hashlib
 import json
+import math
 import os
 import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from unittest.mock import patch
@@ -46,18 +50,26 @@ class EpochRecord:
     valid_seconds: float
     elapsed_seconds: float
     """From the start of training to the end of this epoch."""
+    cpu_seconds: float
+    """This process's CPU time over the same span (time.process_time), steadier than wall
+    time on a loaded machine."""
     train_loss: float
     """Mean over batches of the batch-mean cross-entropy."""
     valid_ndcg_at_10: float
     valid_hit_at_10: float
+    load_average: tuple[float, float, float]
+    """os.getloadavg() at the end of the epoch: the machine is shared."""
 
 
 @dataclass
 class BenchmarkResult:
     implementation: str
+    command: str
+    generated_at: str
     model: str
     dataset: str
     data_file: str
+    data_sha256: str
     mode: str
     budget_seconds: float | None
     max_epochs: int
@@ -72,6 +84,10 @@ class BenchmarkResult:
     n_valid_users: int
     n_test_users: int
     data_prep_seconds: float
+    load_average: list[dict[str, object]] = field(default_factory=list)
+    """os.getloadavg() at the start, after training and after testing."""
+    status: str = "running"
+    """"running" while epochs are appended (the file is rewritten after each), then "done"."""
     epochs: list[EpochRecord] = field(default_factory=list)
     epochs_run: int = 0
     stop_reason: str = ""
@@ -82,11 +98,19 @@ class BenchmarkResult:
     test_ndcg_at_10: float = float("nan")
     test_hit_at_10: float = float("nan")
     seconds_to_best_epoch: float = float("nan")
+    cpu_seconds_to_best_epoch: float = float("nan")
     mean_epoch_seconds: float = float("nan")
     train_wall_seconds: float = float("nan")
     test_seconds: float = float("nan")
     total_wall_seconds: float = float("nan")
     """From process start (after imports) to the test metrics, data loading included."""
+    test_users: list[int] = field(default_factory=list)
+    """Each test user's token in the .inter file (our export: 1-based position in sequences)."""
+    test_ranks: list[int] = field(default_factory=list)
+    """0-based rank of each test user's target among all items (history not masked, ties
+    counted against the target), by the best epoch's weights; aligned with test_users."""
+    test_ndcg_at_10_from_ranks: float = float("nan")
+    """Mean over test_ranks of 1/log2(rank + 2) below rank 10: RecBole's figure, up to ties."""
 
 
 class BudgetSpent(Exception):
@@ -99,14 +123,22 @@ class BudgetTrainer(Trainer):
     The budget is checked after each epoch's validation, so the last epoch may overrun it.
     """
 
-    def __init__(self, config: Config, model: SASRec, budget_seconds: float | None):
+    def __init__(
+        self,
+        config: Config,
+        model: SASRec,
+        budget_seconds: float | None,
+        on_epoch: Callable[[list[EpochRecord]], None] | None = None,
+    ):
         super().__init__(config, model)
         self.budget_seconds = budget_seconds
+        self.on_epoch = on_epoch
         self.records: list[EpochRecord] = []
         self.best_epoch = -1
         self.budget_exhausted = False
         self._n_batches = 1
         self.training_start = 0.0
+        self.training_cpu_start = 0.0
         self._epoch_start = 0.0
         self._train_seconds = 0.0
         self._valid_seconds = 0.0
@@ -138,11 +170,15 @@ class BudgetTrainer(Trainer):
             train_seconds=self._train_seconds,
             valid_seconds=self._valid_seconds,
             elapsed_seconds=now - self.training_start,
+            cpu_seconds=time.process_time() - self.training_cpu_start,
             train_loss=self._train_loss,
             valid_ndcg_at_10=self._valid_result["ndcg@10"],
             valid_hit_at_10=self._valid_result["hit@10"],
+            load_average=os.getloadavg(),
         )
         self.records.append(record)
+        if self.on_epoch is not None:
+            self.on_epoch(self.records)
         print(
             f"epoch {epoch_idx:3d}  {record.seconds:6.2f}s  loss {record.train_loss:.4f}  "
             f"valid NDCG@10 {record.valid_ndcg_at_10:.4f}  HR@10 {record.valid_hit_at_10:.4f}",
@@ -161,6 +197,7 @@ class BudgetTrainer(Trainer):
         """Run RecBole's own fit loop; return why it stopped."""
         self._n_batches = max(len(train_data), 1)
         self.training_start = time.perf_counter()
+        self.training_cpu_start = time.process_time()
         try:
             super().fit(
                 train_data, valid_data, verbose=False, saved=True, callback_fn=self._after_epoch
@@ -236,6 +273,26 @@ RECORDED_CONFIG_KEYS = [
 ]
 
 
+@torch.no_grad()
+def test_ranks(trainer: BudgetTrainer, test_data, dataset) -> tuple[list[int], list[int]]:
+    """Each test user's token and the 0-based rank of their target among RecBole's full-sort
+    scores (padding at -inf, nothing else masked), by the model trainer.evaluate left loaded.
+    Ties count against the target, as in recsae's `target_ranks`."""
+    trainer.model.eval()
+    users, ranks = [], []
+    for batch in test_data:
+        interaction, scores, positive_u, positive_i = trainer._full_sort_batch_eval(batch)
+        target = scores[positive_u, positive_i]
+        ranks += ((~(scores < target[:, None])).sum(1) - 1).tolist()
+        uid = interaction[trainer.config["USER_ID_FIELD"]].cpu().numpy()
+        users += [int(t) for t in dataset.id2token(trainer.config["USER_ID_FIELD"], uid)]
+    return users, ranks
+
+
+def ndcg_at_10(ranks: list[int]) -> float:
+    return sum(1 / math.log2(r + 2) for r in ranks if r < 10) / len(ranks)
+
+
 def check_inter_file(path: Path) -> int:
     """Fail early on input that would make RecBole's split differ from ours; return the row count."""
     if not path.is_file():
@@ -293,6 +350,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> BenchmarkResult:
+    """Train and test; `args.out` is rewritten after every epoch (status "running"), so a run
+    cut off midway still leaves its curve."""
     process_start = time.perf_counter()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -316,12 +375,14 @@ def run(args: argparse.Namespace) -> BenchmarkResult:
             train_data, valid_data, test_data = data_preparation(config, dataset)
             init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
             model = SASRec(config, train_data._dataset).to(config["device"])
-            trainer = BudgetTrainer(config, model, args.budget_seconds)
             result = BenchmarkResult(
                 implementation=f"recbole-{recbole.__version__}",
+                command=" ".join([sys.executable, *sys.argv]),
+                generated_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                 model="SASRec",
                 dataset=args.dataset,
                 data_file=str(inter_file),
+                data_sha256=hashlib.sha256(inter_file.read_bytes()).hexdigest(),
                 mode="converge" if args.converge else "budget",
                 budget_seconds=args.budget_seconds,
                 max_epochs=args.epochs,
@@ -336,13 +397,23 @@ def run(args: argparse.Namespace) -> BenchmarkResult:
                 n_valid_users=len(valid_data._dataset),
                 n_test_users=len(test_data._dataset),
                 data_prep_seconds=time.perf_counter() - process_start,
+                load_average=[{"after": "start", "1/5/15 min": os.getloadavg()}],
             )
 
+            def progress(records: list[EpochRecord]) -> None:
+                result.epochs = records
+                result.epochs_run = len(records)
+                write_json_atomically(asdict(result), args.out)
+
+            trainer = BudgetTrainer(config, model, args.budget_seconds, on_epoch=progress)
             result.stop_reason = trainer.fit_within_budget(train_data, valid_data)
             result.train_wall_seconds = time.perf_counter() - trainer.training_start
+            result.load_average.append({"after": "training", "1/5/15 min": os.getloadavg()})
             test_start = time.perf_counter()
             test_result = trainer.evaluate(test_data, load_best_model=True)
             result.test_seconds = time.perf_counter() - test_start
+            result.test_users, result.test_ranks = test_ranks(trainer, test_data, dataset)
+            result.load_average.append({"after": "test", "1/5/15 min": os.getloadavg()})
 
     records = trainer.records
     best = next(r for r in records if r.epoch == trainer.best_epoch)
@@ -353,9 +424,12 @@ def run(args: argparse.Namespace) -> BenchmarkResult:
     result.best_valid_ndcg_at_10 = best.valid_ndcg_at_10
     result.test_ndcg_at_10 = float(test_result["ndcg@10"])
     result.test_hit_at_10 = float(test_result["hit@10"])
+    result.test_ndcg_at_10_from_ranks = ndcg_at_10(result.test_ranks)
     result.seconds_to_best_epoch = best.elapsed_seconds
+    result.cpu_seconds_to_best_epoch = best.cpu_seconds
     result.mean_epoch_seconds = sum(r.seconds for r in records) / len(records)
     result.total_wall_seconds = time.perf_counter() - process_start
+    result.status = "done"
     return result
 
 
@@ -371,7 +445,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{result.torch_threads} thread(s); stopped by {result.stop_reason} (budget {budget})\n"
         f"best valid NDCG@10 {result.best_valid_ndcg_at_10:.4f} at epoch {result.best_epoch} "
         f"({result.seconds_to_best_epoch:.1f}s into training)\n"
-        f"test NDCG@10 {result.test_ndcg_at_10:.4f}  HR@10 {result.test_hit_at_10:.4f}  "
+        f"test NDCG@10 {result.test_ndcg_at_10:.4f} (from per-user ranks "
+        f"{result.test_ndcg_at_10_from_ranks:.4f})  HR@10 {result.test_hit_at_10:.4f}  "
         f"-> {args.out}",
         file=sys.stderr,
     )
