@@ -5,7 +5,8 @@ process builds the sequences, takes a SASRec (hidden 64, 2 blocks; trained weigh
 change the cost, so it is freshly initialised) and measures:
 - the bare forward pass over every user (same batches) vs `write_activations` at layer 2, with
   its writer thread (the default) and on the caller's thread (`writer_queue=0`), interleaved
-  `--repeats` times (the order rotating); the medians are reported, every run is kept;
+  `--repeats` times after a short warm-up (the order rotating); the medians are reported, every
+  run is kept with the load average;
 - write MB/s of the Parquet shards, reader rows/s into torch tensors (shuffled, batch 4096);
 - peak RSS of the process (extraction only, so 1x vs 10x shows whether memory grows with data);
 - latency of the README's DuckDB queries over the `activations` view.
@@ -89,6 +90,9 @@ def measure(scale: int, out: Path, threads: int, repeats: int) -> dict:
             model, sequences, 2, out_dir, device, batch_users=batch_users, writer_queue=writer_queue
         )
 
+    with torch.no_grad():  # warm up (allocator, kernels) so that no timed run pays for it
+        for i in range(0, min(len(sequences), 4 * batch_users), batch_users):
+            model(pad_right([s[-max_len:] for s in sequences[i : i + batch_users]]))
     runs: dict[str, list[float]] = {"bare": [], "threaded": [], "synchronous": []}
     loads = [os.getloadavg()]
     reports = {}
