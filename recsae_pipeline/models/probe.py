@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from recsae_pipeline.data.batching import pad_right, split_examples
 from recsae_pipeline.models.metrics import filter_seen, full_ranking_metrics, target_ranks
 from recsae_pipeline.models.recommender import Recommender
-from recsae_pipeline.models.training import train_examples
+from recsae_pipeline.models.training import length_groups, train_examples
 
 
 class LayerScore(NamedTuple):
@@ -77,9 +77,11 @@ def layer_scores(
     lr: float = 3e-3,
     seed: int = 0,
     eval_batch_size: int = 256,
+    groups: int = 3,
 ) -> list[LayerScore]:
     """Readout and trained-probe test metrics for every layer 1..L of the teacher. The teacher
-    runs once per training batch for all L probes, and once per test batch for all 2L readings."""
+    runs once per training batch for all L probes, and once per test batch for all 2L readings.
+    Each batch runs as `groups` sub-batches of similar length (`training.length_groups`)."""
     teacher = teacher.to(device).eval().requires_grad_(False)
     layers = teacher.config.num_layers
     generator = torch.Generator().manual_seed(seed)
@@ -96,15 +98,26 @@ def layer_scores(
     lengths = (inputs > 0).sum(1)
     for _ in range(probe_epochs):
         for index in torch.randperm(len(inputs), generator=generator).split(batch_size):
-            width = int(lengths[index].max())
-            items, target = inputs[index, :width].to(device), targets[index, :width].to(device)
-            real = target > 0
-            with torch.no_grad():
-                states = teacher(items, output_hidden_states=True).hidden_states
+            # The frozen teacher runs per sub-batch of similar lengths; the probes train on
+            # the real positions of all of them at once.
+            at_layer: list[list[Tensor]] = [[] for _ in range(layers + 1)]
+            real_targets = []
+            for group in length_groups(lengths[index], groups):
+                rows = index[group]
+                width = int(lengths[rows].max())
+                items, target = inputs[rows, :width].to(device), targets[rows, :width].to(device)
+                real = target > 0
+                with torch.no_grad():
+                    states = teacher(items, output_hidden_states=True).hidden_states
+                for layer in range(1, layers + 1):
+                    at_layer[layer].append(states[layer][real])
+                real_targets.append(target[real])
+            target = torch.cat(real_targets)
+            states = tuple(torch.cat(h) if h else None for h in at_layer)
             loss = sum(
                 F.cross_entropy(
-                    teacher.scores(_layer_user(teacher, states, layer, heads[layer - 1])[real]),
-                    target[real],
+                    teacher.scores(_layer_user(teacher, states, layer, heads[layer - 1])),
+                    target,
                 )
                 for layer in range(1, layers + 1)
             )

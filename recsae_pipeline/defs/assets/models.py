@@ -85,6 +85,12 @@ class TrainingOptions(dg.Config):
     progress_bar: bool = knob(
         TrainConfig, "progress_bar", "tqdm bar over batches on stderr (only when it is a terminal)."
     )
+    length_groups: int = knob(
+        TrainConfig,
+        "length_groups",
+        "Sub-batches of similar window length per batch, gradients summed before the step "
+        "(the same loss as one padded pass, less padding); 1: one pass.",
+    )
 
     def train_config(self) -> TrainConfig:
         return to_domain(self, TrainConfig)
