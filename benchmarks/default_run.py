@@ -1,0 +1,164 @@
+"""The README's main command, `recsae materialize` on the embedded default data, timed.
+
+Runs the command in a fresh storage root and DAGSTER_HOME under --work, from this checkout or
+another one (--checkout, e.g. a `git worktree` of an older commit, so before and after run
+the same way), optionally under py-spy (--profile: a flame graph of every process, workers
+included). Keeps in one result file: the wall time, the peak RSS of the largest process, every
+Dagster step's seconds, the test NDCG@10 of every model, and with --baseline (an earlier
+run's result file, whose --work is still on disk) each model's test NDCG@10 difference to
+that run, paired over the same test users with a bootstrap 95% CI.
+
+    .venv/bin/python benchmarks/default_run.py --work /tmp/recsae-after --profile
+    git worktree add /tmp/before <commit>
+    .venv/bin/python benchmarks/default_run.py --checkout /tmp/before --work /tmp/recsae-before \\
+        --out /tmp/before.json --profile
+    .venv/bin/python benchmarks/default_run.py --collect --work /tmp/recsae-after \\
+        --baseline /tmp/before.json
+
+Result: benchmarks/results/default_run_timing.json (flame graphs beside it as
+default_run_<label>.svg with --profile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.llm_run import latest_stages, step_seconds  # noqa: E402
+from recsae_pipeline.storage.atomic import write_json  # noqa: E402
+
+RESULT = ROOT / "benchmarks" / "results" / "default_run_timing.json"
+PY_SPY = ROOT / ".venv" / "bin" / "py-spy"
+MODELS = ("sasrec", "teacher", "student", "student_ce", "popularity")
+
+
+def git(checkout: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=checkout, capture_output=True, text=True, check=False
+    ).stdout.strip()
+
+
+def per_user_ndcg(data: Path) -> dict[str, list[float]]:
+    """model -> each test user's NDCG@10, in user order (recommender_eval_users)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(data / "models" / "recommender_eval_users.parquet").to_pydict()
+    out: dict[str, list[tuple[int, float]]] = {}
+    for model, user, ndcg in zip(table["model"], table["user"], table["ndcg@10"], strict=True):
+        out.setdefault(model, []).append((user, ndcg))
+    return {m: [v for _, v in sorted(rows)] for m, rows in out.items()}
+
+
+def paired(after: dict[str, list[float]], before: dict[str, list[float]]) -> list[dict]:
+    """Per model: after - before test NDCG@10, paired over users, bootstrap 95% CI."""
+    import numpy as np
+
+    from recsae_pipeline.report.stats import compare
+
+    rows = []
+    for model in MODELS:
+        if model not in after or model not in before or len(after[model]) != len(before[model]):
+            continue
+        c = compare(
+            f"{model}: this run vs the baseline run",
+            "test NDCG@10",
+            "this run",
+            np.asarray(after[model]),
+            "baseline",
+            np.asarray(before[model]),
+            unit="users",
+        )
+        rows.append({"model": model, **c.as_dict()})
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkout", type=Path, default=ROOT, help="the code to run")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/recsae-default-run"))
+    parser.add_argument("--out", type=Path, default=RESULT)
+    parser.add_argument("--label", help="name of this run in the result (default: its commit)")
+    parser.add_argument("--workers", help="passed to `recsae materialize --workers`")
+    parser.add_argument("--profile", action="store_true", help="under py-spy, all processes")
+    parser.add_argument("--baseline", type=Path, help="an earlier result file to compare with")
+    parser.add_argument("--collect", action="store_true", help="only read an existing --work")
+    args = parser.parse_args()
+    checkout = args.checkout.resolve()
+    data, home = args.work / "data", args.work / "home"
+    commit = git(checkout, "rev-parse", "--short", "HEAD")
+    label = args.label or commit
+    command = ["materialize"] + (["--workers", args.workers] if args.workers else [])
+    svg = args.out.parent / f"default_run_{label}.svg"
+    wall = peak_mb = None
+    if args.collect:
+        previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
+        wall, peak_mb = previous.get("wall_seconds"), previous.get("peak_rss_mb")
+    else:
+        shutil.rmtree(args.work, ignore_errors=True)
+        home.mkdir(parents=True)
+        env = os.environ | {
+            "RECSAE_DATA_DIR": str(data),
+            "DAGSTER_HOME": str(home),
+            "PYTHONPATH": str(checkout),
+        }
+        cmd = [sys.executable, "-m", "recsae_pipeline.cli", *command]
+        if args.profile:
+            cmd = [str(PY_SPY), "record", "--subprocesses", "-r", "25", "-f", "flamegraph",
+                   "-o", str(svg), "--", *cmd]  # fmt: skip
+        print(f"default_run: {' '.join(cmd)} (in {checkout}, commit {commit})", flush=True)
+        start = time.perf_counter()
+        done = subprocess.run(cmd, cwd=checkout, env=env)
+        wall = round(time.perf_counter() - start, 1)
+        peak_mb = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
+        if done.returncode:
+            print(
+                f"default_run: recsae {' '.join(command)} exited {done.returncode}", file=sys.stderr
+            )
+            return done.returncode
+    results = json.loads((data / "reports" / "results.json").read_text())
+    stages = latest_stages(step_seconds(home))
+    ndcg = per_user_ndcg(data)
+    out: dict[str, Any] = {
+        "benchmark": "benchmarks/default_run.py",
+        "command": f"recsae {' '.join(command)}",
+        "label": label,
+        "commit": commit,
+        "checkout": str(checkout),
+        "wall_seconds": wall,
+        "peak_rss_mb": peak_mb,
+        "stages": stages,
+        "stage_seconds_total": round(sum(s["seconds"] for s in stages), 1),
+        "test_ndcg@10": {m: sum(v) / len(v) for m, v in ndcg.items()},
+        "recommenders": results.get("tables", {}).get("recommenders"),
+        "cpus": os.cpu_count(),
+        "load_average_at_end": os.getloadavg(),
+        "note": "load average above the core count means other processes shared the cores",
+        "work": str(args.work),
+        "flame_graph": str(svg.relative_to(ROOT))
+        if svg.is_file() and svg.is_relative_to(ROOT)
+        else None,
+    }
+    if args.baseline:
+        base = json.loads(args.baseline.read_text())
+        out["baseline"] = {k: base.get(k) for k in ("label", "commit", "wall_seconds", "work")}
+        out["vs_baseline"] = paired(ndcg, per_user_ndcg(Path(base["work"]) / "data"))
+    print(f"wrote {write_json(out, args.out)}")
+    print(f"wall {wall} s; steps {out['stage_seconds_total']} s; peak RSS {peak_mb} MB")
+    for row in out.get("vs_baseline", []):
+        print(f"  {row['model']}: {row['difference']:+.4f} {row['ci95']} {row['verdict']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
