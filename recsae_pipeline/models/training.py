@@ -43,7 +43,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 0
     grad_clip: float = 1.0
-    patience: int = 5
+    patience: int = 10
     eval_batch_size: int = 512
     seed: int = 0
     progress_bar: bool = True
