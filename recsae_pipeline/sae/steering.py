@@ -263,30 +263,37 @@ def _batched(
     rows_per_pass: int,
 ) -> tuple[Tensor, Tensor]:
     """Runs `n_edits` edits of the same users as one batch: row e * b + i is user i of a pass
-    of b users under edit e; `edit(hidden, b)` edits the states of all E * b rows."""
+    of b users under edit e; `edit(hidden, b)` edits the states of all E * b rows. Passes take
+    users in order of input length and pad only to their own longest input (right padding
+    never changes a real position under causal attention); results come back in user order."""
     model.eval()
     n_users = len(users.targets)
     per_pass = max(1, rows_per_pass // n_edits)
     shortcut = cached is not None and layer == model.config.num_layers
-    tops, ranks = [], []
+    lengths = (users.inputs > 0).sum(1)
+    order = torch.argsort(lengths, stable=True)
+    tops = torch.empty((n_edits, n_users, k), dtype=torch.int64)
+    ranks = torch.empty((n_edits, n_users), dtype=torch.int64)
     for start in range(0, n_users, per_pass):
-        batch = slice(start, start + per_pass)
-        b = len(users.targets[batch])
-        inputs = users.inputs[batch].repeat(n_edits, 1)
+        rows = order[start : start + per_pass]
+        b, width = len(rows), int(lengths[rows].max())
+        inputs = users.inputs[rows, :width].repeat(n_edits, 1)
         if shortcut:
-            scores = model.scores_from_last_block(edit(cached[batch].repeat(n_edits, 1), b))
+            scores = model.scores_from_last_block(edit(cached[rows].repeat(n_edits, 1), b))
         elif cached is not None:
-            with blocks_after(model, layer, edit(cached[batch].repeat(n_edits, 1, 1), b)):
+            edited = edit(cached[rows, :width].repeat(n_edits, 1, 1), b)
+            with blocks_after(model, layer, edited):
                 scores = model.predict(inputs)
         else:
             with edit_hidden(model, layer, lambda h, b=b: edit(h, b)):
                 scores = model.predict(inputs)
-        targets = users.targets[batch].repeat(n_edits)
-        histories = users.histories[batch].repeat(n_edits, 1)
+        targets = users.targets[rows].repeat(n_edits)
+        histories = users.histories[rows].repeat(n_edits, 1)
         top, rank = _top_and_ranks(scores, targets, histories, k)
-        tops.append(top.view(n_edits, b, k))
-        ranks.append(rank.view(n_edits, b))
-    return torch.cat(tops, dim=1), torch.cat(ranks, dim=1)
+        cpu_rows = rows.cpu()
+        tops[:, cpu_rows] = top.view(n_edits, b, k)
+        ranks[:, cpu_rows] = rank.view(n_edits, b)
+    return tops, ranks
 
 
 def genre_items(catalog: Catalog, genres: Sequence[str], num_items: int) -> dict[str, Tensor]:
