@@ -37,6 +37,7 @@ from recsae_pipeline.sae.steering import (
     clamp_to_zero,
     clamped_features,
     genre_targets,
+    last_block_at_last_position,
     last_block_states,
     layer_states,
     neuron_direction,
@@ -464,3 +465,45 @@ def test_sweep_writes_one_row_per_genre_direction_scale_and_user() -> None:
     ]
     gain = [s["genre_share"] - n["genre_share"] for s, n in zip(steered, none, strict=True)]
     assert gains["centroid"][0] == pytest.approx(gain)
+
+
+@pytest.mark.parametrize("backbone,kv_heads", [("gpt2", None), ("llama", 2), ("llama", 1)])
+def test_the_last_block_at_last_positions_is_the_full_block_there(
+    backbone: str, kv_heads: int | None
+) -> None:
+    """Keys and values at every position, query and MLP at the last one: the block's output at
+    each row's last real position, as a full forward computes it (GPT-2; Llama with RoPE,
+    with and without grouped-query attention)."""
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.manual_seed(0)
+    config = RecommenderConfig(
+        kind="sasrec", num_items=12, hidden_size=8, d_item=8, num_layers=2, num_heads=2,
+        max_len=7, backbone=backbone, dropout=0.0,
+    )  # fmt: skip
+    body = None
+    if kv_heads is not None:
+        body = LlamaModel(
+            LlamaConfig(
+                hidden_size=8,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                num_key_value_heads=kv_heads,
+                intermediate_size=16,
+                max_position_embeddings=7,
+                vocab_size=1,
+                bos_token_id=None,
+                eos_token_id=None,
+                pad_token_id=None,
+            )  # fmt: skip
+        )
+    model = Recommender(config, backbone=body).eval()
+    rng = np.random.default_rng(0)
+    sequences = [rng.permutation(np.arange(1, 13))[: rng.integers(3, 10)] for _ in range(9)]
+    users = steering_users(sequences, max_len=7, device="cpu")
+    lengths = (users.inputs > 0).sum(1)
+    with torch.no_grad():
+        entering = layer_states(model, users, 1)
+        full = at_last_position(users, layer_states(model, users, 2))
+        fast = last_block_at_last_position(model, entering, lengths)
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-6)

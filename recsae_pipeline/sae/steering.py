@@ -29,6 +29,7 @@ from typing import NamedTuple, get_args, get_type_hints
 import numpy as np
 import pyarrow as pa
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from recsae_pipeline.activations.hooks import edit_hidden, read_hidden
@@ -197,6 +198,51 @@ def blocks_after(model: Recommender, layer: int, hidden: Tensor) -> Iterator[Non
             blocks[i] = block
 
 
+def _last_position_attention(q: Tensor, k: Tensor, v: Tensor, last: Tensor, scale: float) -> Tensor:
+    """One query per row [B, heads, 1, d] over keys/values [B, kv heads, T, d], each row
+    attending to its positions 0..last (what causal attention gives its last real position)."""
+    if k.shape[1] != q.shape[1]:  # grouped-query attention: each kv head serves a group
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    visible = torch.arange(k.shape[2], device=k.device)[None, :] <= last[:, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None, :], scale=scale)
+
+
+def last_block_at_last_position(model: Recommender, hidden: Tensor, lengths: Tensor) -> Tensor:
+    """The last block's output at each row's last real position [B, hidden], from the states
+    entering it [B, T, hidden]: keys and values at every position, but the query, attention
+    output and MLP only at the last one (all `predict` reads), so the block costs a fraction
+    of a full pass. GPT-2 and Llama blocks (RoPE from the backbone's rotary embedding)."""
+    block = model.layers[-1]
+    rows = torch.arange(len(hidden), device=hidden.device)
+    last = lengths.to(hidden.device) - 1
+    if model.config.backbone == "gpt2":
+        attn = block.attn
+        q, k, v = attn.c_attn(block.ln_1(hidden)).split(attn.split_size, dim=2)
+        heads = (attn.num_heads, attn.head_dim)
+        q = q[rows, last].view(len(rows), 1, *heads).transpose(1, 2)
+        k, v = (t.view(*t.shape[:2], *heads).transpose(1, 2) for t in (k, v))
+        out = _last_position_attention(q, k, v, last, attn.scaling)
+        x = hidden[rows, last] + attn.c_proj(out.reshape(len(rows), -1))
+        return x + block.mlp(block.ln_2(x))
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    attn = block.self_attn
+    rotary = next(m.rotary_emb for m in model.backbone.modules() if hasattr(m, "rotary_emb"))
+    positions = torch.arange(hidden.shape[1], device=hidden.device)[None]
+    cos, sin = rotary(hidden, position_ids=positions)
+    h = block.input_layernorm(hidden)
+    d = attn.head_dim
+    q = attn.q_proj(h[rows, last]).view(len(rows), 1, -1, d).transpose(1, 2)
+    k = attn.k_proj(h).view(*h.shape[:2], -1, d).transpose(1, 2)
+    v = attn.v_proj(h).view(*h.shape[:2], -1, d).transpose(1, 2)
+    q, _ = apply_rotary_pos_emb(q, q, cos[0, last][:, None], sin[0, last][:, None])
+    k, _ = apply_rotary_pos_emb(k, k, cos, sin)
+    out = _last_position_attention(q, k, v, last, attn.scaling)
+    x = hidden[rows, last] + attn.o_proj(out.transpose(1, 2).reshape(len(rows), -1))
+    return x + block.mlp(block.post_attention_layernorm(x))
+
+
 def last_block_states(model: Recommender, users: SteeringUsers) -> Tensor:
     """The last block's output at each user's last real position, [U, hidden]."""
     return at_last_position(users, layer_states(model, users, model.config.num_layers))
@@ -280,6 +326,11 @@ def _batched(
         inputs = users.inputs[rows, :width].repeat(n_edits, 1)
         if shortcut:
             scores = model.scores_from_last_block(edit(cached[rows].repeat(n_edits, 1), b))
+        elif cached is not None and layer == model.config.num_layers - 1:
+            # Only the last block follows the edit: it runs at the last positions only.
+            edited = edit(cached[rows, :width].repeat(n_edits, 1, 1), b)
+            last_hidden = last_block_at_last_position(model, edited, lengths[rows].repeat(n_edits))
+            scores = model.scores_from_last_block(last_hidden)
         elif cached is not None:
             edited = edit(cached[rows, :width].repeat(n_edits, 1, 1), b)
             with blocks_after(model, layer, edited):
