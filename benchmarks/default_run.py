@@ -99,7 +99,7 @@ def main() -> int:
     commit = git(checkout, "rev-parse", "--short", "HEAD")
     label = args.label or commit
     command = ["materialize"] + (["--workers", args.workers] if args.workers else [])
-    svg = args.out.parent / f"default_run_{label}.svg"
+    svg = args.out.parent.resolve() / f"default_run_{label}.svg"
     wall = peak_mb = None
     if args.collect:
         previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
