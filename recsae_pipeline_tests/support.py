@@ -37,8 +37,10 @@ MODELS_CONFIG = {
         **DATA_CONFIG["ops"],
         "sequences": {"config": {"user_core": 3, "item_core": 3}},
         "sasrec": {"config": SASREC},
+        # Width 32: at 16 the 4-layer teacher plateaus level with popularity on this log
+        # (valid NDCG@10 0.1645 vs 0.1679) and its blocking check refuses it.
         "teacher": {
-            "config": {**FAST, "hidden_size": 16, "num_layers": 4, "num_heads": 2, "max_len": 20}
+            "config": {**FAST, "hidden_size": 32, "num_layers": 4, "num_heads": 2, "max_len": 20}
         },
         "student": {"config": {**FAST, "num_layers": 2}},
         "student_ce": {"config": {**FAST, "num_layers": 2}},
