@@ -20,6 +20,10 @@ from recsae_pipeline.storage.registry import ArtifactPaths
 from recsae_pipeline.storage.sql import read_parquet
 
 INT32_MAX = 2**31 - 1
+DUCKDB_MEMORY_LIMIT = "2GB"
+"""What an out-of-core DuckDB build over the whole log (the k-core filter, the sequences, the
+sparse feature table's sort) may hold before it spills to its temp directory; DuckDB's own
+default is 80% of the machine's memory, so peak memory would grow with the log."""
 ArrayOrInt = TypeVar("ArrayOrInt", int, np.ndarray)
 MIN_LEAVE_ONE_OUT_LENGTH = 3  # one training transition, one validation and one test target
 
@@ -98,6 +102,7 @@ def build_sequences(paths: ArtifactPaths, config: SequenceConfig) -> SequenceSta
     with scratch_dir(paths.root) as scratch:
         con = duckdb.connect(str(Path(scratch) / "build.duckdb"))
         try:
+            con.execute(f"SET memory_limit = '{DUCKDB_MEMORY_LIMIT}'")
             return _build(con, paths, config)
         finally:
             con.close()
@@ -210,10 +215,18 @@ def _stats(
 
 
 def read_sequences(path: str | Path) -> tuple[list[np.ndarray], int]:
-    """Item sequences in user order (index i -> user_idx i+1) and the number of items."""
-    table = pq.read_table(path, columns=["user_idx", "items"])
-    offsets = table.column("items").combine_chunks().offsets.to_numpy()
-    flat = table.column("items").combine_chunks().values.to_numpy().astype(np.int32)
-    sequences = [flat[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
-    num_items = int(flat.max()) if flat.size else 0
+    """Item sequences in user order (index i -> user_idx i+1) and the number of items.
+
+    Reads one row group at a time: besides the int32 sequences it returns, it holds one
+    row group's Arrow column, never the whole table (or a second copy of it)."""
+    file = pq.ParquetFile(path)
+    sequences: list[np.ndarray] = []
+    num_items = 0
+    for group in range(file.num_row_groups):
+        items = file.read_row_group(group, columns=["items"]).column("items").combine_chunks()
+        offsets = items.offsets.to_numpy()
+        flat = items.values.to_numpy().astype(np.int32)  # a copy: the Arrow buffer is freed
+        sequences.extend(flat[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1))
+        if flat.size:
+            num_items = max(num_items, int(flat.max()))
     return sequences, num_items

@@ -27,6 +27,8 @@ LLM_PROBE_PLOT = "llm_layer_probe.png"
 EXPLAINERS_FILE = "explainers_llm.json"
 SWEEP_FILE = "sae_sweep.json"
 SWEEP_PLOT = "sae_sweep.png"
+SCALE_FILE = "scale.json"
+SCALE_PLOT = "scale.png"
 PREVIOUS_DEFAULT = "topk k=32 x32 whitening=0.1"
 """The SAE default before the sweep chose one (RecSAE's k and expansion, partial whitening)."""
 SECTION_TITLES = {
@@ -488,6 +490,125 @@ def render_explainers(bench: dict[str, Any]) -> list[str]:
     return out
 
 
+def _seconds(x: float) -> str:
+    return f"{x:,.0f}" if x >= 10 else f"{x:.1f}"
+
+
+def render_scale(bench: dict[str, Any], plot: str | None) -> list[str]:
+    """`benchmarks/scale.py`: every stage's time and peak RSS at each scale, extrapolated
+    times marked, with the growth from the middle scale to the largest."""
+    scales = sorted(bench.get("scales", {}).values(), key=lambda s: s["scale"])
+    if not scales:
+        return []
+    stages = list(dict.fromkeys(k for s in scales for k in s.get("stages", {})))
+    stages = [k for k in stages if k != "sasrec_steps"]
+    names = [f"{s['scale']}x" for s in scales]
+    target = bench.get("memory_target_gib", 8.0)
+    largest = scales[-1]
+    runs = bench.get("commands") or [{"command": bench.get("command", ""), "commit": None}]
+    commands = "; ".join(
+        f"`{_command(r)}` (commit `{r.get('commit') or bench.get('commit', 'n/a')}`)"
+        for r in dict((r["command"], r) for r in runs).values()  # the last run of each
+    )
+    out = [
+        "### The pipeline at 1x, 10x and 100x the default data",
+        "",
+        f"{commands}; {bench.get('machine', '')}: "
+        f"the default configuration's synthetic log with {bench.get('items_scaling', '')}, "
+        "every stage an asset materialized in its own process at "
+        f"{min(s['threads'] for sc in scales for s in sc['stages'].values())}-2 threads. "
+        f"Peak RSS: {bench.get('rss_method', '')}.",
+    ]
+    if plot:
+        out += ["", f"![Time and peak RSS against size]({plot})"]
+    out += [
+        "",
+        "| | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+        "| users | " + " | ".join(f"{s.get('users', 0):,}" for s in scales) + " |",
+        "| items | " + " | ".join(f"{s.get('items', 0):,}" for s in scales) + " |",
+        "| interactions | " + " | ".join(f"{s.get('interactions', 0):,}" for s in scales) + " |",
+    ]
+    if any("activation_rows" in s for s in scales):
+        out.append(
+            "| activation rows (one layer) | "
+            + " | ".join(f"{s.get('activation_rows', 0):,}" for s in scales)
+            + " |"
+        )
+    growth = f"time {names[-2]} -> {names[-1]}" if len(scales) > 1 else "time growth"
+    out += [
+        "",
+        "| stage | "
+        + " | ".join(f"{n} s" for n in names)
+        + f" | {growth} | "
+        + " | ".join(f"{n} peak RSS MiB" for n in names)
+        + " |",
+        "|---|" + "---|" * (2 * len(names) + 1),
+    ]
+    extrapolated = []
+    for stage in stages:
+        cells, rss, pts = [], [], []
+        for s in scales:
+            st = s.get("stages", {}).get(stage)
+            if st is None:
+                cells.append("n/a")
+                rss.append("n/a")
+                continue
+            mark = "*" if st.get("extrapolated") else ""
+            if st.get("extrapolated"):
+                extrapolated.append((s["scale"], stage, st))
+            cells.append(_seconds(st["seconds"]) + mark)
+            rss.append(f"{st['peak_rss_mb']:,.0f}")
+            pts.append((s["interactions"], st["seconds"]))
+        ratio = (
+            f"x{pts[-1][1] / pts[-2][1]:.1f} for x{pts[-1][0] / pts[-2][0]:.1f} data"
+            if len(pts) >= 2
+            else "n/a"
+        )
+        out.append(f"| {stage} | " + " | ".join(cells) + f" | {ratio} | " + " | ".join(rss) + " |")
+    totals = [s.get("seconds", 0.0) for s in scales]
+    out.append(
+        "| **all stages** | "
+        + " | ".join(f"**{_seconds(t)}**" for t in totals)
+        + " | | "
+        + " | ".join(f"**{s.get('peak_rss_mb', 0):,.0f}**" for s in scales)
+        + " |"
+    )
+    peak_gib = largest.get("peak_rss_mb", 0.0) / 1024
+    out += [
+        "",
+        f"Largest peak RSS at {largest['scale']}x: {peak_gib:.2f} GiB "
+        f"({'under' if peak_gib < target else 'over'} the {target:g} GiB target). Load average "
+        "while the stages ran (1 min, 2 cores shared with other work): "
+        + ", ".join(
+            f"{s['scale']}x {min(st['loadavg_before'][0] for st in s['stages'].values()):.1f}-"
+            f"{max(st['loadavg_before'][0] for st in s['stages'].values()):.1f}"
+            for s in scales
+        )
+        + ".",
+    ]
+    for scale, stage, st in extrapolated:
+        out += ["", f"\\* {scale}x {stage}: extrapolated, {st.get('extrapolation', '')}."]
+    calibration = [
+        (s["scale"], s["stages"]["sasrec_steps"])
+        for s in scales
+        if "sasrec_steps" in s.get("stages", {}) and "sasrec" in s["stages"]
+    ]
+    for scale, st in calibration:
+        measured = next(s for s in scales if s["scale"] == scale)["stages"]["sasrec"]
+        if measured.get("extrapolated"):
+            continue
+        out += [
+            "",
+            f"Check of the method at {scale}x, where the asset ran to early stopping: the same "
+            f"extrapolation from {st['steps_run']} steps predicts {_seconds(st['seconds'])} s, "
+            f"the asset took {_seconds(measured['seconds'])} s.",
+        ]
+    for note in bench.get("notes", []):
+        out += ["", note]
+    return out
+
+
 def render(results_dir: Path) -> str:
     """The whole generated section (markers included) from the files in `results_dir`."""
     out = [BEGIN, ""]
@@ -515,6 +636,10 @@ def render(results_dir: Path) -> str:
     explainers = _load(results_dir / EXPLAINERS_FILE)
     if explainers:
         out += render_explainers(explainers) + [""]
+    scale = _load(results_dir / SCALE_FILE)
+    if scale:
+        plot = f"benchmarks/results/{SCALE_PLOT}" if (results_dir / SCALE_PLOT).is_file() else None
+        out += render_scale(scale, plot) + [""]
     if len(out) == 2:
         out += ["No result files committed yet under `benchmarks/results/`.", ""]
     out.append(END)

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from recsae_pipeline.activations.shards import iter_in_file_order, partition_rows
 from recsae_pipeline.data.catalog import Catalog
+from recsae_pipeline.data.sequences import DUCKDB_MEMORY_LIMIT
 from recsae_pipeline.models.metrics import dense_auc, sparse_auc
 from recsae_pipeline.sae.interpretability import (
     KINDS,
@@ -129,6 +130,7 @@ def write_feature_activations(
         con = duckdb.connect()
         try:
             con.execute(f"SET temp_directory = {sql_literal(scratch)}")
+            con.execute(f"SET memory_limit = '{DUCKDB_MEMORY_LIMIT}'")  # spills beyond it
             copy_to_parquet(
                 con,
                 f"SELECT * FROM {read_parquet(unsorted)} "
