@@ -151,7 +151,10 @@ def train_examples(sequences: list[np.ndarray], max_len: int) -> tuple[Tensor, T
 
 def length_groups(lengths: Tensor, groups: int) -> list[Tensor]:
     """Positions into `lengths` (one batch's window lengths) in up to `groups` sub-batches of
-    as many windows each, longest windows first: each pads only to its own longest."""
+    as many windows each, longest windows first: each pads only to its own longest. One
+    group keeps the batch's own order."""
+    if groups <= 1:
+        return [torch.arange(len(lengths))]
     order = torch.sort(lengths, descending=True, stable=True).indices
     return [g for g in order.tensor_split(min(groups, len(order))) if len(g)]
 
