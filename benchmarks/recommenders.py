@@ -81,7 +81,7 @@ QUICK_MODELS = {
     "student": {**QUICK_TRAINING, "num_layers": 2},
     "student_ce": {**QUICK_TRAINING, "num_layers": 2},
 }  # fmt: skip
-QUICK_SYNTHETIC = {"n_users": 600, "n_items": 300, "mean_sequence_length": 25, "n_franchises": 12}
+QUICK_SYNTHETIC = {"n_users": 1200, "n_items": 300, "mean_sequence_length": 25, "n_franchises": 12}
 """--quick: the tests' tiny models (recsae_pipeline_tests/support.py) for up to 8 epochs, on
 configs/small.yaml's synthetic log: enough to beat popularity, so the blocking checks pass."""
 
