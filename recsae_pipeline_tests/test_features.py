@@ -18,6 +18,7 @@ from recsae_pipeline.data.batching import pad_right
 from recsae_pipeline.models.metrics import dense_auc, ndcg_at_k, per_user_ndcg, sparse_auc
 from recsae_pipeline.models.recommender import Recommender, RecommenderConfig
 from recsae_pipeline.sae.features import (
+    FEATURE_ACTIVATION_SCHEMA,
     enrichment,
     monosemanticity,
     neuron_top_items,
@@ -170,9 +171,11 @@ def test_feature_activations_are_the_sae_code_sorted_by_feature(tmp_path: Path) 
     sae = TopKSae(
         SaeConfig(d_in=8, expansion=4, k=3), "cpu", sample=torch.from_numpy(x), seed=0
     ).eval()
-    out = tmp_path / "features" / "part-00000.parquet"
+    # Under a partition's hive path, as in the store: no `model`/`layer` column may creep in
+    out = tmp_path / "features" / "model=sasrec" / "layer=1" / "part-00000.parquet"
     report = write_feature_activations(sae, tmp_path / "p", out, "cpu")
     table = pq.read_table(out)
+    assert table.schema.names == FEATURE_ACTIVATION_SCHEMA.names
     assert report.rows == 300 and report.entries == len(table)
     features = table["feature"].to_numpy()
     assert (np.diff(features) >= 0).all()

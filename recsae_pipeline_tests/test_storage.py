@@ -36,6 +36,18 @@ def test_sql_literal_and_identifier_survive_quotes(tmp_path: Path) -> None:
     assert con.execute(f"SELECT count(DISTINCT filename) FROM {both}").fetchone() == (1,)
 
 
+def test_read_parquet_takes_no_column_from_a_name_value_directory(tmp_path: Path) -> None:
+    # A storage root such as /runs/workers=2 must not grow a `workers` column
+    path = tmp_path / "workers=2" / "model=a" / "t.parquet"
+    path.parent.mkdir(parents=True)
+    pq.write_table(pa.table({"x": [1]}), path)
+    con = duckdb.connect()
+    assert [d[0] for d in con.execute(f"SELECT * FROM {read_parquet(path)}").description] == ["x"]
+    asked = read_parquet(path, hive_partitioning=True)
+    names = {d[0] for d in con.execute(f"SELECT * FROM {asked}").description}
+    assert names == {"x", "workers", "model"}
+
+
 def test_parquet_writers_are_atomic_and_use_the_store_codec(tmp_path: Path) -> None:
     table = pa.table({"x": list(range(10))})
     written = [

@@ -25,7 +25,10 @@ def sql_identifier(name: str) -> str:
 def read_parquet(source: Source | Sequence[Source], **options: bool | str) -> str:
     """`read_parquet(<source>, <option> = <value>, ...)`: a file, a glob or a list of files.
 
-    Booleans become `true`/`false`; a string option is SQL as written (e.g. a STRUCT)."""
+    Booleans become `true`/`false`; a string option is SQL as written (e.g. a STRUCT).
+    Hive partitioning is off unless asked for: DuckDB would otherwise read a `name=value`
+    directory anywhere in the path (a storage root like `/runs/workers=2`) as a column."""
+    options = {"hive_partitioning": False, **options}
     if isinstance(source, str | Path):
         target = sql_literal(source)
     else:
