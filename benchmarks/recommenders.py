@@ -18,9 +18,18 @@ and, per seed, the same over users.
 
 Results: benchmarks/results/recommenders.json (a --quick run writes to the temp directory
 unless --out says otherwise). `--max-epochs N` caps every model's epochs and is recorded in
-the results. `--recbole` also runs RecBole 1.2.1's SASRec on the first seed's sequences in
-its own venv (`bash benchmarks/recbole/setup_env.sh` once), written beside --out as
-recbole.json.
+the results. `--recbole` also runs RecBole 1.2.1's SASRec on the same sequences in its own
+venv (`bash benchmarks/recbole/setup_env.sh` once) against ours trained afresh, both scored
+RecBole's way, written beside --out as recbole.json with a plot of both validation curves
+(recbole_curves.png); `--head-to-head-only` skips the four models over seeds:
+
+    # RecBole to its own early stopping (about an hour), then ours on the same sequences
+    flock /tmp/recsae-bench.lock nice -n 10 .venv/bin/python benchmarks/recommenders.py \
+        --datasets ml-100k --head-to-head-only --recbole-converge --threads 1 \
+        --sasrec-config configs/movielens-100k.yaml
+
+`--recbole-json FILE` reuses a finished `run_sasrec.py` result (checked to be on the same
+exported sequences) instead of running RecBole again.
 """
 
 from __future__ import annotations
@@ -43,13 +52,17 @@ import dagster as dg
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+import yaml
 
 from recsae_pipeline.data.sequences import read_sequences
 from recsae_pipeline.defs.assets import data, models
 from recsae_pipeline.defs.resources import DataQuality, StorageRoot, TorchDevice
-from recsae_pipeline.models.artifacts import load_recommender, read_metrics
-from recsae_pipeline.models.training import evaluate
-from recsae_pipeline.report.stats import Comparison, compare, format_ci, spread
+from recsae_pipeline.models.artifacts import read_metrics
+from recsae_pipeline.models.metrics import ndcg_at_k, per_user_ndcg
+from recsae_pipeline.models.recommender import Recommender, RecommenderConfig
+from recsae_pipeline.models.training import EpochReport, evaluate, train_recommender, user_ranks
+from recsae_pipeline.report.plots import new_figure, save_figure
+from recsae_pipeline.report.stats import Comparison, bootstrap_ci, compare, format_ci, spread
 from recsae_pipeline.storage.atomic import write_json
 from recsae_pipeline.storage.registry import ArtifactPaths
 from recsae_pipeline_tests.network import recbole_wheel_ml100k
@@ -265,12 +278,16 @@ def print_dataset(dataset: str, entry: dict[str, Any]) -> None:
         )
 
 
-# RecBole's SASRec head-to-head (--recbole), on the first seed's sequences.
+# RecBole's SASRec head-to-head (--recbole): the same sequences, split and ranking protocol.
+
+SASREC_ARCHITECTURE = {"hidden_size", "num_layers", "num_heads", "dropout", "max_len"}
+"""The `sasrec` asset's config fields that build the model (the rest configure training)."""
 
 
 def export_atomic(root: Path, out_dir: Path, name: str) -> Path:
     """Our sequences as `<name>.inter` with timestamps = positions (strictly increasing per user),
-    so RecBole's time-ordered leave-one-out reproduces our split."""
+    so RecBole's time-ordered leave-one-out reproduces our split. Users are tokens 1..n in
+    `sequences` order, items keep their indices; RecBole filters nothing (run_sasrec.py)."""
     sequences, _ = read_sequences(ArtifactPaths(root).sequences)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.inter"
@@ -293,40 +310,201 @@ def run_recbole(atomic_dir: Path, name: str, budget: float | None, threads: int,
     return json.loads(out.read_text())
 
 
-def ours_unfiltered(root: Path) -> dict[str, float]:
-    """Our SASRec scored RecBole's way: targets ranked against every item, seen ones included."""
-    paths = ArtifactPaths(root)
-    saved = read_metrics(paths.model_dir("sasrec"))
-    sequences, num_items = read_sequences(paths.sequences)
-    model = load_recommender(paths.model_dir("sasrec"), torch.device("cpu"))
-    test = evaluate(
-        model, sequences, num_items, "test", torch.device("cpu"), sampled=False,
-        filter_seen_items=False,
-    )  # fmt: skip
-    history, best = saved["history"], saved["best_epoch"]
+def reuse_recbole(path: Path, inter_file: Path) -> dict[str, Any]:
+    """A finished run_sasrec.py result, refused unless it trained on exactly `inter_file`."""
+    result = json.loads(path.read_text())
+    if result.get("status") != "done" or not result.get("test_ranks"):
+        raise SystemExit(f"{path} is not a finished run_sasrec.py result with per-user test ranks")
+    if result.get("data_sha256") != sha256(inter_file):
+        raise SystemExit(f"{path} was trained on other data than {inter_file} (sha256 differs)")
+    return result
+
+
+def ndcg_per_user(ranks: list[int] | np.ndarray) -> np.ndarray:
+    """NDCG@10 of each 0-based target rank."""
+    return per_user_ndcg(torch.as_tensor(np.asarray(ranks)), 10).numpy()
+
+
+def ours_head_to_head(
+    root: Path, overrides: dict[str, Any], seed: int, device: torch.device
+) -> dict[str, Any]:
+    """Our SASRec trained as the `sasrec` asset trains it in process (its config's defaults,
+    `overrides` on top), tested RecBole's way: each target ranked against every item, seen
+    ones included. Per epoch: its seconds (training plus the validation that early stopping
+    reads, seen items filtered, as in the pipeline) and validation NDCG@10 both ways; the
+    unfiltered one is computed after the epoch's clock stops, so it costs no timed seconds."""
+    sequences, num_items = read_sequences(ArtifactPaths(root).sequences)
+    config = models.SasrecConfig(**{"progress_bar": False, **overrides, "seed": seed})
+    torch.manual_seed(config.seed)  # as the asset does, before building the model
+    model = Recommender(
+        RecommenderConfig.sasrec(num_items, **config.model_dump(include=SASREC_ARCHITECTURE))
+    )
+    curve: list[dict[str, Any]] = []
+    extra, extra_cpu = 0.0, 0.0
+
+    def on_epoch(report: EpochReport) -> None:
+        nonlocal extra, extra_cpu
+        start, start_cpu = time.perf_counter(), time.process_time()
+        cpu = start_cpu - cpu_start - extra_cpu
+        valid = evaluate(
+            model, sequences, num_items, "valid", device, sampled=False, filter_seen_items=False
+        )
+        extra += time.perf_counter() - start
+        extra_cpu += time.process_time() - start_cpu
+        elapsed = report.seconds + (curve[-1]["elapsed_seconds"] if curve else 0.0)
+        curve.append({
+            "epoch": report.epoch, "seconds": report.seconds, "elapsed_seconds": elapsed,
+            "cpu_seconds": cpu,
+            "train_loss": report.train_loss, "valid_ndcg_at_10": valid["ndcg@10"],
+            "valid_hit_at_10": valid["hr@10"], "valid_ndcg_at_10_seen_filtered":
+            report.valid["ndcg@10"], "load_average": os.getloadavg(),
+        })  # fmt: skip
+        print(
+            f"ours epoch {report.epoch:3d}  {report.seconds:5.2f}s  loss {report.train_loss:.4f}  "
+            f"valid NDCG@10 {valid['ndcg@10']:.4f} (seen filtered "
+            f"{report.valid['ndcg@10']:.4f})",
+            flush=True,
+        )
+
+    cpu_start = time.process_time()
+    trained = train_recommender(
+        model, sequences, num_items, config.train_config(), device, on_epoch=on_epoch
+    )
+    ranks = user_ranks(model, sequences, "test", device, filter_seen_items=False)[0]
+    best = curve[trained.best_epoch - 1]
     return {
-        "test_ndcg@10": test["ndcg@10"],
-        "test_hr@10": test["hr@10"],
-        "best_epoch": best,
-        "seconds_to_best_epoch": sum(h["seconds"] for h in history[:best]),
-        "mean_epoch_seconds": sum(h["seconds"] for h in history) / len(history),
-        "train_seconds": saved["train_seconds"],
+        "implementation": "recsae",
+        "config": config.model_dump(),
+        "n_users": len(sequences),
+        "n_items": num_items,
+        "epochs": curve,
+        "epochs_run": trained.epochs_run,
+        "best_epoch": trained.best_epoch,
+        "best_valid_ndcg_at_10": best["valid_ndcg_at_10"],
+        "best_valid_ndcg_at_10_seen_filtered": trained.best_valid["ndcg@10"],
+        "test_ndcg_at_10": ndcg_at_k(ranks, 10),
+        "seconds_to_best_epoch": best["elapsed_seconds"],
+        "cpu_seconds_to_best_epoch": best["cpu_seconds"],
+        "mean_epoch_seconds": float(np.mean([e["seconds"] for e in curve])),
+        "train_seconds": trained.train_seconds - extra,
+        "unfiltered_curve_seconds": extra,
+        "test_users": list(range(1, len(sequences) + 1)),
+        "test_ranks": ranks.tolist(),
     }
 
 
+CLOCKS = (
+    ("elapsed_seconds", "wall seconds into training (log)"),
+    ("cpu_seconds", "CPU seconds of the training process (log)"),
+)
+"""The plot's x axes: wall time, and CPU time, which a shared machine's load (or a process
+stopped a while by another's timing run) does not stretch."""
+
+
+def plot_curves(entries: dict[str, dict[str, Any]], path: Path) -> None:
+    """Validation NDCG@10 (RecBole's protocol) against wall and CPU seconds into training, both
+    sides, the best epoch of each marked; two panels per dataset, side by side."""
+    fig, axes = new_figure(width=12.0 * len(entries), height=4.0, ncols=2 * len(entries))
+    axes = np.asarray(axes).reshape(len(entries), 2)
+    for row, (dataset, entry) in zip(axes, entries.items(), strict=True):
+        for ax, (clock, xlabel) in zip(row, CLOCKS, strict=True):
+            for side, label, colour in (("ours", "ours (recsae)", "C0"), ("recbole", "RecBole 1.2.1", "C1")):  # fmt: skip
+                run = entry[side]
+                x = [e[clock] for e in run["epochs"]]
+                y = [e["valid_ndcg_at_10"] for e in run["epochs"]]
+                ax.plot(x, y, ".-", color=colour, ms=3, lw=1, label=label)
+                best = next(e for e in run["epochs"] if e["epoch"] == run["best_epoch"])
+                ax.plot([best[clock]], [best["valid_ndcg_at_10"]], "o", color=colour, mfc="none",
+                        ms=9, label=f"best epoch: {best[clock]:.0f} s")  # fmt: skip
+            ax.set_xscale("log")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("valid NDCG@10 (all items, history unmasked)")
+            ax.set_title(f"SASRec, {dataset}: {entry['n_users']} users x {entry['n_items']} items")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
 def recbole_head_to_head(
-    root: Path, dataset: str, work: Path, args: argparse.Namespace
+    root: Path, dataset: str, work: Path, args: argparse.Namespace, device: torch.device
 ) -> dict[str, Any]:
+    """RecBole's SASRec and ours on the sequences at `root`: test NDCG@10 of each with its
+    bootstrap CI, the paired difference over test users, seconds to the best epoch."""
     name = dataset.replace("-", "")
     atomic = export_atomic(root, work / "atomic" / name, name)
+    inter_file = atomic / f"{name}.inter"
     budget = None if args.recbole_converge else args.budget_seconds
-    recbole = run_recbole(atomic, name, budget, args.threads, work / f"recbole_{name}.json")
-    entry = {"ours": ours_unfiltered(root), "recbole": recbole, "budget_seconds": budget}
-    o, r = entry["ours"], recbole
-    print(f"SASRec, RecBole's protocol: ours NDCG@10 {o['test_ndcg@10']:.4f}, RecBole 1.2.1 "
-          f"{r['test_ndcg_at_10']:.4f}; s to best epoch {o['seconds_to_best_epoch']:.0f} vs "
-          f"{r['seconds_to_best_epoch']:.0f}; RecBole budget exhausted: {r['budget_exhausted']}")  # fmt: skip
+    if args.recbole_json is not None:
+        recbole = reuse_recbole(args.recbole_json, inter_file)
+        budget = recbole["budget_seconds"]
+    else:
+        recbole = run_recbole(atomic, name, budget, args.threads, work / f"recbole_{name}.json")
+    ours = ours_head_to_head(root, args.sasrec_overrides, args.seeds[0], device)
+    if recbole["n_items"] != ours["n_items"] or recbole["n_test_users"] != ours["n_users"]:
+        raise SystemExit(
+            f"RecBole saw {recbole['n_test_users']} test users x {recbole['n_items']} items, "
+            f"ours {ours['n_users']} x {ours['n_items']}: not the same data"
+        )
+    rb_ranks = np.full(ours["n_users"], -1)
+    rb_ranks[np.asarray(recbole["test_users"]) - 1] = recbole["test_ranks"]
+    a, b = ndcg_per_user(ours["test_ranks"]), ndcg_per_user(rb_ranks)
+    comparison = compare(
+        "ours - recbole", METRIC, "ours", a, "recbole", b, "users", resamples=RESAMPLES, seed=0,
+        protocol="all items ranked, history unmasked (RecBole's full sort for sequential models)",
+    )  # fmt: skip
+    ratio = ours["seconds_to_best_epoch"] / recbole["seconds_to_best_epoch"]
+    cpu_ratio = ours["cpu_seconds_to_best_epoch"] / recbole["cpu_seconds_to_best_epoch"]
+    entry = {
+        "sequences_sha256": sha256(ArtifactPaths(root).sequences),
+        "inter_sha256": sha256(inter_file),
+        "n_users": ours["n_users"],
+        "n_items": ours["n_items"],
+        "budget_seconds": budget,
+        "ours": ours,
+        "recbole": recbole,
+        "test_ndcg_at_10_ci95": {
+            "ours": bootstrap_ci(a, RESAMPLES, 0),
+            "recbole": bootstrap_ci(b, RESAMPLES, 0),
+        },
+        "comparison": comparison.as_dict(),
+        "seconds_to_best_epoch_ratio": ratio,
+        "cpu_seconds_to_best_epoch_ratio": cpu_ratio,
+        "goal": {
+            "ndcg_not_below_recbole": comparison.verdict != "recbole higher",
+            "at_most_a_tenth_of_the_time": ratio <= 0.1,
+            "at_most_a_tenth_of_the_cpu_time": cpu_ratio <= 0.1,
+        },
+    }
+    print(
+        f"SASRec, RecBole's protocol, {ours['n_users']} test users: ours NDCG@10 "
+        f"{comparison.a.value:.4f}, RecBole 1.2.1 {comparison.b.value:.4f}, ours - RecBole "
+        f"{format_ci(comparison)} ({comparison.verdict}); s to best epoch "
+        f"{ours['seconds_to_best_epoch']:.0f} (epoch {ours['best_epoch']}) vs "
+        f"{recbole['seconds_to_best_epoch']:.0f} (RecBole's 0-based epoch "
+        f"{recbole['best_epoch']}), ratio {ratio:.3f} (CPU seconds {cpu_ratio:.3f}); "
+        f"RecBole stopped by "
+        f"{recbole['stop_reason']}",
+        flush=True,
+    )
     return entry
+
+
+def sasrec_overrides(config_file: Path | None, pairs: list[str]) -> dict[str, Any]:
+    """Ours' SASRec config for the head-to-head: `ops.sasrec.config` of a run config (such as
+    configs/movielens-100k.yaml), then each KEY=VALUE (a YAML scalar) on top."""
+    overrides: dict[str, Any] = {}
+    if config_file is not None:
+        run_config = yaml.safe_load(config_file.read_text()) or {}
+        overrides |= run_config.get("ops", {}).get("sasrec", {}).get("config", {})
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--sasrec takes KEY=VALUE, got {pair!r}")
+        overrides[key] = yaml.safe_load(value)
+    unknown = set(overrides) - set(models.SasrecConfig.model_fields)
+    if unknown:
+        raise SystemExit(f"not fields of the sasrec config: {sorted(unknown)}")
+    return overrides
 
 
 def provenance(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -355,6 +533,26 @@ def provenance(args: argparse.Namespace, device: torch.device) -> dict[str, Any]
         "quick": args.quick,
         "max_epochs_cap": args.max_epochs,
     }
+
+
+def head_to_head(
+    base: Path,
+    dataset: str,
+    work: Path,
+    args: argparse.Namespace,
+    device: TorchDevice,
+    recbole_report: dict[str, Any],
+    out: Path,
+) -> None:
+    """recbole_head_to_head on the store at `base`; recbole.json and its plot beside `out`."""
+    start_load = os.getloadavg()
+    entry = recbole_head_to_head(base, dataset, work, args, device.torch_device)
+    entry["load_average"] = {"start": start_load, "end": os.getloadavg()}
+    recbole_report["datasets"][dataset] = entry
+    write_json({**provenance(args, device.torch_device), **recbole_report},
+               out.with_name("recbole.json"))  # fmt: skip
+    plot_curves(recbole_report["datasets"], out.with_name("recbole_curves.png"))
+    print(f"wrote {out.with_name('recbole.json')} and {out.with_name('recbole_curves.png')}")
 
 
 def main() -> None:
@@ -386,7 +584,27 @@ def main() -> None:
     parser.add_argument(
         "--recbole-converge", action="store_true", help="let RecBole run to its own early stopping"
     )
+    parser.add_argument(
+        "--head-to-head-only", action="store_true",
+        help="only SASRec vs RecBole (implies --recbole; recommenders.json is left alone)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--recbole-json", type=Path, help="a finished run_sasrec.py result to use, not rerun"
+    )
+    parser.add_argument(
+        "--sasrec-config", type=Path, help="run config whose ops.sasrec.config ours uses"
+    )
+    parser.add_argument(
+        "--sasrec", nargs="+", default=[], metavar="KEY=VALUE", help="ours' SASRec overrides"
+    )
     args = parser.parse_args()
+    args.recbole = args.recbole or args.head_to_head_only
+    args.sasrec_overrides = {
+        **(QUICK_MODELS["sasrec"] if args.quick else {}),
+        **sasrec_overrides(args.sasrec_config, args.sasrec),
+    }
+    if args.recbole_json is not None and len(args.datasets) != 1:
+        parser.error("--recbole-json is one dataset's result: pass one --datasets")
     out = args.out or (Path(tempfile.gettempdir()) / RESULTS.name if args.quick else RESULTS)
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds repeats a seed: {args.seeds}")
@@ -403,6 +621,9 @@ def main() -> None:
         ops = dataset_ops(dataset, args.quick, args.cache)
         print(f"== {dataset}: materializing the data assets ...", flush=True)
         data_seconds = materialize(base, list(DATA_ASSETS), ops, device)
+        if args.head_to_head_only:
+            head_to_head(base, dataset, work, args, device, recbole_report, out)
+            continue
         runs = []
         for seed in args.seeds:
             root = work / dataset / f"seed={seed}"
@@ -423,11 +644,9 @@ def main() -> None:
         write_json(report, out)
         print_dataset(dataset, entry)
         if args.recbole:
-            root = work / dataset / f"seed={args.seeds[0]}"
-            recbole_report["datasets"][dataset] = recbole_head_to_head(root, dataset, work, args)
-            write_json({**provenance(args, device.torch_device), **recbole_report},
-                       out.with_name("recbole.json"))  # fmt: skip
-    print(f"\nwrote {out} ({report['wall_seconds'] / 60:.1f} min)")
+            head_to_head(base, dataset, work, args, device, recbole_report, out)
+    if not args.head_to_head_only:
+        print(f"\nwrote {out} ({report['wall_seconds'] / 60:.1f} min)")
     if args.work_dir is None:
         shutil.rmtree(work)
 

@@ -357,10 +357,11 @@ def _sae_sampled_splice(root: Path, options: dict) -> dict:
 
 
 class _TreeSampler:
-    """Peak summed RSS of a process and its descendants, sampled every `interval` s."""
+    """Peak summed RSS of a process and its descendants, sampled every `interval` s, and
+    the time the process spent stopped (SIGSTOP from outside: such time is no stage's)."""
 
     def __init__(self, pid: int, interval: float = 0.25) -> None:
-        self.pid, self.interval, self.peak = pid, interval, 0
+        self.pid, self.interval, self.peak, self.stopped = pid, interval, 0, 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -372,18 +373,24 @@ class _TreeSampler:
             proc = psutil.Process(self.pid)
         except psutil.Error:
             return
+        last = time.perf_counter()
         while not self._stop.is_set():
             try:
                 procs = [proc, *proc.children(recursive=True)]
                 self.peak = max(self.peak, sum(p.memory_info().rss for p in procs))
+                now = time.perf_counter()
+                if proc.status() == psutil.STATUS_STOPPED:
+                    self.stopped += now - last
+                last = now
             except psutil.Error:
                 pass
             self._stop.wait(self.interval)
 
-    def stop(self) -> float:
+    def stop(self) -> tuple[float, float]:
+        """(peak RSS MiB, seconds stopped)."""
         self._stop.set()
         self._thread.join()
-        return self.peak / 2**20
+        return self.peak / 2**20, self.stopped
 
 
 def _steps(args: argparse.Namespace, scale: int) -> int:
@@ -421,7 +428,7 @@ def _spawn(args: argparse.Namespace, scale: int, stage: str, epochs_1x: int | No
             )
             sampler = _TreeSampler(proc.pid)
             stdout, _ = proc.communicate()
-            tree_peak = sampler.stop()
+            tree_peak, stopped = sampler.stop()
             wall = time.perf_counter() - started
             load_after = os.getloadavg()
         finally:
@@ -430,6 +437,13 @@ def _spawn(args: argparse.Namespace, scale: int, stage: str, epochs_1x: int | No
     if proc.returncode != 0:
         raise SystemExit(f"{scale}x {stage} failed (exit {proc.returncode}); see {log}")
     result = json.loads(stdout.strip().splitlines()[-1])
+    if stopped > 1.0:  # paused from outside: that time is left out of the measured seconds
+        result |= {
+            "stopped_seconds": stopped,
+            "seconds_including_stopped": result["seconds"],
+            "seconds": result["seconds"] - stopped,
+            "measured_seconds": result["measured_seconds"] - stopped,
+        }
     return result | {
         "process_wall_seconds": wall,
         "sampled_tree_peak_rss_mb": tree_peak,

@@ -85,3 +85,21 @@ def test_fvu_is_one_for_the_heldout_mean_and_dead_fraction_one_without_activity(
     assert metrics["fvu"] == pytest.approx(1.0, rel=1e-6)
     assert metrics["l0"] == 0
     assert metrics["dead_fraction"] == 1.0
+
+
+def load_benchmark():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sae.py"
+    spec = importlib.util.spec_from_file_location("benchmark_sae", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_is_a_short_single_run_written_apart_from_the_results(tmp_path: Path):
+    bench = load_benchmark()
+    full, quick = bench.parse_args([]), bench.parse_args(["--quick"])
+    assert (full.rows, full.repeats, full.out) == (500_000, 3, bench.RESULTS)
+    assert (quick.rows, quick.repeats) == (bench.QUICK_ROWS, 1)
+    assert quick.out.parent != bench.RESULTS.parent
+    chosen = bench.parse_args(["--quick", "--rows", "8192", "--out", str(tmp_path / "q.json")])
+    assert (chosen.rows, chosen.out) == (8192, tmp_path / "q.json")

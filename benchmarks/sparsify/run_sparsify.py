@@ -118,7 +118,7 @@ def train_sparsify(args: argparse.Namespace) -> dict:
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # fvu, auxk
     curve: list[dict[str, float]] = []
     steps = rows = epochs = since_point = 0
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for epoch, x in itertools.chain([first], batches):
         x = x.to(device)
         if steps == 0:
@@ -142,7 +142,7 @@ def train_sparsify(args: argparse.Namespace) -> dict:
             curve.append({"rows_seen": rows, "fvu": fvu, "auxk_loss": auxk, "dead_fraction": dead})
             sums.zero_()
             since_point = 0
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     if not math.isfinite(curve[-1]["fvu"]):
         raise FloatingPointError(f"sparsify's training fvu={curve[-1]['fvu']}; lower --lr ({lr:g})")
 
@@ -177,6 +177,7 @@ def train_sparsify(args: argparse.Namespace) -> dict:
         "epochs": epochs,
         "seconds": seconds,
         "rows_per_second": rows / seconds,
+        "cpu_seconds": cpu_seconds,
         "curve": curve,
         "heldout": heldout,
     }

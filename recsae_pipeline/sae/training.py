@@ -8,8 +8,11 @@ Under torchrun (DDP) every rank reads the same batches and trains on its shard o
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,7 +24,7 @@ from torch import Tensor
 
 from recsae_pipeline.activations.shards import iter_activation_batches
 from recsae_pipeline.distributed import ddp
-from recsae_pipeline.sae.model import SaeConfig, TopKSae
+from recsae_pipeline.sae.model import SaeConfig, TopKSae, intra_op_threads
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,9 @@ class SaeTrainResult(NamedTuple):
     """Wall time of the training loop (reading included, held-out evaluation excluded)."""
     rows_per_second: float
     """Training throughput: rows_seen / seconds."""
+    cpu_seconds: float = 0.0
+    """CPU time of this process (every thread) over the training loop: on a shared machine,
+    how much work the rows took, apart from waiting for a core."""
 
 
 def default_lr(n_latents: int) -> float:
@@ -128,6 +134,49 @@ def _training_batches(
             )
 
 
+def prefetched(items: Iterator, depth: int = 2) -> Iterator:
+    """`items` in order, produced up to `depth` ahead by a background thread (on one torch
+    thread), so reading overlaps training; the producer's exception is raised here, and
+    closing this generator stops the producer."""
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def offer(entry: tuple) -> bool:
+        """Queue `entry` unless the consumer has stopped; whether it went in."""
+        while not stop.is_set():
+            try:
+                ready.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        torch.set_num_threads(1)
+        try:
+            for item in items:
+                if not offer((item, None)):
+                    return
+            offer((done, None))
+        except BaseException as err:  # raised in the consumer
+            offer((done, err))
+
+    producer = threading.Thread(target=produce, name="recsae-sae-reader", daemon=True)
+    producer.start()
+    try:
+        while True:
+            item, err = ready.get()
+            if item is done:
+                if err is not None:
+                    raise err
+                return
+            yield item
+    finally:
+        stop.set()
+        producer.join()
+
+
 def train_sae(
     partition_dir: Path,
     config: SaeTrainConfig,
@@ -154,6 +203,13 @@ def train_sae(
             f"sae_config.d_in={sae_config.d_in}; set d_in to the partition's width"
         )
     sae = TopKSae(sae_config, device, sample=first[1], seed=config.seed).train()
+    # CPU: the loop's many small steps (the sparse passes, the loss, Adam) on one thread, the
+    # encoder product and the top-k split between all of them (`TopKSae.dense_threads`), the
+    # reading on a thread of its own (`prefetched`). On a shared machine every parallel region
+    # waits for its slowest thread: ~100 regions a step cost far more than they gain.
+    threads = torch.get_num_threads()
+    loop_threads = 1 if device.type == "cpu" else None
+    sae.dense_threads = threads if loop_threads is not None else None
     model = ddp.wrap(sae, device)
     lr = config.lr if config.lr is not None else default_lr(sae_config.n_latents)
     optimizer = torch.optim.Adam(sae.parameters(), lr=lr)
@@ -162,37 +218,39 @@ def train_sae(
     curve: list[CurvePoint] = []
     steps = rows = epochs = 0
     since_point = 0
-    started = time.perf_counter()
-    for epoch, x in itertools.chain([first], batches):
-        x = x.to(device)
-        dead_mask = rows_since_fired >= sae_config.dead_after_rows
-        out = model(ddp.shard(x), dead_mask)
-        out.loss.backward()
-        sae.remove_parallel_grads()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        sae.normalize_decoder()
-        with torch.no_grad():
-            rows_since_fired += len(x)
-            rows_since_fired[out.latent_indices[out.latent_values > 0]] = 0
-            ddp.all_reduce_min(rows_since_fired)  # fired on any rank = alive
-            sums += torch.stack([out.fvu, out.auxk_loss, out.l0, out.l1_loss]).double()
-        steps, rows, epochs, since_point = steps + 1, rows + len(x), epoch + 1, since_point + 1
-        if steps % config.log_every == 0 or rows == config.rows_seen:
-            fvu, auxk, l0, l1 = (ddp.all_reduce_mean(sums) / since_point).tolist()
-            if not math.isfinite(fvu + auxk + l1):
-                raise FloatingPointError(
-                    f"training fvu={fvu}, auxk_loss={auxk}, l1_loss={l1} at rows_seen={rows}; "
-                    f"lower lr (now {lr:g}) or check {partition_dir} for non-finite activations"
-                )
-            dead = float((rows_since_fired >= sae_config.dead_after_rows).float().mean())
-            point = CurvePoint(rows, fvu, auxk, l0, dead, l1)
-            curve.append(point)
-            sums.zero_()
-            since_point = 0
-            if on_progress is not None:
-                on_progress(rows, config.rows_seen, point._asdict())
-    seconds = time.perf_counter() - started
+    started, cpu_started = time.perf_counter(), time.process_time()
+    reader = prefetched(itertools.chain([first], batches))
+    with contextlib.closing(reader), intra_op_threads(loop_threads):
+        for epoch, x in reader:
+            x = x.to(device)
+            dead_mask = rows_since_fired >= sae_config.dead_after_rows
+            out = model(ddp.shard(x), dead_mask)
+            out.loss.backward()
+            sae.remove_parallel_grads()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            sae.normalize_decoder()
+            with torch.no_grad():
+                rows_since_fired += len(x)
+                rows_since_fired[out.latent_indices[out.latent_values > 0]] = 0
+                ddp.all_reduce_min(rows_since_fired)  # fired on any rank = alive
+                sums += torch.stack([out.fvu, out.auxk_loss, out.l0, out.l1_loss]).double()
+            steps, rows, epochs, since_point = steps + 1, rows + len(x), epoch + 1, since_point + 1
+            if steps % config.log_every == 0 or rows == config.rows_seen:
+                fvu, auxk, l0, l1 = (ddp.all_reduce_mean(sums) / since_point).tolist()
+                if not math.isfinite(fvu + auxk + l1):
+                    raise FloatingPointError(
+                        f"training fvu={fvu}, auxk_loss={auxk}, l1_loss={l1} at rows_seen={rows}; "
+                        f"lower lr (now {lr:g}) or check {partition_dir} for non-finite activations"
+                    )
+                dead = float((rows_since_fired >= sae_config.dead_after_rows).float().mean())
+                point = CurvePoint(rows, fvu, auxk, l0, dead, l1)
+                curve.append(point)
+                sums.zero_()
+                since_point = 0
+                if on_progress is not None:
+                    on_progress(rows, config.rows_seen, point._asdict())
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     sae.eval()
     heldout = ddp.broadcast_object(
         evaluate_sae(sae, partition_dir, device, heldout_users_modulo, config.batch_size)
@@ -209,6 +267,7 @@ def train_sae(
         lr=lr,
         seconds=seconds,
         rows_per_second=rows / seconds,
+        cpu_seconds=cpu_seconds,
     )
 
 
