@@ -29,6 +29,11 @@ SWEEP_FILE = "sae_sweep.json"
 SWEEP_PLOT = "sae_sweep.png"
 SCALE_FILE = "scale.json"
 SCALE_PLOT = "scale.png"
+TIMING_FILE = "default_run_timing.json"
+SAE_BENCH_FILE = "sae.json"
+ACTIVATIONS_FILE = "activations.json"
+RECBOLE_FILE = "recbole.json"
+RECBOLE_PLOT = "recbole_curves.png"
 PREVIOUS_DEFAULT = "topk k=32 x32 whitening=0.1"
 """The SAE default before the sweep chose one (RecSAE's k and expansion, partial whitening)."""
 SECTION_TITLES = {
@@ -609,6 +614,131 @@ def render_scale(bench: dict[str, Any], plot: str | None) -> list[str]:
     return out
 
 
+def render_default_timing(run: dict[str, Any]) -> list[str]:
+    """`benchmarks/default_run.py`: the default `recsae materialize`, timed, against the
+    baseline run it was compared with (each model's test NDCG@10, paired over users)."""
+    base = run.get("baseline", {})
+    out = [
+        "### Speed: the default `recsae materialize`",
+        "",
+        f"`{run['benchmark']}` (commit {run['commit']}, {run['cpus']} cores): "
+        f"**{run['wall_seconds']:.1f} s** wall, peak RSS {run['peak_rss_mb']:,.0f} MB"
+        + (
+            f"; the baseline run (commit {base['commit']}): {base['wall_seconds']:.1f} s"
+            if base
+            else ""
+        )
+        + f". Flame graph: `{run['flame_graph']}`. "
+        + (
+            "Within the five-minute goal."
+            if run["wall_seconds"] <= 300
+            else f"The five-minute goal is missed by {run['wall_seconds'] - 300:.0f} s."
+        ),
+    ]
+    rows = run.get("vs_baseline", [])
+    if rows:
+        out += [
+            "",
+            "| model | test NDCG@10, this run | baseline run | difference (95% CI) | verdict |",
+            "|---|---|---|---|---|",
+        ]
+        for r in rows:
+            lo, hi = r["ci95"]
+            out.append(
+                f"| {r['model']} | {r['a']['value']:.4f} | {r['b']['value']:.4f} "
+                f"| {r['difference']:+.4f} [{lo:+.4f}, {hi:+.4f}] | {r['verdict']} |"
+            )
+    return out
+
+
+def render_sae_bench(bench: dict[str, Any]) -> list[str]:
+    """`benchmarks/sae.py`: our SAE training against sparsify's, one paired run per entry."""
+    out = ["### Speed: SAE training against sparsify", ""]
+    for _key, e in sorted(bench.items()):
+        ours, theirs, ratios = e["ours"], e["sparsify"], e["ratios"]
+        out += [
+            f"`{e['command']}` (commit {e['commit']}; {e['model']} layer {e['layer']}, "
+            f"{ours['rows_seen']:,} rows, batch {e['config']['batch_size']}, k {e['config']['k']}, "
+            f"{e['config']['n_latents']:,} latents, {e['threads']} threads on "
+            f"{e['device']}; runs alternate, best of {len(ours['rows_per_second_runs'])}):",
+            "",
+            "| implementation | rows/s (best) | rows/s (every run) | held-out FVU | L0 | dead |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, r in (("ours", ours), (theirs["implementation"], theirs)):
+            every = ", ".join(f"{v:,.0f}" for v in r["rows_per_second_runs"])
+            h = r["heldout"]
+            out.append(
+                f"| {name} | {r['rows_per_second']:,.0f} | {every} | {h['fvu']:.4f} "
+                f"| {h['l0']:.1f} | {h['dead_fraction']:.3f} |"
+            )
+        out += [
+            "",
+            f"Ours / sparsify: {ratios['rows_per_second']:.2f}x rows/s "
+            f"({ratios['rows_per_cpu_second']:.2f}x rows per CPU second), held-out FVU "
+            f"{ratios['fvu']:.2f}x (below 1: ours reconstructs better). Both get the same "
+            f"data, k, width, batch, lr and optimiser; sparsify runs its `{theirs['decoder']}` "
+            "path (its Triton kernels need a GPU). Speed is one number per run, so no CI: the "
+            "spread is the every-run column.",
+            "",
+        ]
+    return out[:-1]
+
+
+def render_activations_bench(bench: dict[str, Any]) -> list[str]:
+    """`benchmarks/activations.py`: extraction time over the bare forward pass, per scale."""
+    out = [
+        "### Speed: activation extraction",
+        "",
+        f"`{bench['command']}` (commit {bench['commit']}): extraction (forward, gathering, "
+        "statistics and Parquet on the writer thread) over the bare forward pass on the same "
+        "users.",
+        "",
+        "| scale | rows | extraction / forward | every run | peak RSS MB | 1-min load |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s in bench["scales"]:
+        runs = ", ".join(f"{r:.2f}" for r in s["run_ratios"])
+        loads = [load[0] for load in s["load_average_1_5_15"]]
+        out.append(
+            f"| {s['scale']}x | {s['rows']:,} | {s['extraction_over_forward']:.2f}x | {runs} "
+            f"| {s['peak_rss_mb']:,.0f} | {min(loads):.1f}-{max(loads):.1f} |"
+        )
+    return out
+
+
+def render_recbole(bench: dict[str, Any], plot: str | None) -> list[str]:
+    """`benchmarks/recommenders.py --head-to-head-only`: our SASRec against RecBole's on the
+    same sequences, both scored RecBole's way, paired over test users."""
+    out = ["### SASRec against RecBole 1.2.1 (the same split and protocol)", ""]
+    for dataset, e in bench.get("datasets", {}).items():
+        c, ours, rb = e["comparison"], e["ours"], e["recbole"]
+        lo, hi = c["ci95"]
+        ci = e["test_ndcg_at_10_ci95"]
+        out += [
+            f"`{bench['command']}` (commit {bench['commit']}), {dataset}: {e['n_users']:,} "
+            f"test users, {e['n_items']:,} items, {c['notes'].get('protocol', c['method'])}.",
+            "",
+            "| | test NDCG@10 (95% CI) | best epoch | seconds to best epoch | CPU seconds "
+            "to best epoch |",
+            "|---|---|---|---|---|",
+            f"| ours | {c['a']['value']:.4f} [{ci['ours'][0]:.4f}, {ci['ours'][1]:.4f}] "
+            f"| {ours['best_epoch']} | {ours['seconds_to_best_epoch']:,.0f} "
+            f"| {ours['cpu_seconds_to_best_epoch']:,.0f} |",
+            f"| RecBole | {c['b']['value']:.4f} [{ci['recbole'][0]:.4f}, {ci['recbole'][1]:.4f}] "
+            f"| {rb['best_epoch'] + 1} | {rb['seconds_to_best_epoch']:,.0f} "
+            f"| {rb['cpu_seconds_to_best_epoch']:,.0f} |",
+            "",
+            f"Ours − RecBole: {c['difference']:+.4f} [{lo:+.4f}, {hi:+.4f}] ({c['verdict']}); "
+            f"time to the best epoch {e['seconds_to_best_epoch_ratio']:.3f}x RecBole's "
+            f"(CPU time {e['cpu_seconds_to_best_epoch_ratio']:.3f}x). RecBole stopped by "
+            f"{rb['stop_reason'].replace('_', ' ')}.",
+        ]
+    if plot:
+        out += ["", f"![validation NDCG@10 of both against time and epochs]({plot})"]
+    return out
+
+
 def render(results_dir: Path) -> str:
     """The whole generated section (markers included) from the files in `results_dir`."""
     out = [BEGIN, ""]
@@ -640,6 +770,20 @@ def render(results_dir: Path) -> str:
     if scale:
         plot = f"benchmarks/results/{SCALE_PLOT}" if (results_dir / SCALE_PLOT).is_file() else None
         out += render_scale(scale, plot) + [""]
+    timing = _load(results_dir / TIMING_FILE)
+    if timing:
+        out += render_default_timing(timing) + [""]
+    sae_bench = _load(results_dir / SAE_BENCH_FILE)
+    if sae_bench:
+        out += render_sae_bench(sae_bench) + [""]
+    activations = _load(results_dir / ACTIVATIONS_FILE)
+    if activations:
+        out += render_activations_bench(activations) + [""]
+    recbole = _load(results_dir / RECBOLE_FILE)
+    if recbole:
+        has_plot = (results_dir / RECBOLE_PLOT).is_file()
+        plot = f"benchmarks/results/{RECBOLE_PLOT}" if has_plot else None
+        out += render_recbole(recbole, plot) + [""]
     if len(out) == 2:
         out += ["No result files committed yet under `benchmarks/results/`.", ""]
     out.append(END)
