@@ -78,6 +78,7 @@ def test_sparse_auc_matches_brute_force_with_the_zero_tie_group() -> None:
             want = reference_auc(dense[:, f].numpy(), labels[:, c].numpy())
             assert auc[f, c].item() == pytest.approx(want, abs=1e-5)
     assert auc[5, 3] > 0.9
+    assert torch.equal(sparse_auc(values, indices, labels, n_latents), auc)
 
 
 def test_dense_auc_matches_brute_force() -> None:
@@ -91,6 +92,7 @@ def test_dense_auc_matches_brute_force() -> None:
             want = reference_auc(x[:, d].numpy(), labels[:, c].numpy())
             assert auc[d, c].item() == pytest.approx(want, abs=1e-5)
     assert auc[2, 0] > 0.9
+    assert torch.equal(dense_auc(x, labels, chunk=1), auc)  # chunking changes no bit
 
 
 def _attrs(con: duckdb.DuckDBPyConnection) -> None:
