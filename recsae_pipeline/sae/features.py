@@ -462,8 +462,14 @@ def compute_feature_stats(
     partition = paths.partition(model, layer)
     partition_dir, feature_path = partition.activations, partition.feature_activations
     catalog = Catalog.load(paths)
+    scratch = scratch_dir(paths.root)
     con = duckdb.connect()
     try:
+        # The top-items window groups every (feature, item) of the sparse table: capped and
+        # spilled like every DuckDB build over a whole table (10 GB at 100x the default data
+        # under DuckDB's default cap of 80% of RAM)
+        con.execute(f"SET temp_directory = {sql_literal(scratch.name)}")
+        con.execute(f"SET memory_limit = '{DUCKDB_MEMORY_LIMIT}'")
         item_attributes(con, catalog)
         con.execute(
             f"CREATE TEMP TABLE base_items AS SELECT item_idx, count(*) AS rows "
@@ -549,6 +555,7 @@ def compute_feature_stats(
         )
     finally:
         con.close()
+        scratch.cleanup()
 
 
 def _with_purity_chance(mono: pa.Table, chance: dict[int, tuple[float, float]]) -> pa.Table:
