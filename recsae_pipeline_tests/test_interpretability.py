@@ -10,6 +10,7 @@ import torch
 
 from recsae_pipeline.data.catalog import Catalog, Item
 from recsae_pipeline.models.metrics import pairwise_auc
+from recsae_pipeline.sae import interpretability
 from recsae_pipeline.sae.interpretability import (
     DenseUnits,
     MeasureConfig,
@@ -51,6 +52,8 @@ def test_sparse_and_dense_units_agree_on_the_same_code() -> None:
     )
     cols = torch.tensor([5, 0, 11])
     torch.testing.assert_close(sparse.columns(rows, cols), dense[rows][:, cols])
+    again = torch.tensor([7, 3, 7, 0])  # a row asked for twice, out of order
+    torch.testing.assert_close(sparse.columns(again, cols), dense[again][:, cols])
     # mean difference by hand for one column and label
     pos = labels[rows, 1]
     by_hand = dense[rows][pos, 4].mean() - dense[rows][~pos, 4].mean()
@@ -105,7 +108,7 @@ def test_probe_split_holds_out_whole_users() -> None:
     assert held.any() and not held.all()
 
 
-def test_history_targets_use_the_window_within_each_user() -> None:
+def test_history_targets_use_the_window_within_each_user(monkeypatch: pytest.MonkeyPatch) -> None:
     items = {
         0: Item(0, "x0", "A0", 2000, ("Drama",), "head", 1),
         1: Item(1, "x1", "A1", 2000, ("Comedy",), "head", 2),
@@ -125,6 +128,10 @@ def test_history_targets_use_the_window_within_each_user() -> None:
     # window of 2, all drama: user 1 at position 0 (one item) and 1; never user 2
     drama_history = targets.labels[:, column["history", "genre:Drama"]].tolist()
     assert drama_history == [False, True, True, False, False]
+    # the running counts go a chunk of attributes at a time: one at a time, the same labels
+    monkeypatch.setattr(interpretability, "HISTORY_CHUNK", 1)
+    chunked = attribute_targets(item_idx, user_idx, position, catalog, config)
+    assert torch.equal(chunked.labels, targets.labels) and chunked.names == targets.names
 
 
 def test_purity_chance_level() -> None:

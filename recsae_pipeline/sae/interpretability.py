@@ -132,6 +132,10 @@ def _enough(labels: Tensor, min_positives: int) -> Tensor:
     return (positives >= min_positives) & (len(labels) - positives >= min_positives)
 
 
+HISTORY_CHUNK = 64
+"""Attributes per step of `attribute_targets`' running history counts."""
+
+
 def attribute_targets(
     item_idx: Tensor,
     user_idx: Tensor,
@@ -151,8 +155,6 @@ def attribute_targets(
     at_position = matrix[items]  # [R, A]
     # history share: the window ends at each row, within the row's user, in position order
     order = torch.from_numpy(np.lexsort((position.numpy(), user_idx.numpy())))
-    counts = torch.cumsum(at_position[order].to(torch.int32), 0)
-    counts = torch.cat([torch.zeros(1, counts.shape[1], dtype=torch.int32), counts])
     users = user_idx[order]
     first = torch.ones(len(users), dtype=torch.bool)
     first[1:] = users[1:] != users[:-1]
@@ -160,8 +162,16 @@ def attribute_targets(
     ends = torch.arange(1, len(users) + 1)
     starts = torch.maximum(group_start, ends - config.history_window)
     window = (ends - starts).unsqueeze(1)
-    share = (counts[ends] - counts[starts]).float() / window
-    history_sorted = share >= config.history_share
+    in_order = at_position[order]
+    history_sorted = torch.empty_like(in_order)
+    # A chunk of attributes at a time: the running counts are 4 bytes per row and attribute
+    # in several copies (10 GB at once for 500k rows x 600 attributes)
+    for start in range(0, in_order.shape[1], HISTORY_CHUNK):
+        cols = slice(start, start + HISTORY_CHUNK)
+        counts = torch.cumsum(in_order[:, cols].to(torch.int32), 0)
+        counts = torch.cat([torch.zeros(1, counts.shape[1], dtype=torch.int32), counts])
+        share = (counts[ends] - counts[starts]).float() / window
+        history_sorted[:, cols] = share >= config.history_share
     history = torch.empty_like(history_sorted)
     history[order] = history_sorted
     parts = []
@@ -292,11 +302,20 @@ class SparseUnits(Units):
         return (pos_sum / pos - (total - pos_sum) / neg).float()
 
     def columns(self, rows: Tensor, cols: Tensor) -> Tensor:
-        dense = torch.zeros(self.n_rows, len(cols))
+        # Only `rows` are densified (all rows x every picked feature was 4 GB at 500k x 2048)
+        where = torch.full((self.n_rows,), -1, dtype=torch.long)
+        where[rows] = torch.arange(len(rows))
+        if int((where >= 0).sum()) != len(rows):  # a row asked for twice
+            return self.columns(torch.unique(rows), cols)[
+                torch.unique(rows, return_inverse=True)[1]
+            ]
+        dense = torch.zeros(len(rows), len(cols))
         for j, f in enumerate(cols.tolist()):
             start, count = int(self._starts[f]), int(self._counts[f])
-            dense[self._rows[start : start + count], j] = self._values[start : start + count]
-        return dense[rows]
+            at = where[self._rows[start : start + count]]
+            keep = at >= 0
+            dense[at[keep], j] = self._values[start : start + count][keep]
+        return dense
 
     def active(self) -> Tensor:
         return self._counts > 0
