@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from recsae_pipeline.data.catalog import Catalog
-from recsae_pipeline.models.metrics import dense_auc, sparse_auc
+from recsae_pipeline.models.metrics import column_sums, dense_auc, sparse_auc
 from recsae_pipeline.sae.model import TopKSae
 from recsae_pipeline.storage.registry import ArtifactPaths
 
@@ -128,7 +128,7 @@ def item_attribute_matrix(catalog: Catalog) -> tuple[list[str], Tensor]:
 
 
 def _enough(labels: Tensor, min_positives: int) -> Tensor:
-    positives = labels.sum(0)
+    positives = column_sums(labels)
     return (positives >= min_positives) & (len(labels) - positives >= min_positives)
 
 
@@ -153,6 +153,12 @@ def attribute_targets(
             f"{len(matrix) - 1}; rebuild the activations from the current sequences"
         )
     at_position = matrix[items]  # [R, A]
+    # An attribute seen at fewer than min_positives / history_window sampled rows cannot make
+    # min_positives positives in either family (each row is in at most history_window
+    # windows): drop it before the history copies (creators alone are thousands at 100x)
+    useful = column_sums(at_position) * config.history_window >= config.min_positives
+    names = [n for n, u in zip(names, useful.tolist(), strict=True) if u]
+    at_position = at_position[:, useful]
     # history share: the window ends at each row, within the row's user, in position order
     order = torch.from_numpy(np.lexsort((position.numpy(), user_idx.numpy())))
     users = user_idx[order]
@@ -404,7 +410,8 @@ def sparse_probe_aucs(
     step = max(1, math.ceil(len(train) / config.max_probe_train_rows))
     train = train[::step]
     y_train, y_test = targets.labels[train], targets.labels[test]  # [N, T]
-    counts = torch.stack([y_train.sum(0), (~y_train).sum(0), y_test.sum(0), (~y_test).sum(0)])
+    train_pos, test_pos = column_sums(y_train), column_sums(y_test)
+    counts = torch.stack([train_pos, len(y_train) - train_pos, test_pos, len(y_test) - test_pos])
     fit = counts.min(0).values >= 5
     out = torch.full((len(config.probe_ks), len(targets.names)), math.nan)
     picked = torch.full((len(targets.names), 0), -1, dtype=torch.long)
@@ -545,7 +552,7 @@ class Measures:
         for k in self.config.probe_ks:
             rows[f"probe_auc_k{k}"] = []
         rows["probe_units"] = []
-        positives = self.targets.labels.sum(0).tolist()
+        positives = column_sums(self.targets.labels).tolist()
         for kind, m in self.kinds.items():
             units = self.units_of[kind]
             best = m.aucs.max(0)
