@@ -745,10 +745,12 @@ def render_recbole(bench: dict[str, Any], plot: str | None) -> list[str]:
             f"Ours − RecBole: {c['difference']:+.4f} [{lo:+.4f}, {hi:+.4f}] ({c['verdict']}); "
             f"time to the best epoch {e['seconds_to_best_epoch_ratio']:.3f}x RecBole's "
             f"(CPU time {e['cpu_seconds_to_best_epoch_ratio']:.3f}x). RecBole stopped by "
-            f"{rb['stop_reason'].replace('_', ' ')}.",
+            f"{rb['stop_reason'].replace('_', ' ')}; best epochs 1-based. 1-min load average "
+            f"at the start and end of the run: {e['load_average']['start'][0]:.1f}, "
+            f"{e['load_average']['end'][0]:.1f} on {bench['machine']}.",
         ]
     if plot:
-        out += ["", f"![validation NDCG@10 of both against time and epochs]({plot})"]
+        out += ["", f"![validation NDCG@10 of both against wall and CPU seconds]({plot})"]
     return out
 
 
