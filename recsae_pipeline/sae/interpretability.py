@@ -312,9 +312,8 @@ class SparseUnits(Units):
         where = torch.full((self.n_rows,), -1, dtype=torch.long)
         where[rows] = torch.arange(len(rows))
         if int((where >= 0).sum()) != len(rows):  # a row asked for twice
-            return self.columns(torch.unique(rows), cols)[
-                torch.unique(rows, return_inverse=True)[1]
-            ]
+            distinct, inverse = torch.unique(rows, return_inverse=True)
+            return self.columns(distinct, cols)[inverse]
         dense = torch.zeros(len(rows), len(cols))
         for j, f in enumerate(cols.tolist()):
             start, count = int(self._starts[f]), int(self._counts[f])
