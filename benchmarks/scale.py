@@ -205,8 +205,8 @@ def _sasrec_steps(root: Path, options: dict, steps: int, epochs_1x: int | None, 
     from recsae_pipeline.models.artifacts import save_recommender
     from recsae_pipeline.models.recommender import Recommender, RecommenderConfig
     from recsae_pipeline.models.training import (
+        SASREC_TRAINING,
         NextItemLoss,
-        TrainConfig,
         _optimizer,
         evaluate,
         train_examples,
@@ -218,7 +218,7 @@ def _sasrec_steps(root: Path, options: dict, steps: int, epochs_1x: int | None, 
         raise SystemExit("the 1x sasrec stage must run first: its epoch count is extrapolated to")
     paths = ArtifactPaths(root)
     device = torch.device("cpu")
-    train = TrainConfig()
+    train = SASREC_TRAINING
     t0 = time.perf_counter()
     sequences, num_items = read_sequences(paths.sequences)
     sizes = {

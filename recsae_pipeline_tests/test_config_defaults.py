@@ -16,7 +16,7 @@ from recsae_pipeline.data.sources import MovieLensSource, RecBoleSource, Tabular
 from recsae_pipeline.data.synthetic import SyntheticConfig
 from recsae_pipeline.data.validation import QualityBounds
 from recsae_pipeline.defs import resources
-from recsae_pipeline.defs.assets.models import TeacherConfig, TrainingOptions
+from recsae_pipeline.defs.assets.models import SasrecConfig, TeacherConfig, TrainingOptions
 from recsae_pipeline.defs.assets.sae import SaeAssetConfig
 from recsae_pipeline.defs.config import domain_default, knob
 from recsae_pipeline.defs.definitions import ASSET_MODULES
@@ -31,7 +31,7 @@ from recsae_pipeline.models.recommender import (
     RecommenderConfig,
     student_from_teacher,
 )
-from recsae_pipeline.models.training import LLAMA_TRAINING, TrainConfig
+from recsae_pipeline.models.training import LLAMA_TRAINING, SASREC_TRAINING, TrainConfig
 from recsae_pipeline.report.feature_browser import write_browser
 from recsae_pipeline.report.results import build_results
 from recsae_pipeline.sae.evaluation import SaeBounds
@@ -76,7 +76,7 @@ DOMAIN: dict[str, tuple[list[Any], dict[str, str], set[str]]] = {
     "SequencesConfig": ([SequenceConfig], {}, set()),
     "TrainingOptions": ([TrainConfig], {}, set()),
     "LlamaTrainingOptions": ([LLAMA_TRAINING], {}, set()),
-    "SasrecConfig": ([TrainConfig, RecommenderConfig], {}, LAUNCHER),
+    "SasrecConfig": ([SASREC_TRAINING, TrainConfig, RecommenderConfig], {}, LAUNCHER),
     # lora_targets: a list in the config, the domain's tuple (checked apart below).
     "LoraOptions": ([RecommenderConfig], {}, {"lora_targets"}),
     "BaseLlmConfig": ([], {}, {"source", "allow_network"}),
@@ -164,6 +164,7 @@ def test_the_pipeline_and_the_python_api_build_the_same_objects():
     run with by default."""
     assert TrainingOptions().train_config() == TrainConfig()
     assert TeacherConfig().train_config() == LLAMA_TRAINING
+    assert SasrecConfig().train_config() == SASREC_TRAINING
     teacher = RecommenderConfig.teacher(100, d_item=64)
     assert {k: getattr(teacher, k) for k in TEACHER_DEFAULTS} == {
         k: getattr(TeacherConfig(), k, TEACHER_DEFAULTS[k]) for k in TEACHER_DEFAULTS

@@ -22,6 +22,7 @@ from recsae_pipeline.sae.interpretability import (
     purity_chance,
     random_rotation,
     tied_auc,
+    tied_aucs,
 )
 
 
@@ -37,6 +38,18 @@ def test_tied_auc_matches_pairwise_counting() -> None:
     expected = pairwise_auc(scores[labels].tolist(), scores[~labels].tolist())
     assert tied_auc(scores, labels) == pytest.approx(expected, abs=1e-12)
     assert math.isnan(tied_auc(scores, torch.zeros(300, dtype=torch.bool)))
+
+
+def test_batched_tied_aucs_equal_the_one_row_version() -> None:
+    generator = torch.Generator().manual_seed(2)
+    scores = torch.randint(0, 6, (70, 250), generator=generator).float()  # ties in every row
+    scores[::3] = torch.randn(24, 250, generator=generator)  # and rows without any
+    labels = torch.rand(70, 250, generator=generator) < 0.2
+    labels[5] = False  # one class only: NaN
+    batched = tied_aucs(scores, labels)
+    for row in range(70):
+        one = tied_auc(scores[row], labels[row])
+        assert (math.isnan(one) and math.isnan(batched[row])) or batched[row].item() == one
 
 
 def test_sparse_and_dense_units_agree_on_the_same_code() -> None:

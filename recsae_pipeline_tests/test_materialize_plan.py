@@ -97,3 +97,26 @@ def test_a_failed_step_stops_the_plan(tiny_env: Path, monkeypatch: pytest.Monkey
     assert "main (" in outcomes[0].label and outcomes[0].run_id
     assert (tiny_env / "data" / "sequences").exists()
     assert not (tiny_env / "data" / "models").exists()
+
+
+def test_steps_with_the_longest_queue_behind_them_start_first() -> None:
+    """The ranking `run_parallel` starts ready steps by (after `first`): a model that a
+    partition's two jobs and the report wait for ranks above a probe only the report waits
+    for, though the probe comes first in the plan."""
+    from recsae_pipeline.defs.plan import PlanStep, waiting_counts
+
+    plan = [
+        PlanStep("main", assets=("probe",)),
+        PlanStep("main", assets=("model",)),
+        PlanStep("activations", "model.layer1", after=("main (model)",)),
+        PlanStep("features", "model.layer1", after=("activations [model.layer1]",)),
+    ]
+    plan.append(PlanStep("report", after=tuple(s.label for s in plan)))
+    counts = waiting_counts(plan)
+    assert counts == {
+        "main (probe)": 1,
+        "main (model)": 3,
+        "activations [model.layer1]": 2,
+        "features [model.layer1]": 1,
+        "report": 0,
+    }

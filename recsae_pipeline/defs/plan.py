@@ -9,8 +9,9 @@ each partition's jobs as soon as that partition's model is trained. While the te
 SASRec's partitions build their SAEs; the two students and the layer probe train side by side.
 
 `run_parallel` runs a plan on `workers` processes (spawned once, so each pays its imports
-once), each step as one Dagster run in its worker (`execute_in_process`), in plan order as
-far as dependencies allow. Every step gets a fixed number of torch threads, decided by the
+once), each step as one Dagster run in its worker (`execute_in_process`) once the steps it
+waits for have succeeded; among steps ready at once, the plan's `first` ones start first,
+then those with the most steps waiting behind them, then plan order. Every step gets a fixed number of torch threads, decided by the
 plan and not by timing (cores // workers; all cores for a step nothing can overlap), so the
 same command writes the same bytes run after run. The first failed step stops the plan:
 running steps finish, nothing new starts.
@@ -227,6 +228,27 @@ def _init_worker(threads: int) -> None:
     os.environ["MKL_NUM_THREADS"] = str(threads)
 
 
+def waiting_counts(plan: list[PlanStep]) -> dict[str, int]:
+    """label -> how many steps wait for it, directly or through others: among steps ready
+    at once the one with the longest queue behind it starts first (a partition's activations
+    before the layer probe, say), so the plan's tail is not one long chain on one worker."""
+    after = {step.label: step.after for step in plan}
+    waits_for: dict[str, set[str]] = {}
+
+    def ancestors(label: str) -> set[str]:
+        if label not in waits_for:
+            waits_for[label] = set(after[label]).union(*map(ancestors, after[label]))
+        return waits_for[label]
+
+    for label in after:
+        ancestors(label)
+    counts = dict.fromkeys(after, 0)
+    for ancestors in waits_for.values():
+        for label in ancestors:
+            counts[label] += 1
+    return counts
+
+
 def run_parallel(
     plan: list[PlanStep],
     configs: dict[str, dict[str, Any]],
@@ -248,6 +270,7 @@ def run_parallel(
     unknown = {a for s in plan for a in s.after} - set(labels)
     if unknown:
         raise ValueError(f"plan steps wait for steps it does not have: {sorted(unknown)}")
+    waiting = waiting_counts(plan)
     pending, done = list(plan), set()
     running: dict[Future, PlanStep] = {}
     context = get_context("spawn")  # fork would copy a process that may hold threads
@@ -262,7 +285,7 @@ def run_parallel(
             while not failed and len(running) < workers:
                 ready = min(
                     (s for s in pending if set(s.after) <= done),
-                    key=lambda s: not s.first,  # min keeps plan order among equals
+                    key=lambda s: (not s.first, -waiting[s.label]),  # then plan order
                     default=None,
                 )
                 if ready is None or (running and ready.alone):

@@ -62,8 +62,17 @@ class TrainConfig:
             )
 
 
-LLAMA_TRAINING = TrainConfig(lr=2e-3, max_epochs=12, patience=3)
-"""The Llama-backbone models' schedule (teacher and students): fewer epochs at a higher lr."""
+SASREC_TRAINING = TrainConfig(batch_size=64, patience=6)
+"""SASRec's schedule, chosen by `benchmarks/train_schedule.py` on the default data (result
+benchmarks/results/train_schedule_sasrec.json): batch 64 leaves the popularity plateau of the
+first epochs sooner and peaks at about epoch 18 (batch 128: about 30; a higher lr was
+slower), and patience 6 outlasts that plateau (4-5 epochs) while stopping 6 epochs after the
+peak instead of 10."""
+
+LLAMA_TRAINING = TrainConfig(lr=2e-3, max_epochs=12, patience=2)
+"""The Llama-backbone models' schedule (teacher and students): fewer epochs at a higher lr.
+Patience 2: on the default data's validation curves the teacher and both students keep the
+same best epoch as with patience 3 (so the same weights), one epoch sooner each."""
 
 
 class EpochReport(NamedTuple):

@@ -356,6 +356,26 @@ def tied_auc(scores: Tensor, labels: Tensor) -> float:
     return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
+def tied_aucs(scores: Tensor, labels: Tensor) -> Tensor:
+    """`tied_auc` of each row: scores [T, N] at detecting bool labels [T, N], float64 [T]
+    (NaN for a row without both classes). Per row one sort and a binary search of the
+    positives only: a value's average rank is the mean of its first and last 1-based
+    positions in the sorted row (numpy; the same sums as `tied_auc`, about 3x faster)."""
+    values, positive = scores.double().numpy(), labels.numpy()
+    out = np.full(len(values), math.nan)
+    for row, (v, y) in enumerate(zip(values, positive, strict=True)):
+        n_pos = int(y.sum())
+        n_neg = len(y) - n_pos
+        if n_pos == 0 or n_neg == 0:
+            continue
+        ordered, hits = np.sort(v), v[y]
+        first = np.searchsorted(ordered, hits, side="left")
+        last = np.searchsorted(ordered, hits, side="right")
+        rank_sum = float(((first + last + 1) / 2).sum())
+        out[row] = (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    return torch.from_numpy(out)
+
+
 def fit_probes(
     x: Tensor, y: Tensor, l2: float = 1e-3, iterations: int = 50
 ) -> tuple[Tensor, Tensor]:
@@ -433,8 +453,7 @@ def sparse_probe_aucs(
         else:
             w, b = fit_probes(x_train[:, cols].permute(1, 0, 2), y_train[:, rows].T)
             scores = torch.einsum("ntk,tk->tn", x_test[:, cols], w) + b.unsqueeze(1)
-        for j, t in enumerate(rows.tolist()):
-            out[i, t] = tied_auc(scores[j], y_test[:, t])
+        out[i, rows] = tied_aucs(scores, y_test[:, rows].T).float()
     picked = torch.full((len(targets.names), k_max), -1, dtype=torch.long)
     picked[fit] = chosen[fit]
     return out, picked

@@ -208,6 +208,15 @@ def _last_position_attention(q: Tensor, k: Tensor, v: Tensor, last: Tensor, scal
     return F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None, :], scale=scale)
 
 
+def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """`transformers`' `apply_rotary_pos_emb` for one tensor [B, heads, T, d]: that function
+    rotates a query and a key per call, so rotating only the keys (every position: the
+    steering sweep's largest cost) through it paid for them twice. The same operations."""
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    return (x * cos.unsqueeze(1)) + (rotate_half(x) * sin.unsqueeze(1))
+
+
 def last_block_at_last_position(model: Recommender, hidden: Tensor, lengths: Tensor) -> Tensor:
     """The last block's output at each row's last real position [B, hidden], from the states
     entering it [B, T, hidden]: keys and values at every position, but the query, attention
@@ -225,8 +234,6 @@ def last_block_at_last_position(model: Recommender, hidden: Tensor, lengths: Ten
         out = _last_position_attention(q, k, v, last, attn.scaling)
         x = hidden[rows, last] + attn.c_proj(out.reshape(len(rows), -1))
         return x + block.mlp(block.ln_2(x))
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
     attn = block.self_attn
     rotary = next(m.rotary_emb for m in model.backbone.modules() if hasattr(m, "rotary_emb"))
     positions = torch.arange(hidden.shape[1], device=hidden.device)[None]
@@ -236,8 +243,8 @@ def last_block_at_last_position(model: Recommender, hidden: Tensor, lengths: Ten
     q = attn.q_proj(h[rows, last]).view(len(rows), 1, -1, d).transpose(1, 2)
     k = attn.k_proj(h).view(*h.shape[:2], -1, d).transpose(1, 2)
     v = attn.v_proj(h).view(*h.shape[:2], -1, d).transpose(1, 2)
-    q, _ = apply_rotary_pos_emb(q, q, cos[0, last][:, None], sin[0, last][:, None])
-    k, _ = apply_rotary_pos_emb(k, k, cos, sin)
+    q = _rope(q, cos[0, last][:, None], sin[0, last][:, None])
+    k = _rope(k, cos, sin)
     out = _last_position_attention(q, k, v, last, attn.scaling)
     x = hidden[rows, last] + attn.o_proj(out.transpose(1, 2).reshape(len(rows), -1))
     return x + block.mlp(block.post_attention_layernorm(x))

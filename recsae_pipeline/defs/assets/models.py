@@ -49,6 +49,7 @@ from recsae_pipeline.models.recommender import (
 )
 from recsae_pipeline.models.training import (
     LLAMA_TRAINING,
+    SASREC_TRAINING,
     EpochReport,
     NextItemScorer,
     TrainConfig,
@@ -97,7 +98,13 @@ class TrainingOptions(dg.Config):
 
 
 class SasrecConfig(TrainingOptions):
-    """SASRec+ (hidden 64, 2 blocks): item table learned end to end."""
+    """SASRec+ (hidden 64, 2 blocks): item table learned end to end; `SASREC_TRAINING`'s
+    batch size and patience."""
+
+    batch_size: int = knob(SASREC_TRAINING, "batch_size")
+    patience: int = knob(
+        SASREC_TRAINING, "patience", "Epochs without a better validation NDCG@10 before stopping."
+    )
 
     hidden_size: int = knob(RecommenderConfig, "hidden_size")
     num_layers: int = knob(RecommenderConfig, "num_layers")
