@@ -21,6 +21,9 @@ AdamW, `NextItemLoss`, clipping), one validation pass, the asset's test pass and
 popularity check, then extrapolated to the 1x run's epoch count:
     seconds = setup + epochs_1x x (steps_per_epoch x s_per_step + valid_pass) + test + check
 (flagged `extrapolated`); the partly trained model is saved so the later stages run on it.
+`sasrec_sampled` (not a default stage, `--stages sasrec_sampled`) times the same training
+with the sampled softmax (`--negatives`, default 256): at 1x to its own early stop (its test
+NDCG@10 beside the full softmax's), above 1x by the same steps-and-extrapolate method.
 
     .venv/bin/python benchmarks/scale.py                     # 1x, 10x, 100x, every stage
     .venv/bin/python benchmarks/scale.py --scales 1 10 --stages raw_interactions sequences
@@ -64,6 +67,10 @@ STAGES = (
 )
 CALIBRATION = "sasrec_steps"
 """Not a pipeline stage: the steps-and-extrapolate method at a scale where the asset ran."""
+SAMPLED = "sasrec_sampled"
+"""Not the default pipeline: SASRec with the sampled softmax (`negatives`, `--negatives`):
+at 1x trained to its own early stop (nothing saved), above 1x steps extrapolated to that
+epoch count, as `sasrec`."""
 EVAL_USERS = 30_000
 BASE = {"n_users": 3000, "n_items": 1500, "n_franchises": 60}
 MEMORY_TARGET_GIB = 8.0
@@ -139,7 +146,9 @@ def _check_seconds(result: Any) -> float:
     return total
 
 
-def run_stage(scale: int, stage: str, root: Path, steps: int, epochs_1x: int | None) -> dict:
+def run_stage(
+    scale: int, stage: str, root: Path, steps: int, epochs_1x: int | None, negatives: int = 0
+) -> dict:
     """One stage at one scale, in this process; returns its figures."""
     import torch
 
@@ -174,6 +183,12 @@ def run_stage(scale: int, stage: str, root: Path, steps: int, epochs_1x: int | N
         out |= _sasrec_steps(root, ops["sasrec"]["config"], steps, epochs_1x, save=True)
     elif stage == CALIBRATION:
         out |= _sasrec_steps(root, ops["sasrec"]["config"], steps, epochs_1x, save=False)
+    elif stage == SAMPLED and steps == 0:
+        out |= _sasrec_sampled_asset(root, ops["sasrec"]["config"], negatives)
+    elif stage == SAMPLED:
+        options = ops["sasrec"]["config"]
+        out |= _sasrec_steps(root, options, steps, epochs_1x, save=False, negatives=negatives)
+        out["negatives"] = negatives
     elif stage == "sasrec_activations":
         _materialize(root, sasrec_activations, None, PARTITION)
     elif stage == "sae" and users_per_pass(root) == 1:
@@ -193,7 +208,45 @@ def run_stage(scale: int, stage: str, root: Path, steps: int, epochs_1x: int | N
     return out | {"rss_at_start_mb": rss_start, "peak_rss_mb": _peak_rss_mb()}
 
 
-def _sasrec_steps(root: Path, options: dict, steps: int, epochs_1x: int | None, save: bool) -> dict:
+def _sasrec_sampled_asset(root: Path, options: dict, negatives: int) -> dict:
+    """What the `sasrec` asset's training does with `negatives` (the same model, data and
+    schedule, early stopping on validation), timed, with its test NDCG@10 beside the saved
+    full-softmax model's; nothing is written."""
+    import torch
+
+    from recsae_pipeline.data.sequences import read_sequences
+    from recsae_pipeline.models.recommender import Recommender, RecommenderConfig
+    from recsae_pipeline.models.training import SASREC_TRAINING, evaluate, train_recommender
+    from recsae_pipeline.storage.registry import ArtifactPaths
+
+    paths = ArtifactPaths(root)
+    sequences, num_items = read_sequences(paths.sequences)
+    sizes = {
+        k: options[k] for k in ("hidden_size", "num_layers", "num_heads", "dropout", "max_len")
+    }
+    train = SASREC_TRAINING.__class__(
+        **{**SASREC_TRAINING.__dict__, "negatives": negatives, "progress_bar": False}
+    )
+    torch.manual_seed(train.seed)
+    model = Recommender(RecommenderConfig.sasrec(num_items, **sizes))
+    result = train_recommender(model, sequences, num_items, train, torch.device("cpu"))
+    test = evaluate(model, sequences, num_items, "test", torch.device("cpu"), sampled=False)
+    full = paths.model_dir("sasrec") / "metrics.json"
+    full_test = json.loads(full.read_text())["test"]["ndcg@10"] if full.exists() else None
+    return {
+        "mode": "training loop (nothing saved)",
+        "negatives": negatives,
+        "epochs_run": result.epochs_run,
+        "best_epoch": result.best_epoch,
+        "train_seconds": result.train_seconds,
+        "test_ndcg@10": test["ndcg@10"],
+        "full_softmax_test_ndcg@10": full_test,
+    }
+
+
+def _sasrec_steps(
+    root: Path, options: dict, steps: int, epochs_1x: int | None, save: bool, negatives: int = 0
+) -> dict:
     """`steps` optimiser steps of `train_recommender`'s loop, one validation pass, the
     asset's test pass and popularity check; the asset's time extrapolated from them. Above
     `EVAL_USERS` users the three passes run on every n-th user and their time is scaled by
@@ -228,7 +281,7 @@ def _sasrec_steps(root: Path, options: dict, steps: int, epochs_1x: int | None, 
     model = Recommender(RecommenderConfig.sasrec(num_items, **sizes)).to(device)
     inputs, targets = train_examples(sequences, model.config.max_len)
     lengths = (inputs > 0).sum(1)
-    loss_fn = NextItemLoss()
+    loss_fn = NextItemLoss(negatives, train.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer(params, train)
     shuffle = torch.Generator().manual_seed(train.seed)
@@ -409,12 +462,16 @@ def _spawn(args: argparse.Namespace, scale: int, stage: str, epochs_1x: int | No
         "DAGSTER_HOME": str(args.work_dir / "dagster_home"),
     }
     (args.work_dir / "dagster_home").mkdir(parents=True, exist_ok=True)
-    steps = {"sasrec": 0 if scale == 1 else _steps(args, scale), CALIBRATION: _steps(args, scale)}
+    steps = {
+        "sasrec": 0 if scale == 1 else _steps(args, scale),
+        SAMPLED: 0 if scale == 1 else _steps(args, scale),
+        CALIBRATION: _steps(args, scale),
+    }
     steps = steps.get(stage, 0)
     cmd = [
         sys.executable, __file__, "--worker", "--scale", str(scale), "--stage", stage,
         "--work-dir", str(args.work_dir), "--steps", str(steps),
-        "--epochs-1x", str(epochs_1x or 0),
+        "--epochs-1x", str(epochs_1x or 0), "--negatives", str(args.negatives),
     ]  # fmt: skip
     log = args.work_dir / f"{scale}x-{stage}.log"
     with open(LOCK, "a") as lock, open(log, "w") as log_file:
@@ -508,7 +565,7 @@ def plot(results: dict, path: Path) -> None:
     scales = sorted(results["scales"].values(), key=lambda s: s["scale"])
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.4))
     colors = plt.get_cmap("tab10")
-    for i, stage in enumerate(STAGES):
+    for i, stage in enumerate((*STAGES, SAMPLED)):
         pts = [
             (s["interactions"], s["stages"][stage]) for s in scales if stage in s.get("stages", {})
         ]
@@ -525,7 +582,8 @@ def plot(results: dict, path: Path) -> None:
     if scales:
         x0 = scales[0]["interactions"]
         xs = [s["interactions"] for s in scales]
-        t0 = sum(s["seconds"] for s in scales[0]["stages"].values()) / len(STAGES)
+        first = scales[0]["stages"]
+        t0 = sum(first[n]["seconds"] for n in STAGES if n in first) / len(STAGES)
         ax_t.plot(xs, [t0 * x / x0 for x in xs], ":", color="grey", label="linear")
     ax_m.axhline(MEMORY_TARGET_GIB * 1024, color="crimson", ls="--", lw=1, label="8 GiB")
     for ax, label in ((ax_t, "wall seconds"), (ax_m, "peak RSS (MiB)")):
@@ -546,7 +604,12 @@ def plot(results: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scales", type=int, nargs="+", default=[1, 10, 100])
-    parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=[*STAGES, CALIBRATION])
+    parser.add_argument(
+        "--stages", nargs="+", default=list(STAGES), choices=[*STAGES, CALIBRATION, SAMPLED]
+    )
+    parser.add_argument(
+        "--negatives", type=int, default=256, help=f"the {SAMPLED} stage's sampled negatives"
+    )
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/recsae-scale"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
@@ -571,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         root = args.work_dir / f"{args.scale}x"
         root.mkdir(parents=True, exist_ok=True)
-        result = run_stage(args.scale, args.stage, root, args.steps, args.epochs_1x)
+        result = run_stage(args.scale, args.stage, root, args.steps, args.epochs_1x, args.negatives)
         print(json.dumps(result))
         return 0
 
@@ -597,8 +660,9 @@ def main(argv: list[str] | None = None) -> int:
         entry = results["scales"].setdefault(str(scale), {"scale": scale, "stages": {}})
         entry["synthetic"] = synthetic_options(scale)
         for stage in args.stages:
+            trained = SAMPLED if stage == SAMPLED else "sasrec"
             epochs_1x = (
-                results["scales"].get("1", {}).get("stages", {}).get("sasrec", {}).get("epochs_run")
+                results["scales"].get("1", {}).get("stages", {}).get(trained, {}).get("epochs_run")
             )
             print(f"== {scale}x {stage} ...", flush=True)
             figures = _spawn(args, scale, stage, epochs_1x)

@@ -10,9 +10,15 @@ schedule against the reference (the first lr, the longest patience) paired over 
 users with a bootstrap 95% CI.
 
     .venv/bin/python benchmarks/train_schedule.py --data /tmp/recsae-now2/data --model sasrec \\
-        --lrs 1e-3 2e-3 3e-3 --threads 1
+        --lrs 1e-3 2e-3 --batch-sizes 128 64 --max-epochs 60 --patience 10 --replay 3 5 6 10
+    .venv/bin/python benchmarks/train_schedule.py --data /tmp/recsae-now2/data --model sasrec \\
+        --negatives 0 256 --max-epochs 60 --patience 10 --replay 6 10 \\
+        --out benchmarks/results/train_schedule_sasrec_sampled.json
     .venv/bin/python benchmarks/train_schedule.py --data /tmp/recsae-now2/data --model teacher \\
-        --lrs 2e-3 3e-3 --max-epochs 12 --patience 4 --replay 2 3 4
+        --max-epochs 12 --patience 4 --replay 2 3 4
+
+`--data` is the data/ directory of a store the default run built (the teacher reads its
+SASRec). `--negatives`: the sampled softmax (`NextItemLoss`) against the full one.
 
 Result: benchmarks/results/train_schedule_<model>.json and a printed table.
 """
@@ -64,7 +70,12 @@ def build(model: str, data: Path, num_items: int) -> Recommender:
 
 
 def curve(
-    model: str, data: Path, lr: float, batch_size: int | None, args: argparse.Namespace
+    model: str,
+    data: Path,
+    lr: float,
+    batch_size: int | None,
+    negatives: int,
+    args: argparse.Namespace,
 ) -> dict[str, Any]:
     """One training run: per epoch, seconds, valid NDCG@10 and each test user's NDCG@10."""
     sequences, num_items = read_sequences(data / "sequences" / "sequences.parquet")
@@ -75,6 +86,7 @@ def curve(
             **base.__dict__,
             "lr": lr,
             "batch_size": batch_size or base.batch_size,
+            "negatives": negatives,
             "max_epochs": args.max_epochs or base.max_epochs,
             "patience": args.patience or base.patience,
             "progress_bar": False,
@@ -94,12 +106,18 @@ def curve(
                 "test_seconds": time.perf_counter() - start,
             }
         )
-        print(f"{model} lr={lr:g} batch={config.batch_size} epoch {report.epoch}: valid {report.valid['ndcg@10']:.4f} "
+        print(f"{model} lr={lr:g} batch={config.batch_size} negatives={negatives} epoch {report.epoch}: valid {report.valid['ndcg@10']:.4f} "
               f"test {np.mean(epochs[-1]['test_ndcg@10_users']):.4f} ({report.seconds:.1f}s)",
               flush=True)  # fmt: skip
 
     train_recommender(net, sequences, num_items, config, torch.device("cpu"), on_epoch=record)
-    return {"lr": lr, "batch_size": config.batch_size, "config": config.__dict__, "epochs": epochs}
+    return {
+        "lr": lr,
+        "batch_size": config.batch_size,
+        "negatives": negatives,
+        "config": config.__dict__,
+        "epochs": epochs,
+    }
 
 
 def replay(epochs: list[dict[str, Any]], patience: int) -> tuple[int, int]:
@@ -124,6 +142,7 @@ def summarise(runs: list[dict[str, Any]], patiences: list[int]) -> list[dict[str
                 {
                     "lr": run["lr"],
                     "batch_size": run["batch_size"],
+                    "negatives": run["negatives"],
                     "patience": patience,
                     "epochs_run": run_epochs,
                     "best_epoch": best,
@@ -136,7 +155,8 @@ def summarise(runs: list[dict[str, Any]], patiences: list[int]) -> list[dict[str
     reference = rows[len(patiences) - 1]  # the first run, longest patience (sorted)
     for row in rows:
         users = row.pop("_users") if row is not reference else reference["_users"]
-        c = compare(f"lr {row['lr']:g}, batch {row['batch_size']}, patience {row['patience']}"
+        c = compare(f"lr {row['lr']:g}, batch {row['batch_size']}, negatives "
+                    f"{row['negatives']}, patience {row['patience']}"
                     " vs the reference",
                     "test NDCG@10", "this schedule", users, "reference", reference["_users"],
                     unit="users")  # fmt: skip
@@ -153,6 +173,8 @@ def main() -> int:
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 2e-3])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[None],
                         help="default: the model's own")  # fmt: skip
+    parser.add_argument("--negatives", type=int, nargs="+", default=[0],
+                        help="sampled-softmax negatives (0: full softmax)")  # fmt: skip
     parser.add_argument("--max-epochs", type=int, default=None)
     parser.add_argument("--patience", type=int, default=None, help="the runs' own patience")
     parser.add_argument("--replay", type=int, nargs="+", default=[3, 5, 10])
@@ -161,7 +183,12 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     patiences = sorted(args.replay)
-    runs = [curve(args.model, args.data, lr, b, args) for b in args.batch_sizes for lr in args.lrs]
+    runs = [
+        curve(args.model, args.data, lr, b, n, args)
+        for n in args.negatives
+        for b in args.batch_sizes
+        for lr in args.lrs
+    ]
     rows = summarise(runs, patiences)
     commit = subprocess.run(
         ["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True
@@ -193,7 +220,7 @@ def main() -> int:
     )
     for row in rows:
         d = row["test_diff_vs_reference"]
-        print(f"{row['lr']:7g} {row['batch_size']:5d} {row['patience']:4d} {row['epochs_run']:4d} {row['best_epoch']:4d} "
+        print(f"{row['lr']:7g} {row['batch_size']:5d} {row['negatives']:5d} {row['patience']:4d} {row['epochs_run']:4d} {row['best_epoch']:4d} "
               f"{row['train_seconds']:8.1f} {row['test_ndcg@10']:7.4f}  {d['mean']:+.4f} "
               f"[{d['low']:+.4f}, {d['high']:+.4f}]")  # fmt: skip
     print(f"wrote {out}")

@@ -10,6 +10,7 @@ import torch
 from recsae_pipeline.models.metrics import PopularityScorer
 from recsae_pipeline.models.recommender import Recommender, RecommenderConfig
 from recsae_pipeline.models.training import (
+    NextItemLoss,
     TrainConfig,
     evaluate,
     length_groups,
@@ -154,6 +155,27 @@ def test_sasrec_and_teacher_learn_a_predictable_sequence():
     train_recommender(teacher, sequences, NUM_ITEMS, config, CPU)
     assert torch.equal(teacher.item_vectors, table)
     assert evaluate(teacher, sequences, NUM_ITEMS, "test", CPU)["mrr@10"] > 0.9
+
+
+def test_sampled_softmax_learns_the_sequence_and_masks_a_drawn_target():
+    """With 8 uniform negatives of 30 items SASRec still learns the cyclic walk; a negative
+    drawn equal to the target does not count against it (one item: every draw is the target,
+    so the loss is 0 exactly); a model with its own loss refuses the knob."""
+    sequences = cyclic_sequences()
+    sasrec = tiny_sasrec()
+    config = TrainConfig(
+        max_epochs=25, batch_size=16, patience=25, lr=1e-2, negatives=8, progress_bar=False
+    )
+    train_recommender(sasrec, sequences, NUM_ITEMS, config, CPU)
+    assert evaluate(sasrec, sequences, NUM_ITEMS, "test", CPU)["mrr@10"] > 0.9
+
+    torch.manual_seed(0)
+    one = Recommender(RecommenderConfig.sasrec(1, hidden_size=8, d_item=8, max_len=4))
+    items = torch.tensor([[1, 1, 1, 0]])
+    loss = NextItemLoss(negatives=5)(one, items, torch.tensor([[1, 1, 1, 0]]))
+    assert loss.total.item() == 0.0
+    with pytest.raises(ValueError, match="negatives=8 samples the default next-item loss"):
+        train_recommender(tiny_sasrec(), sequences, NUM_ITEMS, config, CPU, loss_fn=NextItemLoss())
 
 
 def test_length_groups_split_a_batch_longest_first_without_losing_a_window():

@@ -44,6 +44,9 @@ class TrainConfig:
     warmup_steps: int = 0
     grad_clip: float = 1.0
     patience: int = 10
+    negatives: int = 0
+    """The default loss's sampled softmax: uniform negatives per step (0: full softmax over
+    every item; `NextItemLoss`)."""
     eval_batch_size: int = 512
     seed: int = 0
     progress_bar: bool = True
@@ -110,17 +113,43 @@ class CETerms(NamedTuple):
     total: Tensor
     """What is minimised: here the cross-entropy itself."""
     ce: Tensor
-    """Full-softmax next-item cross-entropy, mean over real positions."""
+    """Next-item cross-entropy (full softmax, or sampled: `NextItemLoss`), mean over real
+    positions."""
 
 
 class NextItemLoss(nn.Module):
-    """SASRec+: full-softmax cross-entropy over all items at every non-padding position."""
+    """SASRec+: full-softmax cross-entropy over all items at every non-padding position, or
+    with `negatives` > 0 a sampled softmax: each position's target against `negatives` items
+    drawn uniformly (with replacement) once per call and shared by the batch's positions, a
+    negative equal to the position's target masked out. Uniform draws need no log-q
+    correction (every item has the same q). Its cost per position is `negatives` scores
+    instead of the catalogue's, for catalogues where the full softmax dominates a step; it
+    is a different estimator, so its quality is measured against the full softmax
+    (`benchmarks/train_schedule.py --negatives`)."""
+
+    def __init__(self, negatives: int = 0, seed: int = 0) -> None:
+        super().__init__()
+        if negatives < 0:
+            raise ValueError(f"negatives={negatives}; 0 (full softmax) or a count of items")
+        self.negatives = negatives
+        self.generator = torch.Generator().manual_seed(seed) if negatives else None
 
     def forward(
         self, model: Recommender, items: Tensor, targets: Tensor, rows: Tensor | None = None
     ) -> CETerms:
         real = targets > 0
-        ce = F.cross_entropy(model.scores(model(items).user[real]), targets[real])
+        user, target = model(items).user[real], targets[real]
+        if not self.negatives:
+            ce = F.cross_entropy(model.scores(user), target)
+            return CETerms(ce, ce)
+        table = model.item_vectors
+        drawn = torch.randint(1, len(table), (self.negatives,), generator=self.generator)
+        drawn = drawn.to(table.device)
+        positive = (user * table[target]).sum(-1, keepdim=True)  # [P, 1]
+        negative = user @ table[drawn].T  # [P, negatives]
+        negative = negative.masked_fill(drawn[None, :] == target[:, None], float("-inf"))
+        logits = torch.cat([positive, negative], dim=1)
+        ce = F.cross_entropy(logits, torch.zeros_like(target))
         return CETerms(ce, ce)
 
 
@@ -261,7 +290,12 @@ def train_recommender(
     `rows` are the batch's indices into `train_examples(sequences, max_len)`.
     Under a process group (torchrun) `batch_size` is the global batch, each rank trains on its
     shard, and rank 0 evaluates and shares the validation metrics."""
-    loss_fn = NextItemLoss() if loss_fn is None else loss_fn
+    if loss_fn is not None and config.negatives:
+        raise ValueError(
+            f"negatives={config.negatives} samples the default next-item loss, but this model "
+            "trains with its own loss; set negatives: 0"
+        )
+    loss_fn = NextItemLoss(config.negatives, config.seed) if loss_fn is None else loss_fn
     model.to(device)
     loss_fn.to(device)
     inputs, targets = train_examples(sequences, model.config.max_len)

@@ -102,6 +102,13 @@ class SasrecConfig(TrainingOptions):
     batch size and patience."""
 
     batch_size: int = knob(SASREC_TRAINING, "batch_size")
+    negatives: int = knob(
+        SASREC_TRAINING,
+        "negatives",
+        "Sampled softmax: uniform negative items per step instead of every item (0: full "
+        "softmax). For catalogues where the full softmax dominates training; measure its "
+        "quality against 0 (benchmarks/train_schedule.py --negatives).",
+    )
     patience: int = knob(
         SASREC_TRAINING, "patience", "Epochs without a better validation NDCG@10 before stopping."
     )
