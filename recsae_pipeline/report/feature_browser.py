@@ -180,34 +180,50 @@ class _FeatureReads(NamedTuple):
     """(user_idx, position) -> activation within WINDOW_RADIUS of a peak."""
 
 
+READ_GROUP = 32
+"""Features per filtered read of the sparse activation table (`_read_activations`)."""
+
+
 def _read_activations(
     table: Path, features: list[int], top_windows: int
 ) -> dict[int, _FeatureReads]:
-    """Per feature, one filtered read of the sparse table: histogram, peaks, window values."""
+    """Per feature its histogram, peaks and window values, from one filtered read of the
+    sparse table per `READ_GROUP` features (memory: that group's rows, not the table's)."""
     out = {}
     con = duckdb.connect()
     try:
-        for feature in features:
+        for start in range(0, len(features), READ_GROUP):
+            group = ", ".join(str(int(f)) for f in features[start : start + READ_GROUP])
             con.execute(
-                f"CREATE OR REPLACE TEMP TABLE acts AS SELECT user_idx, position, value "
-                f"FROM {read_parquet(table)} WHERE feature = {int(feature)}"
+                f"CREATE OR REPLACE TEMP TABLE group_acts AS SELECT feature, user_idx, position, "
+                f"value FROM {read_parquet(table)} WHERE feature IN ({group})"
             )
-            histogram = _histogram(con)
-            con.execute(
-                f"""CREATE OR REPLACE TEMP TABLE peaks AS
-                    SELECT user_idx, position, value FROM acts
-                    QUALIFY row_number() OVER (PARTITION BY user_idx ORDER BY value DESC, position) = 1
-                    ORDER BY value DESC, user_idx LIMIT {int(top_windows)}"""
-            )
-            peaks = con.execute("SELECT * FROM peaks ORDER BY value DESC, user_idx").fetchall()
-            nearby = con.execute(
-                f"""SELECT a.user_idx, a.position, a.value FROM acts a JOIN peaks p USING (user_idx)
-                    WHERE abs(a.position - p.position) <= {WINDOW_RADIUS}"""
-            ).fetchall()
-            out[feature] = _FeatureReads(histogram, peaks, {(u, p): v for u, p, v in nearby})
+            for feature in features[start : start + READ_GROUP]:
+                out[feature] = _feature_reads(con, feature, top_windows)
     finally:
         con.close()
     return out
+
+
+def _feature_reads(con: duckdb.DuckDBPyConnection, feature: int, top_windows: int) -> _FeatureReads:
+    """One feature's histogram, peaks and window values, from table `group_acts`."""
+    con.execute(
+        f"CREATE OR REPLACE TEMP TABLE acts AS SELECT user_idx, position, value "
+        f"FROM group_acts WHERE feature = {int(feature)}"
+    )
+    histogram = _histogram(con)
+    con.execute(
+        f"""CREATE OR REPLACE TEMP TABLE peaks AS
+            SELECT user_idx, position, value FROM acts
+            QUALIFY row_number() OVER (PARTITION BY user_idx ORDER BY value DESC, position) = 1
+            ORDER BY value DESC, user_idx LIMIT {int(top_windows)}"""
+    )
+    peaks = con.execute("SELECT * FROM peaks ORDER BY value DESC, user_idx").fetchall()
+    nearby = con.execute(
+        f"""SELECT a.user_idx, a.position, a.value FROM acts a JOIN peaks p USING (user_idx)
+            WHERE abs(a.position - p.position) <= {WINDOW_RADIUS}"""
+    ).fetchall()
+    return _FeatureReads(histogram, peaks, {(u, p): v for u, p, v in nearby})
 
 
 def _histogram(con: duckdb.DuckDBPyConnection) -> list[tuple[float, float, int]]:
