@@ -55,3 +55,17 @@ def test_sae_defaults_are_the_sweeps_pick() -> None:
         pick["k"], pick["expansion"], pick["whitening_shrinkage"],
     )  # fmt: skip
     assert not default.batch_topk and default.l1_coefficient is None
+
+
+def test_a_training_schedule_row_shows_its_epochs_and_its_paired_difference() -> None:
+    from recsae_pipeline.report.readme import render_train_schedule
+
+    row = {"lr": 1e-3, "batch_size": 64, "negatives": 0, "patience": 6, "epochs_run": 24,
+           "best_epoch": 18, "test_ndcg@10": 0.1049,
+           "test_diff_vs_reference": {"mean": 0.0075, "low": -0.001, "high": 0.016,
+                                      "verdict": "no measurable difference"}}  # fmt: skip
+    bench = {"command": "benchmarks/train_schedule.py --x", "commit": "abc", "model": "sasrec",
+             "threads": 1, "schedules": [row]}  # fmt: skip
+    lines = render_train_schedule(bench)
+    assert "| 0.001 | 64 | 0 | 6 | 24 | 18 | 0.1049 | +0.0075 [-0.0010, +0.0160] |" in lines[-1]
+    assert lines[-1].endswith("no measurable difference |")

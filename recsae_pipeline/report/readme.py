@@ -30,6 +30,7 @@ SWEEP_PLOT = "sae_sweep.png"
 SCALE_FILE = "scale.json"
 SCALE_PLOT = "scale.png"
 TIMING_FILE = "default_run_timing.json"
+SCHEDULE_FILES = ("train_schedule_sasrec.json", "train_schedule_sasrec_sampled.json")
 SAE_BENCH_FILE = "sae.json"
 ACTIVATIONS_FILE = "activations.json"
 RECBOLE_FILE = "recbole.json"
@@ -664,6 +665,27 @@ def render_default_timing(run: dict[str, Any]) -> list[str]:
     return out
 
 
+def render_train_schedule(bench: dict[str, Any]) -> list[str]:
+    """`benchmarks/train_schedule.py`: each training run's early stopping replayed at several
+    patiences, the kept epoch's test NDCG@10 against the reference schedule's (paired)."""
+    out = [
+        f"`{bench['command']}` (commit {bench['commit']}, {bench['model']}, "
+        f"{bench['threads']} thread; epochs, not seconds, compare: the runs shared the machine):",
+        "",
+        "| lr | batch | negatives | patience | epochs run | best epoch | test NDCG@10 "
+        "| vs the reference (95% CI) | verdict |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in bench["schedules"]:
+        d = r["test_diff_vs_reference"]
+        out.append(
+            f"| {r['lr']:g} | {r['batch_size']} | {r.get('negatives', 0)} | {r['patience']} "
+            f"| {r['epochs_run']} | {r['best_epoch']} | {r['test_ndcg@10']:.4f} "
+            f"| {d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] | {d['verdict']} |"
+        )
+    return out
+
+
 def render_sae_bench(bench: dict[str, Any]) -> list[str]:
     """`benchmarks/sae.py`: our SAE training against sparsify's, one paired run per entry."""
     out = ["### Speed: SAE training against sparsify", ""]
@@ -788,6 +810,17 @@ def render(results_dir: Path) -> str:
     timing = _load(results_dir / TIMING_FILE)
     if timing:
         out += render_default_timing(timing) + [""]
+    schedules = [b for b in (_load(results_dir / f) for f in SCHEDULE_FILES) if b]
+    if schedules:
+        out += [
+            "### Training schedules (SASRec's batch size, patience and loss)",
+            "",
+            "The reference is each table's first row group's longest patience; a replayed "
+            "patience is the epoch the loop would have stopped at on the same validation curve.",
+        ]
+        for bench in schedules:
+            out += [""] + render_train_schedule(bench)
+        out.append("")
     sae_bench = _load(results_dir / SAE_BENCH_FILE)
     if sae_bench:
         out += render_sae_bench(sae_bench) + [""]
