@@ -170,7 +170,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="a default store's data/")
     parser.add_argument("--model", choices=("sasrec", "teacher"), default="sasrec")
-    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 2e-3])
+    parser.add_argument(
+        "--lrs", type=float, nargs="+", default=None, help="default: the model's own"
+    )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[None],
                         help="default: the model's own")  # fmt: skip
     parser.add_argument("--negatives", type=int, nargs="+", default=[0],
@@ -187,7 +189,7 @@ def main() -> int:
         curve(args.model, args.data, lr, b, n, args)
         for n in args.negatives
         for b in args.batch_sizes
-        for lr in args.lrs
+        for lr in args.lrs or [(SASREC_TRAINING if args.model == "sasrec" else LLAMA_TRAINING).lr]
     ]
     rows = summarise(runs, patiences)
     commit = subprocess.run(
