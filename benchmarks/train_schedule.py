@@ -208,6 +208,7 @@ def main() -> int:
             {
                 "lr": r["lr"],
                 "batch_size": r["batch_size"],
+                "negatives": r["negatives"],
                 "valid_ndcg@10": [e["valid_ndcg@10"] for e in r["epochs"]],
                 "test_ndcg@10": [float(np.mean(e["test_ndcg@10_users"])) for e in r["epochs"]],
                 "seconds": [e["seconds"] for e in r["epochs"]],

@@ -12,6 +12,7 @@ from recsae_pipeline.models.recommender import Recommender, RecommenderConfig
 from recsae_pipeline.models.training import (
     NextItemLoss,
     TrainConfig,
+    item_frequencies,
     evaluate,
     length_groups,
     split_examples,
@@ -158,7 +159,7 @@ def test_sasrec_and_teacher_learn_a_predictable_sequence():
 
 
 def test_sampled_softmax_learns_the_sequence_and_masks_a_drawn_target():
-    """With 8 uniform negatives of 30 items SASRec still learns the cyclic walk; a negative
+    """With 8 sampled negatives of 30 items SASRec still learns the cyclic walk; a negative
     drawn equal to the target does not count against it (one item: every draw is the target,
     so the loss is 0 exactly); a model with its own loss refuses the knob."""
     sequences = cyclic_sequences()
@@ -176,6 +177,17 @@ def test_sampled_softmax_learns_the_sequence_and_masks_a_drawn_target():
     assert loss.total.item() == 0.0
     with pytest.raises(ValueError, match="negatives=8 samples the default next-item loss"):
         train_recommender(tiny_sasrec(), sequences, NUM_ITEMS, config, CPU, loss_fn=NextItemLoss())
+
+
+def test_negatives_are_drawn_by_training_frequency_never_padding():
+    sequences = [np.array([1, 1, 1, 2, 3, 4]), np.array([1, 2, 5, 6])]  # training: 1,1,1,2 | 1,2
+    counts = item_frequencies(sequences, num_items=6)
+    assert counts.tolist() == [0, 4, 2, 0, 0, 0, 0]
+    loss = NextItemLoss(negatives=4000, item_counts=counts)
+    drawn = torch.multinomial(loss.proposal, 4000, replacement=True, generator=loss.generator)
+    share = torch.bincount(drawn, minlength=7).double() / 4000
+    assert share[0] == 0  # padding is never a negative
+    assert abs(share[1] - 5 / 12) < 0.03 and abs(share[6] - 1 / 12) < 0.02  # (count + 1) / 12
 
 
 def test_length_groups_split_a_batch_longest_first_without_losing_a_window():

@@ -45,8 +45,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     patience: int = 10
     negatives: int = 0
-    """The default loss's sampled softmax: uniform negatives per step (0: full softmax over
-    every item; `NextItemLoss`)."""
+    """The default loss's sampled softmax: negatives per step, drawn by training frequency
+    with the logQ correction (0: full softmax over every item; `NextItemLoss`)."""
     eval_batch_size: int = 512
     seed: int = 0
     progress_bar: bool = True
@@ -119,20 +119,30 @@ class CETerms(NamedTuple):
 
 class NextItemLoss(nn.Module):
     """SASRec+: full-softmax cross-entropy over all items at every non-padding position, or
-    with `negatives` > 0 a sampled softmax: each position's target against `negatives` items
-    drawn uniformly (with replacement) once per call and shared by the batch's positions, a
-    negative equal to the position's target masked out. Uniform draws need no log-q
-    correction (every item has the same q). Its cost per position is `negatives` scores
-    instead of the catalogue's, for catalogues where the full softmax dominates a step; it
-    is a different estimator, so its quality is measured against the full softmax
-    (`benchmarks/train_schedule.py --negatives`)."""
+    with `negatives` > 0 a sampled softmax (Jean et al. 2015): each position's target against
+    `negatives` items drawn once per call and shared by the batch's positions, every score
+    corrected by -log Q(item) (Q = negatives x the item's draw probability, the "logQ"
+    correction that keeps the estimate consistent), a drawn negative equal to the position's
+    target masked out. Items are drawn by `item_counts` (training frequency + 1: the popular
+    items a full ranking must get right are the ones drawn), uniformly without them; on the
+    default data uniform draws left SASRec on the popularity plateau for 15+ epochs
+    (benchmarks/train_schedule.py --negatives). A step then costs `negatives` scores per
+    position instead of the catalogue's: for catalogues where the full softmax dominates.
+    It is a different estimator; its quality is measured against the full softmax."""
 
-    def __init__(self, negatives: int = 0, seed: int = 0) -> None:
+    def __init__(
+        self, negatives: int = 0, seed: int = 0, item_counts: Tensor | None = None
+    ) -> None:
         super().__init__()
         if negatives < 0:
             raise ValueError(f"negatives={negatives}; 0 (full softmax) or a count of items")
         self.negatives = negatives
         self.generator = torch.Generator().manual_seed(seed) if negatives else None
+        self.proposal: Tensor | None = None
+        if item_counts is not None:
+            weights = item_counts.double() + 1.0
+            weights[0] = 0.0  # padding is never an item
+            self.proposal = weights / weights.sum()
 
     def forward(
         self, model: Recommender, items: Tensor, targets: Tensor, rows: Tensor | None = None
@@ -143,10 +153,16 @@ class NextItemLoss(nn.Module):
             ce = F.cross_entropy(model.scores(user), target)
             return CETerms(ce, ce)
         table = model.item_vectors
-        drawn = torch.randint(1, len(table), (self.negatives,), generator=self.generator)
+        if self.proposal is None:
+            q = torch.full((len(table),), 1.0 / (len(table) - 1), dtype=torch.float64)
+            q[0] = 0.0
+        else:
+            q = self.proposal
+        drawn = torch.multinomial(q, self.negatives, replacement=True, generator=self.generator)
+        log_q = torch.log(q * self.negatives).float().to(table.device)
         drawn = drawn.to(table.device)
-        positive = (user * table[target]).sum(-1, keepdim=True)  # [P, 1]
-        negative = user @ table[drawn].T  # [P, negatives]
+        positive = (user * table[target]).sum(-1, keepdim=True) - log_q[target, None]  # [P, 1]
+        negative = user @ table[drawn].T - log_q[drawn][None, :]  # [P, negatives]
         negative = negative.masked_fill(drawn[None, :] == target[:, None], float("-inf"))
         logits = torch.cat([positive, negative], dim=1)
         ce = F.cross_entropy(logits, torch.zeros_like(target))
@@ -176,6 +192,16 @@ def training_windows(sequence: np.ndarray, max_len: int) -> list[np.ndarray]:
         windows.append(part[start:end])
         end = start + 1
     return windows
+
+
+def item_frequencies(sequences: list[np.ndarray], num_items: int) -> Tensor:
+    """How often each item (index 0 = padding, 0) occurs in the training parts (items[:-2])."""
+    counts = np.zeros(num_items + 1, dtype=np.int64)
+    for start in range(0, len(sequences), 65_536):  # one bounded concatenation at a time
+        chunk = [s[:-2] for s in sequences[start : start + 65_536]]
+        if chunk:
+            counts += np.bincount(np.concatenate(chunk), minlength=num_items + 1)
+    return torch.from_numpy(counts)
 
 
 def train_examples(sequences: list[np.ndarray], max_len: int) -> tuple[Tensor, Tensor]:
@@ -295,7 +321,9 @@ def train_recommender(
             f"negatives={config.negatives} samples the default next-item loss, but this model "
             "trains with its own loss; set negatives: 0"
         )
-    loss_fn = NextItemLoss(config.negatives, config.seed) if loss_fn is None else loss_fn
+    if loss_fn is None:
+        counts = item_frequencies(sequences, num_items) if config.negatives else None
+        loss_fn = NextItemLoss(config.negatives, config.seed, counts)
     model.to(device)
     loss_fn.to(device)
     inputs, targets = train_examples(sequences, model.config.max_len)

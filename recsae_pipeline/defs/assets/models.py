@@ -105,9 +105,10 @@ class SasrecConfig(TrainingOptions):
     negatives: int = knob(
         SASREC_TRAINING,
         "negatives",
-        "Sampled softmax: uniform negative items per step instead of every item (0: full "
-        "softmax). For catalogues where the full softmax dominates training; measure its "
-        "quality against 0 (benchmarks/train_schedule.py --negatives).",
+        "Sampled softmax: negative items per step, drawn by training frequency with the logQ "
+        "correction, instead of every item (0: full softmax). For catalogues where the full "
+        "softmax dominates training; measure its quality against 0 "
+        "(benchmarks/train_schedule.py --negatives).",
     )
     patience: int = knob(
         SASREC_TRAINING, "patience", "Epochs without a better validation NDCG@10 before stopping."
