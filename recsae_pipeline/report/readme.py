@@ -606,6 +606,19 @@ def render_scale(bench: dict[str, Any], plot: str | None) -> list[str]:
             "costs about positions x items and an epoch grows as users x items (x s^1.5 here, "
             "items growing as sqrt(s)), not linearly in the data.",
         ]
+    sampled = scales[0].get("stages", {}).get("sasrec_sampled")
+    if sampled:
+        full = sampled.get("full_softmax_test_ndcg@10")
+        out += [
+            "",
+            f"sasrec_sampled (not in the totals): the same training with the sampled softmax "
+            f"(`negatives: {sampled['negatives']}`, drawn by training frequency, "
+            "logQ-corrected), so a step costs positions x negatives whatever the catalogue; "
+            f"at 1x it stopped after {sampled['epochs_run']} epochs (best "
+            f"{sampled['best_epoch']}) at test NDCG@10 {sampled['test_ndcg@10']:.4f}"
+            + (f" against the full softmax's {full:.4f}" if full is not None else "")
+            + " (paired over users: the training-schedule table).",
+        ]
     for scale, stage, st in extrapolated:
         out += ["", f"\\* {scale}x {stage}: extrapolated, {st.get('extrapolation', '')}."]
     calibration = [
