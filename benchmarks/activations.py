@@ -1,7 +1,7 @@
 """Activations benchmark: extraction overhead, write and read throughput, memory at 1x and 10x.
 
-For each scale of the synthetic log (1x = the default 3,000 users, 10x = 30,000) a fresh
-process builds the sequences, takes a SASRec (hidden 64, 2 blocks; trained weights do not
+For each scale of the synthetic log (1x = the default 3,000 users, 10x = 30,000) one process
+builds the sequences, then a fresh one (as a pipeline step starts) takes a SASRec (hidden 64, 2 blocks; trained weights do not
 change the cost, so it is freshly initialised) and measures:
 - the bare forward pass over every user (same batches) vs `write_activations` at layer 2, with
   its writer thread (the default) and on the caller's thread (`writer_queue=0`), interleaved
@@ -46,8 +46,10 @@ README_QUERIES = {
 }
 
 
-def measure(scale: int, out: Path, threads: int, repeats: int) -> dict:
-    """Runs in its own process so that its peak RSS belongs to this scale alone."""
+def measure(scale: int, out: Path, threads: int, repeats: int, prepare: bool = False) -> dict:
+    """Runs in its own process so that its peak RSS belongs to this scale alone; with
+    `prepare`, only builds that scale's data (in an earlier process: an in-process build left
+    the bare forward about 1 s slower at 10x, not the extraction, which skewed the ratio)."""
     import duckdb
     import torch
 
@@ -66,9 +68,11 @@ def measure(scale: int, out: Path, threads: int, repeats: int) -> dict:
 
     torch.set_num_threads(threads)
     paths = ArtifactPaths(out / f"scale{scale}")
-    ingest(SyntheticSource(SyntheticConfig(n_users=3000 * scale)), paths)
-    build_catalog(paths)
-    build_sequences(paths, SequenceConfig())
+    if prepare:  # the data in a process of its own: the timed one starts as a pipeline step
+        ingest(SyntheticSource(SyntheticConfig(n_users=3000 * scale)), paths)
+        build_catalog(paths)
+        build_sequences(paths, SequenceConfig())
+        return {}
     sequences, num_items = read_sequences(paths.sequences)
     torch.manual_seed(0)
     model = Recommender(RecommenderConfig.sasrec(num_items)).eval()
@@ -179,18 +183,18 @@ def main() -> None:
     )
     parser.add_argument("--out-dir", type=Path, default=ROOT / "results")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     work = args.out_dir / "activations_data"
     if args.child is not None:
-        print(json.dumps(measure(args.child, work, args.threads, args.repeats)))
+        print(json.dumps(measure(args.child, work, args.threads, args.repeats, args.prepare)))
         return
     results = []
     for scale in args.scales:
         print(f"== scale {scale}x ...", flush=True)
-        child = subprocess.run(
-            [sys.executable, __file__, "--child", str(scale), "--threads", str(args.threads), "--repeats", str(args.repeats), "--out-dir", str(args.out_dir)],
-            check=True, capture_output=True, text=True,
-        )  # fmt: skip
+        command = [sys.executable, __file__, "--child", str(scale), "--threads", str(args.threads), "--repeats", str(args.repeats), "--out-dir", str(args.out_dir)]  # fmt: skip
+        subprocess.run([*command, "--prepare"], check=True, capture_output=True, text=True)
+        child = subprocess.run(command, check=True, capture_output=True, text=True)
         results.append(json.loads(child.stdout.strip().splitlines()[-1]))
     args.out_dir.mkdir(parents=True, exist_ok=True)
     summary = {
