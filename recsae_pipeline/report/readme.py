@@ -828,7 +828,7 @@ def render(results_dir: Path) -> str:
         out += [
             "### Training schedules (SASRec's batch size, patience and loss)",
             "",
-            "The reference is each table's first row group's longest patience; a replayed "
+            "The reference is each table's first run at its longest patience; a replayed "
             "patience is the epoch the loop would have stopped at on the same validation curve.",
         ]
         for bench in schedules:
