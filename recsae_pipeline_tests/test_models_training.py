@@ -12,8 +12,8 @@ from recsae_pipeline.models.recommender import Recommender, RecommenderConfig
 from recsae_pipeline.models.training import (
     NextItemLoss,
     TrainConfig,
-    item_frequencies,
     evaluate,
+    item_frequencies,
     length_groups,
     split_examples,
     train_examples,

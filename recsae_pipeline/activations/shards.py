@@ -27,7 +27,7 @@ from torch import Tensor
 from recsae_pipeline.activations.hooks import layer_block, read_hidden
 from recsae_pipeline.data.batching import pad_right
 from recsae_pipeline.models.recommender import Recommender
-from recsae_pipeline.storage.atomic import PARQUET_COMPRESSION, atomic_path
+from recsae_pipeline.storage.atomic import atomic_path, parquet_writer
 from recsae_pipeline.storage.registry import SHARD_GLOB, shard_name
 
 SPLITS = ("train", "valid", "test", "none")
@@ -35,24 +35,15 @@ SPLITS = ("train", "valid", "test", "none")
 INT_COLUMNS = ("user_idx", "position", "item_idx", "target_idx")
 _ACTIVATION_LEAF = "activation.list.element"
 """The Parquet leaf column of the activation values (pyarrow's compliant list naming)."""
-_LABEL_COLUMNS = [*INT_COLUMNS, "split"]
 
 
 def _shard_writer(path: Path, schema: pa.Schema) -> pq.ParquetWriter:
     """A Parquet writer for one shard. The label columns get the store's codec, dictionaries
     and min/max statistics (small, compress well, DuckDB prunes on them). The activation
-    floats are written PLAIN, uncompressed, without dictionary or statistics: hidden states are
-    near-random bits (zstd saved ~7%), and the codec, the dictionary attempt and the min/max
-    scan were most of the encoding time. Readers need nothing new: each column chunk names its
-    own codec, so shards written with zstd activations read as before."""
-    return pq.ParquetWriter(
-        path,
-        schema,
-        compression={name: PARQUET_COMPRESSION for name in _LABEL_COLUMNS}
-        | {_ACTIVATION_LEAF: "none"},
-        use_dictionary=_LABEL_COLUMNS,
-        write_statistics=_LABEL_COLUMNS,
-    )
+    floats are written plain (`parquet_writer`'s `plain`): hidden states are near-random
+    bits (zstd saved ~7%), and the codec, the dictionary attempt and the min/max scan were
+    most of the encoding time. Shards written with zstd activations read as before."""
+    return parquet_writer(path, schema, plain=[_ACTIVATION_LEAF])
 
 
 class ShardReport(NamedTuple):

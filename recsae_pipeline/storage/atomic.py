@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -118,9 +118,28 @@ def write_parquet(table: pa.Table, path: str | Path, row_group_size: int | None 
     return path
 
 
-def parquet_writer(path: str | Path, schema: pa.Schema) -> pq.ParquetWriter:
-    """A streaming writer (zstd) for a file inside an `atomic_path` or a scratch directory."""
-    return pq.ParquetWriter(path, schema, compression=PARQUET_COMPRESSION)
+def parquet_writer(
+    path: str | Path, schema: pa.Schema, plain: Sequence[str] = ()
+) -> pq.ParquetWriter:
+    """A streaming writer (zstd) for a file inside an `atomic_path` or a scratch directory.
+
+    `plain`: leaf columns (e.g. "activation.list.element") written PLAIN, uncompressed,
+    without dictionary or min/max statistics, for near-random floats where the codec, the
+    dictionary attempt and the statistics scan cost time and save nothing; the other
+    columns keep zstd, dictionaries and statistics. Readers need nothing new: each column
+    chunk names its own codec."""
+    if not plain:
+        return pq.ParquetWriter(path, schema, compression=PARQUET_COMPRESSION)
+    leaves = [schema.field(i).name for i in range(len(schema))]
+    coded = [name for name in leaves if not any(p.split(".")[0] == name for p in plain)]
+    return pq.ParquetWriter(
+        path,
+        schema,
+        compression={name: PARQUET_COMPRESSION for name in coded}
+        | dict.fromkeys(plain, "none"),
+        use_dictionary=coded,
+        write_statistics=coded,
+    )
 
 
 def copy_to_parquet(
