@@ -135,8 +135,7 @@ def parquet_writer(
     return pq.ParquetWriter(
         path,
         schema,
-        compression={name: PARQUET_COMPRESSION for name in coded}
-        | dict.fromkeys(plain, "none"),
+        compression={name: PARQUET_COMPRESSION for name in coded} | dict.fromkeys(plain, "none"),
         use_dictionary=coded,
         write_statistics=coded,
     )
