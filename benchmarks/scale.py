@@ -37,6 +37,7 @@ entries it ran) and benchmarks/results/scale.png; the work roots are under --wor
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fcntl
 import json
 import math
@@ -229,13 +230,8 @@ def _sasrec_sampled_asset(root: Path, options: dict, negatives: int) -> dict:
     sizes = {
         k: options[k] for k in ("hidden_size", "num_layers", "num_heads", "dropout", "max_len")
     }
-    train = SASREC_TRAINING.__class__(
-        **{
-            **SASREC_TRAINING.__dict__,
-            "negatives": negatives,
-            "patience": SAMPLED_PATIENCE,
-            "progress_bar": False,
-        }
+    train = dataclasses.replace(
+        SASREC_TRAINING, negatives=negatives, patience=SAMPLED_PATIENCE, progress_bar=False
     )
     torch.manual_seed(train.seed)
     model = Recommender(RecommenderConfig.sasrec(num_items, **sizes))
@@ -272,6 +268,7 @@ def _sasrec_steps(
         NextItemLoss,
         _optimizer,
         evaluate,
+        item_frequencies,
         train_examples,
     )
     from recsae_pipeline.models.validation import beats_popularity
@@ -291,7 +288,9 @@ def _sasrec_steps(
     model = Recommender(RecommenderConfig.sasrec(num_items, **sizes)).to(device)
     inputs, targets = train_examples(sequences, model.config.max_len)
     lengths = (inputs > 0).sum(1)
-    loss_fn = NextItemLoss(negatives, train.seed)
+    # the loss `train_recommender` builds: negatives drawn by training frequency
+    counts = item_frequencies(sequences, num_items) if negatives else None
+    loss_fn = NextItemLoss(negatives, train.seed, counts)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer(params, train)
     shuffle = torch.Generator().manual_seed(train.seed)

@@ -26,6 +26,7 @@ Result: benchmarks/results/train_schedule_<model>.json and a printed table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import subprocess
@@ -48,7 +49,6 @@ from recsae_pipeline.models.training import (  # noqa: E402
     LLAMA_TRAINING,
     SASREC_TRAINING,
     EpochReport,
-    TrainConfig,
     train_recommender,
     user_ranks,
 )
@@ -81,16 +81,14 @@ def curve(
     sequences, num_items = read_sequences(data / "sequences" / "sequences.parquet")
     net = build(model, data, num_items)
     base = SASREC_TRAINING if model == "sasrec" else LLAMA_TRAINING
-    config = TrainConfig(
-        **{
-            **base.__dict__,
-            "lr": lr,
-            "batch_size": batch_size or base.batch_size,
-            "negatives": negatives,
-            "max_epochs": args.max_epochs or base.max_epochs,
-            "patience": args.patience or base.patience,
-            "progress_bar": False,
-        }
+    config = dataclasses.replace(
+        base,
+        lr=lr,
+        batch_size=batch_size or base.batch_size,
+        negatives=negatives,
+        max_epochs=args.max_epochs or base.max_epochs,
+        patience=args.patience or base.patience,
+        progress_bar=False,
     )
     epochs: list[dict[str, Any]] = []
 

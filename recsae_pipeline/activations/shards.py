@@ -34,16 +34,10 @@ SPLITS = ("train", "valid", "test", "none")
 """Split of a row by its target: leave-one-out of the full sequence; "none" = last item."""
 INT_COLUMNS = ("user_idx", "position", "item_idx", "target_idx")
 _ACTIVATION_LEAF = "activation.list.element"
-"""The Parquet leaf column of the activation values (pyarrow's compliant list naming)."""
-
-
-def _shard_writer(path: Path, schema: pa.Schema) -> pq.ParquetWriter:
-    """A Parquet writer for one shard. The label columns get the store's codec, dictionaries
-    and min/max statistics (small, compress well, DuckDB prunes on them). The activation
-    floats are written plain (`parquet_writer`'s `plain`): hidden states are near-random
-    bits (zstd saved ~7%), and the codec, the dictionary attempt and the min/max scan were
-    most of the encoding time. Shards written with zstd activations read as before."""
-    return parquet_writer(path, schema, plain=[_ACTIVATION_LEAF])
+"""The Parquet leaf column of the activation values (pyarrow's compliant list naming),
+written plain (`parquet_writer`): hidden states are near-random bits (zstd saved ~7%), and
+the codec, the dictionary attempt and the min/max scan were most of the encoding time; the
+label columns keep the codec, dictionaries and statistics (DuckDB prunes on them)."""
 
 
 class ShardReport(NamedTuple):
@@ -117,7 +111,8 @@ class _ShardSink:
         return min(self.row_group_rows, self.rows_per_shard - self.shard_rows)
 
     def _open(self) -> None:
-        self.writer = _shard_writer(self.directory / shard_name(self.shards), self.schema)
+        path = self.directory / shard_name(self.shards)
+        self.writer = parquet_writer(path, self.schema, plain=[_ACTIVATION_LEAF])
 
     def _close(self) -> None:
         if self.writer is not None:

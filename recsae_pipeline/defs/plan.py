@@ -11,10 +11,10 @@ SASRec's partitions build their SAEs; the two students and the layer probe train
 `run_parallel` runs a plan on `workers` processes (spawned once, so each pays its imports
 once), each step as one Dagster run in its worker (`execute_in_process`) once the steps it
 waits for have succeeded; among steps ready at once, the plan's `first` ones start first,
-then those with the most steps waiting behind them, then plan order. Every step gets a fixed number of torch threads, decided by the
-plan and not by timing (cores // workers; all cores for a step nothing can overlap), so the
-same command writes the same bytes run after run. The first failed step stops the plan:
-running steps finish, nothing new starts.
+then those with the most steps waiting behind them, then plan order. Every step gets a
+fixed number of torch threads, decided by the plan and not by timing (cores // workers; all
+cores for a step nothing can overlap), so the same command writes the same bytes run after
+run. The first failed step stops the plan: running steps finish, nothing new starts.
 """
 
 from __future__ import annotations
@@ -243,8 +243,8 @@ def waiting_counts(plan: list[PlanStep]) -> dict[str, int]:
     for label in after:
         ancestors(label)
     counts = dict.fromkeys(after, 0)
-    for ancestors in waits_for.values():
-        for label in ancestors:
+    for waited_for in waits_for.values():
+        for label in waited_for:
             counts[label] += 1
     return counts
 

@@ -167,15 +167,11 @@ def sparse_auc(
     # COO would sort them once more to coalesce. The per-entry work arrays are freed first.
     crow = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
     del feature, value, order, active
-    with warnings.catch_warnings():  # "CSR support is in beta": the products are exact
-        warnings.simplefilter("ignore", UserWarning)
-        ones = torch.sparse_csr_tensor(
-            crow, rows, torch.ones(len(rows), dtype=torch.float64, device=rows.device),
-            (n_latents, n_rows), check_invariants=False,
-        )  # fmt: skip
-        ranks = torch.sparse_csr_tensor(
-            crow, rows, rank, (n_latents, n_rows), check_invariants=False
-        )
+    ones = torch.sparse_csr_tensor(
+        crow, rows, torch.ones(len(rows), dtype=torch.float64, device=rows.device),
+        (n_latents, n_rows), check_invariants=False,
+    )  # fmt: skip
+    ranks = torch.sparse_csr_tensor(crow, rows, rank, (n_latents, n_rows), check_invariants=False)
     del rank
     n_pos = column_sums(labels).double()  # [C]
     out = torch.empty(n_latents, labels.shape[1], dtype=torch.float64)

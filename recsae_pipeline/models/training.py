@@ -143,6 +143,7 @@ class NextItemLoss(nn.Module):
             weights = item_counts.double() + 1.0
             weights[0] = 0.0  # padding is never an item
             self.proposal = weights / weights.sum()
+        self._log_q: Tensor | None = None  # log(negatives x q), once per catalogue
 
     def forward(
         self, model: Recommender, items: Tensor, targets: Tensor, rows: Tensor | None = None
@@ -153,13 +154,13 @@ class NextItemLoss(nn.Module):
             ce = F.cross_entropy(model.scores(user), target)
             return CETerms(ce, ce)
         table = model.item_vectors
-        if self.proposal is None:
-            q = torch.full((len(table),), 1.0 / (len(table) - 1), dtype=torch.float64)
-            q[0] = 0.0
-        else:
-            q = self.proposal
+        if self.proposal is None:  # uniform over the items
+            self.proposal = torch.full((len(table),), 1.0 / (len(table) - 1), dtype=torch.float64)
+            self.proposal[0] = 0.0
+        if self._log_q is None or self._log_q.device != table.device:
+            self._log_q = torch.log(self.proposal * self.negatives).float().to(table.device)
+        q, log_q = self.proposal, self._log_q
         drawn = torch.multinomial(q, self.negatives, replacement=True, generator=self.generator)
-        log_q = torch.log(q * self.negatives).float().to(table.device)
         drawn = drawn.to(table.device)
         positive = (user * table[target]).sum(-1, keepdim=True) - log_q[target, None]  # [P, 1]
         negative = user @ table[drawn].T - log_q[drawn][None, :]  # [P, negatives]
