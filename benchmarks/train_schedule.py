@@ -54,17 +54,19 @@ from recsae_pipeline.models.training import (  # noqa: E402
 )
 from recsae_pipeline.report.stats import compare  # noqa: E402
 from recsae_pipeline.storage.atomic import write_json  # noqa: E402
+from recsae_pipeline.storage.registry import ArtifactPaths  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-SASREC = {"hidden_size": 64, "num_layers": 2, "num_heads": 1, "dropout": 0.2, "max_len": 50}
 
 
-def build(model: str, data: Path, num_items: int) -> Recommender:
-    """A fresh model as the pipeline's default config builds it (seed 0)."""
+def build(model: str, paths: ArtifactPaths, num_items: int) -> Recommender:
+    """A fresh model at the pipeline's default sizes (seed 0); the teacher over the store's
+    SASRec item vectors."""
     torch.manual_seed(0)
     if model == "sasrec":
-        return Recommender(RecommenderConfig.sasrec(num_items, **SASREC))
-    item_table = load_recommender(data / "models" / "sasrec", torch.device("cpu")).item_vectors
+        return Recommender(RecommenderConfig.sasrec(num_items))
+    sasrec = load_recommender(paths.model_dir("sasrec"), torch.device("cpu"))
+    item_table = sasrec.item_vectors
     config = RecommenderConfig.teacher(num_items, d_item=item_table.shape[1])
     return Recommender(config, item_table=item_table.detach())
 
@@ -78,8 +80,9 @@ def curve(
     args: argparse.Namespace,
 ) -> dict[str, Any]:
     """One training run: per epoch, seconds, valid NDCG@10 and each test user's NDCG@10."""
-    sequences, num_items = read_sequences(data / "sequences" / "sequences.parquet")
-    net = build(model, data, num_items)
+    paths = ArtifactPaths(data)
+    sequences, num_items = read_sequences(paths.sequences)
+    net = build(model, paths, num_items)
     base = SASREC_TRAINING if model == "sasrec" else LLAMA_TRAINING
     config = dataclasses.replace(
         base,
@@ -119,7 +122,8 @@ def curve(
 
 
 def replay(epochs: list[dict[str, Any]], patience: int) -> tuple[int, int]:
-    """(epochs run, best epoch) of early stopping at `patience` on this validation curve."""
+    """(epochs run, best epoch) of early stopping at `patience` on this validation curve:
+    `train_recommender`'s rule (stop once `patience` epochs passed without a better one)."""
     best, best_epoch = -float("inf"), 0
     for row in epochs:
         if row["valid_ndcg@10"] > best:
