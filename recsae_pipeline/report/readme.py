@@ -30,7 +30,11 @@ SWEEP_PLOT = "sae_sweep.png"
 SCALE_FILE = "scale.json"
 SCALE_PLOT = "scale.png"
 TIMING_FILE = "default_run_timing.json"
-SCHEDULE_FILES = ("train_schedule_sasrec.json", "train_schedule_sasrec_sampled.json")
+SCHEDULE_FILES = (
+    "train_schedule_sasrec.json",
+    "train_schedule_sasrec_sampled.json",
+    "train_schedule_teacher.json",
+)
 SAE_BENCH_FILE = "sae.json"
 ACTIVATIONS_FILE = "activations.json"
 RECBOLE_FILE = "recbole.json"
@@ -613,7 +617,9 @@ def render_scale(bench: dict[str, Any], plot: str | None) -> list[str]:
             "",
             f"sasrec_sampled (not in the totals): the same training with the sampled softmax "
             f"(`negatives: {sampled['negatives']}`, drawn by training frequency, "
-            "logQ-corrected), so a step costs positions x negatives whatever the catalogue; "
+            "logQ-corrected): a step scores positions x negatives instead of positions x "
+            "items (the optimizer step over the item table and each epoch's full-ranking "
+            "validation still grow with the catalogue); "
             f"at 1x it stopped after {sampled['epochs_run']} epochs (best "
             f"{sampled['best_epoch']}) at test NDCG@10 {sampled['test_ndcg@10']:.4f}"
             + (f" against the full softmax's {full:.4f}" if full is not None else "")
@@ -826,7 +832,7 @@ def render(results_dir: Path) -> str:
     schedules = [b for b in (_load(results_dir / f) for f in SCHEDULE_FILES) if b]
     if schedules:
         out += [
-            "### Training schedules (SASRec's batch size, patience and loss)",
+            "### Training schedules (batch size, patience and loss of the defaults)",
             "",
             "The reference is each table's first run at its longest patience; a replayed "
             "patience is the epoch the loop would have stopped at on the same validation curve.",
