@@ -214,6 +214,14 @@ def run_stage(
     return out | {"rss_at_start_mb": rss_start, "peak_rss_mb": _peak_rss_mb()}
 
 
+def _sasrec_model(options: dict, num_items: int) -> Any:
+    """A fresh SASRec at the `sasrec` asset's sizes (its config in configs/default.yaml)."""
+    from recsae_pipeline.models.recommender import Recommender, RecommenderConfig
+
+    sizes = ("hidden_size", "num_layers", "num_heads", "dropout", "max_len")
+    return Recommender(RecommenderConfig.sasrec(num_items, **{k: options[k] for k in sizes}))
+
+
 def _sasrec_sampled_asset(root: Path, options: dict, negatives: int) -> dict:
     """What the `sasrec` asset's training does with `negatives` (the same model, data and
     schedule, early stopping on validation), timed, with its test NDCG@10 beside the saved
@@ -221,20 +229,16 @@ def _sasrec_sampled_asset(root: Path, options: dict, negatives: int) -> dict:
     import torch
 
     from recsae_pipeline.data.sequences import read_sequences
-    from recsae_pipeline.models.recommender import Recommender, RecommenderConfig
     from recsae_pipeline.models.training import SASREC_TRAINING, evaluate, train_recommender
     from recsae_pipeline.storage.registry import ArtifactPaths
 
     paths = ArtifactPaths(root)
     sequences, num_items = read_sequences(paths.sequences)
-    sizes = {
-        k: options[k] for k in ("hidden_size", "num_layers", "num_heads", "dropout", "max_len")
-    }
     train = dataclasses.replace(
         SASREC_TRAINING, negatives=negatives, patience=SAMPLED_PATIENCE, progress_bar=False
     )
     torch.manual_seed(train.seed)
-    model = Recommender(RecommenderConfig.sasrec(num_items, **sizes))
+    model = _sasrec_model(options, num_items)
     result = train_recommender(model, sequences, num_items, train, torch.device("cpu"))
     test = evaluate(model, sequences, num_items, "test", torch.device("cpu"), sampled=False)
     full = paths.model_dir("sasrec") / "metrics.json"
@@ -262,7 +266,6 @@ def _sasrec_steps(
 
     from recsae_pipeline.data.sequences import read_sequences
     from recsae_pipeline.models.artifacts import save_recommender
-    from recsae_pipeline.models.recommender import Recommender, RecommenderConfig
     from recsae_pipeline.models.training import (
         SASREC_TRAINING,
         NextItemLoss,
@@ -281,11 +284,8 @@ def _sasrec_steps(
     train = SASREC_TRAINING
     t0 = time.perf_counter()
     sequences, num_items = read_sequences(paths.sequences)
-    sizes = {
-        k: options[k] for k in ("hidden_size", "num_layers", "num_heads", "dropout", "max_len")
-    }
     torch.manual_seed(train.seed)
-    model = Recommender(RecommenderConfig.sasrec(num_items, **sizes)).to(device)
+    model = _sasrec_model(options, num_items).to(device)
     inputs, targets = train_examples(sequences, model.config.max_len)
     lengths = (inputs > 0).sum(1)
     # the loss `train_recommender` builds: negatives drawn by training frequency
