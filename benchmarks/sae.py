@@ -100,13 +100,12 @@ def run_sparsify(
     device: torch.device,
     threads: int,
     out: Path,
+    python: Path = SPARSIFY_PYTHON,
 ) -> dict:
-    if not SPARSIFY_PYTHON.exists():
-        raise SystemExit(
-            f"{SPARSIFY_PYTHON} is missing: run `bash benchmarks/sparsify/setup_env.sh` first"
-        )
+    if not python.exists():
+        raise SystemExit(f"{python} is missing: run `bash benchmarks/sparsify/setup_env.sh` first")
     cmd = [
-        str(SPARSIFY_PYTHON), str(ROOT / "sparsify" / "run_sparsify.py"),
+        str(python), str(ROOT / "sparsify" / "run_sparsify.py"),
         "--partition", str(partition), "--out", str(out),
         "--rows", str(train_config.rows_seen), "--batch-size", str(train_config.batch_size),
         "--k", str(sae_config.k), "--expansion", str(sae_config.expansion),
@@ -124,9 +123,10 @@ def provenance(device: torch.device, threads: int) -> dict:
     """Commit, time, command line and machine of this run."""
 
     def git(*command: str) -> str:
-        return subprocess.run(
-            ["git", *command], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
+        done = subprocess.run(["git", *command], cwd=REPO, capture_output=True, text=True)
+        if done.returncode != 0:  # a copy of the tree without .git (an accelerator machine)
+            return os.environ.get("RECSAE_COMMIT", "unknown: no git here, set RECSAE_COMMIT")
+        return done.stdout.strip()
 
     python = Path(sys.executable)
     python_arg = str(python.relative_to(REPO)) if python.is_relative_to(REPO) else str(python)
@@ -223,6 +223,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--data-dir", type=Path, default=Path(default_data_dir()))
     parser.add_argument(
+        "--sparsify-python", type=Path, default=SPARSIFY_PYTHON,
+        help="the interpreter that has eai-sparsify (default: setup_env.sh's venv)",
+    )  # fmt: skip
+    parser.add_argument(
         "--out", type=Path, help=f"results JSON (default {RESULTS.relative_to(REPO)}; --quick: "
         "sae_quick.json in the temp directory)"
     )  # fmt: skip
@@ -266,7 +270,10 @@ def main() -> None:
                 run = run_ours(partition, sae_config, train_config, device)
             else:
                 out = Path(scratch.name) / f"sae_sparsify_{key}.json"
-                run = run_sparsify(partition, sae_config, train_config, device, args.threads, out)
+                run = run_sparsify(
+                    partition, sae_config, train_config, device, args.threads, out,
+                    args.sparsify_python,
+                )  # fmt: skip
             runs[name].append(run | {"load_average_before": load})
     scratch.cleanup()
     ours, theirs = (best_run(runs[name]) for name in ("ours", "sparsify"))
