@@ -195,3 +195,21 @@ def test_summary_counts_wins_on_both_sides() -> None:
     assert summary["targets_attribute"] == 6
     assert summary["sae_probe_auc_k1_attribute"] > 0.99
     assert np.isclose(summary["neurons_probe_auc_k1_attribute"], 0.5, atol=0.06)
+
+
+def test_fit_probes_stop_one_by_one() -> None:
+    """A probe that converges keeps the weights it converged to, whatever the other probes of
+    the batch do: next to a separable target (which takes far more iterations), the others
+    fit exactly as they fit alone, and the separable one as it fits alone."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 400, 2, generator=generator)
+    noisy = (x[:2, :, 0] + 0.8 * torch.randn(2, 400, generator=generator)) > 0
+    separable = x[2:, :, 1] > 0
+    y = torch.cat([noisy, separable])
+    w, b = interpretability.fit_probes(x, y)
+    w_alone, b_alone = interpretability.fit_probes(x[:2], y[:2])
+    w_sep, b_sep = interpretability.fit_probes(x[2:], y[2:])
+    assert torch.equal(w[:2], w_alone) and torch.equal(b[:2], b_alone)
+    assert torch.equal(w[2:], w_sep) and torch.equal(b[2:], b_sep)
+    scores = torch.einsum("tnk,tk->tn", x, w) + b[:, None]
+    assert interpretability.tied_auc(scores[2], y[2]) == 1.0  # the separable one separates

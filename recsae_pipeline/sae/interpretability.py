@@ -373,9 +373,11 @@ def fit_probes(
 ) -> tuple[Tensor, Tensor]:
     """Logistic regressions fitted all at once: one per leading index of x [T, N, k] with
     labels y [T, N] (bool), on standardised columns with an L2 penalty `l2` on the weights,
-    by damped Newton steps (each step at most norm 4 in the standardised basis) until the
-    largest step is below 1e-4 or after `iterations` (float32 products, float64 solves). Returns
-    (w [T, k], b [T]) for the raw columns (standardisation folded in)."""
+    by damped Newton steps (each step at most norm 4 in the standardised basis); each probe
+    stops once its step is below 1e-4, all of them after `iterations` (float32 products,
+    float64 solves). Only the probes still moving take part in a step, so a few slow ones
+    (near-separable targets, which take every iteration) no longer carry the rest along.
+    Returns (w [T, k], b [T]) for the raw columns (standardisation folded in)."""
     mean = x.mean(1, keepdim=True)
     std = x.std(1, keepdim=True).clamp_min(1e-6)
     z = torch.cat([(x - mean) / std, torch.ones_like(x[..., :1])], dim=-1).float()  # [T, N, k+1]
@@ -384,19 +386,26 @@ def fit_probes(
     penalty = torch.full((width,), 2 * l2, dtype=torch.float32)
     penalty[-1] = 0.0  # the intercept is not penalised
     theta = torch.zeros(z.shape[0], width, dtype=torch.float32)
-    zt = z.transpose(1, 2)  # [T, k+1, N]
+    moving = torch.arange(z.shape[0])  # the probes still iterating, and their rows of z
+    z_moving, target_moving = z, target
     for _ in range(iterations):
-        p = torch.sigmoid(torch.bmm(z, theta.unsqueeze(-1)).squeeze(-1))  # [T, N]
-        gradient = torch.bmm(zt, (p - target).unsqueeze(-1)).squeeze(-1) / n + penalty * theta
+        zt = z_moving.transpose(1, 2)  # [M, k+1, N]
+        current = theta[moving]
+        p = torch.sigmoid(torch.bmm(z_moving, current.unsqueeze(-1)).squeeze(-1))  # [M, N]
+        gradient = torch.bmm(zt, (p - target_moving).unsqueeze(-1)).squeeze(-1) / n
+        gradient = gradient + penalty * current
         weights = (p * (1 - p)).clamp_min(1e-9)
-        hessian = torch.bmm(zt * weights.unsqueeze(1), z) / n + torch.diag(penalty + 1e-9)
+        hessian = torch.bmm(zt * weights.unsqueeze(1), z_moving) / n + torch.diag(penalty + 1e-9)
         # the k+1 by k+1 solves in float64 (cheap); the N-long products stay float32
         step = torch.linalg.solve(hessian.double(), gradient.double().unsqueeze(-1))
         step = step.squeeze(-1).float()
         norm = torch.linalg.vector_norm(step, dim=1, keepdim=True)
-        theta = theta - step * torch.clamp(4.0 / norm.clamp_min(1e-12), max=1.0)
-        if float(norm.max()) < 1e-4:  # converged (Newton: quadratically, near the optimum)
+        theta[moving] = current - step * torch.clamp(4.0 / norm.clamp_min(1e-12), max=1.0)
+        still = norm.squeeze(1) >= 1e-4  # converged (Newton: quadratically, near the optimum)
+        if not bool(still.any()):
             break
+        if not bool(still.all()):
+            moving, z_moving, target_moving = moving[still], z_moving[still], target_moving[still]
     w = theta[:, :-1] / std.squeeze(1).double()
     b = theta[:, -1] - (w * mean.squeeze(1).double()).sum(1)
     return w.float(), b.float()
