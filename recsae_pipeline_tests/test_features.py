@@ -40,6 +40,7 @@ from recsae_pipeline.sae.steering import (
     genre_targets,
     last_block_at_last_position,
     last_block_states,
+    last_block_with_added_steps,
     layer_states,
     neuron_direction,
     random_direction,
@@ -512,3 +513,18 @@ def test_the_last_block_at_last_positions_is_the_full_block_there(
         full = at_last_position(users, layer_states(model, users, 2))
         fast = last_block_at_last_position(model, entering, lengths)
     torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-6)
+
+    # Steps added at every position, factorised (the norm's scale per position, the
+    # projections once per user and per step), against the E edited copies run as above;
+    # gains and biases moved away from 1 and 0 so that every term of the factorisation counts.
+    steps = torch.randn(3, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if name.endswith("bias"):
+                weight.uniform_(-0.5, 0.5)
+            elif "norm" in name or ".ln_" in name:
+                weight.uniform_(0.5, 1.5)
+        edited = (entering[None] + steps[:, None, None]).reshape(-1, *entering.shape[1:])
+        slow = last_block_at_last_position(model, edited, lengths.repeat(3))
+        added = last_block_with_added_steps(model, entering, lengths, steps)
+    torch.testing.assert_close(added, slow, rtol=1e-5, atol=1e-5)

@@ -250,6 +250,109 @@ def last_block_at_last_position(model: Recommender, hidden: Tensor, lengths: Ten
     return x + block.mlp(block.post_attention_layernorm(x))
 
 
+def _norm_parts(norm: nn.Module, hidden: Tensor, steps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The pre-attention norm of `hidden` [b, T, c] + each of `steps` [E, c] as
+    (a_h [b, T, c], a_step [E, c], scale [E, b, T]): norm(h + step) = (a_h + a_step) / scale +
+    the norm's bias, for RMSNorm (Llama: a = gain x state) and LayerNorm (GPT-2: a = gain x
+    the centred state), since the squared norm of h + step is |h|^2 + 2 h.step + |step|^2."""
+    if isinstance(norm, nn.LayerNorm):
+        h = hidden - hidden.mean(-1, keepdim=True)
+        s = steps - steps.mean(-1, keepdim=True)
+        eps, gain = norm.eps, norm.weight
+    else:  # LlamaRMSNorm
+        h, s, eps, gain = hidden, steps, norm.variance_epsilon, norm.weight
+    width = hidden.shape[-1]
+    cross = torch.einsum("btc,ec->ebt", h, s)
+    squares = (h * h).sum(-1)[None] + 2 * cross + (s * s).sum(-1)[:, None, None]
+    return gain * h, gain * s, torch.sqrt(squares / width + eps)
+
+
+def _projection(layer: Callable[[Tensor], Tensor], bias: Tensor | None, a: Tensor) -> Tensor:
+    """The linear part of a projection (its bias taken off), on the last dimension of `a`."""
+    out = layer(a)
+    return out if bias is None else out - bias
+
+
+def last_block_with_added_steps(
+    model: Recommender, hidden: Tensor, lengths: Tensor, steps: Tensor
+) -> Tensor:
+    """`last_block_at_last_position` of `hidden` [b, T, hidden] + each of `steps` [E, hidden]
+    added at every position, [E * b, hidden] (row e * b + i: user i under step e), without
+    building the E copies of the keys and values: the norm before attention is affine in its
+    input up to one scale per position (`_norm_parts`), and the key and value projections (and
+    RoPE) are linear, so each key is (K_h + K_step) / scale + a constant. K_h and V_h are
+    projected once per user, K_step and V_step once per step; what grows with E x T is only the
+    attention's dot products, a small fraction of the projections it replaces."""
+    block = model.layers[-1]
+    b, width, _ = hidden.shape
+    e = len(steps)
+    last = lengths.to(hidden.device) - 1
+    rows = torch.arange(b, device=hidden.device)
+    steps = steps.to(hidden.dtype)
+    entering_last = (hidden[rows, last][None] + steps[:, None]).reshape(e * b, -1)  # [E*b, c]
+    if model.config.backbone == "gpt2":
+        attn, norm = block.attn, block.ln_1
+        heads, kv_heads, d = attn.num_heads, attn.num_heads, attn.head_dim
+        c = attn.embed_dim
+        weight, bias = attn.c_attn.weight, attn.c_attn.bias  # Conv1D: x @ weight + bias
+
+        def linear(part: int) -> Callable[[Tensor], Tensor]:
+            w, bb = weight[:, part * c : (part + 1) * c], bias[part * c : (part + 1) * c]
+            return lambda x: x @ w + bb
+
+        q_proj, k_proj, v_proj = linear(0), linear(1), linear(2)
+        k_bias, v_bias = bias[c : 2 * c], bias[2 * c :]
+        o_proj = attn.c_proj
+        mlp_norm = block.ln_2
+    else:
+        attn, norm = block.self_attn, block.input_layernorm
+        d = attn.head_dim
+        heads = attn.q_proj.out_features // d
+        kv_heads = attn.k_proj.out_features // d
+        q_proj, k_proj, v_proj = attn.q_proj, attn.k_proj, attn.v_proj
+        k_bias, v_bias = attn.k_proj.bias, attn.v_proj.bias
+        o_proj = attn.o_proj
+        mlp_norm = block.post_attention_layernorm
+    a_h, a_step, scale = _norm_parts(norm, hidden, steps)
+    norm_bias = norm.bias if isinstance(norm, nn.LayerNorm) else None
+    offset = torch.zeros_like(steps[0]) if norm_bias is None else norm_bias
+    # per projection: linear(a) / scale + const, const = the projection of the norm's bias
+    k_h = _projection(k_proj, k_bias, a_h).view(b, width, kv_heads, d).transpose(1, 2)
+    v_h = _projection(v_proj, v_bias, a_h).view(b, width, kv_heads, d).transpose(1, 2)
+    k_s = _projection(k_proj, k_bias, a_step).view(e, kv_heads, 1, d)
+    v_s = _projection(v_proj, v_bias, a_step).view(e, kv_heads, d)
+    k_c = k_proj(offset).view(kv_heads, 1, d).expand(kv_heads, width, d)
+    v_c = v_proj(offset).view(kv_heads, d)
+    q = q_proj(norm(entering_last)).view(e, b, heads, d)
+    if model.config.backbone != "gpt2":
+        rotary = next(m.rotary_emb for m in model.backbone.modules() if hasattr(m, "rotary_emb"))
+        positions = torch.arange(width, device=hidden.device)[None]
+        cos, sin = rotary(hidden, position_ids=positions)  # [1, T, d]
+        k_h = _rope(k_h, cos, sin)
+        k_s = _rope(k_s.expand(e, kv_heads, width, d), cos, sin)
+        k_c = _rope(k_c[None], cos, sin)[0]
+        q = _rope(q.reshape(e * b, heads, 1, d), cos[0, last][:, None].repeat(e, 1, 1),
+                  sin[0, last][:, None].repeat(e, 1, 1)).view(e, b, heads, d)  # fmt: skip
+    else:
+        k_s = k_s.expand(e, kv_heads, width, d)
+    group = heads // kv_heads  # grouped-query attention: each kv head serves `group` heads
+    q = q.view(e, b, kv_heads, group, d)
+    inv = 1.0 / scale  # [E, b, T]
+    dots = torch.einsum("ebkgd,bktd->ebkgt", q, k_h)
+    dots = dots + torch.einsum("ebkgd,ektd->ebkgt", q, k_s)
+    logits = dots * inv[:, :, None, None, :] + torch.einsum("ebkgd,ktd->ebkgt", q, k_c)
+    visible = torch.arange(width, device=hidden.device)[None, :] <= last[:, None]  # [b, T]
+    logits = logits * attn.scaling
+    logits = logits.masked_fill(~visible[None, :, None, None, :], float("-inf"))
+    p = torch.softmax(logits.float(), dim=-1).to(hidden.dtype)  # [E, b, kv, g, T]
+    weighted = p * inv[:, :, None, None, :]
+    out = torch.einsum("ebkgt,bktd->ebkgd", weighted, v_h)
+    out = out + weighted.sum(-1, keepdim=True) * v_s[:, None, :, None, :]
+    out = out + v_c[None, None, :, None, :]  # the weights of p sum to 1
+    x = entering_last + o_proj(out.reshape(e * b, heads * d))
+    return x + block.mlp(mlp_norm(x))
+
+
 def last_block_states(model: Recommender, users: SteeringUsers) -> Tensor:
     """The last block's output at each user's last real position, [U, hidden]."""
     return at_last_position(users, layer_states(model, users, model.config.num_layers))
@@ -275,7 +378,7 @@ def added_steps(
         delta = steps.repeat_interleave(rows, dim=0).to(hidden.dtype)  # [E * rows, hidden]
         return hidden + (delta if hidden.dim() == 2 else delta[:, None, :])
 
-    return _batched(model, layer, users, len(steps), edit, cached, k, rows_per_pass)
+    return _batched(model, layer, users, len(steps), edit, cached, k, rows_per_pass, steps)
 
 
 @torch.no_grad()
@@ -314,11 +417,14 @@ def _batched(
     cached: Tensor | None,
     k: int,
     rows_per_pass: int,
+    added: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Runs `n_edits` edits of the same users as one batch: row e * b + i is user i of a pass
     of b users under edit e; `edit(hidden, b)` edits the states of all E * b rows. Passes take
     users in order of input length and pad only to their own longest input (right padding
-    never changes a real position under causal attention); results come back in user order."""
+    never changes a real position under causal attention); results come back in user order.
+    `added`: the edits are these steps [E, hidden] added at every position (`edit` adds
+    them), so at the layer before the last `last_block_with_added_steps` runs instead."""
     model.eval()
     n_users = len(users.targets)
     per_pass = max(1, rows_per_pass // n_edits)
@@ -333,6 +439,10 @@ def _batched(
         inputs = users.inputs[rows, :width].repeat(n_edits, 1)
         if shortcut:
             scores = model.scores_from_last_block(edit(cached[rows].repeat(n_edits, 1), b))
+        elif cached is not None and layer == model.config.num_layers - 1 and added is not None:
+            states = cached[rows, :width]
+            last_hidden = last_block_with_added_steps(model, states, lengths[rows], added)
+            scores = model.scores_from_last_block(last_hidden)
         elif cached is not None and layer == model.config.num_layers - 1:
             # Only the last block follows the edit: it runs at the last positions only.
             edited = edit(cached[rows, :width].repeat(n_edits, 1, 1), b)
