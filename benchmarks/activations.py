@@ -162,7 +162,7 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -200,7 +200,7 @@ def main() -> None:
     summary = {
         "command": " ".join([".venv/bin/python benchmarks/activations.py", *sys.argv[1:]]),
         "commit": _git_commit(),
-        "machine": f"{platform.node()} {platform.machine()} ({_cpu_model()}), "
+        "machine": f"{platform.node()} {platform.machine()} ({cpu_model()}), "
         f"{os.cpu_count()} CPUs, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM",
         "load_average_1_5_15_at_end": os.getloadavg(),
         "scales": results,

@@ -35,6 +35,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.activations import cpu_model  # noqa: E402
 from benchmarks.llm_run import latest_stages, step_seconds  # noqa: E402
 from recsae_pipeline.storage.atomic import write_json  # noqa: E402
 
@@ -142,6 +143,7 @@ def main() -> int:
         "test_ndcg@10": {m: sum(v) / len(v) for m, v in ndcg.items()},
         "recommenders": results.get("tables", {}).get("recommenders"),
         "cpus": os.cpu_count(),
+        "cpu_model": cpu_model(),
         "load_average_at_end": os.getloadavg(),
         "note": "load average above the core count means other processes shared the cores",
         "work": str(args.work),

@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.activations import cpu_model  # noqa: E402
 from recsae_pipeline.activations.shards import load_activations, write_activations  # noqa: E402
 from recsae_pipeline.data.batching import pad_right  # noqa: E402
 from recsae_pipeline.data.sequences import read_sequences  # noqa: E402
@@ -256,6 +257,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
+        "cpu": cpu_model(),
         "device": str(device),
         "commit": os.environ.get("RECSAE_COMMIT") or _git_commit(),
     }

@@ -654,7 +654,9 @@ def render_default_timing(run: dict[str, Any]) -> list[str]:
     out = [
         "### Speed: the default `recsae materialize`",
         "",
-        f"`{run['benchmark']}` (commit {run['commit']}, {run['cpus']} cores): "
+        f"`{run['benchmark']}` (commit {run['commit']}, {run['cpus']} cores"
+        + (f", {run['cpu_model']}" if run.get("cpu_model") else "")
+        + "): "
         f"**{run['wall_seconds']:.1f} s** wall, peak RSS {run['peak_rss_mb']:,.0f} MB"
         + (
             f"; the baseline run (commit {base['commit']}): {base['wall_seconds']:.1f} s"
