@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -141,16 +142,21 @@ def _auc_from_rank_sums(rank_sums: Tensor, n_pos: Tensor, n_rows: int) -> Tensor
     return (rank_sums - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg).clamp(min=1)
 
 
-def sparse_auc(
-    values: Tensor, indices: Tensor, labels: Tensor, n_latents: int, chunk: int = 64
-) -> Tensor:
-    """ROC AUC [n_latents, C] of each feature's activation (0 where it is not in the top-k)
-    at detecting each label column of `labels` (bool [R, C]); exact, with the rows where a
-    feature is zero counted as one tie group (Mann-Whitney with average ranks).
+class SparseRanks(NamedTuple):
+    """What `sparse_auc` needs of a sparse code, whatever the labels: per feature, its rows and
+    their average ranks as CSR matrices [n_latents, R] (`sparse_ranks`)."""
 
-    Works on the nonzero entries only: two sparse [n_latents, R] @ dense [R, chunk] products
-    per `chunk` label columns (positives per feature, their rank sums), O(R * k) memory."""
-    n_rows = len(labels)
+    ones: Tensor
+    ranks: Tensor
+    zeros: Tensor
+    """float64 [n_latents]: rows where the feature is zero (one tie group)."""
+    n_rows: int
+
+
+def sparse_ranks(values: Tensor, indices: Tensor, n_latents: int) -> SparseRanks:
+    """The label-independent half of `sparse_auc`: built once, it scores any number of label
+    matrices (`sparse_auc_from`)."""
+    n_rows = len(values)
     active = values > 0
     rows = torch.arange(n_rows).unsqueeze(1).expand_as(indices)[active]
     feature = indices[active]
@@ -172,20 +178,58 @@ def sparse_auc(
         (n_latents, n_rows), check_invariants=False,
     )  # fmt: skip
     ranks = torch.sparse_csr_tensor(crow, rows, rank, (n_latents, n_rows), check_invariants=False)
-    del rank
+    return SparseRanks(ones, ranks, zeros, n_rows)
+
+
+def sparse_auc_from(code: SparseRanks, labels: Tensor, chunk: int = 64) -> Tensor:
+    """`sparse_auc` of a code's `sparse_ranks` against bool labels [R, C]."""
     n_pos = column_sums(labels).double()  # [C]
-    out = torch.empty(n_latents, labels.shape[1], dtype=torch.float64)
+    out = torch.empty(code.ones.shape[0], labels.shape[1], dtype=torch.float64)
     for start in range(0, labels.shape[1], chunk):
         cols = slice(start, start + chunk)
         # float64 one chunk of columns at a time: R x C of them at once is 8 bytes per label
         # (4 GB at 500k sampled rows x 1,000 targets)
         block = labels[:, cols].double().contiguous()
-        pos_nonzero = torch.sparse.mm(ones, block)  # [n_latents, c]
-        rank_nonzero = torch.sparse.mm(ranks, block)
+        pos_nonzero = torch.sparse.mm(code.ones, block)  # [n_latents, c]
+        rank_nonzero = torch.sparse.mm(code.ranks, block)
         pos_zero = n_pos[cols] - pos_nonzero
-        rank_sums = pos_zero * (zeros.unsqueeze(1) + 1) / 2 + rank_nonzero
-        out[:, cols] = _auc_from_rank_sums(rank_sums, n_pos[cols], n_rows)
+        rank_sums = pos_zero * (code.zeros.unsqueeze(1) + 1) / 2 + rank_nonzero
+        out[:, cols] = _auc_from_rank_sums(rank_sums, n_pos[cols], code.n_rows)
     return out.float()
+
+
+def sparse_auc(
+    values: Tensor, indices: Tensor, labels: Tensor, n_latents: int, chunk: int = 64
+) -> Tensor:
+    """ROC AUC [n_latents, C] of each feature's activation (0 where it is not in the top-k)
+    at detecting each label column of `labels` (bool [R, C]); exact, with the rows where a
+    feature is zero counted as one tie group (Mann-Whitney with average ranks).
+
+    Works on the nonzero entries only: two sparse [n_latents, R] @ dense [R, chunk] products
+    per `chunk` label columns (positives per feature, their rank sums), O(R * k) memory."""
+    return sparse_auc_from(sparse_ranks(values, indices, n_latents), labels, chunk)
+
+
+def dense_ranks(x: Tensor) -> Tensor:
+    """The label-independent half of `dense_auc`: each column's ranks 1..R of x [R, d], as
+    float64 [d, R] (`dense_auc_from`)."""
+    n_rows = len(x)
+    # numpy's sort of each column laid out as a row: ~3x torch's argsort along dim 0 here
+    columns = np.ascontiguousarray(x.detach().float().cpu().numpy().T)  # [d, R]
+    order = np.argsort(columns, axis=1)
+    ranks = np.empty(columns.shape, dtype=np.float64)
+    np.put_along_axis(ranks, order, np.arange(1, n_rows + 1, dtype=np.float64)[None, :], axis=1)
+    return torch.from_numpy(ranks)
+
+
+def dense_auc_from(ranks: Tensor, labels: Tensor, chunk: int = 64) -> Tensor:
+    """`dense_auc` of columns whose `dense_ranks` are `ranks` [d, R] against bool labels."""
+    ranks = ranks.to(labels.device)
+    rank_sums = torch.empty(ranks.shape[0], labels.shape[1], dtype=torch.float64)  # [d, C]
+    for start in range(0, labels.shape[1], chunk):
+        cols = slice(start, start + chunk)
+        rank_sums[:, cols] = ranks @ labels[:, cols].double()
+    return _auc_from_rank_sums(rank_sums, column_sums(labels).double(), ranks.shape[1]).float()
 
 
 def dense_auc(x: Tensor, labels: Tensor, chunk: int = 64) -> Tensor:
@@ -193,16 +237,4 @@ def dense_auc(x: Tensor, labels: Tensor, chunk: int = 64) -> Tensor:
     the '-' sign of a column has AUC 1 - this. Ties among continuous values are ignored.
     `chunk` label columns at a time go to float64 (the rank sums are integers below 2^53, so
     the chunking cannot change a bit)."""
-    n_rows = len(x)
-    # numpy's sort of each column laid out as a row: ~3x torch's argsort along dim 0 here
-    columns = np.ascontiguousarray(x.detach().float().cpu().numpy().T)  # [d, R]
-    order = np.argsort(columns, axis=1)
-    ranks = np.empty(columns.shape, dtype=np.float64)
-    np.put_along_axis(ranks, order, np.arange(1, n_rows + 1, dtype=np.float64)[None, :], axis=1)
-    ranks_t = torch.from_numpy(ranks).to(labels.device)  # [d, R]
-    del columns, order
-    rank_sums = torch.empty(x.shape[1], labels.shape[1], dtype=torch.float64)  # [d, C]
-    for start in range(0, labels.shape[1], chunk):
-        cols = slice(start, start + chunk)
-        rank_sums[:, cols] = ranks_t @ labels[:, cols].double()
-    return _auc_from_rank_sums(rank_sums, column_sums(labels).double(), n_rows).float()
+    return dense_auc_from(dense_ranks(x), labels, chunk)

@@ -40,7 +40,13 @@ import torch
 from torch import Tensor
 
 from recsae_pipeline.data.catalog import Catalog
-from recsae_pipeline.models.metrics import column_sums, dense_auc, sparse_auc
+from recsae_pipeline.models.metrics import (
+    column_sums,
+    dense_auc_from,
+    dense_ranks,
+    sparse_auc_from,
+    sparse_ranks,
+)
 from recsae_pipeline.sae.model import TopKSae
 from recsae_pipeline.storage.registry import ArtifactPaths
 
@@ -220,6 +226,10 @@ class Units:
         """AUC of every unit at every label column, [units, T] (signed kinds: [2 * width, T])."""
         raise NotImplementedError
 
+    def aucs_of(self, *labels: Tensor) -> list[Tensor]:
+        """`aucs` of each label matrix, the units' ranks computed once for all of them."""
+        return [self.aucs(y) for y in labels]
+
     def mean_differences(self, rows: Tensor, labels: Tensor) -> Tensor:
         """Mean over positive minus mean over negative rows, per column: [width, T]."""
         raise NotImplementedError
@@ -246,8 +256,11 @@ class DenseUnits(Units):
         self.kind, self.x, self.width = kind, x.float(), x.shape[1]
 
     def aucs(self, labels: Tensor) -> Tensor:
-        auc = dense_auc(self.x, labels)
-        return torch.cat([auc, 1 - auc])
+        return self.aucs_of(labels)[0]
+
+    def aucs_of(self, *labels: Tensor) -> list[Tensor]:
+        ranks = dense_ranks(self.x)  # one sort per column for every label matrix
+        return [torch.cat([auc, 1 - auc]) for auc in (dense_auc_from(ranks, y) for y in labels)]
 
     def mean_differences(self, rows: Tensor, labels: Tensor) -> Tensor:
         x, y = self.x[rows].double(), labels[rows].double()
@@ -282,7 +295,11 @@ class SparseUnits(Units):
         self._starts, self._counts = torch.cumsum(counts, 0) - counts, counts
 
     def aucs(self, labels: Tensor) -> Tensor:
-        return sparse_auc(self.values, self.indices, labels, self.width)
+        return self.aucs_of(labels)[0]
+
+    def aucs_of(self, *labels: Tensor) -> list[Tensor]:
+        ranks = sparse_ranks(self.values, self.indices, self.width)  # once for every matrix
+        return [sparse_auc_from(ranks, y) for y in labels]
 
     def _matrix(self, rows: Tensor) -> Tensor:
         """Sparse [len(rows), width] of the code on `rows` (rows renumbered 0..)."""
@@ -669,9 +686,8 @@ def measure_units(
     out = Measures(config, targets)
     for u in units:
         probe, picked = sparse_probe_aucs(u, targets, heldout, config)
-        out.kinds[u.kind] = KindMeasures(
-            u.kind, u.aucs(targets.labels), u.aucs(shuffled), u.active(), probe, picked
-        )
+        real, null = u.aucs_of(targets.labels, shuffled)
+        out.kinds[u.kind] = KindMeasures(u.kind, real, null, u.active(), probe, picked)
         out.units_of[u.kind] = u
     return out
 
