@@ -748,16 +748,23 @@ def render_activations_bench(bench: dict[str, Any]) -> list[str]:
         "",
         f"`{bench['command']}` (commit {bench['commit']}): extraction (forward, gathering, "
         "statistics and Parquet on the writer thread) over the bare forward pass on the same "
-        "users.",
+        "users, runs interleaved: the medians' ratio, the best runs' ratio (other work only "
+        "slows a run), each run's ratio to the bare pass beside it, and the bare pass's own "
+        f"range ({bench.get('machine', 'machine not recorded')}).",
         "",
-        "| scale | rows | extraction / forward | every run | peak RSS MB | 1-min load |",
-        "|---|---|---|---|---|---|",
+        "| scale | rows | extraction / forward (medians) | (best runs) | every run "
+        "| bare forward s | peak RSS MB | 1-min load |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for s in bench["scales"]:
         runs = ", ".join(f"{r:.2f}" for r in s["run_ratios"])
         loads = [load[0] for load in s["load_average_1_5_15"]]
+        best = s.get("best_extraction_over_forward")
+        spread = s.get("bare_forward_spread_seconds")
         out.append(
-            f"| {s['scale']}x | {s['rows']:,} | {s['extraction_over_forward']:.2f}x | {runs} "
+            f"| {s['scale']}x | {s['rows']:,} | {s['extraction_over_forward']:.2f}x "
+            f"| {f'{best:.2f}x' if best is not None else 'not recorded'} | {runs} "
+            f"| {f'{spread[0]:.2f}-{spread[1]:.2f}' if spread else 'not recorded'} "
             f"| {s['peak_rss_mb']:,.0f} | {min(loads):.1f}-{max(loads):.1f} |"
         )
     return out
