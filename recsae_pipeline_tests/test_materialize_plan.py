@@ -11,10 +11,17 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+import torch
 
 from recsae_pipeline.cli import job_run_configs
 from recsae_pipeline.defs.definitions import defs
-from recsae_pipeline.defs.plan import parallel_plan, run_parallel, sequential_plan
+from recsae_pipeline.defs.plan import (
+    _worker_step,
+    parallel_plan,
+    run_parallel,
+    sequential_plan,
+    step_threads,
+)
 from recsae_pipeline_tests.support import MODELS_CONFIG
 
 MAIN_JOBS = ["main"]
@@ -67,23 +74,32 @@ def tiny_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_two_workers_write_what_one_writes(tiny_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The steps run one by one (here, in plan order, each at the thread count the plan gives
+    it) and on two worker processes side by side write the same model bytes: what a step
+    writes depends on its thread count, never on the steps beside it or the process."""
     config = copy.deepcopy(MODELS_CONFIG)
     for model in ("teacher", "student", "student_ce"):
         config["ops"][model]["config"] |= {"max_epochs": 2, "patience": 2}
+    configs = _configs(config)
     first, *rest = parallel_plan(features=False)
     # The first step (data and SASRec) runs alone in any plan: once, then copied.
     rest = [s._replace(after=tuple(a for a in s.after if a != first.label)) for s in rest]
-    monkeypatch.setenv("RECSAE_DATA_DIR", str(tiny_env / "workers-1"))
-    assert all(o.success for o in run_parallel([first], _configs(config), 1, cores=2))
-    shutil.copytree(tiny_env / "workers-1", tiny_env / "workers-2")
-    hashes = []
-    for workers in (1, 2):
-        root = tiny_env / f"workers-{workers}"  # no "=" in the path: hive-style dirs add columns
-        monkeypatch.setenv("RECSAE_DATA_DIR", str(root))
-        outcomes = list(run_parallel(rest, _configs(config), workers, cores=2, share=1))
-        assert all(o.success for o in outcomes), [o for o in outcomes if not o.success]
-        assert {o.label for o in outcomes} == {s.label for s in rest}
-        hashes.append(_model_hashes(root))
+    one_by_one, two_workers = tiny_env / "workers-1", tiny_env / "workers-2"  # no "=" in paths
+    threads = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("RECSAE_DATA_DIR", str(one_by_one))
+        for step in [first, *rest]:  # plan order is a topological order
+            done = _worker_step(step, configs[step.job], False, step_threads(step, 2, 1))
+            assert done.success, done
+            if step is first:
+                shutil.copytree(one_by_one, two_workers)
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.setenv("RECSAE_DATA_DIR", str(two_workers))
+    outcomes = list(run_parallel(rest, configs, 2, cores=2, share=1))
+    assert all(o.success for o in outcomes), [o for o in outcomes if not o.success]
+    assert {o.label for o in outcomes} == {s.label for s in rest}
+    hashes = [_model_hashes(root) for root in (one_by_one, two_workers)]
     assert len(hashes[0]) >= 5  # sasrec, teacher (+ init), student, student_ce
     assert hashes[0] == hashes[1]
 
