@@ -105,6 +105,7 @@ def _trained(
     c = compare(
         name, "test NDCG@10", f"{device.type}-trained", ours, "cpu-trained", theirs, "users"
     )
+    print(f"{name}: {seconds:.1f} s, {result.epochs_run} epochs", flush=True)
     return {
         "seconds": seconds,
         "epochs_run": result.epochs_run,
@@ -113,6 +114,17 @@ def _trained(
         "best_valid_ndcg@10": result.best_valid["ndcg@10"],
         "test_vs_cpu_trained": c.as_dict(),
     }
+
+
+def _trained_recommender(
+    name: str, model: Recommender, cpu_model: Recommender, sequences: list[np.ndarray],
+    num_items: int, config: TrainConfig, device: torch.device,
+) -> dict[str, Any]:  # fmt: skip
+    """`_trained` for a model of the default next-item loss (`train_recommender`)."""
+    return _trained(
+        name, lambda: train_recommender(model, sequences, num_items, config, device), model,
+        cpu_model, sequences, device,
+    )  # fmt: skip
 
 
 def _capped(config: TrainConfig, quick: bool) -> TrainConfig:
@@ -129,12 +141,10 @@ def stage_models(
 
     torch.manual_seed(SASREC_TRAINING.seed)
     sasrec = Recommender(RecommenderConfig.sasrec(num_items))
-    config = _capped(SASREC_TRAINING, quick)
-    out["sasrec"] = _trained(
-        "sasrec", lambda: train_recommender(sasrec, sequences, num_items, config, device),
-        sasrec, cpu["sasrec"], sequences, device,
+    out["sasrec"] = _trained_recommender(
+        "sasrec", sasrec, cpu["sasrec"], sequences, num_items, _capped(SASREC_TRAINING, quick),
+        device,
     )  # fmt: skip
-    print(f"sasrec: {out['sasrec']['seconds']:.1f} s", flush=True)
 
     item_table = sasrec.item_vectors.detach()
     torch.manual_seed(LLAMA_TRAINING.seed)
@@ -143,11 +153,9 @@ def stage_models(
     )
     init = initial_state(teacher)
     config = _capped(LLAMA_TRAINING, quick)
-    out["teacher"] = _trained(
-        "teacher", lambda: train_recommender(teacher, sequences, num_items, config, device),
-        teacher, cpu["teacher"], sequences, device,
-    )  # fmt: skip
-    print(f"teacher: {out['teacher']['seconds']:.1f} s", flush=True)
+    out["teacher"] = _trained_recommender(
+        "teacher", teacher, cpu["teacher"], sequences, num_items, config, device
+    )
 
     for name, distill in (("student", True), ("student_ce", False)):
         initial = Recommender(teacher.config, item_table=item_table)
@@ -160,7 +168,6 @@ def stage_models(
                 s, teacher, sequences, num_items, config, d, device
             ), student, cpu[name], sequences, device,
         )  # fmt: skip
-        print(f"{name}: {out[name]['seconds']:.1f} s", flush=True)
     return out
 
 
@@ -242,10 +249,9 @@ def stage_teacher_large(
     teacher = Recommender(config, item_table=item_table)
     cpu_teacher = load_recommender(paths.model_dir("teacher"), device)
     train = _capped(LARGE_TRAINING, quick)
-    result = _trained(
-        "teacher_large", lambda: train_recommender(teacher, sequences, num_items, train, device),
-        teacher, cpu_teacher, sequences, device,
-    )  # fmt: skip
+    result = _trained_recommender(
+        "teacher_large", teacher, cpu_teacher, sequences, num_items, train, device
+    )
     return result | {
         "sizes": LARGE_TEACHER,
         "parameters": sum(p.numel() for p in teacher.parameters()),
