@@ -81,7 +81,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _test_ndcg(model: Recommender, sequences: list[np.ndarray], device: torch.device) -> Any:
+def _test_ranks(
+    model: Recommender, sequences: list[np.ndarray], device: torch.device
+) -> torch.Tensor:
+    """Each user's 0-based full-ranking rank of their test target."""
     ranks, _ = user_ranks(model, sequences, "test", device)
     return ranks
 
@@ -100,8 +103,8 @@ def _trained(
     result = train()
     _sync(device)
     seconds = time.perf_counter() - start
-    ours = per_user_ndcg(_test_ndcg(model, sequences, device), 10).tolist()
-    theirs = per_user_ndcg(_test_ndcg(cpu_model, sequences, device), 10).tolist()
+    ours = per_user_ndcg(_test_ranks(model, sequences, device), 10).tolist()
+    theirs = per_user_ndcg(_test_ranks(cpu_model, sequences, device), 10).tolist()
     c = compare(
         name, "test NDCG@10", f"{device.type}-trained", ours, "cpu-trained", theirs, "users"
     )
@@ -178,7 +181,7 @@ def stage_evaluation(
     out = {}
     for name in MODELS:
         ranks = {
-            kind: _test_ndcg(load_recommender(paths.model_dir(name), d), sequences, d)
+            kind: _test_ranks(load_recommender(paths.model_dir(name), d), sequences, d)
             for kind, d in (("cpu", torch.device("cpu")), ("device", device))
         }
         out[name] = {

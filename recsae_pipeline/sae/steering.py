@@ -217,6 +217,14 @@ def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (x * cos.unsqueeze(1)) + (rotate_half(x) * sin.unsqueeze(1))
 
 
+def _rotary(model: Recommender, hidden: Tensor) -> tuple[Tensor, Tensor]:
+    """RoPE's (cos, sin) [1, T, d] at positions 0..T-1 of `hidden` [B, T, c], from the Llama
+    backbone's rotary embedding."""
+    rotary = next(m.rotary_emb for m in model.backbone.modules() if hasattr(m, "rotary_emb"))
+    positions = torch.arange(hidden.shape[1], device=hidden.device)[None]
+    return rotary(hidden, position_ids=positions)
+
+
 def last_block_at_last_position(model: Recommender, hidden: Tensor, lengths: Tensor) -> Tensor:
     """The last block's output at each row's last real position [B, hidden], from the states
     entering it [B, T, hidden]: keys and values at every position, but the query, attention
@@ -235,9 +243,7 @@ def last_block_at_last_position(model: Recommender, hidden: Tensor, lengths: Ten
         x = hidden[rows, last] + attn.c_proj(out.reshape(len(rows), -1))
         return x + block.mlp(block.ln_2(x))
     attn = block.self_attn
-    rotary = next(m.rotary_emb for m in model.backbone.modules() if hasattr(m, "rotary_emb"))
-    positions = torch.arange(hidden.shape[1], device=hidden.device)[None]
-    cos, sin = rotary(hidden, position_ids=positions)
+    cos, sin = _rotary(model, hidden)
     h = block.input_layernorm(hidden)
     d = attn.head_dim
     q = attn.q_proj(h[rows, last]).view(len(rows), 1, -1, d).transpose(1, 2)
@@ -325,9 +331,7 @@ def last_block_with_added_steps(
     v_c = v_proj(offset).view(kv_heads, d)
     q = q_proj(norm(entering_last)).view(e, b, heads, d)
     if model.config.backbone != "gpt2":
-        rotary = next(m.rotary_emb for m in model.backbone.modules() if hasattr(m, "rotary_emb"))
-        positions = torch.arange(width, device=hidden.device)[None]
-        cos, sin = rotary(hidden, position_ids=positions)  # [1, T, d]
+        cos, sin = _rotary(model, hidden)  # [1, T, d]
         k_h = _rope(k_h, cos, sin)
         k_s = _rope(k_s.expand(e, kv_heads, width, d), cos, sin)
         k_c = _rope(k_c[None], cos, sin)[0]
