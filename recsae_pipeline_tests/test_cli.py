@@ -106,12 +106,22 @@ def test_recommend_steers_with_the_resolved_alpha_and_says_which(
 
 
 @pytest.mark.parametrize(
-    ("preset", "named"),
+    ("preset", "named", "workers"),
     [
-        ("ops:\n  steering_evall:\n    config: {max_users: 10}\n", "'steering_evall' (no such op)"),
-        ("ops:\n  recommender_eval:\n    config: {k: 1}\n", "'recommender_eval' (takes no config)"),
-        ("ops:\n  sae:\n    config: {kk: 16}\n", 'unexpected config entry "kk"'),
-        ("opz: {}\n", "unknown top-level key 'opz'"),
+        # Two workers check the config in the first worker up (the CLI never imports the
+        # definitions itself): one case covers that path, the others check in-process.
+        (
+            "ops:\n  steering_evall:\n    config: {max_users: 10}\n",
+            "'steering_evall' (no such op)",
+            "2",
+        ),  # noqa: E501
+        (
+            "ops:\n  recommender_eval:\n    config: {k: 1}\n",
+            "'recommender_eval' (takes no config)",
+            "1",
+        ),  # noqa: E501
+        ("ops:\n  sae:\n    config: {kk: 16}\n", 'unexpected config entry "kk"', "1"),
+        ("opz: {}\n", "unknown top-level key 'opz'", "1"),
     ],
 )
 def test_materialize_rejects_an_unknown_op_or_key_before_running(
@@ -120,13 +130,14 @@ def test_materialize_rejects_an_unknown_op_or_key_before_running(
     capsys: pytest.CaptureFixture,
     preset: str,
     named: str,
+    workers: str,
 ) -> None:
     monkeypatch.delenv("DAGSTER_HOME", raising=False)
     data = tmp_path / "data"
     monkeypatch.setenv("RECSAE_DATA_DIR", str(data))
     config = tmp_path / "preset.yaml"
     config.write_text(preset)
-    assert cli.main(["materialize", "-c", str(config)]) == 2
+    assert cli.main(["materialize", "-c", str(config), "--workers", workers]) == 2
     err = capsys.readouterr().err
     assert f"{config}: " in err and named in err
     if "(no such op)" in named or "(takes no config)" in named:

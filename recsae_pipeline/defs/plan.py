@@ -8,8 +8,8 @@ its other assets in a run of its own (a subset run of `main`, with that asset's 
 each partition's jobs as soon as that partition's model is trained. While the teacher trains,
 SASRec's partitions build their SAEs; the two students and the layer probe train side by side.
 
-`run_parallel` runs a plan on `workers` processes (spawned once, so each pays its imports
-once), each step as one Dagster run in its worker (`execute_in_process`) once the steps it
+`run_parallel` runs a plan on `workers` processes (`start_workers`: spawned once, each
+importing the definitions as it starts, so the imports overlap and each pays them once), each step as one Dagster run in its worker (`execute_in_process`) once the steps it
 waits for have succeeded; among steps ready at once, the plan's `first` ones start first,
 then those with the most steps waiting behind them, then plan order. Every step gets a
 fixed number of torch threads, decided by the plan and not by timing (cores // workers; all
@@ -23,6 +23,7 @@ import os
 import time
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from contextlib import nullcontext
 from multiprocessing import get_context
 from typing import Any, NamedTuple
 
@@ -226,6 +227,27 @@ def _init_worker(threads: int) -> None:
     # Before torch is imported in this process: OpenMP reads these once.
     os.environ["OMP_NUM_THREADS"] = str(threads)
     os.environ["MKL_NUM_THREADS"] = str(threads)
+    # Every step needs the definitions (torch, transformers, Dagster: about 10 s of imports);
+    # importing them here, as the pool starts, overlaps the workers' imports with each other.
+    import recsae_pipeline.defs.definitions  # noqa: F401
+
+
+def start_workers(workers: int, share: int | None = None) -> ProcessPoolExecutor:
+    """`workers` spawned processes for `run_parallel`, started now: each imports the
+    definitions as it starts, so the caller can hand the first worker free work (building the
+    plan, say) while the others import. `share`: torch threads of a step that does not run
+    alone (default: cores // workers)."""
+    share = share or max(1, available_cores() // workers)
+    pool = ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=get_context("spawn"),  # fork would copy a process that may hold threads
+        initializer=_init_worker,
+        initargs=(share,),
+    )
+    # The pool spawns a process per submit while none is idle: one no-op each starts them all.
+    for _ in range(workers):
+        pool.submit(os.getpid)
+    return pool
 
 
 def waiting_counts(plan: list[PlanStep]) -> dict[str, int]:
@@ -256,12 +278,14 @@ def run_parallel(
     force: bool = False,
     cores: int | None = None,
     share: int | None = None,
+    pool: ProcessPoolExecutor | None = None,
 ) -> Iterator[StepOutcome]:
     """Run `plan` on `workers` processes, yielding each step's outcome as it ends; after a
     failed step nothing new starts and the rest is not yielded. `configs` maps job -> run
     config (`cli.job_run_configs`). A step that runs alone gets `cores` torch threads (default:
     this process's), any other `share` (default: cores // workers): the bytes a step writes
-    depend on its thread count, never on which steps happened to run beside it."""
+    depend on its thread count, never on which steps happened to run beside it. `pool`: the
+    workers of `start_workers(workers, share)`, left running (default: a pool of its own)."""
     cores = cores or available_cores()
     share = share or max(1, cores // workers)
     labels = [s.label for s in plan]
@@ -273,13 +297,7 @@ def run_parallel(
     waiting = waiting_counts(plan)
     pending, done = list(plan), set()
     running: dict[Future, PlanStep] = {}
-    context = get_context("spawn")  # fork would copy a process that may hold threads
-    with ProcessPoolExecutor(
-        max_workers=workers,
-        mp_context=context,
-        initializer=_init_worker,
-        initargs=(share,),
-    ) as pool:
+    with nullcontext(pool) if pool else start_workers(workers, share) as pool:
         failed = False
         while pending or running:
             while not failed and len(running) < workers:
