@@ -10,15 +10,12 @@ double argsort put the positive first among ties).
 from __future__ import annotations
 
 import math
-import warnings
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
-
-# sparse_auc's products run on CSR tensors, which torch flags as beta once per process.
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 
 def target_ranks(scores: Tensor, targets: Tensor) -> Tensor:
@@ -143,11 +140,16 @@ def _auc_from_rank_sums(rank_sums: Tensor, n_pos: Tensor, n_rows: int) -> Tensor
 
 
 class SparseRanks(NamedTuple):
-    """What `sparse_auc` needs of a sparse code, whatever the labels: per feature, its rows and
-    their average ranks as CSR matrices [n_latents, R] (`sparse_ranks`)."""
+    """What `sparse_auc` needs of a top-k code, whatever the labels: per entry of the code its
+    feature, whether it is active and its rank among that feature's R values (`sparse_ranks`)."""
 
-    ones: Tensor
+    indices: Tensor
+    """int64 [R, k]: the code's features."""
+    active: Tensor
+    """float64 [R, k]: 1 where the entry is active (value > 0), else 0."""
     ranks: Tensor
+    """float64 [R, k]: an active entry's rank among its feature's R values (the zero rows
+    ranked first, as one tie group); 0 where the entry is inactive."""
     zeros: Tensor
     """float64 [n_latents]: rows where the feature is zero (one tie group)."""
     n_rows: int
@@ -157,41 +159,59 @@ def sparse_ranks(values: Tensor, indices: Tensor, n_latents: int) -> SparseRanks
     """The label-independent half of `sparse_auc`: built once, it scores any number of label
     matrices (`sparse_auc_from`)."""
     n_rows = len(values)
-    active = values > 0
-    rows = torch.arange(n_rows).unsqueeze(1).expand_as(indices)[active]
-    feature = indices[active]
-    value = values[active]
-    order = torch.argsort(value, stable=True)
-    order = order[torch.argsort(feature[order], stable=True)]
-    feature, rows = feature[order], rows[order]
+    active = (values > 0).flatten()
+    where = torch.nonzero(active).squeeze(1)  # flat positions of the active entries
+    feature = indices.flatten()[where]
+    # By feature, then value, then position: one sort of feature * 2^32 + the value's bits (a
+    # positive float32's bits order as int32 the way its values do).
+    bits = values.flatten()[where].float().contiguous().view(torch.int32).long()
+    order = torch.argsort(feature.long() * 2**32 + bits, stable=True)
     counts = torch.bincount(feature, minlength=n_latents)
     starts = torch.cumsum(counts, 0) - counts
     zeros = (n_rows - counts).double()
+    feature = feature[order]
     rank = zeros[feature] + (torch.arange(len(feature)) - starts[feature] + 1).double()
-    # CSR straight from the feature-sorted entries (rows in value order within a feature:
-    # the products' sums are of integers below 2^53, so their order cannot change a bit);
-    # COO would sort them once more to coalesce. The per-entry work arrays are freed first.
-    crow = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
-    del feature, value, order, active
-    ones = torch.sparse_csr_tensor(
-        crow, rows, torch.ones(len(rows), dtype=torch.float64, device=rows.device),
-        (n_latents, n_rows), check_invariants=False,
-    )  # fmt: skip
-    ranks = torch.sparse_csr_tensor(crow, rows, rank, (n_latents, n_rows), check_invariants=False)
-    return SparseRanks(ones, ranks, zeros, n_rows)
+    ranks = torch.zeros(values.numel(), dtype=torch.float64)
+    ranks[where[order]] = rank
+    shape = values.shape
+    return SparseRanks(
+        indices.long(), active.double().view(shape), ranks.view(shape), zeros, n_rows
+    )
+
+
+# Entries gathered at once by the AUC sums (positives x code width): 2M x 8 bytes per array.
+_GATHER_ENTRIES = 2_000_000
+
+
+def _positive_pairs(labels: Tensor, width: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """(rows, columns) of the positives of bool `labels`, at most `_GATHER_ENTRIES // width`
+    at a time."""
+    rows, columns = torch.nonzero(labels, as_tuple=True)
+    step = max(1, _GATHER_ENTRIES // max(width, 1))
+    for start in range(0, len(rows), step):
+        yield rows[start : start + step], columns[start : start + step]
 
 
 def sparse_auc_from(code: SparseRanks, labels: Tensor, chunk: int = 64) -> Tensor:
     """`sparse_auc` of a code's `sparse_ranks` against bool labels [R, C]."""
     n_pos = column_sums(labels).double()  # [C]
-    out = torch.empty(code.ones.shape[0], labels.shape[1], dtype=torch.float64)
+    n_latents, k = len(code.zeros), code.indices.shape[1]
+    out = torch.empty(n_latents, labels.shape[1], dtype=torch.float64)
     for start in range(0, labels.shape[1], chunk):
         cols = slice(start, start + chunk)
-        # float64 one chunk of columns at a time: R x C of them at once is 8 bytes per label
-        # (4 GB at 500k sampled rows x 1,000 targets)
-        block = labels[:, cols].double().contiguous()
-        pos_nonzero = torch.sparse.mm(code.ones, block)  # [n_latents, c]
-        rank_nonzero = torch.sparse.mm(code.ranks, block)
+        block = labels[:, cols]
+        width = block.shape[1]
+        # Per (column, feature): positives where the feature is active and their rank sum,
+        # added up over each positive's k code entries (integers below 2^53 in float64: the
+        # order of the additions cannot change a bit).
+        pos_nonzero = torch.zeros(width * n_latents, dtype=torch.float64)
+        rank_nonzero = torch.zeros(width * n_latents, dtype=torch.float64)
+        for rows, columns in _positive_pairs(block, k):
+            at = (columns.unsqueeze(1) * n_latents + code.indices[rows]).flatten()
+            pos_nonzero.index_add_(0, at, code.active[rows].flatten())
+            rank_nonzero.index_add_(0, at, code.ranks[rows].flatten())
+        pos_nonzero = pos_nonzero.view(width, n_latents).T
+        rank_nonzero = rank_nonzero.view(width, n_latents).T
         pos_zero = n_pos[cols] - pos_nonzero
         rank_sums = pos_zero * (code.zeros.unsqueeze(1) + 1) / 2 + rank_nonzero
         out[:, cols] = _auc_from_rank_sums(rank_sums, n_pos[cols], code.n_rows)
@@ -205,31 +225,36 @@ def sparse_auc(
     at detecting each label column of `labels` (bool [R, C]); exact, with the rows where a
     feature is zero counted as one tie group (Mann-Whitney with average ranks).
 
-    Works on the nonzero entries only: two sparse [n_latents, R] @ dense [R, chunk] products
-    per `chunk` label columns (positives per feature, their rank sums), O(R * k) memory."""
+    Works from the positives: each positive row adds its k code entries' ranks to its
+    column's sums, about k x (positives) additions in all, and O(R * k) memory."""
     return sparse_auc_from(sparse_ranks(values, indices, n_latents), labels, chunk)
 
 
 def dense_ranks(x: Tensor) -> Tensor:
     """The label-independent half of `dense_auc`: each column's ranks 1..R of x [R, d], as
-    float64 [d, R] (`dense_auc_from`)."""
+    float64 [R, d] (`dense_auc_from`)."""
     n_rows = len(x)
     # numpy's sort of each column laid out as a row: ~3x torch's argsort along dim 0 here
     columns = np.ascontiguousarray(x.detach().float().cpu().numpy().T)  # [d, R]
     order = np.argsort(columns, axis=1)
     ranks = np.empty(columns.shape, dtype=np.float64)
     np.put_along_axis(ranks, order, np.arange(1, n_rows + 1, dtype=np.float64)[None, :], axis=1)
-    return torch.from_numpy(ranks)
+    return torch.from_numpy(np.ascontiguousarray(ranks.T))
 
 
 def dense_auc_from(ranks: Tensor, labels: Tensor, chunk: int = 64) -> Tensor:
-    """`dense_auc` of columns whose `dense_ranks` are `ranks` [d, R] against bool labels."""
+    """`dense_auc` of columns whose `dense_ranks` are `ranks` [R, d] against bool labels: each
+    column's rank sum over the positives, gathered row by positive row."""
     ranks = ranks.to(labels.device)
-    rank_sums = torch.empty(ranks.shape[0], labels.shape[1], dtype=torch.float64)  # [d, C]
+    d = ranks.shape[1]
+    rank_sums = torch.empty(d, labels.shape[1], dtype=torch.float64)  # [d, C]
     for start in range(0, labels.shape[1], chunk):
-        cols = slice(start, start + chunk)
-        rank_sums[:, cols] = ranks @ labels[:, cols].double()
-    return _auc_from_rank_sums(rank_sums, column_sums(labels).double(), ranks.shape[1]).float()
+        block = labels[:, start : start + chunk]
+        sums = torch.zeros(block.shape[1], d, dtype=torch.float64)
+        for rows, columns in _positive_pairs(block, d):
+            sums.index_add_(0, columns, ranks[rows])
+        rank_sums[:, start : start + block.shape[1]] = sums.T
+    return _auc_from_rank_sums(rank_sums, column_sums(labels).double(), len(ranks)).float()
 
 
 def dense_auc(x: Tensor, labels: Tensor, chunk: int = 64) -> Tensor:
