@@ -213,3 +213,65 @@ def test_fit_probes_stop_one_by_one() -> None:
     assert torch.equal(w[2:], w_sep) and torch.equal(b[2:], b_sep)
     scores = torch.einsum("tnk,tk->tn", x, w) + b[:, None]
     assert interpretability.tied_auc(scores[2], y[2]) == 1.0  # the separable one separates
+
+
+def _sparse_probe_problem(seed: int, n: int = 4000) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eight 2-unit probes on SAE-like columns (75% zeros) and rare positives (about 5%)."""
+    generator = torch.Generator().manual_seed(seed)
+    draw = torch.rand(8, n, 2, generator=generator).log().neg()
+    x = draw * (torch.rand(8, n, 2, generator=generator) < 0.25)
+    logit = 2.5 * x[..., 0] + 1.5 * x[..., 1] - 6
+    return x, torch.rand(8, n, generator=generator) < torch.sigmoid(logit)
+
+
+def test_the_warm_started_probes_reach_the_from_zero_optimum(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Fitting a row subsample first and then all rows finds the same optimum as Newton from
+    zero on all rows (to its 1e-4 step tolerance): the held-in AUCs agree to 1e-5."""
+    x, y = _sparse_probe_problem(0)
+    assert x.shape[1] >= 250 * interpretability.WARM_START_EVERY  # the warm path runs
+    warm = interpretability.fit_probes(x, y)
+    monkeypatch.setattr(interpretability, "WARM_START_EVERY", x.shape[1])  # from zero only
+    cold = interpretability.fit_probes(x, y)
+    for w, b in (warm, cold):
+        assert torch.isfinite(w).all() and torch.isfinite(b).all()
+    scores = [torch.einsum("tnk,tk->tn", x, w) + b[:, None] for w, b in (warm, cold)]
+    aucs = [interpretability.tied_aucs(s, y) for s in scores]
+    assert torch.allclose(aucs[0], aucs[1], atol=1e-5, rtol=0)
+    assert torch.allclose(warm[0], cold[0], atol=1e-3, rtol=1e-3)
+
+
+def test_a_probe_that_cycles_from_its_warm_start_is_fitted_again_from_zero(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Newton without a line search cycles on these probes when it starts from the prior's
+    intercept (zero weights); handed that start as the warm one, the probes still cycling are
+    fitted again from zero, to exactly the weights of the from-zero fit, and the others
+    converge to the same optimum anyway."""
+    x, y = _sparse_probe_problem(0)
+    newton = interpretability._newton
+    retried: list[torch.Tensor] = []
+
+    def warm_start_at_the_prior(z, target, theta, penalty, iterations):  # noqa: ANN001, ANN202
+        if not retried:  # the subsample's fit: hand back the cycling start instead
+            retried.append(torch.empty(0))
+            prior = target.mean(1)
+            theta = torch.zeros_like(theta)
+            theta[:, -1] = torch.log(prior / (1 - prior))
+            return theta, torch.zeros(len(theta))
+        theta, last = newton(z, target, theta, penalty, iterations)
+        retried.append(last > 1e-2)
+        return theta, last
+
+    monkeypatch.setattr(interpretability, "_newton", warm_start_at_the_prior)
+    w, b = interpretability.fit_probes(x, y)
+    cycled = retried[1]  # after the full-row steps from the bad start
+    assert len(retried) == 3 and int(cycled.sum()) >= 4  # most cycled: all of them retried
+    monkeypatch.setattr(interpretability, "_newton", newton)
+    monkeypatch.setattr(interpretability, "WARM_START_EVERY", x.shape[1])
+    w_cold, b_cold = interpretability.fit_probes(x, y)
+    assert torch.equal(w[cycled], w_cold[cycled]) and torch.equal(b[cycled], b_cold[cycled])
+    scores = [torch.einsum("tnk,tk->tn", x, w) + b[:, None] for w, b in ((w, b), (w_cold, b_cold))]
+    aucs = [interpretability.tied_aucs(s, y) for s in scores]
+    assert torch.allclose(aucs[0], aucs[1], atol=1e-5, rtol=0)

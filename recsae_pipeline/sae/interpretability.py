@@ -385,6 +385,11 @@ def tied_aucs(scores: Tensor, labels: Tensor) -> Tensor:
     return torch.from_numpy(out)
 
 
+WARM_START_EVERY = 8
+"""`fit_probes` first fits every this-many-th row (from zero), then all rows from there."""
+WARM_START_ITERATIONS = 20
+
+
 def fit_probes(
     x: Tensor, y: Tensor, l2: float = 1e-3, iterations: int = 50
 ) -> tuple[Tensor, Tensor]:
@@ -394,15 +399,44 @@ def fit_probes(
     stops once its step is below 1e-4, all of them after `iterations` (float32 products,
     float64 solves). Only the probes still moving take part in a step, so a few slow ones
     (near-separable targets, which take every iteration) no longer carry the rest along.
+
+    With N >= 250 x `WARM_START_EVERY` rows, Newton first runs from zero on every
+    `WARM_START_EVERY`-th row (at most `WARM_START_ITERATIONS` steps), and then on all rows
+    from there: the same optimum (the penalised loss is strictly convex) in about 4 full passes
+    instead of 9. Newton without a line search can cycle from a start that is not zero, so a
+    probe whose last full step is still above 1e-2 is fitted again from zero on all rows.
     Returns (w [T, k], b [T]) for the raw columns (standardisation folded in)."""
     mean = x.mean(1, keepdim=True)
     std = x.std(1, keepdim=True).clamp_min(1e-6)
     z = torch.cat([(x - mean) / std, torch.ones_like(x[..., :1])], dim=-1).float()  # [T, N, k+1]
     target = y.float()
-    n, width = z.shape[1], z.shape[2]
+    width = z.shape[2]
     penalty = torch.full((width,), 2 * l2, dtype=torch.float32)
     penalty[-1] = 0.0  # the intercept is not penalised
-    theta = torch.zeros(z.shape[0], width, dtype=torch.float32)
+    start = torch.zeros(z.shape[0], width, dtype=torch.float32)
+    if z.shape[1] >= 250 * WARM_START_EVERY:
+        every = slice(None, None, WARM_START_EVERY)
+        warm, _ = _newton(z[:, every], target[:, every], start.clone(), penalty,
+                          min(iterations, WARM_START_ITERATIONS))  # fmt: skip
+        theta, last_step = _newton(z, target, warm, penalty, iterations)
+        cycling = torch.nonzero(last_step > 1e-2).squeeze(1)
+        if len(cycling):
+            theta[cycling], _ = _newton(z[cycling], target[cycling], start[cycling], penalty,
+                                        iterations)  # fmt: skip
+    else:
+        theta, _ = _newton(z, target, start, penalty, iterations)
+    w = theta[:, :-1] / std.squeeze(1).double()
+    b = theta[:, -1] - (w * mean.squeeze(1).double()).sum(1)
+    return w.float(), b.float()
+
+
+def _newton(
+    z: Tensor, target: Tensor, theta: Tensor, penalty: Tensor, iterations: int
+) -> tuple[Tensor, Tensor]:
+    """`fit_probes`' damped Newton steps from `theta` [T, k+1] (updated in place) on z
+    [T, N, k+1]; (theta, each probe's last step norm [T])."""
+    n = z.shape[1]
+    last_step = torch.zeros(z.shape[0])
     moving = torch.arange(z.shape[0])  # the probes still iterating, and their rows of z
     z_moving, target_moving = z, target
     for _ in range(iterations):
@@ -418,14 +452,13 @@ def fit_probes(
         step = step.squeeze(-1).float()
         norm = torch.linalg.vector_norm(step, dim=1, keepdim=True)
         theta[moving] = current - step * torch.clamp(4.0 / norm.clamp_min(1e-12), max=1.0)
+        last_step[moving] = norm.squeeze(1)
         still = norm.squeeze(1) >= 1e-4  # converged (Newton: quadratically, near the optimum)
         if not bool(still.any()):
             break
         if not bool(still.all()):
             moving, z_moving, target_moving = moving[still], z_moving[still], target_moving[still]
-    w = theta[:, :-1] / std.squeeze(1).double()
-    b = theta[:, -1] - (w * mean.squeeze(1).double()).sum(1)
-    return w.float(), b.float()
+    return theta, last_step
 
 
 def probe_split(user_idx: Tensor) -> Tensor:
