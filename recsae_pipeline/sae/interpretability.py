@@ -370,7 +370,11 @@ def tied_aucs(scores: Tensor, labels: Tensor) -> Tensor:
     (NaN for a row without both classes). Per row one sort and a binary search of the
     positives only: a value's average rank is the mean of its first and last 1-based
     positions in the sorted row (numpy: about 3x `torch.unique`'s average ranks)."""
-    values, positive = scores.detach().double().cpu().numpy(), labels.cpu().numpy()
+    # Sorted in their own precision (float32 sorts in half float64's time): widening would
+    # change no order and no tie.
+    values = scores.detach().cpu()
+    values = (values if values.dtype == torch.float64 else values.float()).numpy()
+    positive = labels.cpu().numpy()
     out = np.full(len(values), math.nan)
     for row, (v, y) in enumerate(zip(values, positive, strict=True)):
         n_pos = int(y.sum())
