@@ -7,6 +7,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import dagster as dg
@@ -136,3 +139,42 @@ def test_steps_with_the_longest_queue_behind_them_start_first() -> None:
         "features [model.layer1]": 1,
         "report": 0,
     }
+
+
+def test_the_workers_end_when_the_process_that_started_them_is_killed(tmp_path: Path) -> None:
+    """When the process that started the workers dies without shutting the pool down
+    (SIGKILL), each worker ends within a second or so, though busy with a step (here a long
+    sleep); without that they would run on and then wait for work for ever."""
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import time\n"
+        "from recsae_pipeline.defs.plan import start_workers\n"
+        "if __name__ == '__main__':\n"
+        "    pool = start_workers(2, share=1, warm=False)\n"
+        "    busy = [pool.submit(time.sleep, 60) for _ in range(2)]\n"
+        "    while sum(f.running() for f in busy) < 2:\n"
+        "        time.sleep(0.05)\n"
+        "    print(*pool._processes, flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=Path.cwd()
+    )
+    assert parent.stdout is not None
+    workers = [int(pid) for pid in parent.stdout.readline().split()]
+    assert len(workers) == 2 and all(_alive(pid) for pid in workers)
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in workers), "a worker outlived its parent"
+
+
+def _alive(pid: int) -> bool:
+    """`pid` runs and is not a zombie (an orphan that init has not reaped yet)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"

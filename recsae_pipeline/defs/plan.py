@@ -20,6 +20,7 @@ run. The first failed step stops the plan: running steps finish, nothing new sta
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -223,26 +224,41 @@ def _worker_step(
     return outcome(step.label, result, time.perf_counter() - start)
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, parent: int, warm: bool = True) -> None:
+    _die_with_parent(parent)
     # Before torch is imported in this process: OpenMP reads these once.
     os.environ["OMP_NUM_THREADS"] = str(threads)
     os.environ["MKL_NUM_THREADS"] = str(threads)
-    # Every step needs the definitions (torch, transformers, Dagster: about 10 s of imports);
-    # importing them here, as the pool starts, overlaps the workers' imports with each other.
-    import recsae_pipeline.defs.definitions  # noqa: F401
+    if warm:
+        # Every step needs the definitions (torch, transformers, Dagster: about 10 s of
+        # imports); importing them here, as the pool starts, overlaps the workers' imports.
+        import recsae_pipeline.defs.definitions  # noqa: F401
 
 
-def start_workers(workers: int, share: int | None = None) -> ProcessPoolExecutor:
+def _die_with_parent(parent: int) -> None:
+    """End this worker once `parent`, the process that started it, is gone (killed, say): a
+    pool worker busy with a step would otherwise run on, and then wait for work for ever.
+    A step's outputs are staged until they are published, so nothing published is lost."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
+
+
+def start_workers(workers: int, share: int | None = None, warm: bool = True) -> ProcessPoolExecutor:
     """`workers` spawned processes for `run_parallel`, started now: each imports the
-    definitions as it starts, so the caller can hand the first worker free work (building the
-    plan, say) while the others import. `share`: torch threads of a step that does not run
-    alone (default: cores // workers)."""
+    definitions as it starts (`warm`), so the caller can hand the first worker free work
+    (building the plan, say) while the others import; each ends when this process does.
+    `share`: torch threads of a step that does not run alone (default: cores // workers)."""
     share = share or max(1, available_cores() // workers)
     pool = ProcessPoolExecutor(
         max_workers=workers,
         mp_context=get_context("spawn"),  # fork would copy a process that may hold threads
         initializer=_init_worker,
-        initargs=(share,),
+        initargs=(share, os.getpid(), warm),
     )
     # The pool spawns a process per submit while none is idle: one no-op each starts them all.
     for _ in range(workers):
