@@ -18,10 +18,11 @@ from recsae_pipeline.models.artifacts import (
     load_initialisation,
     load_recommender,
     read_metrics,
+    read_test_ranks,
     state_sha256,
 )
 from recsae_pipeline.models.recommender import student_from_teacher
-from recsae_pipeline.models.training import evaluate
+from recsae_pipeline.models.training import evaluate, evaluate_with_ranks
 from recsae_pipeline.sae.model import TopKSae
 from recsae_pipeline.storage.registry import parse_partition_key
 from recsae_pipeline_tests.support import (
@@ -47,7 +48,8 @@ def test_every_model_asset_and_check_runs(tiny_store: TinyStore) -> None:
         assert checks[(model, "beats_popularity")].passed, checks[(model, "beats_popularity")]
     assert ("student", "student_close_to_teacher") in checks
     for name in models.MODELS:
-        files = {"config.json", "model.safetensors", "metrics.json"}
+        # test_ranks: each test user's rank, which recommender_eval reads instead of rescoring
+        files = {"config.json", "model.safetensors", "metrics.json", "test_ranks.safetensors"}
         # The teacher keeps its untrained initialisation: where both students start.
         files |= {"init.safetensors"} if name == "teacher" else set()
         assert {p.name for p in (tiny_store.root / "models" / name).iterdir()} == files
@@ -69,13 +71,19 @@ def test_both_students_start_from_the_teachers_untrained_initialisation(
     assert expected != state_sha256(student_from_teacher(trained, num_layers=layers))
 
 
-def test_saved_model_reproduces_its_metrics(tiny_store: TinyStore) -> None:
+def test_saved_model_reproduces_its_metrics_and_test_ranks(tiny_store: TinyStore) -> None:
+    """A reload scores exactly as the saved model did: the same test metrics, and the same
+    per-user ranks as the saved `test_ranks.safetensors` that `recommender_eval` reads."""
     root = tiny_store.root
     seqs, num_items = read_sequences(root / "sequences" / "sequences.parquet")
-    for name in ("sasrec", "student"):
+    for name in models.MODELS:
         saved = json.loads((root / "models" / name / "metrics.json").read_text())
         model = load_recommender(root / "models" / name, torch.device("cpu"))
-        assert evaluate(model, seqs, num_items, "test", torch.device("cpu")) == saved["test"]
+        test, ranks = evaluate_with_ranks(model, seqs, num_items, "test", torch.device("cpu"))
+        assert test == saved["test"]
+        saved_ranks = read_test_ranks(root / "models" / name)
+        assert saved_ranks is not None and torch.equal(saved_ranks, ranks), name
+        assert evaluate(model, seqs, num_items, "test", torch.device("cpu")) == test
 
 
 def test_eval_table_and_probe(tiny_store: TinyStore) -> None:

@@ -8,6 +8,8 @@ by the sha256 of its weights. Loading finds the base (at that path, else at `bas
 folder above the model, as in the storage root), checks the sha256 and merges the adapter.
 A teacher also keeps `init.safetensors`: its weights before training (without a pretrained
 base's own weights), from which both students start.
+A trained model keeps `test_ranks.safetensors`: each test user's rank, which its test metrics
+came from and which `recommender_eval` reads instead of scoring the model again.
 
 Directories are written beside the target and renamed into place (`store.atomic_path`), so a
 reader never sees a half-written model; an existing model is replaced only once the new one
@@ -39,6 +41,9 @@ from recsae_pipeline.storage.registry import METRICS_FILE, MODEL_CONFIG_FILE, MO
 FORMAT_VERSION = 1
 ADAPTER_DIR = "adapter"
 INIT_FILE = "init.safetensors"
+TEST_RANKS_FILE = "test_ranks.safetensors"
+"""Each test user's full-ranking rank (`ranks`, int64, in sequences order), as `metrics.json`'s
+test metrics were computed from them."""
 BACKBONE_PREFIX = "backbone."
 BASE_DIR_NAME = "base_llm"
 SAVED_NAMES = {"hidden_size": "hidden", "num_layers": "layers", "num_heads": "heads"}
@@ -212,6 +217,12 @@ def initial_state(model: Recommender) -> dict[str, Tensor]:
     if model.config.pretrained_path is not None:
         state = {k: v for k, v in state.items() if not k.startswith(BACKBONE_PREFIX)}
     return {k: v.detach().clone() for k, v in state.items()}
+
+
+def read_test_ranks(path: str | Path) -> Tensor | None:
+    """The saved model's `TEST_RANKS_FILE` ranks; None for a model saved without them."""
+    file = Path(path) / TEST_RANKS_FILE
+    return load_file(file)["ranks"] if file.is_file() else None
 
 
 def read_metrics(path: str | Path) -> dict[str, Any]:

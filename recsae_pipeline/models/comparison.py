@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from recsae_pipeline.data.batching import Split
 from recsae_pipeline.models.metrics import per_user_ndcg
@@ -64,12 +65,17 @@ def per_user_rows(
     sequences: list[np.ndarray],
     device: torch.device,
     split: Split = "test",
+    saved_ranks: Mapping[str, Tensor | None] | None = None,
 ) -> dict[str, np.ndarray]:
     """Columns of one row per (model, user): the user's index in `sequences`, the 0-based rank
-    of their `split` target (seen items filtered) and their NDCG@10 and HR@10."""
+    of their `split` target (seen items filtered) and their NDCG@10 and HR@10. A model's test
+    `saved_ranks` (its training step's, `TEST_RANKS_FILE`) stand in for scoring it again:
+    a reload scores exactly as the saved model did."""
     columns: dict[str, list[np.ndarray]] = {"model": [], "user": [], "rank": [], "ndcg@10": []}
     for name, scorer in scorers.items():
-        ranks, _ = user_ranks(scorer, sequences, split, device)
+        ranks = (saved_ranks or {}).get(name) if split == "test" else None
+        if ranks is None or len(ranks) != len(sequences):
+            ranks, _ = user_ranks(scorer, sequences, split, device)
         columns["model"].append(np.full(len(ranks), name, dtype=object))
         columns["user"].append(np.arange(len(ranks), dtype=np.int32))
         columns["rank"].append(ranks.numpy().astype(np.int32))

@@ -285,6 +285,25 @@ def evaluate(
 ) -> dict[str, float]:
     """Full-ranking HR/NDCG/MRR@10/20 with seen items filtered, plus SLMRec's sampled metrics
     (prefixed `sampled_`, negatives seeded by `seed`) unless sampled=False."""
+    return evaluate_with_ranks(
+        scorer, sequences, num_items, split, device, max_len, batch_size, sampled, seed,
+        filter_seen_items,
+    )[0]  # fmt: skip
+
+
+def evaluate_with_ranks(
+    scorer: NextItemScorer,
+    sequences: list[np.ndarray],
+    num_items: int,
+    split: Split,
+    device: torch.device,
+    max_len: int | None = None,
+    batch_size: int = 512,
+    sampled: bool = True,
+    seed: int = 0,
+    filter_seen_items: bool = True,
+) -> tuple[dict[str, float], Tensor]:
+    """`evaluate`'s metrics and the full-ranking ranks they come from (`user_ranks`)."""
     negatives = sample_negatives(sequences, num_items, seed=seed) if sampled else None
     full, sampled_rank = user_ranks(
         scorer, sequences, split, device, max_len, batch_size, filter_seen_items, negatives
@@ -292,7 +311,7 @@ def evaluate(
     metrics = full_ranking_metrics(full)
     if sampled_rank is not None:
         metrics |= {f"sampled_{k}": v for k, v in sampled_metrics(sampled_rank).items()}
-    return metrics
+    return metrics, full
 
 
 def _optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.AdamW:

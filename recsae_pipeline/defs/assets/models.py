@@ -22,10 +22,12 @@ from recsae_pipeline.defs.versioning import content_versioned
 from recsae_pipeline.distributed.ranks import train_result
 from recsae_pipeline.models.artifacts import (
     INIT_FILE,
+    TEST_RANKS_FILE,
     initial_state,
     load_initialisation,
     load_recommender,
     read_metrics,
+    read_test_ranks,
     save_recommender,
     state_sha256,
 )
@@ -54,7 +56,7 @@ from recsae_pipeline.models.training import (
     NextItemScorer,
     TrainConfig,
     TrainResult,
-    evaluate,
+    evaluate_with_ranks,
     train_recommender,
 )
 from recsae_pipeline.models.validation import beats_popularity, close_to_teacher, finite_weights
@@ -299,7 +301,9 @@ Trainer = Callable[[Any, TrainInputs], Trained]
 def _finish(inputs: TrainInputs, name: str, trained: Trained) -> dg.MaterializeResult:
     """Evaluate on test, save the model directory atomically, return metadata for the UI."""
     model, result = trained.model, trained.result
-    test = evaluate(model, inputs.sequences, inputs.num_items, "test", inputs.device)
+    test, ranks = evaluate_with_ranks(
+        model, inputs.sequences, inputs.num_items, "test", inputs.device
+    )
     metrics = {
         "valid": result.best_valid,
         "test": test,
@@ -320,7 +324,8 @@ def _finish(inputs: TrainInputs, name: str, trained: Trained) -> dg.MaterializeR
         ],
         **trained.metrics,
     }
-    path = save_recommender(model, inputs.paths.model_dir(name), metrics, trained.extra_tensors)
+    extra = {**trained.extra_tensors, TEST_RANKS_FILE: {"ranks": ranks}}  # recommender_eval's
+    path = save_recommender(model, inputs.paths.model_dir(name), metrics, extra)
     curve = _curve(result, name, inputs.paths.report(f"training_{name}"))
     inputs.context.log.info(
         f"{name}: test NDCG@10 {test['ndcg@10']:.4f}, HR@10 {test['hr@10']:.4f}; saved to {path}"
@@ -631,7 +636,8 @@ def recommender_eval(
 
     rows = comparison_rows(scorers, saved, seqs, num_items, dev, on_row=log)
     path = write_parquet(pa.Table.from_pylist(rows), storage.paths.recommender_eval)
-    users = pa.table(per_user_rows(scorers, seqs, dev))
+    saved_ranks = {name: read_test_ranks(storage.paths.model_dir(name)) for name in MODELS}
+    users = pa.table(per_user_rows(scorers, seqs, dev, saved_ranks=saved_ranks))
     write_parquet(users, storage.paths.recommender_eval_users)
     write_json(rows, storage.paths.report("recommender_eval", ".json"))
     storage.refresh_duckdb()
