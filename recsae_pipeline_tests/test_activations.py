@@ -18,6 +18,7 @@ from recsae_pipeline.activations import shards
 from recsae_pipeline.activations.hooks import edit_hidden, read_hidden
 from recsae_pipeline.activations.shards import (
     activation_schema,
+    default_writer_queue,
     expected_rows,
     iter_activation_batches,
     load_activations,
@@ -280,6 +281,19 @@ def test_the_writer_thread_writes_the_same_bytes_as_the_callers_thread(
         reports.append(report._replace(seconds=0.0, forward_seconds=0.0))
     assert files[0] == files[1] == files[2] and len(files[0]) == reports[0].shards
     assert reports[0] == reports[1] == reports[2]
+
+
+def test_a_writer_thread_only_when_the_forward_leaves_a_core_free(monkeypatch):
+    monkeypatch.setattr(shards.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)  # torch on every core: write between batches
+        assert default_writer_queue(CPU) == 0
+        assert default_writer_queue(torch.device("meta")) == 2  # the forward is off the CPU
+        torch.set_num_threads(1)  # a core to spare
+        assert default_writer_queue(CPU) == 2
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_the_forward_passes_run_at_most_writer_queue_batches_ahead(tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ the next item, labelled by the leave-one-out split of the full sequence.
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import threading
 import time
@@ -267,6 +268,22 @@ class _WriterThread:
             self.thread.join()
 
 
+def default_writer_queue(device: torch.device) -> int:
+    """`write_activations`' writer queue when none is given: 2 (a writer thread) when the
+    forward pass leaves a core free (it runs on an accelerator, or torch uses fewer threads
+    than this process may run on), else 0 (write on the caller's thread). A writer thread
+    beside torch's threads on every core preempts one of them and each parallel op waits for
+    it: on 2 cores the forward ran 1.47x slower and extraction took longer than writing
+    between batches (benchmarks/activations.py)."""
+    if device.type != "cpu":
+        return 2
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return 2 if cores > torch.get_num_threads() else 0
+
+
 def write_activations(
     model: Recommender,
     sequences: Sequence[np.ndarray],
@@ -277,20 +294,23 @@ def write_activations(
     rows_per_shard: int = 200_000,
     row_group_rows: int = 65_536,
     on_progress: Callable[[int, int], None] | None = None,
-    writer_queue: int = 2,
+    writer_queue: int | None = None,
 ) -> ShardReport:
     """Write block `layer`'s output for every user (sequences[i] is user_idx i + 1) to shards.
 
     Streams: memory holds `writer_queue` + 1 batches of users plus one row group. The model is
     moved to `device` and run in eval mode (its mode is restored after). Rows are gathered,
     encoded and compressed on a writer thread while the next batch runs forward; with
-    `writer_queue=0` all of it runs on the caller's thread instead (same bytes). The partition
-    is built in a temp sibling and renamed over `out_dir` only when complete, so a crash, or
-    an error on the writer thread (raised here as a RuntimeError), leaves the previous
-    partition as it was. `on_progress(done_users, total_users)` runs after each batch's
+    `writer_queue=0` all of it runs on the caller's thread instead (same bytes);
+    `writer_queue=None` picks one by `default_writer_queue`. The partition is built in a
+    temp sibling and renamed over `out_dir` only when complete, so a crash, or an error on
+    the writer thread (raised here as a RuntimeError), leaves the previous partition as it
+    was. `on_progress(done_users, total_users)` runs after each batch's
     forward pass.
     """
     layer_block(model, layer)  # fail on a bad layer before any work
+    if writer_queue is None:
+        writer_queue = default_writer_queue(device)
     if batch_users < 1 or rows_per_shard < 1 or row_group_rows < 1 or writer_queue < 0:
         raise ValueError(
             f"batch_users={batch_users}, rows_per_shard={rows_per_shard}, "

@@ -747,23 +747,34 @@ def render_activations_bench(bench: dict[str, Any]) -> list[str]:
         "### Speed: activation extraction",
         "",
         f"`{bench['command']}` (commit {bench['commit']}): extraction (forward, gathering, "
-        "statistics and Parquet on the writer thread) over the bare forward pass on the same "
-        "users, runs interleaved: the medians' ratio, the best runs' ratio (other work only "
-        "slows a run), each run's ratio to the bare pass beside it, and the bare pass's own "
-        f"range ({bench.get('machine', 'machine not recorded')}).",
+        "statistics and Parquet) over the bare forward pass on the same users, runs "
+        "interleaved, in the mode `write_activations` picks on this machine (a writer thread "
+        "only when the forward leaves a core free) and in both modes: the medians' ratio, "
+        "the best runs' ratio (other work only slows a run), each run's ratio to the bare "
+        "pass beside it, and the bare pass's own range "
+        f"({bench.get('machine', 'machine not recorded')}).",
         "",
-        "| scale | rows | extraction / forward (medians) | (best runs) | every run "
-        "| bare forward s | peak RSS MB | 1-min load |",
-        "|---|---|---|---|---|---|---|---|",
+        "| scale | rows | default mode | extraction / forward (medians) | (best runs) "
+        "| writer thread | caller's thread | every run | bare forward s | peak RSS MB "
+        "| 1-min load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def ratio(value: float | None) -> str:
+        return f"{value:.2f}x" if value is not None else "not recorded"
+
     for s in bench["scales"]:
         runs = ", ".join(f"{r:.2f}" for r in s["run_ratios"])
         loads = [load[0] for load in s["load_average_1_5_15"]]
-        best = s.get("best_extraction_over_forward")
         spread = s.get("bare_forward_spread_seconds")
+        threaded = s.get("threaded_extraction_over_forward")
+        if threaded is None and "default_mode" not in s:  # before the mode was chosen
+            threaded = s["extraction_over_forward"]
         out.append(
-            f"| {s['scale']}x | {s['rows']:,} | {s['extraction_over_forward']:.2f}x "
-            f"| {f'{best:.2f}x' if best is not None else 'not recorded'} | {runs} "
+            f"| {s['scale']}x | {s['rows']:,} | {s.get('default_mode', 'threaded')} "
+            f"| {ratio(s['extraction_over_forward'])} "
+            f"| {ratio(s.get('best_extraction_over_forward'))} | {ratio(threaded)} "
+            f"| {ratio(s.get('synchronous_extraction_over_forward'))} | {runs} "
             f"| {f'{spread[0]:.2f}-{spread[1]:.2f}' if spread else 'not recorded'} "
             f"| {s['peak_rss_mb']:,.0f} | {min(loads):.1f}-{max(loads):.1f} |"
         )
