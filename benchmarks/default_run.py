@@ -4,9 +4,10 @@ Runs the command in a fresh storage root and DAGSTER_HOME under --work, from thi
 another one (--checkout, e.g. a `git worktree` of an older commit, so before and after run
 the same way), optionally under py-spy (--profile: a flame graph of every process, workers
 included). Keeps in one result file: the wall time, the peak RSS of the largest process, every
-Dagster step's seconds, the test NDCG@10 of every model, and with --baseline (an earlier
-run's result file, whose --work is still on disk) each model's test NDCG@10 difference to
-that run, paired over the same test users with a bootstrap 95% CI.
+Dagster step's seconds, the test NDCG@10 of every model and of every test user, and with
+--baseline (an earlier run's result file) each model's test NDCG@10 difference to that run,
+paired over the same test users with a bootstrap 95% CI. The per-user values come from the
+baseline's result file, or from its --work when the file predates them.
 
     .venv/bin/python benchmarks/default_run.py --work /tmp/recsae-after --profile
     git worktree add /tmp/before <commit>
@@ -59,6 +60,20 @@ def per_user_ndcg(data: Path) -> dict[str, list[float]]:
     for model, user, ndcg in zip(table["model"], table["user"], table["ndcg@10"], strict=True):
         out.setdefault(model, []).append((user, ndcg))
     return {m: [v for _, v in sorted(rows)] for m, rows in out.items()}
+
+
+def baseline_ndcg(base: dict[str, Any], path: Path) -> dict[str, list[float]]:
+    """The baseline's per-user NDCG@10: from its result file, else from its --work on disk."""
+    if "per_user_test_ndcg@10" in base:
+        return base["per_user_test_ndcg@10"]
+    data = Path(base["work"]) / "data"
+    if not (data / "models" / "recommender_eval_users.parquet").is_file():
+        raise SystemExit(
+            f"default_run: {path} has no per_user_test_ndcg@10 and its work directory {data} "
+            "is gone; run the baseline again with this script (--checkout <its worktree>) "
+            "so its result file carries the per-user values"
+        )
+    return per_user_ndcg(data)
 
 
 def paired(after: dict[str, list[float]], before: dict[str, list[float]]) -> list[dict]:
@@ -141,6 +156,7 @@ def main() -> int:
         "stages": stages,
         "stage_seconds_total": round(sum(s["seconds"] for s in stages), 1),
         "test_ndcg@10": {m: sum(v) / len(v) for m, v in ndcg.items()},
+        "per_user_test_ndcg@10": ndcg,
         "recommenders": results.get("tables", {}).get("recommenders"),
         "cpus": os.cpu_count(),
         "cpu_model": cpu_model(),
@@ -154,7 +170,7 @@ def main() -> int:
     if args.baseline:
         base = json.loads(args.baseline.read_text())
         out["baseline"] = {k: base.get(k) for k in ("label", "commit", "wall_seconds", "work")}
-        out["vs_baseline"] = paired(ndcg, per_user_ndcg(Path(base["work"]) / "data"))
+        out["vs_baseline"] = paired(ndcg, baseline_ndcg(base, args.baseline))
     print(f"wrote {write_json(out, args.out)}")
     print(f"wall {wall} s; steps {out['stage_seconds_total']} s; peak RSS {peak_mb} MB")
     for row in out.get("vs_baseline", []):
