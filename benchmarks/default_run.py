@@ -9,15 +9,18 @@ Dagster step's seconds, the test NDCG@10 of every model and of every test user, 
 paired over the same test users with a bootstrap 95% CI. The per-user values come from the
 baseline's result file, or from its --work when the file predates them.
 
-    .venv/bin/python benchmarks/default_run.py --work /tmp/recsae-after --profile
     git worktree add /tmp/before <commit>
     .venv/bin/python benchmarks/default_run.py --checkout /tmp/before --work /tmp/recsae-before \\
-        --out /tmp/before.json --profile
-    .venv/bin/python benchmarks/default_run.py --collect --work /tmp/recsae-after \\
-        --baseline /tmp/before.json
+        --label before --out benchmarks/results/default_run_before.json
+    .venv/bin/python benchmarks/default_run.py --work /tmp/recsae-prof --profile \\
+        --out benchmarks/results/default_run_profile.json    # flame graph of this commit
+    .venv/bin/python benchmarks/default_run.py --work /tmp/recsae-after --label current \\
+        --baseline benchmarks/results/default_run_before.json
 
-Result: benchmarks/results/default_run_timing.json (flame graphs beside it as
-default_run_<label>.svg with --profile).
+Result: benchmarks/results/default_run_timing.json. A --profile run writes its flame graph
+beside the result file as default_run_<commit>.svg (profile in a run of its own: py-spy slows
+the run it samples); a later run of the same commit, and one comparing with a baseline whose
+commit has one, name them in the result (`flame_graph`, `baseline_flame_graph`).
 """
 
 from __future__ import annotations
@@ -60,6 +63,16 @@ def per_user_ndcg(data: Path) -> dict[str, list[float]]:
     for model, user, ndcg in zip(table["model"], table["user"], table["ndcg@10"], strict=True):
         out.setdefault(model, []).append((user, ndcg))
     return {m: [v for _, v in sorted(rows)] for m, rows in out.items()}
+
+
+def flame_graph_path(result: Path, commit: str) -> Path:
+    """Where a --profile run of `commit` writes its flame graph: beside the result file."""
+    return result.parent.resolve() / f"default_run_{commit}.svg"
+
+
+def repo_path(path: Path) -> str | None:
+    """`path` relative to the repository when it exists there (for the README), else None."""
+    return str(path.relative_to(ROOT)) if path.is_file() and path.is_relative_to(ROOT) else None
 
 
 def baseline_ndcg(base: dict[str, Any], path: Path) -> dict[str, list[float]]:
@@ -115,7 +128,7 @@ def main() -> int:
     commit = git(checkout, "rev-parse", "--short", "HEAD")
     label = args.label or commit
     command = ["materialize"] + (["--workers", args.workers] if args.workers else [])
-    svg = args.out.parent.resolve() / f"default_run_{label}.svg"
+    svg = flame_graph_path(args.out, commit)
     wall = peak_mb = None
     if args.collect:
         previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
@@ -163,13 +176,13 @@ def main() -> int:
         "load_average_at_end": os.getloadavg(),
         "note": "load average above the core count means other processes shared the cores",
         "work": str(args.work),
-        "flame_graph": str(svg.relative_to(ROOT))
-        if svg.is_file() and svg.is_relative_to(ROOT)
-        else None,
+        "profiled": bool(args.profile),
+        "flame_graph": repo_path(svg),
     }
     if args.baseline:
         base = json.loads(args.baseline.read_text())
         out["baseline"] = {k: base.get(k) for k in ("label", "commit", "wall_seconds", "work")}
+        out["baseline_flame_graph"] = repo_path(flame_graph_path(args.out, base["commit"]))
         out["vs_baseline"] = paired(ndcg, baseline_ndcg(base, args.baseline))
     print(f"wrote {write_json(out, args.out)}")
     print(f"wall {wall} s; steps {out['stage_seconds_total']} s; peak RSS {peak_mb} MB")

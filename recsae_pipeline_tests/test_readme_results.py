@@ -69,3 +69,20 @@ def test_a_training_schedule_row_shows_its_epochs_and_its_paired_difference() ->
     lines = render_train_schedule(bench)
     assert "| 0.001 | 64 | 0 | 6 | 24 | 18 | 0.1049 | +0.0075 [-0.0010, +0.0160] |" in lines[-1]
     assert lines[-1].endswith("no measurable difference |")
+
+
+def test_the_default_run_names_the_flame_graphs_of_both_commits_it_has() -> None:
+    from recsae_pipeline.report.readme import render_default_timing
+
+    run = {"benchmark": "benchmarks/default_run.py", "commit": "abc1234", "cpus": 2,
+           "wall_seconds": 301.0, "peak_rss_mb": 1800.0,
+           "baseline": {"commit": "0000aaa", "wall_seconds": 600.0},
+           "flame_graph": "benchmarks/results/default_run_abc1234.svg",
+           "baseline_flame_graph": None, "vs_baseline": []}  # fmt: skip
+    line = render_default_timing(run)[2]
+    assert "this commit `benchmarks/results/default_run_abc1234.svg`" in line
+    assert "baseline `" not in line and "missed by 1 s" in line
+    run["baseline_flame_graph"] = "benchmarks/results/default_run_0000aaa.svg"
+    assert "baseline `benchmarks/results/default_run_0000aaa.svg`" in render_default_timing(run)[2]
+    run["flame_graph"] = run["baseline_flame_graph"] = None
+    assert "No flame graph of this commit" in render_default_timing(run)[2]

@@ -647,6 +647,22 @@ def render_scale(bench: dict[str, Any], plot: str | None) -> list[str]:
     return out
 
 
+def _flame_graphs(run: dict[str, Any]) -> str:
+    """The sentence naming the flame graphs of a default run and of its baseline, if any."""
+    graphs = [
+        f"{who} `{run[key]}`"
+        for who, key in (("baseline", "baseline_flame_graph"), ("this commit", "flame_graph"))
+        if run.get(key)
+    ]
+    if not graphs:
+        return "No flame graph of this commit (`--profile` makes one). "
+    return (
+        "Flame graphs (py-spy, every process, from a profiled run of each commit of its own): "
+        + ", ".join(graphs)
+        + ". "
+    )
+
+
 def render_default_timing(run: dict[str, Any]) -> list[str]:
     """`benchmarks/default_run.py`: the default `recsae materialize`, timed, against the
     baseline run it was compared with (each model's test NDCG@10, paired over users)."""
@@ -663,7 +679,8 @@ def render_default_timing(run: dict[str, Any]) -> list[str]:
             if base
             else ""
         )
-        + f". Flame graph: `{run['flame_graph']}`. "
+        + ". "
+        + _flame_graphs(run)
         + (
             "Within the five-minute goal."
             if run["wall_seconds"] <= 300
