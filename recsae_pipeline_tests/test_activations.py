@@ -162,6 +162,8 @@ def test_shards_hold_each_users_state_at_its_position_with_target_and_split(tmp_
     table = pq.read_table(out).sort_by([("user_idx", "ascending"), ("position", "ascending")])
 
     assert table.schema.equals(activation_schema(8))
+    assert not any(f.nullable for f in table.schema)  # and no null-able activation value:
+    assert not table.schema.field("activation").type.value_field.nullable
     assert report.rows == table.num_rows == expected_rows(sequences, MAX_LEN)
     assert (report.dim, report.n_nonfinite, report.shards) == (8, 0, len(list(out.iterdir())))
     acts = np.stack(table["activation"].to_numpy(zero_copy_only=False))

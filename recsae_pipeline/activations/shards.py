@@ -60,11 +60,22 @@ class ShardReport(NamedTuple):
     """Mean L2 norm of the activation rows."""
 
 
+def activation_type(dim: int) -> pa.DataType:
+    """The activation column's type: `dim` float32 values, none of them null (a non-finite
+    value is a NaN, never a null). The non-null element saves the Parquet writer a definition
+    level per value: a third of the column's encoding time."""
+    return pa.list_(pa.field("element", pa.float32(), nullable=False), dim)
+
+
 def activation_schema(dim: int) -> pa.Schema:
-    """The shard schema for activations of width `dim` (DESIGN.md, data contracts)."""
+    """The shard schema for activations of width `dim` (DESIGN.md, data contracts); no column
+    holds nulls."""
     return pa.schema(
-        [(name, pa.int32()) for name in INT_COLUMNS]
-        + [("split", pa.string()), ("activation", pa.list_(pa.float32(), dim))]
+        [pa.field(name, pa.int32(), nullable=False) for name in INT_COLUMNS]
+        + [
+            pa.field("split", pa.string(), nullable=False),
+            pa.field("activation", activation_type(dim), nullable=False),
+        ]
     )
 
 
@@ -195,7 +206,7 @@ class _BatchStats:
         self.rows += len(acts)
         columns = _position_columns(batch.lengths, batch.windows, batch.first_user_idx)
         columns["activation"] = pa.FixedSizeListArray.from_arrays(  # zero-copy views of acts
-            pa.array(acts.reshape(-1)), dim
+            pa.array(acts.reshape(-1)), type=activation_type(dim)
         )
         self.sink.add(pa.table(columns, schema=self.sink.schema))
 
