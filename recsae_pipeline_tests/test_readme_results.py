@@ -86,3 +86,20 @@ def test_the_default_run_names_the_flame_graphs_of_both_commits_it_has() -> None
     assert "baseline `benchmarks/results/default_run_0000aaa.svg`" in render_default_timing(run)[2]
     run["flame_graph"] = run["baseline_flame_graph"] = None
     assert "No flame graph of this commit" in render_default_timing(run)[2]
+
+
+def test_the_shard_encoding_verdict_follows_the_ratios_ci() -> None:
+    from recsae_pipeline.report.readme import render_shard_encoding
+
+    medians = {n: {"wall": 0.3, "cpu": 0.2} for n in ("nullable", "not_null", "flat")}
+    bench = {"command": "benchmarks/shard_encoding.py", "commit": "abc", "machine": "m",
+             "rows": 10, "dim": 4, "megabytes": 1.0, "row_group_rows": 5, "repeats": 3,
+             "median_seconds": medians, "file_bytes": dict.fromkeys(medians, 2**20),
+             "same_values": True,
+             "not_null_over_nullable": {"wall": {"ratio": 0.8, "ci95": [0.7, 0.9]},
+                                        "cpu": {"ratio": 1.0, "ci95": [0.9, 1.1]}}}  # fmt: skip
+    last = render_shard_encoding(bench)[-1]
+    assert "wall 0.80x [0.70, 0.90] (not-null faster)" in last
+    assert "cpu 1.00x [0.90, 1.10] (no measurable difference)" in last and "hash equal" in last
+    bench["same_values"] = False
+    assert "**differently**" in render_shard_encoding(bench)[-1]

@@ -37,6 +37,7 @@ SCHEDULE_FILES = (
 )
 SAE_BENCH_FILE = "sae.json"
 ACTIVATIONS_FILE = "activations.json"
+SHARD_ENCODING_FILE = "shard_encoding.json"
 RECBOLE_FILE = "recbole.json"
 RECBOLE_PLOT = "recbole_curves.png"
 PREVIOUS_DEFAULT = "topk k=32 x32 whitening=0.1"
@@ -832,6 +833,49 @@ def render_recbole(bench: dict[str, Any], plot: str | None) -> list[str]:
     return out
 
 
+def render_shard_encoding(bench: dict[str, Any]) -> list[str]:
+    """`benchmarks/shard_encoding.py`: the activation column's Parquet write, per schema."""
+    labels = {
+        "nullable": "list, nullable floats (the schema before 4de1d25)",
+        "not_null": "list, nothing nullable (`activation_schema`)",
+        "flat": "one flat float column (not the contract: the floor)",
+    }
+    out = [
+        f"`{bench['command']}` (commit {bench['commit']}, {bench['machine']}): writing "
+        f"{bench['rows']:,} x {bench['dim']} float32 activations ({bench['megabytes']:.0f} MB) "
+        f"as one shard, values plain, {bench['row_group_rows']:,}-row groups, medians of "
+        f"{bench['repeats']} interleaved runs (every run in the result file).",
+        "",
+        "| layout | wall s | CPU s | file MB |",
+        "|---|---|---|---|",
+    ]
+    for name, label in labels.items():
+        m = bench["median_seconds"][name]
+        out.append(
+            f"| {label} | {m['wall']:.3f} | {m['cpu']:.3f} "
+            f"| {bench['file_bytes'][name] / 2**20:.1f} |"
+        )
+
+    def compared(kind: str) -> str:
+        r = bench["not_null_over_nullable"][kind]
+        lo, hi = r["ci95"]
+        verdict = (
+            "no measurable difference"
+            if lo <= 1 <= hi
+            else ("not-null faster" if hi < 1 else "not-null slower")
+        )
+        return f"{kind} {r['ratio']:.2f}x [{lo:.2f}, {hi:.2f}] ({verdict})"
+
+    out += [
+        "",
+        f"Not-null over nullable, ratio of medians (bootstrap 95% CI over the runs): "
+        f"{compared('wall')}; {compared('cpu')}. The values read back through DuckDB hash "
+        + ("equal" if bench["same_values"] else "**differently**")
+        + " under both list schemas.",
+    ]
+    return out
+
+
 def render(results_dir: Path) -> str:
     """The whole generated section (markers included) from the files in `results_dir`."""
     out = [BEGIN, ""]
@@ -883,6 +927,9 @@ def render(results_dir: Path) -> str:
     activations = _load(results_dir / ACTIVATIONS_FILE)
     if activations:
         out += render_activations_bench(activations) + [""]
+    encoding = _load(results_dir / SHARD_ENCODING_FILE)
+    if encoding:
+        out += render_shard_encoding(encoding) + [""]
     recbole = _load(results_dir / RECBOLE_FILE)
     if recbole:
         has_plot = (results_dir / RECBOLE_PLOT).is_file()
